@@ -1,0 +1,1 @@
+"""deblend: weak-lensing galaxy deblending with a beta-VAE and an ellipticity regressor."""

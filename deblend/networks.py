@@ -1,0 +1,407 @@
+"""Neural networks of the deblending pipeline: beta-VAE encoder/decoder and ellipticity regressor.
+
+Conventions
+-----------
+* Images are channel-first float tensors of shape ``(N, n_bands, H, W)`` with
+  ``H == W == stamp_size``, each band normalised to roughly ``[0, 1]``.
+* Latent vectors have shape ``(N, latent_dim)``.
+* Ellipticities are ``(N, 2)`` tensors ``(e1, e2)`` in ``[-1, 1]``.
+
+Every network is built from plain ints only (``n_bands``, ``stamp_size``,
+``latent_dim``, plus ``hidden``/``dropout`` for the regressor), and exposes
+``hparams()`` returning exactly those constructor arguments, so a checkpoint
+can store them and rebuild the module with ``Cls(**hparams)`` before loading
+the ``state_dict``.
+
+Architecture (see the spec):
+
+* Encoder: 4 x [Conv2d(3x3, stride 2, padding 1) + PReLU] with 32/64/128/256
+  filters, flatten, then two parallel dense heads giving ``mu`` and ``logvar``
+  of the diagonal Gaussian ``q(z|x)``.  For a 45x45 stamp the spatial size goes
+  45 -> 23 -> 12 -> 6 -> 3.
+* Decoder: Linear(latent -> 256 * s * s) reshaped to the encoder's last feature
+  map ``(256, s, s)``, then 4 ConvTranspose2d(3x3, stride 2, padding 1)
+  256 -> 128 -> 64 -> 32 -> n_bands with PReLU between (none after the last),
+  Sigmoid, then bilinear interpolation (``align_corners=False``) to
+  ``stamp_size``.  The transposed convolutions' ``output_padding`` is chosen per
+  layer so that they retrace the encoder's sizes exactly (3 -> 6 -> 12 -> 23 ->
+  45), so the final interpolation is an identity for every stamp size; it is
+  kept as the spec's safety net.
+* Regressor: [Linear + PReLU + Dropout] x (128, 64, 32), then Linear(2) + Tanh.
+
+PReLU layers have one learnable slope per channel (conv) / per unit (dense).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ENCODER_CHANNELS",
+    "KERNEL_SIZE",
+    "STRIDE",
+    "PADDING",
+    "conv_output_size",
+    "encoder_spatial_sizes",
+    "flattened_size",
+    "reparameterize",
+    "Encoder",
+    "Decoder",
+    "VAE",
+    "VAEOutput",
+    "Regressor",
+    "NetworkShape",
+]
+
+#: Output channels of the encoder's four convolutions (the decoder mirrors them).
+ENCODER_CHANNELS: tuple[int, ...] = (32, 64, 128, 256)
+KERNEL_SIZE: int = 3
+STRIDE: int = 2
+PADDING: int = 1
+
+
+# ---------------------------------------------------------------------------
+# Shape arithmetic
+# ---------------------------------------------------------------------------
+
+
+def conv_output_size(
+    size: int, kernel_size: int = KERNEL_SIZE, stride: int = STRIDE, padding: int = PADDING
+) -> int:
+    """Spatial output size of a Conv2d: ``floor((size + 2p - k) / s) + 1``."""
+    out = (size + 2 * padding - kernel_size) // stride + 1
+    if out < 1:
+        raise ValueError(
+            f"convolution (kernel={kernel_size}, stride={stride}, padding={padding}) "
+            f"on size {size} gives non-positive output size {out}"
+        )
+    return out
+
+
+def encoder_spatial_sizes(stamp_size: int, n_layers: int = len(ENCODER_CHANNELS)) -> list[int]:
+    """Spatial sizes through the encoder, input first: 45 -> ``[45, 23, 12, 6, 3]``."""
+    _check_positive_int("stamp_size", stamp_size)
+    sizes = [stamp_size]
+    for _ in range(n_layers):
+        sizes.append(conv_output_size(sizes[-1]))
+    return sizes
+
+
+def flattened_size(stamp_size: int) -> int:
+    """Number of features after flattening the encoder's last conv output (256*3*3 for 45)."""
+    s = encoder_spatial_sizes(stamp_size)[-1]
+    return ENCODER_CHANNELS[-1] * s * s
+
+
+def _transpose_output_padding(in_size: int, target: int) -> int:
+    """``output_padding`` making ConvTranspose2d(k=3, s=2, p=1) map ``in_size`` to ``target``."""
+    base = (in_size - 1) * STRIDE - 2 * PADDING + KERNEL_SIZE
+    op = target - base
+    if not 0 <= op < STRIDE:
+        raise ValueError(f"cannot map size {in_size} to {target} with a stride-{STRIDE} transposed conv")
+    return op
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# Reparameterisation
+# ---------------------------------------------------------------------------
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, deterministic: bool = False) -> Tensor:
+    """Sample ``z = mu + sigma * eps`` with ``sigma = exp(logvar / 2)``, ``eps ~ N(0, I)``.
+
+    ``mu``, ``logvar``: ``(N, latent_dim)``.  With ``deterministic=True`` returns ``mu``.
+    """
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu and logvar shapes differ: {tuple(mu.shape)} vs {tuple(logvar.shape)}")
+    if deterministic:
+        return mu
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+# ---------------------------------------------------------------------------
+# Encoder / decoder / VAE
+# ---------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """Convolutional encoder ``x (N, n_bands, S, S) -> (mu, logvar)``, each ``(N, latent_dim)``."""
+
+    def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32) -> None:
+        super().__init__()
+        _check_positive_int("n_bands", n_bands)
+        _check_positive_int("stamp_size", stamp_size)
+        _check_positive_int("latent_dim", latent_dim)
+        self.n_bands = n_bands
+        self.stamp_size = stamp_size
+        self.latent_dim = latent_dim
+        self.spatial_sizes = encoder_spatial_sizes(stamp_size)  # e.g. [45, 23, 12, 6, 3]
+        self.flat_dim = flattened_size(stamp_size)
+
+        layers: list[nn.Module] = []
+        in_ch = n_bands
+        for out_ch in ENCODER_CHANNELS:
+            layers.append(nn.Conv2d(in_ch, out_ch, KERNEL_SIZE, stride=STRIDE, padding=PADDING))
+            layers.append(nn.PReLU(out_ch))
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        self.fc_mu = nn.Linear(self.flat_dim, latent_dim)
+        self.fc_logvar = nn.Linear(self.flat_dim, latent_dim)
+
+    def hparams(self) -> dict[str, int]:
+        """Constructor arguments (plain ints) for checkpointing."""
+        return {"n_bands": self.n_bands, "stamp_size": self.stamp_size, "latent_dim": self.latent_dim}
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x``: ``(N, n_bands, stamp_size, stamp_size)`` -> ``(mu, logvar)``, each ``(N, latent_dim)``."""
+        _check_image(x, self.n_bands, self.stamp_size, "Encoder")
+        h = self.features(x).flatten(start_dim=1)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    def sample(self, mu: Tensor, logvar: Tensor, deterministic: bool | None = None) -> Tensor:
+        """Reparameterised ``z``; ``deterministic=None`` means ``z = mu`` in eval mode, sampled in train mode."""
+        if deterministic is None:
+            deterministic = not self.training
+        return reparameterize(mu, logvar, deterministic=deterministic)
+
+    reparameterize = sample
+
+
+class Decoder(nn.Module):
+    """Transposed-conv decoder ``z (N, latent_dim) -> x_hat (N, n_bands, S, S)`` with values in ``[0, 1]``."""
+
+    def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32) -> None:
+        super().__init__()
+        _check_positive_int("n_bands", n_bands)
+        _check_positive_int("stamp_size", stamp_size)
+        _check_positive_int("latent_dim", latent_dim)
+        self.n_bands = n_bands
+        self.stamp_size = stamp_size
+        self.latent_dim = latent_dim
+
+        enc_sizes = encoder_spatial_sizes(stamp_size)  # [45, 23, 12, 6, 3]
+        self.start_size = enc_sizes[-1]
+        self.start_channels = ENCODER_CHANNELS[-1]
+        self.fc = nn.Linear(latent_dim, flattened_size(stamp_size))
+
+        # Channels 256 -> 128 -> 64 -> 32 -> n_bands; sizes retrace the encoder in reverse.
+        out_channels = list(reversed(ENCODER_CHANNELS[:-1])) + [n_bands]
+        rev_sizes = list(reversed(enc_sizes))  # [3, 6, 12, 23, 45]
+        layers: list[nn.Module] = []
+        in_ch = self.start_channels
+        for i, out_ch in enumerate(out_channels):
+            op = _transpose_output_padding(rev_sizes[i], rev_sizes[i + 1])
+            layers.append(
+                nn.ConvTranspose2d(
+                    in_ch, out_ch, KERNEL_SIZE, stride=STRIDE, padding=PADDING, output_padding=op
+                )
+            )
+            if i < len(out_channels) - 1:
+                layers.append(nn.PReLU(out_ch))
+            in_ch = out_ch
+        layers.append(nn.Sigmoid())
+        self.deconv = nn.Sequential(*layers)
+
+    def hparams(self) -> dict[str, int]:
+        """Constructor arguments (plain ints) for checkpointing."""
+        return {"n_bands": self.n_bands, "stamp_size": self.stamp_size, "latent_dim": self.latent_dim}
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``z``: ``(N, latent_dim)`` -> ``x_hat``: ``(N, n_bands, stamp_size, stamp_size)`` in ``[0, 1]``."""
+        _check_vector(z, self.latent_dim, "Decoder", "z")
+        h = self.fc(z).view(-1, self.start_channels, self.start_size, self.start_size)
+        x_hat = self.deconv(h)
+        if x_hat.shape[-2:] != (self.stamp_size, self.stamp_size):
+            # Bilinear interpolation of values in [0, 1] stays in [0, 1].
+            x_hat = F.interpolate(
+                x_hat, size=(self.stamp_size, self.stamp_size), mode="bilinear", align_corners=False
+            )
+        return x_hat
+
+
+class VAEOutput(NamedTuple):
+    """Result of :meth:`VAE.forward`.
+
+    x_hat: ``(N, n_bands, S, S)`` reconstruction in ``[0, 1]``;
+    mu, logvar, z: ``(N, latent_dim)``.
+    """
+
+    x_hat: Tensor
+    mu: Tensor
+    logvar: Tensor
+    z: Tensor
+
+
+class VAE(nn.Module):
+    """beta-VAE = :class:`Encoder` + :class:`Decoder`, built from plain ints.
+
+    Use :meth:`from_modules` to wrap an existing encoder/decoder pair.
+    """
+
+    def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32) -> None:
+        super().__init__()
+        self.encoder = Encoder(n_bands, stamp_size, latent_dim)
+        self.decoder = Decoder(n_bands, stamp_size, latent_dim)
+
+    @classmethod
+    def from_modules(cls, encoder: Encoder, decoder: Decoder) -> "VAE":
+        """Wrap existing (e.g. pretrained) modules; their hyper-parameters must agree."""
+        if encoder.hparams() != decoder.hparams():
+            raise ValueError(
+                f"encoder and decoder hyper-parameters differ: {encoder.hparams()} vs {decoder.hparams()}"
+            )
+        vae = cls.__new__(cls)
+        nn.Module.__init__(vae)
+        vae.encoder = encoder
+        vae.decoder = decoder
+        return vae
+
+    @property
+    def n_bands(self) -> int:
+        return self.encoder.n_bands
+
+    @property
+    def stamp_size(self) -> int:
+        return self.encoder.stamp_size
+
+    @property
+    def latent_dim(self) -> int:
+        return self.encoder.latent_dim
+
+    def hparams(self) -> dict[str, int]:
+        """Constructor arguments (plain ints) for checkpointing."""
+        return self.encoder.hparams()
+
+    def forward(self, x: Tensor, deterministic: bool | None = None) -> VAEOutput:
+        """``x``: ``(N, n_bands, S, S)`` -> :class:`VAEOutput`.
+
+        ``z`` is sampled in train mode and equals ``mu`` in eval mode, unless
+        ``deterministic`` is given explicitly.
+        """
+        mu, logvar = self.encoder(x)
+        z = self.encoder.sample(mu, logvar, deterministic=deterministic)
+        return VAEOutput(self.decoder(z), mu, logvar, z)
+
+
+# ---------------------------------------------------------------------------
+# Regressor
+# ---------------------------------------------------------------------------
+
+
+class Regressor(nn.Module):
+    """MLP ``mu (N, latent_dim) -> (e1, e2)`` of shape ``(N, 2)`` in ``[-1, 1]``.
+
+    Hidden blocks are Linear + PReLU + Dropout(``dropout``); output Linear(2) + Tanh.
+    """
+
+    def __init__(
+        self, latent_dim: int = 32, hidden: Sequence[int] = (128, 64, 32), dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        _check_positive_int("latent_dim", latent_dim)
+        hidden = tuple(hidden)
+        for h in hidden:
+            _check_positive_int("hidden units", h)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.latent_dim = latent_dim
+        self.hidden = hidden
+        self.dropout = float(dropout)
+
+        layers: list[nn.Module] = []
+        in_f = latent_dim
+        for units in hidden:
+            layers += [nn.Linear(in_f, units), nn.PReLU(units), nn.Dropout(self.dropout)]
+            in_f = units
+        layers += [nn.Linear(in_f, 2), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor arguments (plain ints / list / float) for checkpointing."""
+        return {"latent_dim": self.latent_dim, "hidden": list(self.hidden), "dropout": self.dropout}
+
+    def forward(self, mu: Tensor) -> Tensor:
+        """``mu``: ``(N, latent_dim)`` -> ``(N, 2)`` ellipticities ``(e1, e2)`` in ``[-1, 1]``."""
+        _check_vector(mu, self.latent_dim, "Regressor", "mu")
+        return self.net(mu)
+
+
+# ---------------------------------------------------------------------------
+# Shape bundle
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkShape:
+    """Hyper-parameters shared by all networks; ``asdict()``/``from_dict()`` round-trip for checkpoints."""
+
+    n_bands: int
+    stamp_size: int = 45
+    latent_dim: int = 32
+
+    def __post_init__(self) -> None:
+        _check_positive_int("n_bands", self.n_bands)
+        _check_positive_int("stamp_size", self.stamp_size)
+        _check_positive_int("latent_dim", self.latent_dim)
+        encoder_spatial_sizes(self.stamp_size)  # raises if the stamp is too small
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NetworkShape":
+        return cls(int(d["n_bands"]), int(d.get("stamp_size", 45)), int(d.get("latent_dim", 32)))
+
+    def build_encoder(self) -> Encoder:
+        return Encoder(self.n_bands, self.stamp_size, self.latent_dim)
+
+    def build_decoder(self) -> Decoder:
+        return Decoder(self.n_bands, self.stamp_size, self.latent_dim)
+
+    def build_vae(self) -> VAE:
+        return VAE(self.n_bands, self.stamp_size, self.latent_dim)
+
+    def build_regressor(self, hidden: Sequence[int] = (128, 64, 32), dropout: float = 0.1) -> Regressor:
+        return Regressor(self.latent_dim, hidden, dropout)
+
+
+# ---------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------
+
+
+def _check_image(x: Tensor, n_bands: int, stamp_size: int, who: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{who}: expected a 4-D input (N, n_bands, H, W), got {x.dim()}-D shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != n_bands:
+        raise ValueError(
+            f"{who}: expected {n_bands} channels (bands), got {x.shape[1]} (input shape {tuple(x.shape)})"
+        )
+    if tuple(x.shape[2:]) != (stamp_size, stamp_size):
+        raise ValueError(
+            f"{who}: expected spatial size {stamp_size}x{stamp_size}, "
+            f"got {x.shape[2]}x{x.shape[3]} (input shape {tuple(x.shape)})"
+        )
+
+
+def _check_vector(v: Tensor, dim: int, who: str, name: str) -> None:
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{who}: expected a torch.Tensor, got {type(v).__name__}")
+    if v.dim() != 2 or v.shape[1] != dim:
+        raise ValueError(
+            f"{who}: expected {name} of shape (N, {dim}) (latent size {dim}), got shape {tuple(v.shape)}"
+        )

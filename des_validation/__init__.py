@@ -1,0 +1,1 @@
+"""des_validation package of deblend."""

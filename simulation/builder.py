@@ -1,0 +1,277 @@
+"""Building a dataset: plan, generate shards (resumable, parallel), finalise the metadata.
+
+Reproducibility: shard ``k`` is drawn from ``SeedSequence([seed, k])`` alone, so the same seed
+gives the same bytes whatever the number of workers, the order shards run in, or interruptions.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from deblend.config import SimulationConfig
+from deblend.normalization import MaxAccumulator
+from simulation.catalogs import catalog_provenance, load_catalog
+from simulation.dataset import (
+    IMAGE_SETS, METADATA_FILE, PLAN_FILE, SHARD_DIR, DatasetError, StampData, make_plan, plan_id,
+    shard_is_complete, shard_name, write_json_atomic, write_shard,
+)
+from simulation.labels import LABEL_DESCRIPTIONS, scene_labels
+from simulation.sampling import CentralTargetSampling
+from simulation.scenes import SceneBatch, SceneDrawer
+from simulation.surveys import SurveyGeometry, check_bands, get_survey, survey_geometry
+
+
+def shard_seed(seed: int, index: int) -> int:
+    """Seed of shard ``index`` of a dataset seeded ``seed``; depends on nothing else."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+class SceneSource:
+    """Everything needed to draw scenes of one simulation config: survey, catalog, geometry."""
+
+    def __init__(self, sim: SimulationConfig) -> None:
+        self.sim = sim
+        self.survey = get_survey(sim.survey)
+        self.geometry: SurveyGeometry = survey_geometry(sim.survey, sim.stamp_pixels)
+        check_bands(sim.label_bands, self.geometry, "simulation.label_bands")
+        check_bands((sim.ref_band,), self.geometry, "simulation.ref_band")
+        self.catalog, self.provenance = load_catalog(
+            sim.catalog, self.geometry.bands, sim.catalog_rows, sim.catalog_seed)
+
+    def drawer(self, seed: int, batch_size: int | None = None, keep_isolated: bool = False
+               ) -> SceneDrawer:
+        """A scene drawer seeded by ``seed`` (sampling and noise both follow from it)."""
+        sim = self.sim
+        sampling_seed, noise_seed = np.random.SeedSequence(seed).generate_state(2) % (2**31 - 1)
+        sampling = CentralTargetSampling(
+            stamp_size=self.geometry.stamp_arcsec, min_neighbours=sim.min_neighbours,
+            max_neighbours=sim.max_neighbours, neighbour_shift=sim.neighbour_shift,
+            target_max_mag=sim.target_max_mag, neighbour_max_mag=sim.neighbour_max_mag,
+            ref_band=sim.ref_band, shear=sim.shear, random_rotation=sim.random_rotation,
+            rotated_twins=sim.rotated_twins, seed=int(sampling_seed))
+        return SceneDrawer(self.catalog, self.survey, self.geometry, sampling,
+                           batch_size=batch_size or sim.btk_batch_size, noise=sim.noise,
+                           apply_shear=any(g != 0.0 for g in sim.shear), seed=int(noise_seed),
+                           keep_isolated=keep_isolated)
+
+    def draw(self, n: int, seed: int, progress: Callable[[int], None] | None = None
+             ) -> tuple[SceneBatch, dict[str, np.ndarray]]:
+        """``n`` scenes and their labels, in memory (for shards and for shear populations)."""
+        drawer = self.drawer(seed)
+        parts: list[SceneBatch] = []
+        drawn = 0
+        while drawn < n:
+            batch = drawer.draw()
+            parts.append(batch)
+            drawn += len(batch.tables)
+            if progress:
+                progress(min(len(batch.tables), n - drawn + len(batch.tables)))
+        scenes = SceneBatch(
+            clean=np.concatenate([p.clean for p in parts])[:n],
+            noisy=np.concatenate([p.noisy for p in parts])[:n],
+            blend=np.concatenate([p.blend for p in parts])[:n],
+            tables=[t for p in parts for t in p.tables][:n])
+        labels = scene_labels(scenes, self.geometry, self.sim.label_bands, self.sim.ref_band,
+                              self.sim.max_neighbours)
+        return scenes, labels
+
+
+# -- worker side ---------------------------------------------------------------------------------
+_SOURCE: SceneSource | None = None
+_COUNTER: Any = None
+
+
+def _init_worker(sim_dict: dict[str, Any], counter: Any) -> None:
+    global _SOURCE, _COUNTER
+    _SOURCE = SceneSource(SimulationConfig(**_tuples(sim_dict)))
+    _COUNTER = counter
+
+
+def _tuples(sim_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in sim_dict.items()}
+
+
+def _count(n: int) -> None:
+    if _COUNTER is not None:
+        with _COUNTER.get_lock():
+            _COUNTER.value += n
+
+
+def generate_shard(root: Path, shard: dict[str, Any], seed: int, the_plan_id: str) -> int:
+    """Draw and write one shard; returns its index. Uses the worker's :class:`SceneSource`."""
+    assert _SOURCE is not None, "worker not initialised"
+    scenes, labels = _SOURCE.draw(shard["n"], shard_seed(seed, shard["index"]), progress=_count)
+    images = {name: getattr(scenes, name) for name in IMAGE_SETS}
+    bad = [name for name, arr in images.items() if not np.all(np.isfinite(arr))]
+    if bad:
+        raise RuntimeError(f"shard {shard['index']}: non-finite pixels in '{bad[0]}'")
+    write_shard(root / SHARD_DIR / shard_name(shard["index"]), images, labels,
+                {"shard_index": shard["index"], "first_sample": shard["first"],
+                 "n_samples": shard["n"], "plan_id": the_plan_id})
+    return int(shard["index"])
+
+
+def _generate_one(args: tuple[Path, dict[str, Any], int, str]) -> int:
+    return generate_shard(*args)
+
+
+# -- main side -----------------------------------------------------------------------------------
+def prepare_directory(root: Path, plan: dict[str, Any], force: bool) -> None:
+    """Create ``root`` for ``plan``; refuse to overwrite a finished or different dataset.
+
+    An unfinished dataset with the same plan is kept, so its complete shards are reused.
+    """
+    meta, plan_path = root / METADATA_FILE, root / PLAN_FILE
+    if meta.exists() or (plan_path.exists() and _read_plan(plan_path) != plan):
+        if not force:
+            what = "a finished dataset" if meta.exists() else "an unfinished dataset of another plan"
+            raise DatasetError(f"{root} already holds {what}; pass --force to replace it")
+        for path in (meta, plan_path):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(root / SHARD_DIR, ignore_errors=True)
+    elif root.exists() and not plan_path.exists() and any(root.iterdir()) and not force:
+        raise DatasetError(f"{root} exists and is not a dataset directory; pass --force or "
+                           f"choose another --out")
+    (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    if not plan_path.exists():
+        write_json_atomic(plan_path, plan)
+
+
+def _read_plan(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, shard: int = 0,
+                  num_shards: int = 1, force: bool = False, progress: bool = True,
+                  log: Callable[[str], None] = print) -> StampData | None:
+    """Generate (or resume) the dataset of ``sim`` in ``root``.
+
+    Runs the shards ``k`` with ``k % num_shards == shard`` on ``jobs`` processes. When every
+    shard of the plan is complete, computes the normalisation constants and writes the metadata
+    and returns the opened dataset; otherwise returns None (other pieces still have to run).
+    """
+    root = Path(root)
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"--shard must be in [0, {num_shards}), got {shard}")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if sim.rotated_twins and sim.n_samples % 2:
+        raise ValueError("simulation.n_samples must be even when rotated_twins is true")
+    geometry = survey_geometry(sim.survey, sim.stamp_pixels)
+    check_bands(sim.label_bands, geometry, "simulation.label_bands")
+    plan = make_plan(_plain(asdict(sim)), _plain(asdict(geometry)))
+    the_plan_id = plan_id(plan)
+    prepare_directory(root, plan, force)
+
+    mine = [s for s in plan["shards"] if s["index"] % num_shards == shard]
+    done = [s for s in mine if shard_is_complete(root / SHARD_DIR / shard_name(s["index"]), s["n"],
+                                                 the_plan_id)]
+    todo = [s for s in mine if s not in done]
+    if done:
+        log(f"resuming: {len(done)} of {len(mine)} shards already complete")
+    _run_shards(root, todo, sim, the_plan_id, jobs, progress)
+
+    missing = [s["index"] for s in plan["shards"]
+               if not shard_is_complete(root / SHARD_DIR / shard_name(s["index"]), s["n"],
+                                        the_plan_id)]
+    if missing:
+        log(f"{len(plan['shards']) - len(missing)} of {len(plan['shards'])} shards complete; "
+            f"the others belong to other --shard pieces. Run again once they are done to finalise.")
+        return None
+    return finalize_dataset(root, plan, sim, progress=progress)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _run_shards(root: Path, todo: list[dict[str, Any]], sim: SimulationConfig, the_plan_id: str,
+                jobs: int, progress: bool) -> None:
+    if not todo:
+        return
+    context = multiprocessing.get_context("fork")
+    counter = context.Value("q", 0)
+    total = sum(s["n"] for s in todo)
+    args = [(root, s, sim.seed, the_plan_id) for s in todo]
+    sim_dict = _plain(asdict(sim))
+    bar = tqdm(total=total, desc=f"simulating {sim.survey} scenes", unit="scene",
+               disable=not progress, smoothing=0.1)
+    try:
+        if jobs == 1:
+            _init_worker(sim_dict, counter)
+            for arg in args:
+                generate_shard(*arg)
+                bar.update(counter.value - bar.n)
+        else:
+            with context.Pool(jobs, initializer=_init_worker,
+                              initargs=(sim_dict, counter)) as pool:
+                pending = pool.imap_unordered(_generate_one, args)
+                finished = 0
+                while finished < len(args):
+                    try:
+                        pending.next(timeout=0.5)
+                        finished += 1
+                    except multiprocessing.TimeoutError:
+                        pass
+                    bar.update(counter.value - bar.n)
+    finally:
+        bar.close()
+
+
+def finalize_dataset(root: Path, plan: dict[str, Any], sim: SimulationConfig,
+                     progress: bool = True) -> StampData:
+    """Compute the normalisation constants on the training split and write ``metadata.json``."""
+    geometry = plan["geometry"]
+    shards = [{"index": s["index"], "first": s["first"], "n": s["n"], "file": shard_name(s["index"])}
+              for s in plan["shards"]]
+    provenance = catalog_provenance(sim.catalog, sim.catalog_rows, sim.catalog_seed)
+    meta: dict[str, Any] = {
+        "format_version": plan["format_version"],
+        "dataset_id": plan_id(plan),
+        "survey": geometry["name"],
+        "bands": geometry["bands"],
+        "pixel_scale": geometry["pixel_scale"],
+        "stamp_pixels": geometry["stamp_pixels"],
+        "units": "electrons per pixel (BTK), float32",
+        "pixel_frame": "x = array axis 1 (columns), y = array axis 0 (rows)",
+        "image_sets": {"clean": "isolated target, noiseless", "noisy": "isolated target + noise",
+                       "blend": "noisy blend of 1 to max_neighbours+1 galaxies, target centred"},
+        "seed": sim.seed,
+        "n_samples": plan["n_samples"],
+        "split": {"n_train": plan["n_train"], "n_validation": plan["n_samples"] - plan["n_train"],
+                  "rule": "first n_train samples are training, the rest validation"},
+        "catalog": provenance,
+        "labels": LABEL_DESCRIPTIONS,
+        "label_convention": f"distortion e=(a^2-b^2)/(a^2+b^2) of the clean target summed over "
+                            f"bands {list(sim.label_bands)}, pixel frame",
+        "simulation": plan["simulation"],
+        "shards": shards,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    reader = StampData(root, meta={**meta, "normalization": None})
+    accumulator = MaxAccumulator(tuple(geometry["bands"]))
+    train = np.arange(plan["n_train"]) if plan["n_train"] > 0 else np.arange(plan["n_samples"])
+    for batch in tqdm(reader.iter_batches(sim.norm_reference, train, 1024), disable=not progress,
+                      desc="normalisation constants", total=-(-len(train) // 1024)):
+        accumulator.add(batch)
+    constants = accumulator.constants(sim.norm_beta)
+    meta["normalization"] = {**constants.to_dict(), "reference_set": sim.norm_reference,
+                             "computed_on": "train split" if plan["n_train"] > 0 else "all"}
+    write_json_atomic(root / METADATA_FILE, meta)
+    return StampData(root)

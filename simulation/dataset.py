@@ -1,0 +1,260 @@
+"""The one on-disk dataset format of deblend, its writer and its readers.
+
+Layout of a dataset directory::
+
+    plan.json              what is being generated (config, sample count, shards); written first
+    shards/shard-00000.h5  complete shards only (each written as *.tmp, then renamed)
+    metadata.json          written last, when every shard is complete: marks the dataset usable
+
+Each shard is an HDF5 file with three contiguous, uncompressed float32 image sets of shape
+(n, bands, H, W), in electrons, pixel frame: ``clean`` (isolated target, noiseless), ``noisy``
+(isolated target with noise) and ``blend`` (noisy blend); a group ``labels`` of per-sample columns
+(see ``simulation.labels.LABEL_DESCRIPTIONS``); and attributes ``shard_index``, ``first_sample``,
+``n_samples``, ``plan_id`` and ``complete``. Because the image sets are contiguous, readers map
+them straight from the file with ``numpy.memmap``: nothing ever loads a whole set into memory.
+
+``metadata.json`` records the format version, survey, bands, pixel scale, stamp size, seed,
+catalog provenance, per-band normalisation constants (SPEC 3, computed on the training split),
+counts, the train/validation split (first ``n_train`` samples train, the rest validation) and
+``dataset_id``, the identity that trained models remember.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from deblend.normalization import NormalizationConstants
+
+FORMAT_VERSION = 1
+IMAGE_SETS = ("clean", "noisy", "blend")
+PLAN_FILE = "plan.json"
+METADATA_FILE = "metadata.json"
+SHARD_DIR = "shards"
+
+
+class DatasetError(ValueError):
+    """A dataset directory is missing, incomplete, corrupt or incompatible."""
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``."""
+    return f"shard-{index:05d}.h5"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON so that ``path`` is either the old file or the whole new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def plan_id(plan: dict[str, Any]) -> str:
+    """Stable identity of a plan (hash of its canonical JSON)."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_plan(simulation: dict[str, Any], geometry: dict[str, Any]) -> dict[str, Any]:
+    """The generation plan: simulation config, geometry, shards (index, first sample, count)."""
+    n, size = simulation["n_samples"], simulation["shard_size"]
+    shards = [{"index": i, "first": first, "n": min(size, n - first)}
+              for i, first in enumerate(range(0, n, size))]
+    n_train = int(round(n * (1.0 - simulation["val_fraction"])))
+    if simulation.get("rotated_twins"):
+        n_train -= n_train % 2
+    return {"format_version": FORMAT_VERSION, "simulation": simulation, "geometry": geometry,
+            "n_samples": n, "n_train": n_train, "shards": shards}
+
+
+def write_shard(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                attrs: dict[str, Any]) -> None:
+    """Write one shard atomically: a ``.tmp`` file, flushed, then renamed onto ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w", track_order=False) as handle:
+        for name in IMAGE_SETS:
+            handle.create_dataset(name, data=np.ascontiguousarray(images[name], np.float32))
+        group = handle.create_group("labels")
+        for name in sorted(labels):
+            group.create_dataset(name, data=labels[name])
+        for key, value in attrs.items():
+            handle.attrs[key] = value
+        handle.attrs["complete"] = True
+    with open(tmp, "rb+") as raw:
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+
+
+def shard_is_complete(path: Path, expected_n: int, expected_plan_id: str) -> bool:
+    """True only for a readable shard of this plan with all sets and the expected count."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as handle:
+            if not handle.attrs.get("complete", False):
+                return False
+            if handle.attrs.get("plan_id") != expected_plan_id:
+                return False
+            return all(name in handle and handle[name].shape[0] == expected_n
+                       for name in IMAGE_SETS)
+    except (OSError, KeyError):
+        return False
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where a shard's samples sit in the dataset."""
+
+    index: int
+    first: int
+    n: int
+    path: Path
+
+
+class StampData:
+    """Read access to a complete dataset: metadata, memory-mapped images, labels.
+
+    Safe to use from DataLoader worker processes: memory maps are opened lazily per process.
+    """
+
+    def __init__(self, root: str | Path, meta: dict[str, Any] | None = None) -> None:
+        """Open ``root``; ``meta`` is given only while finalising (metadata not yet on disk)."""
+        self.root = Path(root)
+        self.meta: dict[str, Any] = read_metadata(self.root) if meta is None else meta
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(f"{self.root}: dataset format {self.meta.get('format_version')} "
+                               f"is not the supported {FORMAT_VERSION}")
+        self.shards = [ShardInfo(s["index"], s["first"], s["n"], self.root / SHARD_DIR / s["file"])
+                       for s in self.meta["shards"]]
+        self._firsts = np.array([s.first for s in self.shards])
+        self._maps: dict[tuple[int, str], np.memmap] = {}
+        self._pid = os.getpid()
+        self._labels: dict[str, np.ndarray] | None = None
+
+    # -- metadata ------------------------------------------------------------------------------
+    @property
+    def survey(self) -> str:
+        return self.meta["survey"]
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return tuple(self.meta["bands"])
+
+    @property
+    def pixel_scale(self) -> float:
+        """arcsec per pixel"""
+        return float(self.meta["pixel_scale"])
+
+    @property
+    def stamp_pixels(self) -> int:
+        return int(self.meta["stamp_pixels"])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.meta["n_samples"])
+
+    @property
+    def dataset_id(self) -> str:
+        return self.meta["dataset_id"]
+
+    @property
+    def normalization(self) -> NormalizationConstants:
+        return NormalizationConstants.from_dict(self.meta["normalization"])
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Sample indices of ``split``: "train", "validation" or "all"."""
+        n_train = int(self.meta["split"]["n_train"])
+        if split == "train":
+            return np.arange(0, n_train)
+        if split == "validation":
+            return np.arange(n_train, self.n_samples)
+        if split == "all":
+            return np.arange(self.n_samples)
+        raise ValueError(f"unknown split '{split}' (train, validation or all)")
+
+    # -- images --------------------------------------------------------------------------------
+    def _map(self, shard: ShardInfo, image_set: str) -> np.memmap:
+        if os.getpid() != self._pid:  # forked into a DataLoader worker: start afresh
+            self._maps, self._pid = {}, os.getpid()
+        key = (shard.index, image_set)
+        if key not in self._maps:
+            if image_set not in IMAGE_SETS:
+                raise ValueError(f"unknown image set '{image_set}' (one of {IMAGE_SETS})")
+            try:
+                with h5py.File(shard.path, "r") as handle:
+                    dset = handle[image_set]
+                    offset, shape, dtype = dset.id.get_offset(), dset.shape, dset.dtype
+            except OSError as exc:
+                raise DatasetError(f"shard {shard.path} is unreadable: {exc}") from exc
+            if offset is None:
+                raise DatasetError(f"shard {shard.path}: '{image_set}' is not stored contiguously")
+            self._maps[key] = np.memmap(shard.path, dtype=dtype, mode="r", offset=offset,
+                                        shape=shape)
+        return self._maps[key]
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard position, index within shard) of global sample indices."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n_samples):
+            raise IndexError(f"sample index out of range [0, {self.n_samples})")
+        shard_pos = np.searchsorted(self._firsts, indices, side="right") - 1
+        return shard_pos, indices - self._firsts[shard_pos]
+
+    def images(self, image_set: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Raw float32 images (len(indices), bands, H, W) of one set, in the order given."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shard_pos, local = self.locate(indices)
+        out = np.empty((len(indices), len(self.bands), self.stamp_pixels, self.stamp_pixels),
+                       np.float32)
+        for pos in np.unique(shard_pos):
+            mask = shard_pos == pos
+            out[mask] = self._map(self.shards[pos], image_set)[local[mask]]
+        return out
+
+    def iter_batches(self, image_set: str, indices: np.ndarray, batch_size: int = 512
+                     ) -> Iterator[np.ndarray]:
+        """Raw image batches of ``indices`` in order (bounded memory)."""
+        for start in range(0, len(indices), batch_size):
+            yield self.images(image_set, indices[start:start + batch_size])
+
+    # -- labels --------------------------------------------------------------------------------
+    def labels(self) -> dict[str, np.ndarray]:
+        """Every label column over the whole dataset (small: a few floats per sample)."""
+        if self._labels is None:
+            columns: dict[str, list[np.ndarray]] = {}
+            for shard in self.shards:
+                with h5py.File(shard.path, "r") as handle:
+                    for name, dset in handle["labels"].items():
+                        columns.setdefault(name, []).append(dset[()])
+            self._labels = {name: np.concatenate(parts) for name, parts in columns.items()}
+        return self._labels
+
+
+def read_metadata(root: Path) -> dict[str, Any]:
+    """The metadata of a complete dataset; a clear :class:`DatasetError` otherwise."""
+    meta_path = root / METADATA_FILE
+    if not root.is_dir():
+        raise DatasetError(f"dataset directory not found: {root}")
+    if not meta_path.is_file():
+        hint = (" (generation is unfinished: run simulation.generate again to resume)"
+                if (root / PLAN_FILE).is_file() else "")
+        raise DatasetError(f"{root} is not a complete dataset: no {METADATA_FILE}{hint}")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{meta_path} is corrupt: {exc}") from exc
+
+
+def open_dataset(root: str | Path) -> StampData:
+    """Open a complete dataset directory (clear :class:`DatasetError` otherwise)."""
+    return StampData(root)
