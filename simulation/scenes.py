@@ -36,20 +36,23 @@ class SceneBatch:
     """(N, max galaxies, bands, H, W) every galaxy alone, noiseless; kept only on request."""
 
 
-def add_btk_noise(image: np.ndarray, sky_level: float, seed: int, noise: str) -> np.ndarray:
-    """One noise realisation of BTK's model on a noiseless image (electrons per pixel).
+def add_btk_noise(images: np.ndarray, sky_level: float, seed: int, noise: str) -> np.ndarray:
+    """One noise realisation of BTK's model on noiseless single-band images (electrons/pixel).
 
-    ``noise`` is BTK's ``add_noise``: "all", "galaxy", "background" or "none".
+    ``images`` is (..., H, W); all of them are noised in one GalSim call on a stacked image
+    (every pixel gets an independent draw). ``noise`` is BTK's ``add_noise``: "all", "galaxy",
+    "background" or "none".
     """
-    result = galsim.Image(np.array(image, dtype=np.float64))
+    shape = images.shape
+    stacked = galsim.Image(np.array(images, dtype=np.float64).reshape(-1, shape[-1]))
     if noise in ("galaxy", "all"):
-        result.addNoise(galsim.PoissonNoise(rng=galsim.BaseDeviate(seed), sky_level=0.0))
+        stacked.addNoise(galsim.PoissonNoise(rng=galsim.BaseDeviate(seed), sky_level=0.0))
     if noise in ("background", "all"):
-        background = galsim.Image(np.zeros(image.shape))
+        background = galsim.Image(np.zeros(stacked.array.shape))
         background.addNoise(galsim.PoissonNoise(rng=galsim.BaseDeviate(seed + 1),
                                                 sky_level=sky_level))
-        result += background
-    return result.array
+        stacked += background
+    return stacked.array.reshape(shape)
 
 
 class SceneDrawer:
@@ -75,12 +78,9 @@ class SceneDrawer:
         blend = batch.blend_images.astype(np.float32)
         isolated = batch.isolated_images
         clean = isolated[:, 0].astype(np.float32)
-        n, n_bands = clean.shape[:2]
-        seeds = self._noise_seeds.spawn(1)[0].generate_state(n * n_bands).reshape(n, n_bands)
+        seeds = self._noise_seeds.spawn(1)[0].generate_state(clean.shape[1]) % (2**31 - 2)
         noisy = np.empty_like(clean)
-        for i in range(n):
-            for b in range(n_bands):
-                noisy[i, b] = add_btk_noise(clean[i, b], self.sky_levels[b],
-                                            int(seeds[i, b] % (2**31 - 2)), self.noise)
+        for b, (sky, seed) in enumerate(zip(self.sky_levels, seeds)):
+            noisy[:, b] = add_btk_noise(clean[:, b], sky, int(seed), self.noise)
         return SceneBatch(clean=clean, noisy=noisy, blend=blend, tables=list(batch.catalog_list),
                           isolated=isolated.astype(np.float32) if self.keep_isolated else None)

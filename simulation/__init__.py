@@ -1,0 +1,1 @@
+"""BTK scene simulation and the dataset format of deblend."""
