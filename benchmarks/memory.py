@@ -1,0 +1,106 @@
+"""Benchmark: peak memory of generating a dataset and of streaming it for training.
+
+``python -m benchmarks.memory [--n N] [--json FILE]`` generates datasets of N and 2N samples and
+streams each through the stage-1 training DataLoader for one epoch, sampling the process's
+anonymous resident memory (``RssAnon`` in /proc: the arrays we allocate, not the reclaimable page
+cache of memory-mapped shards) every 20 ms. Peak memory that does not grow from N to 2N samples
+extrapolates flat to the 200,000-sample datasets of configs/paper.yaml; the script prints both
+measurements and that extrapolation, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from deblend.config import config_from_dict
+from simulation.builder import build_dataset
+
+PAPER_SAMPLES = 200_000
+
+
+def anonymous_rss_mib() -> float:
+    """This process's anonymous resident memory (MiB), from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("/proc/self/status has no RssAnon (Linux only)")
+
+
+def peak_memory(work: Callable[[], object], interval: float = 0.02) -> float:
+    """Run ``work`` and return the peak anonymous RSS (MiB) seen while it ran."""
+    peak = anonymous_rss_mib()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, anonymous_rss_mib())
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        work()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak, anonymous_rss_mib())
+
+
+def stream_one_epoch(data_dir: Path, batch_size: int = 64) -> int:
+    """Read every training batch of a dataset the way stage 1 does (noisy -> clean)."""
+    from training.data import make_loader
+
+    loader = make_loader(data_dir, stage="stage1", split="train", batch_size=batch_size,
+                         epoch=0, seed=0)
+    return sum(1 for _ in loader)
+
+
+def run(n: int = 2000, shard_size: int = 500) -> dict[str, float]:
+    """Peak anonymous memory of generating and streaming N and 2N samples."""
+    results: dict[str, float] = {"baseline_mib": anonymous_rss_mib()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, count in (("n", n), ("2n", 2 * n)):
+            sim = config_from_dict({"simulation": {"n_samples": count, "shard_size": shard_size,
+                                                   "catalog_rows": 50_000}}).simulation
+            root = Path(tmp) / label
+            results[f"generate_{label}_samples"] = count
+            results[f"generate_{label}_peak_mib"] = peak_memory(
+                lambda: build_dataset(sim, root, progress=False, log=lambda s: None))
+            results[f"stream_{label}_peak_mib"] = peak_memory(lambda: stream_one_epoch(root))
+    for what in ("generate", "stream"):
+        growth = results[f"{what}_2n_peak_mib"] - results[f"{what}_n_peak_mib"]
+        results[f"{what}_growth_mib_per_1000_samples"] = growth / n * 1000
+        results[f"{what}_extrapolated_200k_peak_mib"] = (
+            results[f"{what}_2n_peak_mib"] + max(growth, 0.0) / n * (PAPER_SAMPLES - 2 * n))
+    return results
+
+
+def print_table(results: dict[str, float]) -> None:
+    """Human-readable table of :func:`run`'s results."""
+    for key, value in results.items():
+        print(f"{key:44s} {value:10.1f}")
+    print("(extrapolated: peak at 2N plus the measured N->2N growth scaled to 200,000 samples)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2000, help="samples of the smaller dataset")
+    parser.add_argument("--json", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    results = run(args.n)
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
