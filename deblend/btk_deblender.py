@@ -1,0 +1,128 @@
+"""A BTK deblender that runs a trained deblend model, to be scored with BTK's own tools.
+
+    import btk
+    from deblend.btk_deblender import VAEDeblender
+    deblender = VAEDeblender.from_run("runs/quick/train", max_n_sources=3)
+    deblend_batch = deblender(blend_batch)             # a btk.blend_batch.DeblendBatch
+    matching = btk.match.PixelHungarianMatcher(5.0)(blend_batch.catalog_list,
+                                                    deblend_batch.catalog_list)
+
+Sources are detected with BTK's SEP deblender on one band (``detection_band``, i by default);
+around each detection a model-sized stamp (45x45) is cut from the blend (zero-padded at the
+edges), all stamps of the batch go through :meth:`deblend.Deblender.predict` together, and each
+reconstruction is pasted back at its detection in a full-size image. The output catalog carries
+``ra``/``dec`` (arcsec, BTK's convention), ``x_peak``/``y_peak`` (pixels) and the regressor's
+``e1``/``e2`` (distortion, pixel frame).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+
+import btk
+from btk.blend_batch import BlendBatch, DeblendBatch, DeblendExample
+from deblend.inference import Deblender
+
+
+class VAEDeblender(btk.deblend.Deblender):
+    """Detection by SEP, deblending and ellipticities by a trained :class:`Deblender`."""
+
+    def __init__(self, model: Deblender, max_n_sources: int, detection_band: str = "i",
+                 thresh: float = 1.5, min_area: int = 5) -> None:
+        super().__init__(max_n_sources)
+        if detection_band not in model.bands:
+            raise ValueError(f"detection band '{detection_band}' is not a model band "
+                             f"({' '.join(model.bands)})")
+        self.model = model
+        self.detector = btk.deblend.SepSingleBand(max_n_sources, thresh=thresh, min_area=min_area,
+                                                  use_band=model.bands.index(detection_band))
+
+    @classmethod
+    def from_run(cls, run: str | Path, max_n_sources: int, **kwargs) -> "VAEDeblender":
+        """Load the three stages of a training run (see :meth:`Deblender.from_run`)."""
+        return cls(Deblender.from_run(run), max_n_sources, **kwargs)
+
+    def check_batch(self, blend_batch: BlendBatch) -> None:
+        """The survey's bands and pixel scale must be the model's; clear ValueError otherwise."""
+        bands = tuple(blend_batch.survey.available_filters)
+        if bands != self.model.bands:
+            raise ValueError(f"the blend batch has bands {' '.join(bands)}, the model was trained "
+                             f"on {' '.join(self.model.bands)}")
+        scale = blend_batch.survey.pixel_scale.to_value("arcsec")
+        if not np.isclose(scale, self.model.data.pixel_scale, rtol=1e-3):
+            raise ValueError(f"the blend batch has {scale}\"/pixel, the model was trained on "
+                             f"{self.model.data.pixel_scale}\"/pixel")
+
+    def deblend(self, ii: int, blend_batch: BlendBatch) -> DeblendExample:
+        """Deblend the ``ii``-th blend of the batch."""
+        self.check_batch(blend_batch)
+        detections = self.detector.deblend(ii, blend_batch).catalog
+        return self._examples(blend_batch, [ii], [detections])[0]
+
+    def batch_call(self, blend_batch: BlendBatch, njobs: int = 1, **kwargs) -> DeblendBatch:
+        """Deblend the whole batch with one batched model call."""
+        self.check_batch(blend_batch)
+        indices = list(range(blend_batch.batch_size))
+        detections = [self.detector.deblend(ii, blend_batch).catalog for ii in indices]
+        examples = self._examples(blend_batch, indices, detections)
+        return DeblendBatch(blend_batch.batch_size, self.max_n_sources,
+                            [example.catalog for example in examples], len(self.model.bands),
+                            blend_batch.image_size, None,
+                            np.array([example.deblended_images for example in examples]))
+
+    def _examples(self, blend_batch: BlendBatch, indices: list[int],
+                  detections: list[Table]) -> list[DeblendExample]:
+        size = self.model.stamp_pixels
+        image_size = blend_batch.image_size
+        stamps, owners = [], []
+        for ii, catalog in zip(indices, detections):
+            for jj, (x, y) in enumerate(zip(catalog["x_peak"], catalog["y_peak"])):
+                stamps.append(cut_stamp(blend_batch.blend_images[ii], x, y, size))
+                owners.append((ii, jj, int(round(x)), int(round(y))))
+        n_bands = len(self.model.bands)
+        images = np.zeros((len(indices), self.max_n_sources, n_bands, image_size, image_size),
+                          np.float32)
+        e1 = [np.zeros(len(c), np.float32) for c in detections]
+        e2 = [np.zeros(len(c), np.float32) for c in detections]
+        if stamps:
+            prediction = self.model.predict(np.stack(stamps))
+            position = {ii: k for k, ii in enumerate(indices)}
+            for (ii, jj, x, y), recon, ell in zip(owners, prediction.reconstruction,
+                                                  prediction.ellipticity):
+                k = position[ii]
+                paste_stamp(images[k, jj], recon, x, y)
+                e1[k][jj], e2[k][jj] = ell
+        examples = []
+        for k, catalog in enumerate(detections):
+            catalog = catalog.copy()
+            catalog["e1"], catalog["e2"] = e1[k], e2[k]
+            examples.append(DeblendExample(self.max_n_sources, catalog, n_bands, image_size,
+                                           None, images[k]))
+        return examples
+
+
+def cut_stamp(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
+    """(bands, size, size) stamp of ``image`` centred on the pixel nearest (x, y), zero-padded."""
+    half = size // 2
+    cx, cy = int(round(x)), int(round(y))
+    stamp = np.zeros((image.shape[0], size, size), np.float32)
+    y0, x0 = cy - half, cx - half
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + size, image.shape[1]), min(x0 + size, image.shape[2])
+    if ye > ys and xe > xs:
+        stamp[:, ys - y0:ye - y0, xs - x0:xe - x0] = image[:, ys:ye, xs:xe]
+    return stamp
+
+
+def paste_stamp(canvas: np.ndarray, stamp: np.ndarray, cx: int, cy: int) -> None:
+    """Add a (bands, size, size) stamp centred on pixel (cx, cy) into ``canvas`` (cropped)."""
+    half = stamp.shape[-1] // 2
+    y0, x0 = cy - half, cx - half
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye = min(y0 + stamp.shape[-2], canvas.shape[-2])
+    xe = min(x0 + stamp.shape[-1], canvas.shape[-1])
+    if ye > ys and xe > xs:
+        canvas[:, ys:ye, xs:xe] += stamp[:, ys - y0:ye - y0, xs - x0:xe - x0]
