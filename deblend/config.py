@@ -103,8 +103,13 @@ class EvaluationConfig:
     """Validation-set evaluation settings."""
 
     max_samples: Optional[int] = None
+    """Evaluate at most this many validation samples (the first ones); None: all of them."""
     gallery_size: int = 8
     batch_size: int = 256
+    mag_edges: tuple[float, ...] = (22.0, 23.0, 24.0)
+    """Interior edges of the target-magnitude bins (``simulation.ref_band``) of the breakdowns."""
+    seed: int = 0
+    """Seed of the gallery's choice of samples."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,11 @@ class ShearConfig:
     """Scenes per applied shear (twins included)."""
     bootstrap: int = 200
     seed: int = 1000
+    shared_galaxies: bool = True
+    """Every shear population draws the same scenes (same seed); only the shear differs, so the
+    shape and noise of the galaxies largely cancel in the response (common random numbers)."""
+    chunk_scenes: int = 200
+    """Scenes simulated and cached per chunk (even); an interrupted run resumes chunk by chunk."""
 
 
 @dataclass(frozen=True)
@@ -123,13 +133,23 @@ class DESConfig:
     """DES validation settings (SPEC section 7)."""
 
     min_snr: float = 20.0
+    """Catalog cut: keep snr_w > min_snr."""
     require_error_flag_zero: bool = True
     require_info_flag_zero: bool = True
-    u_strategy: str = "zeros"
+    u_strategy: Literal["zeros", "g_copy", "g_extrapolate"] = "zeros"
+    """How the model's u band (absent from DES) is filled; see des_validation.prepare."""
+    u_over_g: Optional[float] = None
+    """u/g flux ratio for g_extrapolate; None measures it on the training data (flux labels)."""
     resample: bool = True
+    """Resample DES pixels to the model's pixel scale (GalSim) before the crop."""
     normalization: Literal["des", "training"] = "des"
+    catalog_ellipticity: Literal["shear", "distortion"] = "shear"
+    """Convention of the catalog's e_1/e_2: im3shape's |e| = (a-b)/(a+b) ("shear") is converted
+    to the distortion (a^2-b^2)/(a^2+b^2) that deblend's labels and regressor use."""
     n_standin: int = 300
     standin_seed: int = 2000
+    standin_target_max_mag: float = 23.5
+    """Target magnitude limit (ref band) of the DES-like stand-in: a shape catalog's depth."""
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,10 @@ def test_beta_vae_loss_terms() -> None:
     terms = beta_vae_loss(x, x_hat, mu, logvar, beta_kl=0.5)
     assert isinstance(terms, LossTerms)
     assert terms.total.dim() == terms.reconstruction.dim() == terms.kl.dim() == 0
-    assert torch.allclose(terms.reconstruction, F.mse_loss(x_hat, x))
+    # per-galaxy sum of squared errors over bands and pixels, averaged over the batch
+    per_galaxy = ((x - x_hat) ** 2).sum(dim=(1, 2, 3))
+    assert torch.allclose(terms.reconstruction, per_galaxy.mean())
+    assert torch.allclose(terms.reconstruction, F.mse_loss(x_hat, x) * 6 * 45 * 45, rtol=1e-4)
     assert torch.allclose(terms.kl, kl_divergence(mu, logvar))
     assert torch.allclose(terms.total, terms.reconstruction + 0.5 * terms.kl)
     default = beta_vae_loss(x, x_hat, mu, logvar)

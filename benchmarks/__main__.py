@@ -1,0 +1,86 @@
+"""``python -m benchmarks [--json FILE]``: every benchmark, one table.
+
+Runs, one after the other on this machine:
+- ``benchmarks.simulation``: our generator vs a bare BTK loop (1 and 2 workers);
+- ``benchmarks.training``: the real stage-1 loop (data loading included) vs the bare
+  forward+backward step, and ``Deblender.predict`` vs the bare encoder forward;
+- ``benchmarks.memory``: peak anonymous memory of generating and of streaming a dataset for
+  training, at N and 2N samples, extrapolated to 200,000 samples.
+Every ratio compares two measurements of the same run; the table says which target each meets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    ("simulation", "ours_vs_bare_1_worker"): (0.9, "ours / bare BTK, 1 worker"),
+    ("simulation", "ours_vs_bare_per_worker_2_workers"): (0.9, "ours / bare BTK per worker, 2 workers"),
+    ("simulation", "ours_speedup_1_to_2_workers"): (1.7, "our speed-up 1 -> 2 workers"),
+    ("training", "loop_over_bare"): (0.9, "stage loop / bare step"),
+    ("training", "predict_over_encoder"): (None, "predict / bare encoder"),
+}
+
+
+def run_all(quick: bool = False) -> dict[str, Any]:
+    """Run the three benchmarks; ``quick`` uses smaller sizes."""
+    from benchmarks import memory, simulation, training
+
+    return {
+        "simulation": simulation.run(200 if quick else 400),
+        "training": training.run(n=640 if quick else 1280),
+        "memory": memory.run(500 if quick else 2000),
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """One table: the measured figures, then the ratios against their targets."""
+    sim, train, mem = results["simulation"], results["training"], results["memory"]
+    rows = [
+        ("bare BTK, 1 worker", sim["bare_btk_1_worker"], "scenes/s"),
+        ("our generator, 1 worker", sim["ours_1_worker"], "scenes/s"),
+        ("bare BTK, 2 workers", sim["bare_btk_2_workers"], "scenes/s"),
+        ("our generator, 2 workers", sim["ours_2_workers"], "scenes/s"),
+        ("stage1 loop (data loading included)", train["loop_samples_per_s"], "samples/s"),
+        ("bare forward+backward step", train["bare_step_samples_per_s"], "samples/s"),
+        ("Deblender.predict", train["predict_galaxies_per_s"], "galaxies/s"),
+        ("bare encoder forward", train["encoder_galaxies_per_s"], "galaxies/s"),
+        ("peak memory generating N / 2N", f"{mem['generate_n_peak_mib']:.0f} / "
+                                          f"{mem['generate_2n_peak_mib']:.0f}", "MiB"),
+        ("peak memory streaming N / 2N", f"{mem['stream_n_peak_mib']:.0f} / "
+                                         f"{mem['stream_2n_peak_mib']:.0f}", "MiB"),
+        ("generating 200k (extrapolated)", mem["generate_extrapolated_200k_peak_mib"], "MiB"),
+        ("streaming 200k (extrapolated)", mem["stream_extrapolated_200k_peak_mib"], "MiB"),
+    ]
+    lines = [f"{'measure':42s} {'value':>14s}  unit", "-" * 66]
+    for name, value, unit in rows:
+        text = value if isinstance(value, str) else f"{value:14.1f}"
+        lines.append(f"{name:42s} {text:>14s}  {unit}")
+    lines += ["", f"{'ratio':42s} {'value':>14s}  target", "-" * 66]
+    for (group, key), (target, name) in TARGETS.items():
+        value = results[group][key]
+        verdict = "-" if target is None else f">= {target} {'met' if value >= target else 'MISSED'}"
+        lines.append(f"{name:42s} {value:14.2f}  {verdict}")
+    lines.append(f"(memory: N = {mem['generate_n_samples']:.0f} samples; 200k figures extrapolate "
+                 f"the measured N -> 2N growth)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default="benchmarks.json", help="where to write the results")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    args = parser.parse_args(argv)
+    results = run_all(args.quick)
+    print(format_table(results))
+    Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

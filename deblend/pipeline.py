@@ -1,0 +1,291 @@
+"""The main job: simulate, train three stages, evaluate, calibrate shear, validate on DES-like data.
+
+``python -m deblend run --config configs/quick.yaml --out RUN`` writes::
+
+    RUN/config.yaml          the config the run was started with (a different one is refused)
+    RUN/data/                LSST dataset (simulation.generate)
+    RUN/train/               training run: stage1, stage2, stage3 (deblend.train)
+    RUN/evaluation/          report.md, metrics.json, PNGs, shear calibration (evaluation.*)
+    RUN/des_standin/         DES-like cutouts + im3shape-like catalog (des_validation.standin)
+    RUN/des_validation/      report.md, metrics.json, PNGs (des_validation.validate)
+    RUN/index.md             links to every report and figure, with the headline numbers
+
+Every step is skipped when its outputs are complete, and resumed where the step itself can
+resume (dataset shards, training epochs, shear populations), so re-running the same command after
+an interruption picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from deblend.config import Config, load_config
+
+STEPS = ("simulate", "stage1", "stage2", "stage3", "report", "shear", "des_standin",
+         "des_validation", "index")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where the main job puts each step's output."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def des_standin(self) -> Path:
+        return self.root / "des_standin"
+
+    @property
+    def des_validation(self) -> Path:
+        return self.root / "des_validation"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.md"
+
+
+def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Config,
+                        force: bool) -> None:
+    """Record the config in a new run; refuse a run started with another config."""
+    wanted = config.to_dict()
+    if paths.config.exists():
+        previous = yaml.safe_load(paths.config.read_text())
+        if previous == wanted:
+            return
+        if not force:
+            raise FileExistsError(
+                f"{paths.root} was started with another config ({paths.config}); use another "
+                f"--out, or --force to start it again from scratch")
+        import shutil
+
+        shutil.rmtree(paths.root)
+    elif paths.root.exists() and any(paths.root.iterdir()) and not force:
+        raise FileExistsError(f"{paths.root} exists and is not a deblend run; use another --out "
+                              f"or --force")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    tmp = paths.config.with_name("config.yaml.tmp")
+    header = f"# config of this run (from {config_path or 'the embedded defaults'})\n"
+    tmp.write_text(header + yaml.safe_dump(wanted, sort_keys=False))
+    tmp.replace(paths.config)
+
+
+def stage_state(train_dir: Path, stage: str) -> str:
+    """"done", "interrupted" (resumable) or "todo" for one training stage."""
+    from training.checkpoints import load_checkpoint
+    from training.lineage import load_lineage
+    from training.run_layout import RunError, RunLayout
+
+    layout = RunLayout(train_dir)
+    try:
+        load_lineage(layout, stage, needed_by="the main job")
+        return "done"
+    except RunError:
+        pass
+    if layout.last(stage).is_file() and not load_checkpoint(layout.last(stage))["finished"]:
+        return "interrupted"
+    return "todo"
+
+
+def _check(code: int, step: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"step '{step}' failed (exit status {code}); fix the cause and run the "
+                           f"same command again to resume")
+
+
+def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int = 1,
+                 force: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) every step of the main job; returns the headline numbers."""
+    config_path = Path(config_path) if config_path is not None else None
+    config = load_config(config_path)
+    paths = RunPaths(Path(out))
+    claim_run_directory(paths, config_path, config, force)
+    config_file = str(paths.config)
+    no_progress = [] if progress else ["--no-progress"]
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def step(name: str, done: bool, action: Callable[[], None]) -> None:
+        if done:
+            log(f"[{name}] complete, skipped")
+            return
+        log(f"[{name}] running")
+        t0 = time.perf_counter()
+        action()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        log(f"[{name}] done in {timings[name]:.0f} s")
+
+    from simulation.builder import build_dataset
+
+    step("simulate", (paths.data / "metadata.json").is_file(),
+         lambda: build_dataset(config.simulation, paths.data, jobs=jobs, progress=progress,
+                               log=log))
+
+    from deblend.train import main as train_main
+
+    for stage in ("stage1", "stage2", "stage3"):
+        state = stage_state(paths.train, stage)
+        args = [stage, "--run", str(paths.train), *no_progress]
+        if stage == "stage1":
+            args += ["--config", config_file, "--data", str(paths.data)]
+        if state == "interrupted":
+            args.append("--resume")
+        elif state == "todo" and (paths.train / stage).exists():
+            args.append("--force")  # a stage whose parent was re-trained: train it again
+        step(stage, state == "done", lambda a=args, s=stage: _check(train_main(a), s))
+
+    from evaluation.report import main as report_main
+
+    step("report", (paths.evaluation / "report.md").is_file(),
+         lambda: _check(report_main(["--run", str(paths.train), "--data", str(paths.data),
+                                     "--out", str(paths.evaluation), "--config", config_file,
+                                     "--force", *no_progress]), "report"))
+
+    from evaluation.shear import main as shear_main
+
+    step("shear", "shear" in _metrics(paths.evaluation),
+         lambda: _check(shear_main(["--run", str(paths.train), "--config", config_file,
+                                    "--out", str(paths.evaluation), *no_progress]), "shear"))
+
+    from des_validation.standin import main as standin_main
+
+    step("des_standin", paths.des_standin.is_dir(),
+         lambda: _check(standin_main(["--out", str(paths.des_standin), "--config",
+                                      _des_config(paths, config)]), "des_standin"))
+
+    from des_validation.validate import main as validate_main
+
+    step("des_validation", (paths.des_validation / "report.md").is_file(),
+         lambda: _check(validate_main(["--run", str(paths.train), "--catalog",
+                                       str(paths.des_standin / "catalog.fits"), "--cutouts",
+                                       str(paths.des_standin / "mef"), "--out",
+                                       str(paths.des_validation), "--config", config_file,
+                                       "--force"]), "des_validation"))
+
+    headline = headline_numbers(paths)
+    headline["seconds"] = timings
+    headline["total_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
+    write_index(paths, headline)
+    log(f"[index] {paths.index}")
+    return headline
+
+
+def _des_config(paths: RunPaths, config: Config) -> str:
+    """A config for the DES-like stand-in: the run's config with a DES simulation section."""
+    des_sim = config.replace("simulation", survey="DES", label_bands=["r", "i", "z"])
+    path = paths.root / "des_standin.yaml"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(des_sim.to_dict(), sort_keys=False))
+    tmp.replace(path)
+    return str(path)
+
+
+def _metrics(directory: Path) -> dict[str, Any]:
+    path = directory / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def headline_numbers(paths: RunPaths) -> dict[str, Any]:
+    """The numbers a cosmologist reads first, from the reports' metrics.json files."""
+    evaluation = _metrics(paths.evaluation)
+    des = _metrics(paths.des_validation)
+    headline: dict[str, Any] = {"fidelity": {}, "slopes": {}, "shear": {}, "des_standin": {}}
+    for stage, values in evaluation.get("fidelity", {}).items():
+        headline["fidelity"][stage] = {"ssim": values.get("ssim_mean"),
+                                       "cosine": values.get("cosine_mean")}
+    for name, breakdown in evaluation.get("ellipticity", {}).items():
+        stats = breakdown.get("all", {})
+        headline["slopes"][name] = {c: {"slope": stats.get(c, {}).get("slope"),
+                                        "rmse": stats.get(c, {}).get("rmse")}
+                                    for c in ("e1", "e2")}
+    calibration = evaluation.get("shear", {}).get("calibration", {})
+    for component, suffix in (("g1", "1"), ("g2", "2")):
+        for name, values in calibration.get(component, {}).get("estimators", {}).items():
+            entry = headline["shear"].setdefault(name, {})
+            for key in ("m", "m_err", "c", "c_err"):
+                entry[key.replace("_", suffix + "_") if "_" in key else key + suffix] = \
+                    values.get(key)
+    for name, stats in des.get("estimators", {}).items():
+        headline["des_standin"][name] = {c: {"slope": stats.get(c, {}).get("slope"),
+                                             "rmse": stats.get(c, {}).get("rmse")}
+                                         for c in ("e1", "e2")}
+    return headline
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def write_index(paths: RunPaths, headline: dict[str, Any]) -> None:
+    """``RUN/index.md``: headline numbers and links to every report and figure."""
+    lines = [f"# deblend run `{paths.root.name}`", "",
+             "Config: [config.yaml](config.yaml). Every number below comes from the reports' "
+             "`metrics.json`.", ""]
+    lines += ["## Image fidelity (noisy-blend validation set)", "",
+              "| model | SSIM | cosine |", "|---|---|---|"]
+    for stage, v in headline["fidelity"].items():
+        lines.append(f"| {stage} | {_fmt(v['ssim'])} | {_fmt(v['cosine'], 4)} |")
+    for title, key in (("Ellipticity vs truth (validation blends)", "slopes"),
+                       ("DES-like stand-in vs its im3shape-like catalog", "des_standin")):
+        lines += ["", f"## {title}", "", "| estimator | slope e1 | slope e2 | RMSE e1 | RMSE e2 |",
+                  "|---|---|---|---|---|"]
+        for name, v in headline[key].items():
+            lines.append(f"| {name} | {_fmt(v['e1']['slope'])} | {_fmt(v['e2']['slope'])} | "
+                         f"{_fmt(v['e1']['rmse'])} | {_fmt(v['e2']['rmse'])} |")
+    lines += ["", "## Shear calibration (<e> = (1 + m) A_truth g + c)", "",
+              "| estimator | m1 | c1 | m2 | c2 |", "|---|---|---|---|---|"]
+    for name, v in headline["shear"].items():
+        lines.append(f"| {name} | {_fmt(v['m1'])} ± {_fmt(v['m1_err'])} | "
+                     f"{_fmt(v['c1'], 4)} ± {_fmt(v['c1_err'], 4)} | {_fmt(v['m2'])} ± "
+                     f"{_fmt(v['m2_err'])} | {_fmt(v['c2'], 4)} ± {_fmt(v['c2_err'], 4)} |")
+    lines += ["", "## Reports and figures", ""]
+    for directory, title in ((paths.evaluation, "Evaluation report"),
+                             (paths.des_validation, "DES validation report"),
+                             (paths.train, "Training")):
+        if not directory.is_dir():
+            continue
+        rel = directory.relative_to(paths.root)
+        if (directory / "report.md").is_file():
+            lines.append(f"- [{title}]({rel}/report.md), [metrics.json]({rel}/metrics.json)")
+        else:
+            lines.append(f"- {title}: `{rel}/`")
+        for png in sorted(directory.rglob("*.png")):
+            lines.append(f"  - [{png.relative_to(directory)}]({png.relative_to(paths.root)})")
+    timings = headline.get("seconds", {})
+    if timings:
+        lines += ["", "## Time of the steps run by the last invocation", "",
+                  "| step | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in timings.items()]
+    tmp = paths.index.with_name("index.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(paths.index)
+    metrics_tmp = paths.root / "headline.json.tmp"
+    metrics_tmp.write_text(json.dumps(headline, indent=2))
+    metrics_tmp.replace(paths.root / "headline.json")

@@ -1,0 +1,130 @@
+"""Output files of the evaluation: atomic writes, metrics.json, report.md sections, formatting.
+
+``report.md`` is made of sections delimited by ``<!-- section:NAME -->`` and
+``<!-- /section:NAME -->`` so that a later command (the shear calibration) can replace its own
+section without touching the rest. ``metrics.json`` holds every number of the report; NaN and
+infinities are written as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+MISSING = "–"
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, suffix: str = ".tmp") -> Path:
+    """Write ``data`` to ``path + suffix``, flush and fsync, then rename onto ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary name, flush, then rename onto ``path``."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays converted, NaN/inf -> None, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def read_metrics(out: str | Path) -> dict[str, Any]:
+    """``out/metrics.json`` or an empty dict when there is none."""
+    path = Path(out) / METRICS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is corrupt ({exc}); move it away or pass --force") from exc
+
+
+def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
+    """Write ``metrics`` (made JSON-safe) to ``out/metrics.json`` atomically."""
+    text = json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n"
+    return write_text_atomic(Path(out) / METRICS_FILE, text)
+
+
+def section(name: str, body: str) -> str:
+    """A named, replaceable block of markdown."""
+    return f"<!-- section:{name} -->\n{body.rstrip()}\n<!-- /section:{name} -->\n"
+
+
+def replace_section(markdown: str, name: str, body: str) -> str:
+    """``markdown`` with section ``name`` replaced by ``body`` (appended if absent)."""
+    block = section(name, body)
+    key = re.escape(name)
+    pattern = re.compile(rf"<!-- section:{key} -->.*?<!-- /section:{key} -->\n?", re.S)
+    if pattern.search(markdown):
+        return pattern.sub(lambda _: block, markdown, count=1)
+    return markdown.rstrip() + "\n\n" + block
+
+
+def has_section(markdown: str, name: str) -> bool:
+    return f"<!-- section:{name} -->" in markdown
+
+
+# -- formatting -----------------------------------------------------------------------------------
+def fmt(value: Any, digits: int = 3, signed: bool = False) -> str:
+    """A number with ``digits`` decimals ('–' for None/NaN); ints as they are."""
+    if value is None:
+        return MISSING
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    value = float(value)
+    if not math.isfinite(value):
+        return MISSING
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def fmt_err(value: Any, error: Any, digits: int = 3, signed: bool = False) -> str:
+    """'value ± error' (either may be missing)."""
+    text = fmt(value, digits, signed)
+    if text == MISSING or error is None or not math.isfinite(float(error)):
+        return text
+    return f"{text} ± {float(error):.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]],
+                   align: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table; ``align`` entries 'l' or 'r' (default: first left, rest right)."""
+    header = [str(h) for h in header]
+    align = list(align) if align else ["l"] + ["r"] * (len(header) - 1)
+    marks = [":---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,163 @@
+"""Training batches streamed from a dataset on disk.
+
+Samples are independent random scenes, so a batch of consecutive samples is statistically as good
+as a random one, and it is read with a few large copies from the memory-mapped shards instead of
+one small read per sample. :class:`BlockBatchSampler` therefore yields *batches of indices*: it
+rotates the selected indices by a random offset, cuts them into blocks of ``batch_size``
+consecutive entries and visits the blocks in random order; offset and order are drawn from
+(seed, epoch), so every epoch is reproducible. Under DDP each rank takes every
+``world_size``-th block.
+
+:class:`BatchReader` turns such a block into normalised tensors (SPEC 3, with the dataset's
+constants) inside the DataLoader (``batch_size=None``: no per-sample collation), in its worker
+processes when ``training.num_workers > 0``. On 2 CPU cores 0 workers is fastest: a worker
+competes with torch's own threads (measured 0.80 of the bare step with 1 worker, 0.94 with 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from deblend.normalization import normalize
+from simulation.dataset import StampData, open_dataset
+
+TARGETS = ("clean", "ellipticity")
+STAGE_DATA = {"stage1": ("noisy", "clean"), "stage2": ("blend", "clean"),
+              "stage3": ("blend", "ellipticity")}
+"""(input image set, target) of each stage (SPEC 5): noisy isolated or noisy blend in; the clean
+isolated target or the labels (e1, e2) out."""
+
+
+def select_indices(data: StampData, split: str, min_target_e: float) -> np.ndarray:
+    """Sample indices of ``split`` whose target has label ``e > min_target_e`` (all if 0)."""
+    indices = data.split_indices(split)
+    if min_target_e > 0:
+        e = data.labels()["e"]
+        indices = indices[e[indices] > min_target_e]
+    return indices
+
+
+def ellipticity_targets(data: StampData) -> np.ndarray:
+    """Label (e1, e2) of every sample as float32 ``(n_samples, 2)``."""
+    labels = data.labels()
+    return np.stack([labels["e1"], labels["e2"]], axis=1).astype(np.float32)
+
+
+class BatchReader(Dataset):
+    """``reader[indices]`` -> (inputs, targets): normalised float32 tensors of a whole batch.
+
+    Inputs are the ``input_set`` images ``(n, bands, H, W)``; targets the normalised clean
+    images (``target="clean"``) or the labels (e1, e2) ``(n, 2)`` (``target="ellipticity"``).
+    The dataset is opened lazily in each process, so the reader pickles cheaply.
+    """
+
+    def __init__(self, root: str | Path, input_set: str, target: str) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"unknown target '{target}' (one of {TARGETS})")
+        self.root = Path(root)
+        self.input_set = input_set
+        self.target = target
+        self._data: StampData | None = None
+        self._ellipticity: np.ndarray | None = None
+
+    @property
+    def data(self) -> StampData:
+        if self._data is None:
+            self._data = open_dataset(self.root)
+            if self.target == "ellipticity":
+                self._ellipticity = ellipticity_targets(self._data)
+        return self._data
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_data": None, "_ellipticity": None}
+
+    def __getitem__(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.data
+        inputs = normalize(data.images(self.input_set, indices), data.normalization)
+        if self.target == "clean":
+            targets = normalize(data.images("clean", indices), data.normalization)
+        else:
+            assert self._ellipticity is not None
+            targets = self._ellipticity[indices]
+        return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+class BlockBatchSampler(Sampler[np.ndarray]):
+    """Blocks of consecutive ``indices`` (see module docstring), one rank's share.
+
+    With ``equal_shards`` every rank gets the same number of blocks (surplus blocks of the epoch
+    are dropped), as DDP training needs; validation keeps every block.
+    """
+
+    def __init__(self, indices: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, equal_shards: bool = False) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.equal_shards = equal_shards
+        self.epoch = 0
+        n_blocks = -(-len(self.indices) // batch_size)
+        if equal_shards and n_blocks < world_size:
+            raise ValueError(f"{len(self.indices)} samples make {n_blocks} batches of "
+                             f"{batch_size}: too few for {world_size} processes")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose offset and block order are drawn."""
+        self.epoch = epoch
+
+    def blocks(self) -> list[np.ndarray]:
+        """This rank's batches of the current epoch, in the order they are visited."""
+        indices = self.indices
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            indices = np.roll(indices, -int(rng.integers(self.batch_size)))
+        blocks = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        if self.shuffle:
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        if self.equal_shards:
+            blocks = blocks[:len(blocks) - len(blocks) % self.world_size]
+        return blocks[self.rank::self.world_size]
+
+    def num_samples(self) -> int:
+        """Samples this rank sees in the current epoch."""
+        return int(sum(len(block) for block in self.blocks()))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.blocks())
+
+    def __len__(self) -> int:
+        return len(self.blocks())
+
+
+def make_loader(data_dir: str | Path, *, stage: str, split: str, batch_size: int,
+                epoch: int = 0, seed: int = 0, min_target_e: float = 0.0, num_workers: int = 0,
+                pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """DataLoader of ``stage``'s (inputs, targets) batches over ``split`` of a dataset.
+
+    The training split is shuffled by blocks (``loader.sampler.set_epoch`` picks the epoch) and
+    split evenly between DDP ranks; other splits are read in order. ``batch_size=None`` in the
+    DataLoader: the reader returns whole batches, ``num_workers`` processes read ahead.
+    """
+    input_set, target = STAGE_DATA[stage]
+    shuffle = split == "train"
+    indices = select_indices(open_dataset(data_dir), split, min_target_e)
+    if len(indices) == 0:
+        cut = f" with target e > {min_target_e} (training.min_target_e)" if min_target_e else ""
+        raise ValueError(f"the {split} split of {data_dir} has no samples{cut}")
+    sampler = BlockBatchSampler(indices, batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                                world_size=world_size, equal_shards=shuffle)
+    sampler.set_epoch(epoch)
+    # an own generator: iterating must not draw from the global torch RNG (reproducible resume)
+    return DataLoader(BatchReader(data_dir, input_set, target), sampler=sampler, batch_size=None,
+                      generator=torch.Generator().manual_seed(seed),
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
