@@ -67,7 +67,7 @@ def ours_rate(sim: SimulationConfig, workers: int) -> float:
         return sim.n_samples / (time.perf_counter() - start)
 
 
-def run(n: int = 400, catalog_rows: int = 50_000) -> dict[str, float]:
+def run(n: int = 1000, catalog_rows: int = 50_000) -> dict[str, float]:
     """Measure all four rates and the two ratios."""
     sim = config_from_dict({"simulation": {"n_samples": n, "shard_size": max(n // 4, 1),
                                            "catalog_rows": catalog_rows}}).simulation
@@ -96,7 +96,7 @@ def print_table(results: dict[str, float]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=400, help="scenes per measurement")
+    parser.add_argument("--n", type=int, default=1000, help="scenes per measurement")
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     results = run(args.n)

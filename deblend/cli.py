@@ -11,7 +11,10 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionErr
 
 
 def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a CLI ``main``: expected errors print ``error: <message>`` and exit with status 2."""
+    """Wrap a CLI ``main``: expected errors print ``error: <message>`` on one line, exit status 2.
+
+    Messages from libraries (h5py, astropy) may span lines; they are joined into one.
+    """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -22,7 +25,7 @@ def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
             return 130
         except EXPECTED_ERRORS as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
             return 2
 
     return wrapper
