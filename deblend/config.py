@@ -166,7 +166,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (YAML/JSON-serialisable) nested dict; tuples become lists."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def replace(self, section: str, **changes: Any) -> "Config":
         """A copy with some keys of one section changed (validated like a file)."""
@@ -175,11 +175,12 @@ class Config:
         return config_from_dict(data)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """``value`` with tuples turned into lists, recursively (JSON/YAML-ready)."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 

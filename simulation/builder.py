@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from deblend.config import SimulationConfig
+from deblend.config import SimulationConfig, plain
 from deblend.normalization import MaxAccumulator
 from simulation.catalogs import catalog_provenance, load_catalog
 from simulation.dataset import (
@@ -171,7 +171,7 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
         raise ValueError("simulation.n_samples must be even when rotated_twins is true")
     geometry = survey_geometry(sim.survey, sim.stamp_pixels)
     check_bands(sim.label_bands, geometry, "simulation.label_bands")
-    plan = make_plan(_plain(asdict(sim)), _plain(asdict(geometry)))
+    plan = make_plan(plain(asdict(sim)), plain(asdict(geometry)))
     the_plan_id = plan_id(plan)
     prepare_directory(root, plan, force)
 
@@ -193,14 +193,6 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     return finalize_dataset(root, plan, sim, progress=progress)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _run_shards(root: Path, todo: list[dict[str, Any]], sim: SimulationConfig, the_plan_id: str,
                 jobs: int, progress: bool) -> None:
     if not todo:
@@ -209,7 +201,7 @@ def _run_shards(root: Path, todo: list[dict[str, Any]], sim: SimulationConfig, t
     counter = context.Value("q", 0)
     total = sum(s["n"] for s in todo)
     args = [(root, s, sim.seed, the_plan_id) for s in todo]
-    sim_dict = _plain(asdict(sim))
+    sim_dict = plain(asdict(sim))
     bar = tqdm(total=total, desc=f"simulating {sim.survey} scenes", unit="scene",
                disable=not progress, smoothing=0.1)
     try:
