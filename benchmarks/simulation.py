@@ -13,6 +13,7 @@ Both sides are measured in the same run, on the same machine, interleaved.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import tempfile
@@ -36,10 +37,8 @@ def _bare_btk(sim: SimulationConfig, n: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def _bare_worker(args: tuple[dict, int, int]) -> float:
-    sim_dict, n, seed = args
-    return _bare_btk(SimulationConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in sim_dict.items()}), n, seed)
+def _bare_worker(args: tuple[SimulationConfig, int, int]) -> float:
+    return _bare_btk(*args)
 
 
 def bare_btk_rate(sim: SimulationConfig, n: int, workers: int) -> float:
@@ -47,16 +46,11 @@ def bare_btk_rate(sim: SimulationConfig, n: int, workers: int) -> float:
     if workers == 1:
         return n / _bare_btk(sim, n, shard_seed(sim.seed, 0))
     context = multiprocessing.get_context("fork")
-    args = [(config_from_dict({"simulation": _dict(sim)}).to_dict()["simulation"], n // workers,
-             shard_seed(sim.seed, k)) for k in range(workers)]
+    args = [(sim, n // workers, shard_seed(sim.seed, k)) for k in range(workers)]
     start = time.perf_counter()
     with context.Pool(workers) as pool:
         pool.map(_bare_worker, args)
     return n / (time.perf_counter() - start)
-
-
-def _dict(sim: SimulationConfig) -> dict:
-    return config_from_dict({"simulation": dict(sim.__dict__)}).to_dict()["simulation"]
 
 
 def ours_rate(sim: SimulationConfig, workers: int) -> float:
@@ -71,7 +65,7 @@ def run(n: int = 1000, catalog_rows: int = 50_000) -> dict[str, float]:
     """Measure all four rates and the two ratios."""
     sim = config_from_dict({"simulation": {"n_samples": n, "shard_size": max(n // 4, 1),
                                            "catalog_rows": catalog_rows}}).simulation
-    ours_rate(sim.__class__(**{**sim.__dict__, "n_samples": 50, "shard_size": 50}), 1)  # warm-up
+    ours_rate(dataclasses.replace(sim, n_samples=50, shard_size=50), 1)  # warm-up
     results = {
         "bare_btk_1_worker": bare_btk_rate(sim, n, 1),
         "ours_1_worker": ours_rate(sim, 1),

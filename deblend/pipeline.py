@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import yaml
 
+from deblend.atomic import write_json_atomic, write_text_atomic
 from deblend.config import Config, load_config
 
 STEPS = ("simulate", "stage1", "stage2", "stage3", "report", "shear", "des_standin",
@@ -85,10 +86,8 @@ def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Confi
         raise FileExistsError(f"{paths.root} exists and is not a deblend run; use another --out "
                               f"or --force")
     paths.root.mkdir(parents=True, exist_ok=True)
-    tmp = paths.config.with_name("config.yaml.tmp")
     header = f"# config of this run (from {config_path or 'the embedded defaults'})\n"
-    tmp.write_text(header + yaml.safe_dump(wanted, sort_keys=False))
-    tmp.replace(paths.config)
+    write_text_atomic(paths.config, header + yaml.safe_dump(wanted, sort_keys=False))
 
 
 def stage_state(train_dir: Path, stage: str) -> str:
@@ -196,9 +195,7 @@ def _des_config(paths: RunPaths, config: Config) -> str:
     """A config for the DES-like stand-in: the run's config with a DES simulation section."""
     des_sim = config.replace("simulation", survey="DES", label_bands=["r", "i", "z"])
     path = paths.root / "des_standin.yaml"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(des_sim.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(des_sim.to_dict(), sort_keys=False))
     return str(path)
 
 
@@ -283,9 +280,5 @@ def write_index(paths: RunPaths, headline: dict[str, Any]) -> None:
         lines += ["", "## Time of the steps run by the last invocation", "",
                   "| step | seconds |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in timings.items()]
-    tmp = paths.index.with_name("index.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(paths.index)
-    metrics_tmp = paths.root / "headline.json.tmp"
-    metrics_tmp.write_text(json.dumps(headline, indent=2))
-    metrics_tmp.replace(paths.root / "headline.json")
+    write_text_atomic(paths.index, "\n".join(lines) + "\n")
+    write_json_atomic(paths.root / "headline.json", headline)

@@ -34,6 +34,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
+from deblend.atomic import atomic_output
+
 DES_BANDS = ("g", "r", "i", "z", "Y")
 FITS_SUFFIXES = (".fits", ".fits.gz", ".fits.fz", ".fit")
 _PER_BAND = re.compile(r"^(\d+)_([A-Za-z])\.(fits|fit)(\.gz|\.fz)?$")
@@ -328,6 +330,5 @@ def write_npz(path: Path, images: np.ndarray, ids: np.ndarray, bands: tuple[str,
         arrays["jacobian"] = np.asarray(jacobian, np.float64)
     if centers is not None:
         arrays["centers"] = np.asarray(centers, np.float64)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_output(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, **arrays)

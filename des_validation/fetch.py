@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import shutil
 import sys
 import time
@@ -38,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from deblend.atomic import atomic_output, write_bytes_atomic, write_text_atomic
 from deblend.cli import fail_cleanly
 from deblend.config import DESConfig, load_config
 from des_validation.cutouts import DES_BANDS
-from evaluation.report_io import write_bytes_atomic
 
 TAP_URL = "https://datalab.noirlab.edu/tap"
 SIA_URL = "https://datalab.noirlab.edu/sia/des_dr1"
@@ -253,9 +252,7 @@ def fetch(out: Path, des: DESConfig, limit: int | None, size_arcsec: float, retr
             rows = read_catalog_csv(text)
             out.mkdir(parents=True, exist_ok=True)
             (out / "query.adql").write_text(query + "\n")
-            tmp = catalog_path.with_name(catalog_path.name + ".part")
-            tmp.write_text(text)
-            os.replace(tmp, catalog_path)
+            write_text_atomic(catalog_path, text, suffix=".part")
     except BaseException:
         if created and out.exists():
             shutil.rmtree(out, ignore_errors=True)
@@ -300,12 +297,10 @@ def fetch(out: Path, des: DESConfig, limit: int | None, size_arcsec: float, retr
 
 
 def _write_failures(path: Path, failures: Iterable[tuple[str, str, str]]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_output(path, suffix=".part") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["coadd_objects_id", "band", "reason"])
         writer.writerows(failures)
-    os.replace(tmp, path)
 
 
 @fail_cleanly

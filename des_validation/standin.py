@@ -44,6 +44,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
+from deblend.atomic import atomic_output
 from deblend.cli import fail_cleanly
 from deblend.config import Config, SimulationConfig, load_config
 from des_validation.cutouts import DES_BANDS, write_npz
@@ -109,9 +110,8 @@ def _band_header(band: str, wcs: WCS, object_id: int) -> fits.Header:
 
 
 def _write_fits(path: Path, hdul: fits.HDUList) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    hdul.writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        hdul.writeto(tmp, overwrite=True)
 
 
 def write_standin(out: str | Path, config: Config | None = None, n: int | None = None,

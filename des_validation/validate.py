@@ -384,7 +384,8 @@ def _reason_kind(reason: str) -> str:
 
 # -- outputs -----------------------------------------------------------------------------------------
 def _write_outputs(out: Path, metrics: dict[str, Any], arrays: Mapping[str, Any] | None) -> None:
-    from evaluation.report_io import write_metrics, write_text_atomic
+    from deblend.atomic import write_text_atomic
+    from evaluation.report_io import write_metrics
 
     _write_skipped(out / "skipped.csv", metrics["skipped"])
     if arrays is not None:
@@ -400,13 +401,13 @@ def _write_skipped(path: Path, skipped: Sequence[Mapping[str, Any]]) -> None:
     writer.writerow(["coadd_objects_id", "source", "stage", "reason"])
     for s in skipped:
         writer.writerow(["" if s["id"] is None else s["id"], s["source"], s["stage"], s["reason"]])
-    from evaluation.report_io import write_text_atomic
+    from deblend.atomic import write_text_atomic
 
     write_text_atomic(path, buffer.getvalue())
 
 
 def _write_objects(path: Path, arrays: Mapping[str, Any]) -> None:
-    from evaluation.report_io import write_text_atomic
+    from deblend.atomic import write_text_atomic
 
     truth, est = arrays["catalog_truth"], arrays["estimates"]
     selected, rows = arrays["selected"], arrays["rows"]

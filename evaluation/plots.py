@@ -7,7 +7,6 @@ position angles (counter-clockwise from +x) read as drawn.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deblend.atomic import atomic_output  # noqa: E402
 from deblend.shapes import ellipticity_modulus, position_angle, second_moments  # noqa: E402
 from evaluation.estimators import SHORT_NAMES  # noqa: E402
 
@@ -46,13 +46,11 @@ plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 110, "axes.titlesize": 10
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     """Write ``fig`` as PNG through a temporary name, then rename; closes the figure."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from deblend.atomic import write_text_atomic
 from deblend.cli import fail_cleanly
 from deblend.config import Config, config_from_dict, load_config
 from evaluation import metrics as fidelity
@@ -38,7 +39,6 @@ from evaluation.estimators import ESTIMATORS, SHORT_NAMES, concatenate, label_im
 from evaluation.models import Model, load_models, normalized
 from evaluation.report_io import (
     METRICS_FILE, REPORT_FILE, fmt, fmt_err, markdown_table, read_metrics, section, write_metrics,
-    write_text_atomic,
 )
 
 FIGURES = {
@@ -129,13 +129,13 @@ def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress
         t2 = predictions["t2"]
         estimates.append(measure_estimators(
             bands=bands, label_bands=label_bands, reconstruction_raw=t2.reconstruction,
-            regressor_e=t2.e, blend_raw=blend, noisy_raw=noisy))
+            regressor_e=t2.ellipticity, blend_raw=blend, noisy_raw=noisy))
         here = gallery_pos[(gallery_pos >= start) & (gallery_pos < start + len(chunk))] - start
         if here.size:
             gallery["blend"].append(label_image(blend[here], bands, label_bands))
             gallery["truth"].append(label_image(clean[here], bands, label_bands))
             gallery["t2"].append(label_image(t2.reconstruction[here], bands, label_bands))
-            gallery["regressor"].append(t2.e[here])
+            gallery["regressor"].append(t2.ellipticity[here])
             last = estimates[-1]["recon_moments"]
             gallery["recon_moments"].append(np.stack([last[0][here], last[1][here]], axis=1))
 
@@ -386,7 +386,7 @@ def run_report(run: str | Path, data_dir: str | Path, out: str | Path | None = N
     config = config or resolve_config(run, None)
     data = open_dataset(data_dir)
     shear = prepare_output(out, force)
-    models = load_models(run, batch_size=config.evaluation.batch_size)
+    models = load_models(run)
     metrics, arrays = evaluate(data, models, config, progress=progress)
     metrics["meta"]["run"] = str(run)
     metrics["meta"]["command"] = (command or

@@ -1,4 +1,4 @@
-"""Output files of the evaluation: atomic writes, metrics.json, report.md sections, formatting.
+"""Output files of the evaluation: metrics.json, report.md sections, formatting.
 
 ``report.md`` is made of sections delimited by ``<!-- section:NAME -->`` and
 ``<!-- /section:NAME -->`` so that a later command (the shear calibration) can replace its own
@@ -10,33 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from deblend.atomic import write_text_atomic
+
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 MISSING = "–"
-
-
-def write_bytes_atomic(path: str | Path, data: bytes, suffix: str = ".tmp") -> Path:
-    """Write ``data`` to ``path + suffix``, flush and fsync, then rename onto ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + suffix)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary name, flush, then rename onto ``path``."""
-    return write_bytes_atomic(path, text.encode())
 
 
 def jsonable(value: Any) -> Any:

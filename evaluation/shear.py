@@ -35,14 +35,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from deblend.atomic import atomic_output, write_text_atomic
 from deblend.cli import fail_cleanly
 from deblend.config import Config, load_config
 from evaluation import plots
 from evaluation.estimators import ESTIMATORS, REFERENCES, SHORT_NAMES, measure_estimators
-from evaluation.models import DeblenderModel, Model
+from evaluation.models import Model
 from evaluation.report_io import (
-    REPORT_FILE, fmt_err, markdown_table, read_metrics, replace_section,
-    section, write_metrics, write_text_atomic,
+    REPORT_FILE, fmt_err, markdown_table, read_metrics, replace_section, section, write_metrics,
 )
 from evaluation.shear_fit import (
     ShearPopulation, calibrate, estimates_from_arrays, estimates_to_arrays, population_means,
@@ -119,9 +119,8 @@ def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_output(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def measure_chunk(source: Any, model: Model, n: int, seed: int,
@@ -135,7 +134,7 @@ def measure_chunk(source: Any, model: Model, n: int, seed: int,
     prediction = model.predict(scenes.blend)
     estimates = measure_estimators(
         bands=bands, label_bands=source.sim.label_bands,
-        reconstruction_raw=prediction.reconstruction, regressor_e=prediction.e,
+        reconstruction_raw=prediction.reconstruction, regressor_e=prediction.ellipticity,
         blend_raw=scenes.blend, noisy_raw=scenes.noisy, clean_raw=scenes.clean, references=True)
     arrays = estimates_to_arrays(estimates)
     arrays["n_galaxies"] = np.asarray(labels["n_galaxies"], np.int16)
@@ -387,7 +386,9 @@ def run_shear(run: str | Path, config: Config, out: str | Path | None = None, *,
         raise ValueError(f"config key 'shear.bootstrap' must be >= 2, got {shear.bootstrap}")
     chunk_sizes(shear.n_scenes, shear.chunk_scenes)  # validates n_scenes early
     shear_populations(shear.g_values)
-    model = DeblenderModel.from_run(run)
+    from deblend import Deblender
+
+    model = Deblender.from_run(run)
     out.mkdir(parents=True, exist_ok=True)
     populations = simulate_populations(config, model, out / CACHE_DIR, model_identity(run),
                                        progress=progress, log=log)

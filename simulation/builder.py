@@ -17,12 +17,13 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from deblend.atomic import write_json_atomic
 from deblend.config import SimulationConfig, plain
 from deblend.normalization import MaxAccumulator
 from simulation.catalogs import catalog_provenance, load_catalog
 from simulation.dataset import (
     IMAGE_SETS, METADATA_FILE, PLAN_FILE, SHARD_DIR, DatasetError, StampData, make_plan, plan_id,
-    shard_is_complete, shard_name, write_json_atomic, write_shard,
+    shard_is_complete, shard_name, write_shard,
 )
 from simulation.labels import LABEL_DESCRIPTIONS, scene_labels
 from simulation.sampling import CentralTargetSampling
@@ -44,7 +45,7 @@ class SceneSource:
         self.geometry: SurveyGeometry = survey_geometry(sim.survey, sim.stamp_pixels)
         check_bands(sim.label_bands, self.geometry, "simulation.label_bands")
         check_bands((sim.ref_band,), self.geometry, "simulation.ref_band")
-        self.catalog, self.provenance = load_catalog(
+        self.catalog = load_catalog(
             sim.catalog, self.geometry.bands, sim.catalog_rows, sim.catalog_seed)
 
     def drawer(self, seed: int, batch_size: int | None = None, keep_isolated: bool = False
@@ -72,9 +73,9 @@ class SceneSource:
         while drawn < n:
             batch = drawer.draw()
             parts.append(batch)
-            drawn += len(batch.tables)
             if progress:
-                progress(min(len(batch.tables), n - drawn + len(batch.tables)))
+                progress(min(len(batch.tables), n - drawn))
+            drawn += len(batch.tables)
         scenes = SceneBatch(
             clean=np.concatenate([p.clean for p in parts])[:n],
             noisy=np.concatenate([p.noisy for p in parts])[:n],
@@ -90,14 +91,10 @@ _SOURCE: SceneSource | None = None
 _COUNTER: Any = None
 
 
-def _init_worker(sim_dict: dict[str, Any], counter: Any) -> None:
+def _init_worker(sim: SimulationConfig, counter: Any) -> None:
     global _SOURCE, _COUNTER
-    _SOURCE = SceneSource(SimulationConfig(**_tuples(sim_dict)))
+    _SOURCE = SceneSource(sim)
     _COUNTER = counter
-
-
-def _tuples(sim_dict: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in sim_dict.items()}
 
 
 def _count(n: int) -> None:
@@ -201,18 +198,17 @@ def _run_shards(root: Path, todo: list[dict[str, Any]], sim: SimulationConfig, t
     counter = context.Value("q", 0)
     total = sum(s["n"] for s in todo)
     args = [(root, s, sim.seed, the_plan_id) for s in todo]
-    sim_dict = plain(asdict(sim))
     bar = tqdm(total=total, desc=f"simulating {sim.survey} scenes", unit="scene",
                disable=not progress, smoothing=0.1)
     try:
         if jobs == 1:
-            _init_worker(sim_dict, counter)
+            _init_worker(sim, counter)
             for arg in args:
                 generate_shard(*arg)
                 bar.update(counter.value - bar.n)
         else:
             with context.Pool(jobs, initializer=_init_worker,
-                              initargs=(sim_dict, counter)) as pool:
+                              initargs=(sim, counter)) as pool:
                 pending = pool.imap_unordered(_generate_one, args)
                 finished = 0
                 while finished < len(args):

@@ -71,10 +71,9 @@ def catalog_provenance(catalog_path: str | None, rows: int, seed: int) -> dict[s
     return {"source": "file", "path": str(Path(catalog_path).resolve()), "sha256": digest}
 
 
-def load_catalog(
-    catalog_path: str | None, bands: tuple[str, ...], rows: int, seed: int
-) -> tuple[btk.catalog.CatsimCatalog, dict[str, Any]]:
-    """The BTK catalog to draw from, and its provenance (recorded in dataset metadata)."""
+def load_catalog(catalog_path: str | None, bands: tuple[str, ...], rows: int, seed: int
+                 ) -> btk.catalog.CatsimCatalog:
+    """The BTK catalog to draw from (its provenance: :func:`catalog_provenance`)."""
     if catalog_path is not None:
         table = read_catsim_file(catalog_path, bands)
     else:
@@ -82,4 +81,4 @@ def load_catalog(
 
         table = prepare_catalog_table(generate_catsim_catalog(rows, seed=seed), bands,
                                       source="embedded model")
-    return btk.catalog.CatsimCatalog(table), catalog_provenance(catalog_path, rows, seed)
+    return btk.catalog.CatsimCatalog(table)

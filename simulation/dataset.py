@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
+from deblend.atomic import atomic_output
 from deblend.normalization import NormalizationConstants
 
 FORMAT_VERSION = 1
@@ -47,17 +48,6 @@ class DatasetError(ValueError):
 def shard_name(index: int) -> str:
     """File name of shard ``index``."""
     return f"shard-{index:05d}.h5"
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON so that ``path`` is either the old file or the whole new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def plan_id(plan: dict[str, Any]) -> str:
@@ -80,8 +70,7 @@ def make_plan(simulation: dict[str, Any], geometry: dict[str, Any]) -> dict[str,
 def write_shard(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
                 attrs: dict[str, Any]) -> None:
     """Write one shard atomically: a ``.tmp`` file, flushed, then renamed onto ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", track_order=False) as handle:
+    with atomic_output(path) as tmp, h5py.File(tmp, "w", track_order=False) as handle:
         for name in IMAGE_SETS:
             handle.create_dataset(name, data=np.ascontiguousarray(images[name], np.float32))
         group = handle.create_group("labels")
@@ -90,9 +79,6 @@ def write_shard(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.
         for key, value in attrs.items():
             handle.attrs[key] = value
         handle.attrs["complete"] = True
-    with open(tmp, "rb+") as raw:
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
 
 
 def shard_is_complete(path: Path, expected_n: int, expected_plan_id: str) -> bool:

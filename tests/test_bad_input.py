@@ -138,8 +138,8 @@ def test_disk_full_while_writing_leaves_no_trusted_output(tmp_path, capsys, tiny
     assert "shard-00000.h5.tmp" in line or "No space left" in line, line
     assert not (out / "shards" / "shard-00000.h5").exists()
     assert not (out / "metadata.json").exists()
-    # once space is back, the same command resumes and finishes
-    (out / "shards" / "shard-00000.h5.tmp").unlink()
+    # the failed temporary file is removed, so once space is back the same command resumes
+    assert not (out / "shards" / "shard-00000.h5.tmp").exists()
     assert generate_main(["--config", str(config), "--out", str(out), "--no-progress"]) == 0
     assert (out / "metadata.json").is_file() and (out / PLAN_FILE).is_file()
 

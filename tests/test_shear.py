@@ -139,9 +139,10 @@ class _FakeModel:
     bands = ("u", "g", "r", "i", "z", "y")
 
     def predict(self, blend):
-        from evaluation.models import Prediction
+        from deblend.inference import Prediction
 
-        return Prediction(np.clip(blend, 0, None), np.zeros((len(blend), 2)))
+        latent = np.zeros((len(blend), 32), np.float32)
+        return Prediction(np.clip(blend, 0, None), latent, latent, np.zeros((len(blend), 2)))
 
 
 def test_populations_are_cached_and_resumed(tmp_path: Path, monkeypatch) -> None:

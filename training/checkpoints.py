@@ -28,7 +28,6 @@ resumed stage reproduce the uninterrupted one on CPU.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deblend.atomic import atomic_output
 from deblend.networks import Decoder, Encoder, Regressor
 from deblend.normalization import NormalizationConstants
 from simulation.dataset import StampData
@@ -118,12 +118,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` so that ``path`` is always the previous file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
         torch.save({"format_version": CHECKPOINT_VERSION, **payload}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -10,9 +10,10 @@ mode (z = mu, no dropout), so its KL and reconstruction can be below the trainin
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any, Sequence
+
+from deblend.atomic import atomic_output
 
 
 def history_columns(loss_names: Sequence[str]) -> list[str]:
@@ -23,12 +24,10 @@ def history_columns(loss_names: Sequence[str]) -> list[str]:
 
 def write_history(path: Path, rows: Sequence[dict[str, Any]], loss_names: Sequence[str]) -> None:
     """Write all rows as CSV, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=history_columns(loss_names))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -58,7 +57,6 @@ def plot_history(path: Path, rows: Sequence[dict[str, Any]], loss_names: Sequenc
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from deblend.config import Config, config_from_dict
 from deblend.device import resolve_device
-from simulation.dataset import open_dataset, write_json_atomic
+from deblend.atomic import write_json_atomic
+from simulation.dataset import open_dataset
 from training.checkpoints import DataIdentity, load_checkpoint
 from training.distributed import context_from_environment, process_group
 from training.loop import LoopState, StageLoop, count_trainable
