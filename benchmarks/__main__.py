@@ -22,6 +22,7 @@ TARGETS = {
     ("simulation", "ours_speedup_1_to_2_workers"): (1.7, "our speed-up 1 -> 2 workers"),
     ("training", "loop_over_bare"): (0.9, "stage loop / bare step"),
     ("training", "predict_over_encoder"): (None, "predict / bare encoder"),
+    ("training", "predict_over_networks"): (None, "predict / bare networks it runs (8 views)"),
 }
 
 

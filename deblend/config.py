@@ -56,6 +56,10 @@ class SimulationConfig:
     shard_size: int = 500
     btk_batch_size: int = 50
     val_fraction: float = 0.1
+    """Fraction of the samples held out for validation (the last ones)."""
+    calibration_fraction: float = 0.1
+    """Fraction held out, between training and validation, to measure the stage-3 regressor's
+    response (:mod:`deblend.response`); no network trains on it and no report evaluates on it."""
     seed: int = 0
     norm_beta: float = 2.5
     """beta of the SPEC 3 normalisation tanh(asinh(beta x / <max>))."""
@@ -85,6 +89,9 @@ class TrainingConfig:
     beta_kl: float = 1e-3
     min_target_e: float = 0.0
     """Train only on targets whose label |e| exceeds this (the report used 0.1)."""
+    dihedral_augmentation: bool = True
+    """Show every training sample in a random one of the stamp's 8 symmetric views (90-degree
+    rotations and flips, :mod:`deblend.symmetry`); targets and labels follow exactly."""
     stage2_init: Literal["stage1", "scratch"] = "stage1"
     early_stopping_patience: Optional[int] = None
     num_workers: int = 0
@@ -292,6 +299,8 @@ def validate(config: Config) -> None:
         (sim.shard_size >= 1, "simulation.shard_size", "must be >= 1"),
         (sim.btk_batch_size >= 1, "simulation.btk_batch_size", "must be >= 1"),
         (0.0 <= sim.val_fraction < 1.0, "simulation.val_fraction", "must be in [0, 1)"),
+        (0.0 <= sim.calibration_fraction < 1.0 - sim.val_fraction,
+         "simulation.calibration_fraction", "must be in [0, 1 - simulation.val_fraction)"),
         (sim.norm_beta > 0, "simulation.norm_beta", "must be > 0"),
         (all(abs(g) < 1 for g in sim.shear), "simulation.shear", "components must satisfy |g| < 1"),
         (not sim.rotated_twins or sim.shard_size % 2 == 0, "simulation.shard_size",

@@ -6,9 +6,12 @@
     out.reconstruction               # (N, bands, 45, 45) central galaxy, raw flux, noiseless
     out.mu, out.sigma                # (N, latent_dim) mean and standard deviation of q(z|x)
     out.ellipticity                  # (N, 2) regressor's (e1, e2): distortion, pixel frame
+    out.ellipticity_raw              # (N, 2) the same before the response calibration
 
 Stamps are normalised with the constants the run was trained with (SPEC 3) and the
-reconstruction is denormalised back to raw flux; all arrays are float32.
+reconstruction is denormalised back to raw flux; all arrays are float32. ``ellipticity`` is the
+regressor averaged over the stamp's 8 symmetric views (:mod:`deblend.symmetry`), with its response
+(measured on the calibration split at the end of stage3) divided out (:mod:`deblend.response`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from deblend.device import keep_freed_memory, resolve_device
 from deblend.networks import Decoder, Encoder, Regressor
 from deblend.normalization import NormalizationConstants, denormalize, normalize
+from deblend.response import Response
+from deblend.symmetry import N_VIEWS, ellipticity_in_view, image_view
 from training.checkpoints import DataIdentity, build_module
 from training.lineage import load_lineage
 from training.run_layout import RunError, RunLayout
@@ -40,7 +46,10 @@ class Prediction:
     sigma: np.ndarray
     """(N, latent_dim) latent standard deviation, exp(logvar / 2)."""
     ellipticity: np.ndarray | None
-    """(N, 2) regressor (e1, e2) in [-1, 1]; None without a regressor (stage1 encoder)."""
+    """(N, 2) regressor (e1, e2), response-calibrated when the run has a response; None without
+    a regressor (stage1 encoder)."""
+    ellipticity_raw: np.ndarray | None = None
+    """(N, 2) regressor output before the calibration, in [-1, 1]; None when uncalibrated."""
 
     @property
     def e1(self) -> np.ndarray | None:
@@ -61,7 +70,8 @@ class Deblender:
     """
 
     def __init__(self, encoder: Encoder, decoder: Decoder, regressor: Regressor | None,
-                 data: DataIdentity, device: torch.device | str = "cpu") -> None:
+                 data: DataIdentity, device: torch.device | str = "cpu",
+                 response: Response | None = None) -> None:
         if encoder.hparams() != decoder.hparams():
             raise ValueError(f"encoder {encoder.hparams()} and decoder {decoder.hparams()} differ")
         if len(data.bands) != encoder.n_bands or data.stamp_pixels != encoder.stamp_size:
@@ -73,6 +83,8 @@ class Deblender:
         self.regressor = None if regressor is None else regressor.eval().to(self.device)
         self.data = data
         """The dataset the networks were trained on (bands, stamp size, pixel scale, ...)."""
+        self.response = response if regressor is not None else None
+        """The regressor's response divided out of ``Prediction.ellipticity`` (None: raw)."""
 
     @classmethod
     def from_run(cls, run: str | Path, *, encoder: str = "stage2",
@@ -91,11 +103,16 @@ class Deblender:
         upto = "stage3" if encoder == "stage2" else "stage1"
         lineage = {stage: payload for stage, (payload, _) in
                    load_lineage(layout, upto, needed_by="Deblender.from_run").items()}
-        regressor = build_module(lineage["stage3"]["modules"]["regressor"]) if upto == "stage3" \
-            else None
+        regressor, response = None, None
+        if upto == "stage3":
+            regressor = build_module(lineage["stage3"]["modules"]["regressor"])
+            entry = lineage["stage3"].get("response") or {}
+            if entry.get("status") == "calibrated":
+                response = Response.from_dict(entry)
         return cls(build_module(lineage[encoder]["modules"]["encoder"]),
                    build_module(lineage["stage1"]["modules"]["decoder"]), regressor,
-                   DataIdentity.from_dict(lineage[encoder]["data"]), resolve_device(device))
+                   DataIdentity.from_dict(lineage[encoder]["data"]), resolve_device(device),
+                   response)
 
     @property
     def bands(self) -> tuple[str, ...]:
@@ -140,11 +157,27 @@ class Deblender:
                              f"in image {n}, band {self.bands[band]})")
         return array
 
+    def symmetrized_ellipticity(self, x: Tensor, mu: Tensor) -> Tensor:
+        """Raw regressor (e1, e2) of normalised stamps ``x``, averaged over the 8 views.
+
+        Each view of the stamp (:mod:`deblend.symmetry`) is encoded and read by the regressor,
+        and its output is mapped back to the original frame before averaging; ``mu`` is the
+        latent mean of ``x`` itself (view 0), already computed by the caller. float32.
+        """
+        assert self.regressor is not None
+        total = self.regressor(mu).float()
+        for view in range(1, N_VIEWS):
+            view_mu, _ = self.encoder(image_view(x, view))
+            total += ellipticity_in_view(self.regressor(view_mu).float(), view)
+        return total / N_VIEWS
+
     @torch.inference_mode()
     def predict(self, images: np.ndarray, batch_size: int = 256) -> Prediction:
         """Deblend raw-flux stamps (N, bands, H, W), ``batch_size`` stamps at a time.
 
-        z = mu is decoded (no sampling); see :class:`Prediction` for the outputs.
+        z = mu is decoded (no sampling); the ellipticity is the regressor's average over the
+        stamp's 8 symmetric views (:meth:`symmetrized_ellipticity`), calibrated by the run's
+        response. See :class:`Prediction` for the outputs.
         """
         array = self.check_images(images)
         n = array.shape[0]
@@ -161,5 +194,8 @@ class Deblender:
             mu[part] = batch_mu.float().cpu().numpy()
             sigma[part] = torch.exp(0.5 * logvar).float().cpu().numpy()
             if ellipticity is not None:
-                ellipticity[part] = self.regressor(batch_mu).float().cpu().numpy()
-        return Prediction(reconstruction, mu, sigma, ellipticity)
+                ellipticity[part] = self.symmetrized_ellipticity(x, batch_mu).cpu().numpy()
+        if ellipticity is None or self.response is None:
+            return Prediction(reconstruction, mu, sigma, ellipticity)
+        return Prediction(reconstruction, mu, sigma, self.response.calibrate(ellipticity),
+                          ellipticity)

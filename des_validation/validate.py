@@ -334,7 +334,8 @@ def validate(run: str | Path, catalog: str | Path, cutouts: str | Path, out: str
             truth = catalog_truth(selection.table, rows, jacobians, des.catalog_ellipticity)
             estimates = measure_estimators(
                 bands=model.bands, label_bands=info.label_bands,
-                reconstruction_raw=reconstruction, regressor_e=prediction.ellipticity)
+                reconstruction_raw=reconstruction, regressor_e=prediction.ellipticity,
+                regressor_raw_e=prediction.ellipticity_raw)
             estimates["des_hsm"] = hsm_estimator(images, model.bands, info.label_bands)
             descriptions = dict(ESTIMATORS)
             descriptions["des_hsm"] = ("galsim.hsm adaptive moments of the prepared DES stamp "

@@ -6,7 +6,10 @@ return distortions (e1, e2) in the pixel frame; failures are NaN.
 
 Estimators (keys of :data:`ESTIMATORS`):
 
-- ``regressor``: the stage-3 regressor reading mu of the stage-2 encoder (no image measurement);
+- ``regressor``: the stage-3 regressor reading mu of the stage-2 encoder (no image measurement),
+  with its response on the calibration split divided out (:mod:`deblend.response`);
+- ``regressor_raw``: the same regressor's output before that calibration (only for calibrated
+  runs): the MSE-trained posterior mean, shrunk toward round;
 - ``recon_moments``: uniform-weight moments of the stage-2 reconstruction (denormalised);
 - ``recon_hsm``: galsim.hsm adaptive moments of the same reconstruction;
 - ``blend_moments`` / ``blend_hsm``: uniform-weight / adaptive moments of the noisy blend itself
@@ -28,7 +31,8 @@ import numpy as np
 from deblend.shapes import hsm_shapes, moments_ellipticity
 
 ESTIMATORS: dict[str, str] = {
-    "regressor": "stage-3 regressor on the stage-2 latent mu",
+    "regressor": "stage-3 regressor on the stage-2 latent mu, response-calibrated",
+    "regressor_raw": "stage-3 regressor before the response calibration",
     "recon_moments": "uniform-weight moments of the stage-2 reconstruction",
     "recon_hsm": "galsim.hsm adaptive moments of the stage-2 reconstruction",
     "blend_moments": "uniform-weight moments of the noisy blend (no deblending)",
@@ -46,6 +50,7 @@ REFERENCES: dict[str, str] = {
 
 SHORT_NAMES: dict[str, str] = {
     "regressor": "regressor",
+    "regressor_raw": "regressor (raw)",
     "recon_moments": "recon. moments",
     "recon_hsm": "recon. HSM",
     "blend_moments": "blend moments",
@@ -86,19 +91,23 @@ def hsm_estimator(images_raw: np.ndarray, bands: Sequence[str],
 def measure_estimators(*, bands: Sequence[str], label_bands: Sequence[str],
                        reconstruction_raw: np.ndarray | None = None,
                        regressor_e: np.ndarray | None = None,
+                       regressor_raw_e: np.ndarray | None = None,
                        blend_raw: np.ndarray | None = None,
                        noisy_raw: np.ndarray | None = None,
                        clean_raw: np.ndarray | None = None,
                        references: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(e1, e2) per estimator for whichever inputs are given.
 
-    ``regressor_e`` is (N, 2). ``references=True`` adds ``truth_moments`` and ``truth_hsm``
+    ``regressor_e`` and ``regressor_raw_e`` (before calibration) are (N, 2). ``references=True`` adds ``truth_moments`` and ``truth_hsm``
     measured on ``clean_raw``.
     """
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if regressor_e is not None:
         regressor_e = np.asarray(regressor_e, dtype=np.float64)
         out["regressor"] = (regressor_e[:, 0], regressor_e[:, 1])
+    if regressor_raw_e is not None:
+        regressor_raw_e = np.asarray(regressor_raw_e, dtype=np.float64)
+        out["regressor_raw"] = (regressor_raw_e[:, 0], regressor_raw_e[:, 1])
     if reconstruction_raw is not None:
         out["recon_moments"] = moments_estimator(reconstruction_raw, bands, label_bands)
         out["recon_hsm"] = hsm_estimator(reconstruction_raw, bands, label_bands)

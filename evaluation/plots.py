@@ -23,6 +23,7 @@ from evaluation.estimators import SHORT_NAMES  # noqa: E402
 STAGE_COLOURS = {"t1": "tab:orange", "t2": "tab:blue"}
 ESTIMATOR_COLOURS = {
     "regressor": "tab:red",
+    "regressor_raw": "tab:pink",
     "recon_moments": "tab:blue",
     "recon_hsm": "tab:cyan",
     "blend_moments": "tab:gray",

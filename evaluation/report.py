@@ -129,7 +129,8 @@ def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress
         t2 = predictions["t2"]
         estimates.append(measure_estimators(
             bands=bands, label_bands=label_bands, reconstruction_raw=t2.reconstruction,
-            regressor_e=t2.ellipticity, blend_raw=blend, noisy_raw=noisy))
+            regressor_e=t2.ellipticity, regressor_raw_e=t2.ellipticity_raw, blend_raw=blend,
+            noisy_raw=noisy))
         here = gallery_pos[(gallery_pos >= start) & (gallery_pos < start + len(chunk))] - start
         if here.size:
             gallery["blend"].append(label_image(blend[here], bands, label_bands))

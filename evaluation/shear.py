@@ -135,6 +135,7 @@ def measure_chunk(source: Any, model: Model, n: int, seed: int,
     estimates = measure_estimators(
         bands=bands, label_bands=source.sim.label_bands,
         reconstruction_raw=prediction.reconstruction, regressor_e=prediction.ellipticity,
+        regressor_raw_e=prediction.ellipticity_raw,
         blend_raw=scenes.blend, noisy_raw=scenes.noisy, clean_raw=scenes.clean, references=True)
     arrays = estimates_to_arrays(estimates)
     arrays["n_galaxies"] = np.asarray(labels["n_galaxies"], np.int16)

@@ -242,8 +242,10 @@ def finalize_dataset(root: Path, plan: dict[str, Any], sim: SimulationConfig,
                        "blend": "noisy blend of 1 to max_neighbours+1 galaxies, target centred"},
         "seed": sim.seed,
         "n_samples": plan["n_samples"],
-        "split": {"n_train": plan["n_train"], "n_validation": plan["n_samples"] - plan["n_train"],
-                  "rule": "first n_train samples are training, the rest validation"},
+        "split": {"n_train": plan["n_train"], "n_calibration": plan["n_calibration"],
+                  "n_validation": plan["n_samples"] - plan["n_train"] - plan["n_calibration"],
+                  "rule": "first n_train samples are training, the next n_calibration calibration "
+                          "(the regressor's response), the rest validation"},
         "catalog": provenance,
         "labels": LABEL_DESCRIPTIONS,
         "label_convention": f"distortion e=(a^2-b^2)/(a^2+b^2) of the clean target summed over "

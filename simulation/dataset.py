@@ -15,8 +15,8 @@ them straight from the file with ``numpy.memmap``: nothing ever loads a whole se
 
 ``metadata.json`` records the format version, survey, bands, pixel scale, stamp size, seed,
 catalog provenance, per-band normalisation constants (SPEC 3, computed on the training split),
-counts, the train/validation split (first ``n_train`` samples train, the rest validation) and
-``dataset_id``, the identity that trained models remember.
+counts, the split (first ``n_train`` samples train, the next ``n_calibration`` calibration, the
+rest validation; datasets written before the calibration split have none) and ``dataset_id``, the identity that trained models remember.
 """
 
 from __future__ import annotations
@@ -60,11 +60,16 @@ def make_plan(simulation: dict[str, Any], geometry: dict[str, Any]) -> dict[str,
     n, size = simulation["n_samples"], simulation["shard_size"]
     shards = [{"index": i, "first": first, "n": min(size, n - first)}
               for i, first in enumerate(range(0, n, size))]
+    twins = bool(simulation.get("rotated_twins"))
     n_train = int(round(n * (1.0 - simulation["val_fraction"])))
-    if simulation.get("rotated_twins"):
+    n_calibration = int(round(n * simulation.get("calibration_fraction", 0.0)))
+    if twins:  # keep twin pairs inside one split
         n_train -= n_train % 2
+        n_calibration -= n_calibration % 2
+    n_calibration = min(n_calibration, n_train)
     return {"format_version": FORMAT_VERSION, "simulation": simulation, "geometry": geometry,
-            "n_samples": n, "n_train": n_train, "shards": shards}
+            "n_samples": n, "n_train": n_train - n_calibration, "n_calibration": n_calibration,
+            "shards": shards}
 
 
 def write_shard(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
@@ -158,15 +163,18 @@ class StampData:
         return NormalizationConstants.from_dict(self.meta["normalization"])
 
     def split_indices(self, split: str) -> np.ndarray:
-        """Sample indices of ``split``: "train", "validation" or "all"."""
+        """Sample indices of ``split``: "train", "calibration", "validation" or "all"."""
         n_train = int(self.meta["split"]["n_train"])
+        n_calibration = int(self.meta["split"].get("n_calibration", 0))
         if split == "train":
             return np.arange(0, n_train)
+        if split == "calibration":
+            return np.arange(n_train, n_train + n_calibration)
         if split == "validation":
-            return np.arange(n_train, self.n_samples)
+            return np.arange(n_train + n_calibration, self.n_samples)
         if split == "all":
             return np.arange(self.n_samples)
-        raise ValueError(f"unknown split '{split}' (train, validation or all)")
+        raise ValueError(f"unknown split '{split}' (train, calibration, validation or all)")
 
     # -- images --------------------------------------------------------------------------------
     def _map(self, shard: ShardInfo, image_set: str) -> np.memmap:

@@ -36,7 +36,8 @@ def test_round_trip_shapes_units_and_batching(deblender: Deblender, blends: np.n
     assert np.array_equal(out.e1, out.ellipticity[:, 0])
     assert np.array_equal(out.e2, out.ellipticity[:, 1])
     assert np.all(np.isfinite(out.reconstruction)) and np.all(out.sigma > 0)
-    assert np.all(np.abs(out.ellipticity) <= 1)
+    raw = out.ellipticity if out.ellipticity_raw is None else out.ellipticity_raw
+    assert np.all(np.abs(raw) <= 1)  # the Tanh output, averaged over views
     # raw flux: the decoder's [0, 1] output, denormalised with the run's constants
     assert out.reconstruction.min() >= 0
     np.testing.assert_allclose(normalize(out.reconstruction, deblender.normalization),
@@ -45,6 +46,28 @@ def test_round_trip_shapes_units_and_batching(deblender: Deblender, blends: np.n
     whole = deblender.predict(blends)
     np.testing.assert_allclose(whole.mu, out.mu, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(whole.ellipticity, out.ellipticity, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("view", [1, 2, 5])
+def test_regressor_is_equivariant_under_the_stamp_symmetries(deblender: Deblender,
+                                                             blends: np.ndarray, view: int) -> None:
+    """Rotating or flipping the stamps changes the raw ellipticity exactly as it changes e."""
+    from deblend.symmetry import ellipticity_in_view, image_view
+
+    def raw(images: np.ndarray) -> np.ndarray:
+        out = deblender.predict(images)
+        return out.ellipticity if out.ellipticity_raw is None else out.ellipticity_raw
+
+    seen = image_view(torch.from_numpy(blends), view).numpy()
+    expected = ellipticity_in_view(torch.from_numpy(raw(blends)), view).numpy()
+    assert np.allclose(raw(np.ascontiguousarray(seen)), expected, atol=1e-5)
+    # a single view is not equivariant: the average over views is what makes it so
+    x = torch.from_numpy(normalize(blends, deblender.normalization))
+    x_seen = torch.from_numpy(normalize(np.ascontiguousarray(seen), deblender.normalization))
+    with torch.no_grad():
+        single = deblender.regressor(deblender.encoder(x)[0])
+        single_seen = deblender.regressor(deblender.encoder(x_seen)[0])
+    assert not torch.allclose(ellipticity_in_view(single, view), single_seen, atol=1e-5)
 
 
 def test_assembles_the_three_stages(deblender: Deblender, trained_run: Path) -> None:

@@ -59,8 +59,11 @@ def test_images_shapes_dtypes_and_metadata(dataset):
     labels = data.labels()
     assert all(len(v) == 24 for v in labels.values())
     assert labels["neighbour_dx"].shape == (24, 2)
-    assert data.meta["split"] == {"n_train": 22, "n_validation": 2,
-                                  "rule": "first n_train samples are training, the rest validation"}
+    split = data.meta["split"]
+    assert (split["n_train"], split["n_calibration"], split["n_validation"]) == (20, 2, 2)
+    assert np.array_equal(data.split_indices("train"), np.arange(20))
+    assert np.array_equal(data.split_indices("calibration"), [20, 21])
+    assert np.array_equal(data.split_indices("validation"), [22, 23])
     assert data.meta["catalog"]["source"] == "file"
     assert set(labels["n_galaxies"]) <= {1, 2, 3} and labels["n_galaxies"].max() > 1
     # clean targets are noiseless and positive; noise makes the other two differ

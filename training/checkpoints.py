@@ -20,6 +20,8 @@ A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=T
     history          list of per-epoch rows (see training.history)
     best             {"epoch", "val_total"} of the best epoch so far
     epochs_without_improvement   for early stopping
+    response         stage3's best.pt only, added after training: the regressor's response on
+                     the calibration split (training.calibration, deblend.response)
 
 No RNG state is stored: every epoch reseeds from (training.seed, epoch, rank), which makes a
 resumed stage reproduce the uninterrupted one on CPU.

@@ -1,7 +1,8 @@
 """The epoch loop shared by the three stages: train, validate, keep the best, checkpoint.
 
 Reproducibility: the networks are seeded from ``training.seed``; epoch ``k`` reseeds torch from
-(seed, k, rank) (reparameterisation noise, dropout) and the sampler draws its batch order from
+(seed, k, rank) (reparameterisation noise, dropout, the random views of
+``training.dihedral_augmentation``) and the sampler draws its batch order from
 (seed, k). A checkpoint written at the end of epoch ``k`` therefore holds everything the
 following epochs depend on, and on CPU a resumed stage ends with the same weights as an
 uninterrupted one.
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from deblend.config import Config
 from deblend.device import autocast, keep_freed_memory, uses_mixed_precision
+from deblend.symmetry import random_views
 from simulation.dataset import StampData
 from training.checkpoints import DataIdentity, module_entry, save_checkpoint
 from training.data import BlockBatchSampler, make_loader
@@ -137,6 +139,8 @@ class StageLoop:
             for step, (x, y) in enumerate(self.train_loader, start=1):
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
+                if self.config.training.dihedral_augmentation:
+                    x, y = random_views(x, y, targets_are_images=y.dim() == 4)
                 with autocast(self.device, self.amp):
                     terms = self.task.losses(self.wrapped, x, y)
                 self.optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """Running one stage in a run directory: find inputs, refuse what does not fit, train, resume.
 
-``run_stage`` is what ``python -m deblend.train`` calls. A stage refuses to start when its
+``run_stage`` is what ``python -m deblend.train`` calls; stage3 ends by measuring the regressor's
+response on the calibration split (:mod:`training.calibration`). A stage refuses to start when its
 checkpoint already exists (unless ``resume`` or ``force``), when the previous stage's result is
 missing or unfinished, or when the data differ in bands, stamp size or normalisation from what
 the previous stage (or the checkpoint being resumed) was trained on.
@@ -17,6 +18,7 @@ from deblend.config import Config, config_from_dict
 from deblend.device import resolve_device
 from deblend.atomic import write_json_atomic
 from simulation.dataset import open_dataset
+from training.calibration import calibrate_regressor
 from training.checkpoints import DataIdentity, load_checkpoint
 from training.distributed import context_from_environment, process_group
 from training.loop import LoopState, StageLoop, count_trainable
@@ -147,4 +149,8 @@ def run_stage(stage: str, run_dir: str | Path, *, data_dir: str | Path | None = 
             state = loop.run(state)
             loop.log(f"{stage} done: best validation loss {state.best_val:.5g} at epoch "
                      f"{state.best_epoch}; results in {layout.stage_dir(stage)}")
+        if stage == "stage3":
+            if context.is_main:
+                calibrate_regressor(layout, dataset, str(torch_device), loop.log)
+            context.barrier()
     return StageResult(stage, state, task, state.epoch - first_epoch)

@@ -1,0 +1,66 @@
+"""The eight symmetries of a square stamp (the dihedral group D4) and what they do to ellipticity.
+
+Stamps are odd-sized with the target on the central pixel, so 90-degree rotations and mirror
+flips map the stamp onto itself and keep the target centred. For distortions measured in the pixel
+frame (x = columns, axis -1; y = rows, axis -2) they act exactly:
+
+- a 90-degree rotation turns the position angle by 90 degrees: (e1, e2) -> (-e1, -e2);
+- a flip x -> -x reverses Qxy: (e1, e2) -> (e1, -e2).
+
+View ``v`` in 0..7 flips first when ``v >= 4``, then rotates ``v % 4`` times. Every label map is a
+sign change, hence its own inverse: :func:`ellipticity_in_view` takes an ellipticity to the view's
+frame *and* back. Training uses random views as exact augmentation; the deblender averages its
+regressor over all eight views (after mapping each back), which makes the estimate equivariant
+under the group and averages down the encoder's orientation-dependent errors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+N_VIEWS = 8
+
+
+def _check_view(view: int) -> None:
+    if not 0 <= view < N_VIEWS:
+        raise ValueError(f"view must be in 0..{N_VIEWS - 1}, got {view}")
+
+
+def image_view(images: Tensor, view: int) -> Tensor:
+    """Stamps ``(..., H, W)`` seen in ``view`` (flip along x if ``view >= 4``, then rotate)."""
+    _check_view(view)
+    if view >= 4:
+        images = torch.flip(images, dims=(-1,))
+    return torch.rot90(images, view % 4, dims=(-2, -1))
+
+
+def ellipticity_in_view(e: Tensor, view: int) -> Tensor:
+    """Distortions ``(..., 2)`` (pixel frame) mapped into ``view``, or back out of it."""
+    _check_view(view)
+    sign = torch.ones(2, dtype=e.dtype, device=e.device)
+    if view % 2:
+        sign = -sign
+    if view >= 4:
+        sign[1] = -sign[1]
+    return e * sign
+
+
+def random_views(inputs: Tensor, targets: Tensor, targets_are_images: bool,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Each sample of a batch in an independent random view; targets follow exactly.
+
+    ``inputs`` are ``(N, bands, H, W)``; ``targets`` images of the same shape
+    (``targets_are_images``) or distortions ``(N, 2)``. Views are drawn on the CPU from
+    ``generator`` (the global torch RNG when None).
+    """
+    views = torch.randint(N_VIEWS, (inputs.shape[0],), generator=generator).to(inputs.device)
+    inputs, targets = inputs.clone(), targets.clone()
+    for view in range(1, N_VIEWS):
+        chosen = views == view
+        if not chosen.any():
+            continue
+        inputs[chosen] = image_view(inputs[chosen], view)
+        targets[chosen] = (image_view(targets[chosen], view) if targets_are_images
+                           else ellipticity_in_view(targets[chosen], view))
+    return inputs, targets
