@@ -268,6 +268,10 @@ def test_config_errors_name_the_key(tmp_path):
         config_from_dict({"simulation": {"max_neighbour": 2}})
     with pytest.raises(ConfigError, match="simulation.n_samples"):
         config_from_dict({"simulation": {"n_samples": "many"}})
+    with pytest.raises(ConfigError, match="simulation.calibration_fraction"):
+        config_from_dict({"simulation": {"val_fraction": 0.5, "calibration_fraction": 0.5}})
+    with pytest.raises(ConfigError, match="training.dihedral_augmentation"):
+        config_from_dict({"training": {"dihedral_augmentation": "sometimes"}})
     with pytest.raises(ValueError, match="unknown survey 'HSC'"):
         SceneSource(small_sim(survey="HSC"))
     with pytest.raises(ValueError, match="band 'u' is not a DES band"):
