@@ -52,6 +52,11 @@ class Prediction:
     """(N, 2) regressor output before the calibration, in [-1, 1]; None when uncalibrated."""
 
     @property
+    def regressor_output(self) -> np.ndarray | None:
+        """(N, 2) the regressor's own output, before any calibration; None without a regressor."""
+        return self.ellipticity if self.ellipticity_raw is None else self.ellipticity_raw
+
+    @property
     def e1(self) -> np.ndarray | None:
         """(N,) regressor e1 (distortion, pixel frame), or None."""
         return None if self.ellipticity is None else self.ellipticity[:, 0]

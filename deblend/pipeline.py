@@ -98,10 +98,13 @@ def stage_state(train_dir: Path, stage: str) -> str:
 
     layout = RunLayout(train_dir)
     try:
-        load_lineage(layout, stage, needed_by="the main job")
-        return "done"
+        payload, _ = load_lineage(layout, stage, needed_by="the main job")[stage]
     except RunError:
-        pass
+        payload = None
+    if payload is not None:
+        # stage3 ends by measuring the regressor's response (training.calibration); a run
+        # stopped between its last epoch and that measurement resumes to take it
+        return "interrupted" if stage == "stage3" and "response" not in payload else "done"
     if layout.last(stage).is_file() and not load_checkpoint(layout.last(stage))["finished"]:
         return "interrupted"
     return "todo"

@@ -100,8 +100,8 @@ def measure_estimators(*, bands: Sequence[str], label_bands: Sequence[str],
                        references: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(e1, e2) per estimator for whichever inputs are given.
 
-    ``regressor_e`` and ``regressor_raw_e`` (before calibration) are (N, 2). ``references=True`` adds ``truth_moments`` and ``truth_hsm``
-    measured on ``clean_raw``.
+    ``regressor_e`` and ``regressor_raw_e`` (before calibration) are (N, 2).
+    ``references=True`` adds ``truth_moments`` and ``truth_hsm`` measured on ``clean_raw``.
     """
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if regressor_e is not None:

@@ -16,7 +16,8 @@ them straight from the file with ``numpy.memmap``: nothing ever loads a whole se
 ``metadata.json`` records the format version, survey, bands, pixel scale, stamp size, seed,
 catalog provenance, per-band normalisation constants (SPEC 3, computed on the training split),
 counts, the split (first ``n_train`` samples train, the next ``n_calibration`` calibration, the
-rest validation; datasets written before the calibration split have none) and ``dataset_id``, the identity that trained models remember.
+rest validation; datasets written before the calibration split have none) and ``dataset_id``,
+the identity that trained models remember.
 """
 
 from __future__ import annotations

@@ -75,6 +75,29 @@ def test_interrupted_stage_is_resumed_and_later_steps_rerun(finished_job, tiny_j
     assert "[stage3] running" in messages and "[des_validation] running" in messages
 
 
+def test_stage3_stopped_before_its_calibration_is_resumed(finished_job, tiny_job_config,
+                                                         tmp_path):
+    import shutil
+
+    from training.checkpoints import load_checkpoint, save_checkpoint
+    from training.run_layout import RunLayout
+
+    out, _, _ = finished_job
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    best = RunLayout(copy / "train").best("stage3")
+    stored = load_checkpoint(best)["response"]
+    payload = load_checkpoint(best)
+    del payload["response"]
+    save_checkpoint(best, payload)
+    assert stage_state(copy / "train", "stage3") == "interrupted"
+    messages: list[str] = []
+    run_pipeline(tiny_job_config, copy, jobs=1, progress=False, log=messages.append)
+    assert "[stage2] complete, skipped" in messages and "[stage3] running" in messages
+    assert load_checkpoint(best)["response"] == stored
+    assert stage_state(copy / "train", "stage3") == "done"
+
+
 def test_another_config_is_refused(finished_job, tiny_job_config, tmp_path):
     out, _, _ = finished_job
     other = tmp_path / "other.yaml"

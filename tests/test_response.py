@@ -92,8 +92,7 @@ def test_stage3_stores_the_fit_of_its_calibration_split(trained_run: Path,
     assert indices.size == 16 and entry["status"] in ("calibrated", "uncalibrated")
     model = Deblender.from_run(trained_run, device="cpu")
     prediction = model.predict(data.images("blend", indices))
-    raw = prediction.ellipticity if prediction.ellipticity_raw is None \
-        else prediction.ellipticity_raw
+    raw = prediction.regressor_output
     truth = np.stack([data.labels()["e1"][indices], data.labels()["e2"][indices]], axis=1)
     try:
         expected = fit_response(raw, truth)

@@ -42,8 +42,8 @@ def calibrate_regressor(layout: RunLayout, dataset: StampData, device: str,
                            f"(simulation.calibration_fraction = 0)"}
     else:
         model = Deblender.from_run(layout.root, device=device)
-        raw = np.concatenate([model.predict(dataset.images("blend", indices[i:i + 512])).ellipticity
-                              for i in range(0, indices.size, 512)])
+        raw = np.concatenate([model.predict(batch).regressor_output
+                              for batch in dataset.iter_batches("blend", indices)])
         labels = dataset.labels()
         truth = np.stack([labels["e1"][indices], labels["e2"][indices]], axis=1)
         try:
