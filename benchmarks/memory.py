@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from deblend.config import config_from_dict
+from deblend.core.config import config_from_dict
+
 from simulation.builder import build_dataset
 
 PAPER_SAMPLES = 200_000

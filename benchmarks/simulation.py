@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from deblend.config import SimulationConfig, config_from_dict
+from deblend.core.config import SimulationConfig, config_from_dict
+
 from simulation.builder import SceneSource, build_dataset, shard_seed
 
 

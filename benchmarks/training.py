@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deblend.core.config import Config, config_from_dict
 
-from deblend.config import Config, config_from_dict
-from deblend.normalization import normalize
-from deblend.symmetry import N_VIEWS, image_view
+from deblend.core.normalization import normalize
+from deblend.core.symmetry import N_VIEWS, image_view
 
 
 def _timed(work) -> float:
@@ -44,13 +44,15 @@ def _timed(work) -> float:
 def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
             repeats: int = 3) -> dict[str, Any]:
     """The benchmark's figures on an existing dataset (see the module docstring)."""
-    from deblend.inference import Deblender
+    from deblend.core.runs import DataIdentity
+    from deblend.core.runs import RunLayout
+    from training.runner import build_stage
+    from training.stages import VAEStage
+
+    from deblend.core.inference import Deblender
     from simulation.dataset import open_dataset
-    from training.checkpoints import DataIdentity
     from training.distributed import DistContext
     from training.loop import StageLoop
-    from training.run_layout import RunLayout
-    from training.tasks import build_task
 
     dataset = open_dataset(data_dir)
     identity = DataIdentity.of(dataset)
@@ -59,9 +61,9 @@ def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
     device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as run_dir:
         layout = RunLayout(Path(run_dir))
-        loop = StageLoop(build_task("stage1", config, layout, identity), config, dataset, layout,
+        loop = StageLoop(build_stage(VAEStage, config, layout, identity), config, dataset, layout,
                          DistContext(), device, progress=False)
-        bare = build_task("stage1", config, layout, identity)
+        bare = build_stage(VAEStage, config, layout, identity)
         optimizer = torch.optim.Adam(bare.model.parameters(), lr=config.training.learning_rate)
         x, y = next(iter(loop.train_loader))
         x, y = x[:batch_size].clone(), y[:batch_size].clone()
@@ -130,7 +132,7 @@ def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
 
 
 def _regressor(config: Config) -> torch.nn.Module:
-    from deblend.networks import Regressor
+    from deblend.core.networks import Regressor
 
     model = config.model
     return Regressor(model.latent_dim, model.regressor_hidden, model.regressor_dropout)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deblend.cli import fail_cleanly
+from deblend.core.cli import fail_cleanly
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,6 +18,7 @@ an interruption picks up where it stopped.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,20 @@ from typing import Any, Callable
 
 import yaml
 
-from deblend.atomic import write_json_atomic, write_text_atomic
-from deblend.config import Config, load_config
+from deblend.core.atomic import write_json_atomic, write_text_atomic
+from deblend.core.config import Config, load_config
+from des_validation.standin_cutouts import standin_is_complete, write_standin
+from des_validation.validation import validate_des, validation_is_complete
+from evaluation.shear_calibration import measure_shear, shear_is_complete
+from evaluation.validation_report import report_is_complete, write_report
+from simulation.builder import build_dataset
+from simulation.dataset import dataset_is_complete
+from training.runner import run_stage, stage_status
+from training.stages import STAGES
 
-STEPS = ("simulate", "stage1", "stage2", "stage3", "report", "shear", "des_standin",
-         "des_validation", "index")
+STEPS = ("simulate", *STAGES, "report", "shear", "des_standin", "des_validation", "index")
+COMMAND = "python -m deblend run"
+"""How the reports written by the main job name the command that produced them."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,6 @@ def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Confi
             raise FileExistsError(
                 f"{paths.root} was started with another config ({paths.config}); use another "
                 f"--out, or --force to start it again from scratch")
-        import shutil
-
         shutil.rmtree(paths.root)
     elif paths.root.exists() and any(paths.root.iterdir()) and not force:
         raise FileExistsError(f"{paths.root} exists and is not a deblend run; use another --out "
@@ -90,46 +98,22 @@ def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Confi
     write_text_atomic(paths.config, header + yaml.safe_dump(wanted, sort_keys=False))
 
 
-def stage_state(train_dir: Path, stage: str) -> str:
-    """"done", "interrupted" (resumable) or "todo" for one training stage."""
-    from training.checkpoints import load_checkpoint
-    from training.lineage import load_lineage
-    from training.run_layout import RunError, RunLayout
-
-    layout = RunLayout(train_dir)
-    try:
-        payload, _ = load_lineage(layout, stage, needed_by="the main job")[stage]
-    except RunError:
-        payload = None
-    if payload is not None:
-        # stage3 ends by measuring the regressor's response (training.calibration); a run
-        # stopped between its last epoch and that measurement resumes to take it
-        return "interrupted" if stage == "stage3" and "response" not in payload else "done"
-    if layout.last(stage).is_file() and not load_checkpoint(layout.last(stage))["finished"]:
-        return "interrupted"
-    return "todo"
-
-
-def _check(code: int, step: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"step '{step}' failed (exit status {code}); fix the cause and run the "
-                           f"same command again to resume")
-
-
 def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int = 1,
                  force: bool = False, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) every step of the main job; returns the headline numbers."""
+    """Run (or resume) every step of the main job; returns the headline numbers.
+
+    Each step is a library call; its owner says whether its output is complete, and a step
+    that fails raises, with its own message, to the command line's one-line error.
+    """
     config_path = Path(config_path) if config_path is not None else None
     config = load_config(config_path)
     paths = RunPaths(Path(out))
     claim_run_directory(paths, config_path, config, force)
-    config_file = str(paths.config)
-    no_progress = [] if progress else ["--no-progress"]
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
-    def step(name: str, done: bool, action: Callable[[], None]) -> None:
+    def step(name: str, done: bool, action: Callable[[], Any]) -> None:
         if done:
             log(f"[{name}] complete, skipped")
             return
@@ -139,52 +123,28 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
         timings[name] = round(time.perf_counter() - t0, 1)
         log(f"[{name}] done in {timings[name]:.0f} s")
 
-    from simulation.builder import build_dataset
-
-    step("simulate", (paths.data / "metadata.json").is_file(),
+    step("simulate", dataset_is_complete(paths.data),
          lambda: build_dataset(config.simulation, paths.data, jobs=jobs, progress=progress,
                                log=log))
-
-    from deblend.train import main as train_main
-
-    for stage in ("stage1", "stage2", "stage3"):
-        state = stage_state(paths.train, stage)
-        args = [stage, "--run", str(paths.train), *no_progress]
-        if stage == "stage1":
-            args += ["--config", config_file, "--data", str(paths.data)]
-        if state == "interrupted":
-            args.append("--resume")
-        elif state == "todo" and (paths.train / stage).exists():
-            args.append("--force")  # a stage whose parent was re-trained: train it again
-        step(stage, state == "done", lambda a=args, s=stage: _check(train_main(a), s))
-
-    from evaluation.report import main as report_main
-
-    step("report", (paths.evaluation / "report.md").is_file(),
-         lambda: _check(report_main(["--run", str(paths.train), "--data", str(paths.data),
-                                     "--out", str(paths.evaluation), "--config", config_file,
-                                     "--force", *no_progress]), "report"))
-
-    from evaluation.shear import main as shear_main
-
-    step("shear", "shear" in _metrics(paths.evaluation),
-         lambda: _check(shear_main(["--run", str(paths.train), "--config", config_file,
-                                    "--out", str(paths.evaluation), *no_progress]), "shear"))
-
-    from des_validation.standin import main as standin_main
-
-    step("des_standin", paths.des_standin.is_dir(),
-         lambda: _check(standin_main(["--out", str(paths.des_standin), "--config",
-                                      _des_config(paths, config)]), "des_standin"))
-
-    from des_validation.validate import main as validate_main
-
-    step("des_validation", (paths.des_validation / "report.md").is_file(),
-         lambda: _check(validate_main(["--run", str(paths.train), "--catalog",
-                                       str(paths.des_standin / "catalog.fits"), "--cutouts",
-                                       str(paths.des_standin / "mef"), "--out",
-                                       str(paths.des_validation), "--config", config_file,
-                                       "--force"]), "des_validation"))
+    for stage in STAGES:
+        status = stage_status(paths.train, stage)
+        first = STAGES[stage].parent is None
+        step(stage, status == "done",
+             lambda s=stage, st=status, f=first: run_stage(
+                 s, paths.train, data_dir=paths.data if f else None, config=config if f else None,
+                 resume=st == "interrupted",
+                 force=st == "todo" and paths.train.joinpath(s).exists(),  # parent re-trained
+                 progress=progress, log=log))
+    step("report", report_is_complete(paths.evaluation),
+         lambda: write_report(paths.train, paths.data, paths.evaluation, config=config,
+                              force=True, progress=progress, command=COMMAND, log=log))
+    step("shear", shear_is_complete(paths.evaluation),
+         lambda: measure_shear(paths.train, config, paths.evaluation, progress=progress,
+                               command=COMMAND, config_path=str(paths.config), log=log))
+    step("des_standin", standin_is_complete(paths.des_standin),
+         lambda: write_standin(paths.des_standin, config, log=log))
+    step("des_validation", validation_is_complete(paths.des_validation),
+         lambda: _validate_des(paths, config, log))
 
     headline = headline_numbers(paths)
     headline["seconds"] = timings
@@ -194,12 +154,14 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
     return headline
 
 
-def _des_config(paths: RunPaths, config: Config) -> str:
-    """A config for the DES-like stand-in: the run's config with a DES simulation section."""
-    des_sim = config.replace("simulation", survey="DES", label_bands=["r", "i", "z"])
-    path = paths.root / "des_standin.yaml"
-    write_text_atomic(path, yaml.safe_dump(des_sim.to_dict(), sort_keys=False))
-    return str(path)
+def _validate_des(paths: RunPaths, config: Config, log: Callable[[str], None]) -> None:
+    """The DES validation of the trained run on the stand-in; an error when nothing validated."""
+    metrics = validate_des(paths.train, paths.des_standin / "catalog.fits",
+                           paths.des_standin / "mef", paths.des_validation, config.des,
+                           force=True, command=COMMAND, log=log)
+    if metrics["counts"]["validated"] == 0:
+        raise ValueError(f"no DES stand-in object could be validated: see "
+                         f"{paths.des_validation / 'skipped.csv'}")
 
 
 def _metrics(directory: Path) -> dict[str, Any]:

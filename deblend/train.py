@@ -9,7 +9,8 @@ given. A stage whose results exist refuses to start without --resume (continue f
 finished epoch) or --force (train it again from scratch). Under
 ``torchrun --nproc_per_node N -m deblend.train STAGE --run-dir R ...`` the stage runs with DDP
 (there ``--run`` must be spelt ``--run-dir``: torchrun takes ``--run`` for its ``--run-path``).
-The run-directory layout is described in :mod:`training.run_layout`.
+What each stage trains is declared in :mod:`training.stages`; the run directory's layout and
+checkpoint format are described in :mod:`deblend.core.runs`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deblend.cli import fail_cleanly
-from deblend.config import load_config
-from training.run_layout import STAGES
+from deblend.core.cli import fail_cleanly
+from deblend.core.config import load_config
+from training.runner import run_stage
+from training.stages import STAGES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,8 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @fail_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from training.stages import run_stage
-
     config = load_config(args.config) if args.config else None
     try:
         run_stage(args.stage, args.run, data_dir=args.data, config=config, resume=args.resume,

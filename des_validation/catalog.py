@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-
-from deblend.config import DESConfig
+from deblend.core.config import DESConfig
 
 REQUIRED_COLUMNS = ("coadd_objects_id", "ra", "dec", "e_1", "e_2", "snr_w")
 OPTIONAL_COLUMNS = ("error_flag", "info_flag")
@@ -148,8 +147,3 @@ def apply_cuts(table: Table, des: DESConfig) -> CatalogSelection:
     selected = table[keep]
     selected["coadd_objects_id"] = ids[keep]
     return CatalogSelection(selected, n_input, cuts)
-
-
-def load_selection(path: str | Path, des: DESConfig) -> CatalogSelection:
-    """:func:`read_catalog` then :func:`apply_cuts`."""
-    return apply_cuts(read_catalog(path), des)

@@ -34,7 +34,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from deblend.atomic import atomic_output
+from deblend.core.atomic import atomic_output
 
 DES_BANDS = ("g", "r", "i", "z", "Y")
 FITS_SUFFIXES = (".fits", ".fits.gz", ".fits.fz", ".fit")

@@ -37,7 +37,8 @@ from typing import Sequence
 import galsim
 import numpy as np
 
-from deblend.normalization import NormalizationConstants
+from deblend.core.normalization import NormalizationConstants
+from deblend.core.stamps import cut_stamp, nearest_pixel
 from des_validation.cutouts import Cutout, Skip
 
 U_STRATEGIES = ("zeros", "g_copy", "g_extrapolate")
@@ -113,7 +114,7 @@ def crop_fits(shape: tuple[int, int], center: tuple[float, float], from_scale: f
               and y0 - half >= -0.5 - 1e-6 and y0 + half <= height - 0.5 + 1e-6)
         need = f"{2 * half:.1f} x {2 * half:.1f} pixels ({stamp * to_scale:.2f}\")"
     else:
-        ix, iy = int(np.floor(x0 + 0.5)), int(np.floor(y0 + 0.5))
+        ix, iy = nearest_pixel(x0, y0)
         lo, hi = stamp // 2, stamp - stamp // 2
         ok = ix - lo >= 0 and ix + hi <= width and iy - lo >= 0 and iy + hi <= height
         need = f"{stamp} x {stamp} pixels"
@@ -145,24 +146,13 @@ def resample_image(image: np.ndarray, from_scale: float, to_scale: float, stamp:
     return drawn.array.astype(np.float64)
 
 
-def crop_image(image: np.ndarray, stamp: int, center: tuple[float, float] | None = None
-               ) -> np.ndarray:
-    """A ``stamp x stamp`` crop of (..., H, W) around the pixel nearest ``center`` (x, y)."""
-    height, width = image.shape[-2:]
-    if center is None:
-        center = ((width - 1) / 2.0, (height - 1) / 2.0)
-    ix, iy = int(np.floor(center[0] + 0.5)), int(np.floor(center[1] + 0.5))
-    lo = stamp // 2
-    return image[..., iy - lo:iy - lo + stamp, ix - lo:ix - lo + stamp]
-
-
 def stamp_from_cutout(images: np.ndarray, from_scale: float, to_scale: float, stamp: int,
                       center: tuple[float, float], resample: bool) -> np.ndarray:
     """(bands, H, W) cutout -> (bands, stamp, stamp) model-grid stamp around ``center``."""
     if resample:
         return np.stack([resample_image(plane, from_scale, to_scale, stamp, center)
                          for plane in images])
-    return np.array(crop_image(images, stamp, center), dtype=np.float64)
+    return cut_stamp(np.asarray(images, dtype=np.float64), *center, stamp)
 
 
 # -- the whole set -------------------------------------------------------------------------------
@@ -233,12 +223,3 @@ def des_constants(model_images: np.ndarray, mapping: BandMap,
                          f"background-subtracted images of galaxies?")
     return NormalizationConstants(mapping.model_bands, tuple(float(v) for v in values),
                                   training.beta)
-
-
-def rescale_for_model(images: np.ndarray, wanted: NormalizationConstants,
-                      model: NormalizationConstants) -> np.ndarray:
-    """Raw images such that normalising them with ``model``'s constants equals normalising
-    ``images`` with ``wanted``'s: x * <max>_model / <max>_wanted per band (same beta)."""
-    factor = np.asarray(model.max_values) / np.asarray(wanted.max_values)
-    factor *= wanted.beta / model.beta
-    return images * factor.reshape(1, -1, 1, 1)

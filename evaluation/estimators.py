@@ -7,8 +7,8 @@ return distortions (e1, e2) in the pixel frame; failures are NaN.
 Estimators (keys of :data:`ESTIMATORS`):
 
 - ``regressor``: the stage-3 regressor reading mu of the stage-2 encoder (no image measurement),
-  averaged over the stamp's 8 symmetric views (:mod:`deblend.symmetry`), with its response on the
-  calibration split divided out (:mod:`deblend.response`);
+  averaged over the stamp's 8 symmetric views (:mod:`deblend.core.symmetry`), with its response on the
+  calibration split divided out (:mod:`deblend.core.response`);
 - ``regressor_raw``: the same regressor's output before that calibration (only for calibrated
   runs): the MSE-trained posterior mean, shrunk toward round;
 - ``recon_moments``: uniform-weight moments of the stage-2 reconstruction (denormalised);
@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from deblend.shapes import hsm_shapes, moments_ellipticity
+from deblend.core.shapes import hsm_shapes, moments_ellipticity
 
 ESTIMATORS: dict[str, str] = {
     "regressor": "stage-3 regressor on the stage-2 latent mu, averaged over the stamp's 8 "

@@ -9,7 +9,7 @@ Conventions (stated in every report):
   are trained in and the one the report's SSIM figures refer to.
 - **Cosine similarity** is that of the flattened (bands x H x W) normalised images.
 - **Flux and size** are compared in raw units (electrons): total flux per band and the
-  uniform-weight moment size per band (``deblend.shapes.moment_size``), as relative residuals
+  uniform-weight moment size per band (``deblend.core.shapes.moment_size``), as relative residuals
   ``(reconstruction - truth) / truth``; summaries are the median and the normalised median
   absolute deviation ``1.4826 * MAD`` (a robust scatter).
 """
@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from skimage.metrics import structural_similarity
 
-from deblend.shapes import moment_size
+from deblend.core.shapes import moment_size
 
 SSIM_DATA_RANGE = 1.0
 SSIM_CONVENTION = ("SSIM per band on the SPEC-3 normalised images (model constants), "
@@ -109,13 +109,13 @@ def fidelity_summary(ssim: np.ndarray, cosine: np.ndarray, bands: Sequence[str]
     per_image = np.nanmean(ssim, axis=1) if ssim.size else np.array([])
     return {
         "n": int(len(cosine)),
-        "ssim_mean": _nanmean(per_image),
-        "ssim_median": _nanmedian(per_image),
-        "ssim_std": _nanstd(per_image),
-        "ssim_per_band": {band: _nanmean(ssim[:, b]) for b, band in enumerate(bands)},
-        "cosine_mean": _nanmean(cosine),
-        "cosine_median": _nanmedian(cosine),
-        "cosine_std": _nanstd(cosine),
+        "ssim_mean": nanmean(per_image),
+        "ssim_median": nanmedian(per_image),
+        "ssim_std": nanstd(per_image),
+        "ssim_per_band": {band: nanmean(ssim[:, b]) for b, band in enumerate(bands)},
+        "cosine_mean": nanmean(cosine),
+        "cosine_median": nanmedian(cosine),
+        "cosine_std": nanstd(cosine),
     }
 
 
@@ -126,16 +126,17 @@ def flux_size_summary(residuals: dict[str, np.ndarray], bands: Sequence[str]
             for b, band in enumerate(bands)}
 
 
-def _nanmean(x: np.ndarray) -> float:
+def nanmean(x: np.ndarray) -> float:
+    """Mean of the finite values (NaN when there is none), as a float."""
     x = np.asarray(x, dtype=np.float64)
     return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
 
 
-def _nanmedian(x: np.ndarray) -> float:
+def nanmedian(x: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     return float(np.nanmedian(x)) if np.isfinite(x).any() else float("nan")
 
 
-def _nanstd(x: np.ndarray) -> float:
+def nanstd(x: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     return float(np.nanstd(x)) if np.isfinite(x).any() else float("nan")

@@ -1,7 +1,7 @@
 """The two models the evaluation compares, both applied to noisy blends.
 
 - ``t1``: the stage-1 encoder and the stage-1 decoder (the VAE trained on isolated galaxies),
-  applied to blends it never saw: ``Deblender.from_run(run, encoder="stage1")``.
+  applied to blends it never saw: ``Deblender.from_run(run, stage="stage1")``.
 - ``t2``: the full deblender (stage-2 encoder, stage-1 decoder, stage-3 regressor):
   ``Deblender.from_run(run)``.
 
@@ -17,8 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
-from deblend.inference import Prediction
-from deblend.normalization import NormalizationConstants, normalize
+from deblend.core.inference import Prediction
+from deblend.core.normalization import NormalizationConstants, normalize
 
 
 class Model(Protocol):
@@ -34,7 +34,7 @@ def load_models(run_dir: str | Path, device: str = "auto") -> dict[str, Model]:
     """{"t1": stage-1 VAE on blends, "t2": the deblender} of a run with all three stages."""
     from deblend import Deblender
 
-    return {"t1": Deblender.from_run(run_dir, encoder="stage1", device=device),
+    return {"t1": Deblender.from_run(run_dir, stage="stage1", device=device),
             "t2": Deblender.from_run(run_dir, device=device)}
 
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from deblend.atomic import atomic_output  # noqa: E402
-from deblend.shapes import ellipticity_modulus, position_angle, second_moments  # noqa: E402
-from evaluation.estimators import SHORT_NAMES  # noqa: E402
+from deblend.core.atomic import atomic_output
+from deblend.core.shapes import ellipticity_modulus, position_angle, second_moments
+from evaluation.estimators import SHORT_NAMES
 
 STAGE_COLOURS = {"t1": "tab:orange", "t2": "tab:blue"}
 ESTIMATOR_COLOURS = {
@@ -345,16 +342,18 @@ def plot_breakdown(breakdowns: Mapping[str, Mapping[str, object]], path: str | P
             ax.grid(alpha=0.3)
         axes[0, col].set_title(f"Slope of predicted vs true, by {xlabel}")
         axes[1, col].set_title(f"RMSE of e_pred - e_true, by {xlabel}")
-    fig.suptitle(f"Ellipticity accuracy by blend multiplicity and target magnitude (values beyond "
-                 f"the frame are drawn on its edge)", fontsize=11)
+    fig.suptitle("Ellipticity accuracy by blend multiplicity and target magnitude (values beyond "
+                 "the frame are drawn on its edge)", fontsize=11)
     axes[0, 0].legend(loc="best")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
 # -- figure 12: gallery ---------------------------------------------------------------------------
-def _stick(ax: plt.Axes, x0: float, y0: float, e1: float, e2: float, colour: str, label: str,
-           lw: float = 2.0, ls: str = "-") -> None:
+def draw_stick(ax: plt.Axes, x0: float, y0: float, e1: float, e2: float, colour: str,
+               label: str, lw: float = 2.0, ls: str = "-") -> None:
+    """An ellipticity stick centred on (x0, y0) pixels: along the major axis (pixel frame), of
+    length proportional to abs(e) (at least STICK_MIN_PIXELS); nothing for a NaN estimate."""
     if not (np.isfinite(e1) and np.isfinite(e2)):
         return
     e = float(ellipticity_modulus(e1, e2))
@@ -397,11 +396,11 @@ def plot_gallery(blend: np.ndarray, truth: np.ndarray, reconstruction: np.ndarra
             ax.set_yticks([])
         fig.colorbar(im, ax=axes[i, 2], fraction=0.046, pad=0.02,
                      label=f"asinh(flux / {soft:.3g} {units}), first 3 panels")
-        _stick(axes[i, 1], x0, y0, *true_e[i], stick_colours["truth"], "true e", lw=2.5)
+        draw_stick(axes[i, 1], x0, y0, *true_e[i], stick_colours["truth"], "true e", lw=2.5)
         for name, values in predicted.items():
-            _stick(axes[i, 2], x0, y0, *values[i], stick_colours.get(name, "white"),
+            draw_stick(axes[i, 2], x0, y0, *values[i], stick_colours.get(name, "white"),
                    f"{_label(name)} e", lw=2.5)
-        _stick(axes[i, 2], x0, y0, *true_e[i], stick_colours["truth"], "true e", lw=1.2, ls="--")
+        draw_stick(axes[i, 2], x0, y0, *true_e[i], stick_colours["truth"], "true e", lw=1.2, ls="--")
         legend_text = ", ".join(f"{_label(n)} |e|={float(ellipticity_modulus(*v[i])):.2f}"
                                 for n, v in predicted.items())
         axes[i, 2].text(0.02, 0.98, legend_text, transform=axes[i, 2].transAxes, va="top",

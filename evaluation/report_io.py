@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from deblend.atomic import write_text_atomic
+from deblend.core.atomic import write_text_atomic
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -73,10 +73,6 @@ def replace_section(markdown: str, name: str, body: str) -> str:
     if pattern.search(markdown):
         return pattern.sub(lambda _: block, markdown, count=1)
     return markdown.rstrip() + "\n\n" + block
-
-
-def has_section(markdown: str, name: str) -> bool:
-    return f"<!-- section:{name} -->" in markdown
 
 
 # -- formatting -----------------------------------------------------------------------------------

@@ -21,23 +21,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from evaluation.metrics import nanmean
+
 COMPONENTS = ("g1", "g2")
-
-
-def fit_shear_bias(g: np.ndarray, e: np.ndarray) -> tuple[float, float]:
-    """OLS of ``e`` on ``g``: the response A (slope) and additive bias c (intercept).
-
-    Non-finite ``e`` are left out; fewer than two distinct ``g`` give NaN.
-    """
-    g = np.asarray(g, dtype=np.float64).ravel()
-    e = np.asarray(e, dtype=np.float64).ravel()
-    good = np.isfinite(g) & np.isfinite(e)
-    g, e = g[good], e[good]
-    if g.size < 2 or np.ptp(g) == 0:
-        return float("nan"), float("nan")
-    gm = g.mean()
-    slope = ((g - gm) * (e - e.mean())).sum() / ((g - gm) ** 2).sum()
-    return float(slope), float(e.mean() - slope * gm)
 
 
 def pair_means(values: np.ndarray) -> np.ndarray:
@@ -62,11 +48,13 @@ class ShearPopulation:
         return int(len(first[0]))
 
 
-def _fit_from_sums(g: np.ndarray, sums: np.ndarray, counts: np.ndarray
+def fit_shear_bias(g: np.ndarray, sums: np.ndarray, counts: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted OLS over populations given per-population sums and counts (last axis: pops).
+    """OLS of e on the applied shear g: the response A (slope) and the additive bias c.
 
-    Equivalent to OLS on every pair; returns (A, c) broadcast over the leading axes.
+    Given per population (last axis) the applied ``g``, the sum of the estimates and their
+    count, this is OLS on every estimate at once; leading axes (bootstrap replicates) broadcast.
+    Fewer than two distinct shears with estimates give NaN.
     """
     total = counts.sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -140,11 +128,11 @@ def calibrate(populations: Sequence[ShearPopulation], *, reference: str = "truth
             filled = [np.where(v, m, 0.0) for m, v in zip(means, valid)]
             sums = np.array([f.sum() for f in filled])
             counts = np.array([v.sum() for v in valid], dtype=np.float64)
-            a_full, c_full = _fit_from_sums(g, sums, counts)
+            a_full, c_full = fit_shear_bias(g, sums, counts)
             b_sums = np.stack([w @ f for w, f in zip(weights, filled)], axis=-1)
             b_counts = np.stack([w @ v.astype(np.float64) for w, v in zip(weights, valid)],
                                 axis=-1)
-            a_boot, c_boot = _fit_from_sums(g, b_sums, b_counts)
+            a_boot, c_boot = fit_shear_bias(g, b_sums, b_counts)
             fits[name] = {"A": a_full, "c": c_full, "A_boot": a_boot, "c_boot": c_boot,
                           "n_pairs": counts}
         ref = fits[reference]
@@ -188,14 +176,10 @@ def population_means(populations: Sequence[ShearPopulation], names: Sequence[str
         row: dict[str, object] = {"g1": p.g1, "g2": p.g2, "n_scenes": p.n_scenes}
         for name in names or list(p.estimates):
             e1, e2 = (pair_means(p.estimates[name][i]) for i in (0, 1))
-            row[name] = {"e1": _nanmean(e1), "e2": _nanmean(e2),
+            row[name] = {"e1": nanmean(e1), "e2": nanmean(e2),
                          "e1_err": _sem(e1), "e2_err": _sem(e2)}
         out.append(row)
     return out
-
-
-def _nanmean(x: np.ndarray) -> float:
-    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
 
 
 def _sem(x: np.ndarray) -> float:

@@ -15,15 +15,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from deblend.core.config import SimulationConfig, plain
 from tqdm.auto import tqdm
 
-from deblend.atomic import write_json_atomic
-from deblend.config import SimulationConfig, plain
-from deblend.normalization import MaxAccumulator
+from deblend.core.atomic import write_json_atomic
+from deblend.core.normalization import MaxAccumulator
 from simulation.catalogs import catalog_provenance, load_catalog
 from simulation.dataset import (
-    IMAGE_SETS, METADATA_FILE, PLAN_FILE, SHARD_DIR, DatasetError, StampData, make_plan, plan_id,
-    shard_is_complete, shard_name, write_shard,
+    IMAGE_SETS,
+    METADATA_FILE,
+    PLAN_FILE,
+    SHARD_DIR,
+    DatasetError,
+    StampData,
+    make_plan,
+    plan_id,
+    shard_is_complete,
+    shard_name,
+    write_shard,
 )
 from simulation.labels import LABEL_DESCRIPTIONS, scene_labels
 from simulation.sampling import CentralTargetSampling

@@ -6,10 +6,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import btk
 import numpy as np
 from astropy.table import Table
-
-import btk
 
 REQUIRED_COLUMNS = (
     "ra", "dec", "redshift", "fluxnorm_bulge", "fluxnorm_disk", "fluxnorm_agn",

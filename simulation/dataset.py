@@ -32,8 +32,8 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
-from deblend.atomic import atomic_output
-from deblend.normalization import NormalizationConstants
+from deblend.core.atomic import atomic_output
+from deblend.core.normalization import NormalizationConstants
 
 FORMAT_VERSION = 1
 IMAGE_SETS = ("clean", "noisy", "blend")
@@ -233,6 +233,11 @@ class StampData:
                         columns.setdefault(name, []).append(dset[()])
             self._labels = {name: np.concatenate(parts) for name, parts in columns.items()}
         return self._labels
+
+
+def dataset_is_complete(root: str | Path) -> bool:
+    """Whether ``root`` holds a finished dataset (its metadata, written last, is there)."""
+    return (Path(root) / METADATA_FILE).is_file()
 
 
 def read_metadata(root: Path) -> dict[str, Any]:

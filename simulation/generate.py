@@ -11,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from deblend.cli import fail_cleanly
-from deblend.config import load_config
+from deblend.core.config import load_config
+
+from deblend.core.cli import fail_cleanly
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deblend.shapes import hsm_shapes, moment_size, moments_ellipticity
+from deblend.core.shapes import hsm_shapes, moment_size, moments_ellipticity
 from simulation.scenes import SceneBatch
 from simulation.surveys import SurveyGeometry
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from astropy.table import Table
-
 from btk.sampling_functions import SamplingFunction
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import btk
 import galsim
 import numpy as np
 from astropy.table import Table
 from surveycodex.utilities import mean_sky_level
 
-import btk
 from simulation.sampling import CentralTargetSampling
 from simulation.surveys import SurveyGeometry
 

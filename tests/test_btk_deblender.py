@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import btk
 import numpy as np
 import pytest
+from deblend.core.config import load_config
 
-import btk
-from deblend.btk_deblender import VAEDeblender, cut_stamp, paste_stamp
-from deblend.config import load_config
+from deblend.core.btk_deblender import VAEDeblender
+from deblend.core.stamps import cut_stamp, paste_stamp
 from simulation.builder import SceneSource
 
 

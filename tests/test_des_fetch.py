@@ -12,15 +12,24 @@ import pytest
 from astropy.io import fits
 from astropy.io.votable import from_table
 from astropy.table import Table
+from deblend.core.config import DESConfig
 
-from deblend.config import DESConfig
-from des_validation import fetch as fetch_module
+from des_validation import datalab as fetch_module
 from des_validation.cutouts import DES_BANDS, read_cutouts
-from des_validation.standin import make_wcs
-from des_validation.fetch import (
-    CutoutRequest, NetworkError, build_query, download, fetch, get_with_retries, main,
-    parse_sia_response, select_cutouts, sia_request, tap_request,
+from des_validation.datalab import (
+    CutoutRequest,
+    NetworkError,
+    build_query,
+    download,
+    fetch,
+    get_with_retries,
+    parse_sia_response,
+    select_cutouts,
+    sia_request,
+    tap_request,
 )
+from des_validation.fetch import main
+from des_validation.standin_cutouts import make_wcs
 
 
 def test_query_text_has_the_join_and_the_cuts() -> None:

@@ -11,21 +11,32 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from deblend.core.config import Config, DESConfig, config_from_dict
 
-from deblend.config import Config, DESConfig, config_from_dict
-from deblend.normalization import NormalizationConstants, normalize
-from deblend.shapes import hsm_shapes, moments_ellipticity
+from deblend.core.stamps import cut_stamp
+from deblend.core.normalization import NormalizationConstants, normalize, rescale
+from deblend.core.shapes import hsm_shapes, moments_ellipticity
 from des_validation.catalog import apply_cuts, read_catalog
 from des_validation.cutouts import DES_BANDS, read_cutouts, write_npz
 from des_validation.frames import (
-    distortion_to_shear, handedness, local_jacobian, orientation, pixel_to_sky,
-    shear_to_distortion, sky_to_pixel, standard_jacobian,
+    distortion_to_shear,
+    handedness,
+    local_jacobian,
+    orientation,
+    pixel_to_sky,
+    shear_to_distortion,
+    sky_to_pixel,
+    standard_jacobian,
 )
 from des_validation.prepare import (
-    apply_band_map, crop_fits, crop_image, des_constants, map_bands, prepare_stamps,
-    rescale_for_model, resample_image,
+    apply_band_map,
+    crop_fits,
+    des_constants,
+    map_bands,
+    prepare_stamps,
+    resample_image,
 )
-from des_validation.standin import BAD_CASES, make_wcs, write_standin
+from des_validation.standin_cutouts import BAD_CASES, make_wcs, write_standin
 
 LSST_BANDS = ("u", "g", "r", "i", "z", "y")
 SCALE = 0.2637
@@ -266,7 +277,7 @@ def test_crop_geometry() -> None:
     assert "too small" in crop_fits((30, 30), (14.5, 14.5), SCALE, 0.2, 45, resample=True)
     assert "too small" in crop_fits((45, 45), (24, 22), SCALE, SCALE, 45, resample=False)
     image = np.arange(50 * 50, dtype=float).reshape(50, 50)
-    crop = crop_image(image, 45, center=(24.6, 24.4))
+    crop = cut_stamp(image, 24.6, 24.4, 45)
     assert crop.shape == (45, 45) and crop[22, 22] == image[24, 25]
 
 
@@ -291,8 +302,10 @@ def test_band_map_u_strategies_and_normalisation() -> None:
     assert np.isclose(constants.max_values[0], maxima[1] * 400.0 / 6000.0)
     # feeding rescaled raw images to a model normalising with ``training`` is the same as
     # normalising the originals with the DES constants
-    assert np.allclose(normalize(rescale_for_model(images, constants, training), training),
-                       normalize(images, constants))
+    rescaled = rescale(images, constants, training)
+    assert np.allclose(normalize(rescaled, training), normalize(images, constants))
+    # and rescaling back inverts it (the reconstruction's way back to DES units)
+    assert np.allclose(rescale(rescaled, training, constants), images)
 
 
 def test_prepare_stamps_skips_small_cutouts(tmp_path: Path) -> None:

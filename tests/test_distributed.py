@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from deblend.core.runs import load_checkpoint
+from deblend.core.runs import RunLayout
 
 from deblend import Deblender
 from simulation.dataset import open_dataset
 from tests.conftest import TINY_CONFIG
-from training.checkpoints import load_checkpoint
 from training.history import read_history
-from training.run_layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,6 @@ def test_torchrun_two_cpu_processes(tiny_dataset: Path, tmp_path: Path) -> None:
     assert last["epoch"] == 1 and last["finished"]
     assert not any("module." in key for key in last["modules"]["encoder"]["state_dict"])
     assert len(read_history(layout.history("stage1"))) == 1
-    vae = Deblender.from_run(run, encoder="stage1", device="cpu")
+    vae = Deblender.from_run(run, stage="stage1", device="cpu")
     stamps = open_dataset(tiny_dataset).images("noisy", [0, 1])
     assert np.all(np.isfinite(vae.predict(stamps).reconstruction))

@@ -11,12 +11,24 @@ import numpy as np
 import pytest
 
 from evaluation.ellipticity import (
-    breakdown, ellipticity_stats, fit_line, magnitude_bin_labels, magnitude_bins,
+    breakdown,
+    ellipticity_stats,
+    fit_line,
+    magnitude_bin_labels,
+    magnitude_bins,
 )
-from evaluation.estimators import hsm_estimator, label_image, measure_estimators, \
-    moments_estimator
+from evaluation.estimators import (
+    hsm_estimator,
+    label_image,
+    measure_estimators,
+    moments_estimator,
+)
 from evaluation.metrics import (
-    cosine_similarity, flux_size_residuals, relative_residual, robust_summary, ssim_per_band,
+    cosine_similarity,
+    flux_size_residuals,
+    relative_residual,
+    robust_summary,
+    ssim_per_band,
 )
 from evaluation.plots import sigma_contour_levels
 from evaluation.report_io import fmt, jsonable, markdown_table, replace_section, section
@@ -241,7 +253,8 @@ def test_report_force_keeps_a_shear_result(report_dir: Path, trained_run: Path,
     write_metrics(out, metrics)
     # max-samples keeps this quick; the shear entry must survive the forced re-run
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("evaluation.shear.render_shear_markdown", lambda shear: "## shear kept")
+        patch.setattr("evaluation.validation_report.render_shear_markdown",
+                      lambda shear: "## shear kept")
         assert main(["--run", str(trained_run), "--data", str(tiny_dataset), "--out", str(out),
                      "--max-samples", "8", "--force", "--no-progress"]) == 0
     metrics = read_metrics(out)

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from deblend.core.runs import load_checkpoint, save_checkpoint
+from deblend.core.runs import RunError, RunLayout
 
 from deblend import Deblender, Prediction
-from deblend.normalization import normalize
+from deblend.core.normalization import normalize
 from simulation.dataset import open_dataset
-from training.checkpoints import load_checkpoint, save_checkpoint
-from training.run_layout import RunError, RunLayout
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_round_trip_shapes_units_and_batching(deblender: Deblender, blends: np.n
 def test_regressor_is_equivariant_under_the_stamp_symmetries(deblender: Deblender,
                                                              blends: np.ndarray, view: int) -> None:
     """Rotating or flipping the stamps changes the raw ellipticity exactly as it changes e."""
-    from deblend.symmetry import ellipticity_in_view, image_view
+    from deblend.core.symmetry import ellipticity_in_view, image_view
 
     def raw(images: np.ndarray) -> np.ndarray:
         return deblender.predict(images).regressor_output
@@ -82,7 +82,7 @@ def test_assembles_the_three_stages(deblender: Deblender, trained_run: Path) -> 
 
 
 def test_stage1_encoder_option(trained_run: Path, blends: np.ndarray) -> None:
-    vae = Deblender.from_run(trained_run, encoder="stage1", device="cpu")
+    vae = Deblender.from_run(trained_run, stage="stage1", device="cpu")
     out = vae.predict(blends[:3])
     assert out.ellipticity is None and out.e1 is None
     assert out.reconstruction.shape == (3, 6, 45, 45)

@@ -1,4 +1,4 @@
-"""Tests for deblend.networks and deblend.losses (fast, CPU)."""
+"""Tests for deblend.core.networks and deblend.core.losses (fast, CPU)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from torch import nn
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
-from deblend.losses import LossTerms, beta_vae_loss, kl_divergence, regression_loss
-from deblend.networks import (
+from deblend.core.losses import LossTerms, beta_vae_loss, kl_divergence, regression_loss
+from deblend.core.networks import (
     VAE,
     Decoder,
     Encoder,
-    NetworkShape,
     Regressor,
     VAEOutput,
     encoder_spatial_sizes,
@@ -200,16 +199,6 @@ def test_rebuild_from_hparams_and_network_shape() -> None:
     x = torch.rand(2, 5, 45, 45)
     assert torch.equal(vae(x).x_hat, vae2(x).x_hat)
     assert torch.equal(reg(vae(x).mu), reg2(vae2(x).mu))
-
-    shape = NetworkShape(6, 45, 32)
-    assert NetworkShape.from_dict(shape.as_dict()) == shape
-    assert shape.build_encoder().hparams() == shape.as_dict()
-    assert shape.build_decoder().hparams() == shape.as_dict()
-    assert shape.build_regressor().latent_dim == 32
-    wrapped = VAE.from_modules(shape.build_encoder(), shape.build_decoder())
-    assert wrapped(torch.rand(1, 6, 45, 45)).x_hat.shape == (1, 6, 45, 45)
-    with pytest.raises(ValueError):
-        VAE.from_modules(Encoder(6), Decoder(5))
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from deblend.pipeline import STEPS, run_pipeline, stage_state
+from deblend.pipeline import STEPS, run_pipeline
+from training.runner import stage_status
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_every_step_runs_and_index_links_existing_files(finished_job):
     saved = json.loads((out / "headline.json").read_text())
     assert saved["slopes"]["regressor"]["e1"]["slope"] == headline["slopes"]["regressor"]["e1"]["slope"]
     for stage in ("stage1", "stage2", "stage3"):
-        assert stage_state(out / "train", stage) == "done"
+        assert stage_status(out / "train", stage) == "done"
 
 
 def test_rerun_skips_complete_steps(finished_job, tiny_job_config):
@@ -79,8 +80,8 @@ def test_stage3_stopped_before_its_calibration_is_resumed(finished_job, tiny_job
                                                          tmp_path):
     import shutil
 
-    from training.checkpoints import load_checkpoint, save_checkpoint
-    from training.run_layout import RunLayout
+    from deblend.core.runs import load_checkpoint, save_checkpoint
+    from deblend.core.runs import RunLayout
 
     out, _, _ = finished_job
     copy = tmp_path / "copy"
@@ -90,12 +91,12 @@ def test_stage3_stopped_before_its_calibration_is_resumed(finished_job, tiny_job
     payload = load_checkpoint(best)
     del payload["response"]
     save_checkpoint(best, payload)
-    assert stage_state(copy / "train", "stage3") == "interrupted"
+    assert stage_status(copy / "train", "stage3") == "interrupted"
     messages: list[str] = []
     run_pipeline(tiny_job_config, copy, jobs=1, progress=False, log=messages.append)
     assert "[stage2] complete, skipped" in messages and "[stage3] running" in messages
     assert load_checkpoint(best)["response"] == stored
-    assert stage_state(copy / "train", "stage3") == "done"
+    assert stage_status(copy / "train", "stage3") == "done"
 
 
 def test_another_config_is_refused(finished_job, tiny_job_config, tmp_path):

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from deblend.core.runs import load_checkpoint, save_checkpoint
+from deblend.core.runs import RunLayout
 
 from deblend import Deblender
-from deblend.response import MIN_RESPONSE, Response, ResponseError, fit_response
+from deblend.core.response import MIN_RESPONSE, Response, ResponseError, fit_response
 from evaluation.ellipticity import fit_line
 from simulation.dataset import open_dataset
 from training.calibration import calibrate_regressor
-from training.checkpoints import load_checkpoint, save_checkpoint
-from training.run_layout import RunLayout
 
 
 def shrunk_estimator(n: int, matrix: np.ndarray, offset: np.ndarray, noise: float, seed: int
@@ -122,7 +122,7 @@ def test_deblender_divides_the_stored_response_out(trained_run: Path, tiny_datas
     expected = np.linalg.solve(response.matrix, (raw - response.offset).T).T
     assert np.allclose(prediction.ellipticity, expected, atol=1e-5)
     assert not np.allclose(prediction.ellipticity, raw)
-    assert Deblender.from_run(run, encoder="stage1", device="cpu").predict(images).ellipticity \
+    assert Deblender.from_run(run, stage="stage1", device="cpu").predict(images).ellipticity \
         is None
 
 

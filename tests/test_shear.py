@@ -9,10 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from deblend.core.config import config_from_dict
 
-from deblend.config import config_from_dict
 from evaluation.shear_fit import (
-    ShearPopulation, calibrate, estimates_from_arrays, estimates_to_arrays, fit_shear_bias,
+    ShearPopulation,
+    calibrate,
+    estimates_from_arrays,
+    estimates_to_arrays,
+    fit_shear_bias,
     pair_means,
 )
 
@@ -41,14 +45,14 @@ def _synthetic_populations(m: float, c: float, a_truth: float = 0.7, n_pairs: in
 
 
 def test_fit_shear_bias_is_ordinary_least_squares() -> None:
-    g = np.repeat([-0.02, 0.0, 0.02], 4)
-    e = 0.6 * g + 0.001
-    a, c = fit_shear_bias(g, e)
+    g = np.array([-0.02, 0.0, 0.02])
+    e = np.repeat(0.6 * g + 0.001, 4).reshape(3, 4)
+    a, c = fit_shear_bias(g, e.sum(axis=1), np.full(3, 4.0))
     assert a == pytest.approx(0.6) and c == pytest.approx(0.001)
-    e_nan = e.copy()
-    e_nan[0] = np.nan
-    assert fit_shear_bias(g, e_nan)[0] == pytest.approx(0.6)
-    assert np.isnan(fit_shear_bias(np.zeros(4), np.ones(4))[0])
+    e[0, 0] = np.nan  # one estimate failed: left out of its population's sum and count
+    sums, counts = np.nansum(e, axis=1), np.isfinite(e).sum(axis=1).astype(float)
+    assert fit_shear_bias(g, sums, counts)[0] == pytest.approx(0.6)
+    assert np.isnan(fit_shear_bias(np.zeros(3), np.ones(3), np.ones(3))[0])
 
 
 def test_pair_means_keep_twins_together() -> None:
@@ -102,7 +106,7 @@ def test_estimate_arrays_round_trip() -> None:
 
 # -- populations, cache and resume ---------------------------------------------------------------
 def test_population_plan() -> None:
-    from evaluation.shear import chunk_seed, chunk_sizes, shear_populations
+    from evaluation.shear_calibration import chunk_seed, chunk_sizes, shear_populations
 
     assert shear_populations((-0.02, 0.0, 0.02)) == POPULATIONS
     assert chunk_sizes(10, 4) == [4, 4, 2] and chunk_sizes(8, 5) == [4, 4]
@@ -139,16 +143,16 @@ class _FakeModel:
     bands = ("u", "g", "r", "i", "z", "y")
 
     def predict(self, blend):
-        from deblend.inference import Prediction
+        from deblend.core.inference import Prediction
 
         latent = np.zeros((len(blend), 32), np.float32)
         return Prediction(np.clip(blend, 0, None), latent, latent, np.zeros((len(blend), 2)))
 
 
 def test_populations_are_cached_and_resumed(tmp_path: Path, monkeypatch) -> None:
-    from evaluation.shear import simulate_populations
+    from evaluation.shear_calibration import simulate_populations
 
-    monkeypatch.setattr("simulation.builder.SceneSource", _FakeSource)
+    monkeypatch.setattr("evaluation.shear_calibration.SceneSource", _FakeSource)
     config = config_from_dict({"shear": {"n_scenes": 8, "chunk_scenes": 4, "bootstrap": 10}})
     cache = tmp_path / "cache"
     _FakeSource.draws = 0

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from deblend.shapes import moments_ellipticity
-from deblend.symmetry import N_VIEWS, ellipticity_in_view, image_view, random_views
+from deblend.core.shapes import moments_ellipticity
+from deblend.core.symmetry import N_VIEWS, ellipticity_in_view, image_view, random_views
 
 
 def sheared_galaxy(e1: float, e2: float, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:

@@ -12,18 +12,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from deblend.core.config import config_from_dict, load_config
+from deblend.core.runs import (
+    DataIdentity,
+    build_module,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+)
+from deblend.core.runs import RunLayout
+from training.stages import STAGES
 
-from deblend.config import config_from_dict, load_config
 from deblend.train import main
 from simulation.dataset import open_dataset
 from tests.conftest import TINY_CONFIG, TINY_EPOCHS
-from training.checkpoints import (
-    DataIdentity, build_module, file_sha256, load_checkpoint, save_checkpoint,
-)
 from training.data import BatchReader, BlockBatchSampler, select_indices
 from training.history import history_columns, read_history
-from training.run_layout import STAGES, RunLayout
-from training.stages import run_stage
+from training.runner import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +88,7 @@ def test_sampler_shards_are_disjoint_and_equal_for_ddp() -> None:
 
 
 def test_reader_normalises_with_the_dataset_constants(tiny_dataset: Path) -> None:
-    from deblend.normalization import normalize
+    from deblend.core.normalization import normalize
 
     data = open_dataset(tiny_dataset)
     indices = np.arange(60, 70)  # crosses the boundary of the first two shards
@@ -337,7 +342,7 @@ def test_early_stopping_keeps_the_best_epoch(trained_run: Path, tmp_path: Path,
 
 
 def test_device_choice() -> None:
-    from deblend.device import autocast, resolve_device, uses_mixed_precision
+    from deblend.core.device import autocast, resolve_device, uses_mixed_precision
 
     expected = "cuda" if torch.cuda.is_available() else (
         "mps" if torch.backends.mps.is_available() else "cpu")

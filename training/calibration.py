@@ -1,6 +1,6 @@
 """The last step of stage3: measure the regressor's response on the calibration split.
 
-The fit (:func:`deblend.response.fit_response`) runs the finished run's deblender over the
+The fit (:func:`deblend.core.response.fit_response`) runs the finished run's deblender over the
 dataset's ``calibration`` samples, which no stage trained on, and is stored in
 ``stage3/best.pt`` under ``"response"``; :class:`deblend.Deblender` applies it to every
 prediction. It is redone whenever ``best.pt`` lacks it (an interrupted calibration, or a resumed
@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from deblend.response import ResponseError, fit_response
+from deblend.core.inference import Deblender
+from deblend.core.response import ResponseError, fit_response
+from deblend.core.runs import RunLayout, load_checkpoint, save_checkpoint
 from simulation.dataset import StampData
-from training.checkpoints import load_checkpoint, save_checkpoint
-from training.run_layout import RunLayout
 
 
 def calibrate_regressor(layout: RunLayout, dataset: StampData, device: str,
@@ -28,8 +28,6 @@ def calibrate_regressor(layout: RunLayout, dataset: StampData, device: str,
     calibration split or the response is too small to invert (the regressor's raw output is
     then used as it is, and the reason is logged).
     """
-    from deblend.inference import Deblender  # deblend.inference imports training modules
-
     best = layout.best("stage3")
     payload = load_checkpoint(best)
     if "response" in payload:

@@ -23,14 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from deblend.normalization import normalize
+from deblend.core.normalization import normalize
 from simulation.dataset import StampData, open_dataset
 
 TARGETS = ("clean", "ellipticity")
-STAGE_DATA = {"stage1": ("noisy", "clean"), "stage2": ("blend", "clean"),
-              "stage3": ("blend", "ellipticity")}
-"""(input image set, target) of each stage (SPEC 5): noisy isolated or noisy blend in; the clean
-isolated target or the labels (e1, e2) out."""
+"""What a stage's loss compares with: the clean isolated target, or its labels (e1, e2)."""
 
 
 def select_indices(data: StampData, split: str, min_target_e: float) -> np.ndarray:
@@ -137,16 +134,16 @@ class BlockBatchSampler(Sampler[np.ndarray]):
         return len(self.blocks())
 
 
-def make_loader(data_dir: str | Path, *, stage: str, split: str, batch_size: int,
+def make_loader(data_dir: str | Path, *, input_set: str, target: str, split: str,
+                batch_size: int,
                 epoch: int = 0, seed: int = 0, min_target_e: float = 0.0, num_workers: int = 0,
                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """DataLoader of ``stage``'s (inputs, targets) batches over ``split`` of a dataset.
+    """DataLoader of (``input_set`` images, ``target``) batches over ``split`` of a dataset.
 
     The training split is shuffled by blocks (``loader.sampler.set_epoch`` picks the epoch) and
     split evenly between DDP ranks; other splits are read in order. ``batch_size=None`` in the
     DataLoader: the reader returns whole batches, ``num_workers`` processes read ahead.
     """
-    input_set, target = STAGE_DATA[stage]
     shuffle = split == "train"
     indices = select_indices(open_dataset(data_dir), split, min_target_e)
     if len(indices) == 0:

@@ -3,7 +3,7 @@
 A row holds ``epoch`` (1-based), ``train_<term>`` and ``val_<term>`` for each loss term of the
 stage (stage1/2: total, reconstruction, kl; stage3: total, the (e1, e2) MSE), and ``seconds``
 (wall time of the epoch, validation included). Each term is its per-sample mean over the epoch
-(definitions in :mod:`deblend.losses`; images normalised as in SPEC 3). Validation runs in eval
+(definitions in :mod:`deblend.core.losses`; images normalised as in SPEC 3). Validation runs in eval
 mode (z = mu, no dropout), so its KL and reconstruction can be below the training ones.
 """
 
@@ -13,7 +13,7 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
-from deblend.atomic import atomic_output
+from deblend.core.atomic import atomic_output
 
 
 def history_columns(loss_names: Sequence[str]) -> list[str]:
@@ -40,9 +40,6 @@ def read_history(path: Path) -> list[dict[str, float]]:
 def plot_history(path: Path, rows: Sequence[dict[str, Any]], loss_names: Sequence[str],
                  title: str) -> None:
     """One panel per loss term, train and validation against epoch, log scale; atomic PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in rows]

@@ -1,4 +1,4 @@
-"""The epoch loop shared by the three stages: train, validate, keep the best, checkpoint.
+"""The epoch loop shared by every stage: train, validate, keep the best, checkpoint.
 
 Reproducibility: the networks are seeded from ``training.seed``; epoch ``k`` reseeds torch from
 (seed, k, rank) (reparameterisation noise, dropout, the random views of
@@ -17,19 +17,23 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from deblend.core.config import Config
 from torch import nn
 from tqdm.auto import tqdm
 
-from deblend.config import Config
-from deblend.device import autocast, keep_freed_memory, uses_mixed_precision
-from deblend.symmetry import random_views
+from deblend.core.device import autocast, uses_mixed_precision
+from deblend.core.runs import (
+    DataIdentity,
+    RunError,
+    RunLayout,
+    module_entry,
+    save_checkpoint,
+)
 from simulation.dataset import StampData
-from training.checkpoints import DataIdentity, module_entry, save_checkpoint
 from training.data import BlockBatchSampler, make_loader
 from training.distributed import DistContext
 from training.history import plot_history, write_history
-from training.run_layout import RunError, RunLayout
-from training.tasks import StageTask
+from training.stages import Stage
 
 POSTFIX_EVERY = 10
 """Batches between updates of the progress bar's running loss (each one syncs the device)."""
@@ -59,22 +63,21 @@ class LoopState:
 
 
 class StageLoop:
-    """Trains one :class:`StageTask` on a dataset for the configured epochs."""
+    """Trains one :class:`training.stages.Stage` on a dataset for its epochs."""
 
-    def __init__(self, task: StageTask, config: Config, dataset: StampData, layout: RunLayout,
+    def __init__(self, task: Stage, config: Config, dataset: StampData, layout: RunLayout,
                  context: DistContext, device: torch.device, progress: bool = True,
                  log: Callable[[str], None] = print) -> None:
-        keep_freed_memory()  # no page faults on every batch's fresh arrays (see its docstring)
         self.task, self.config, self.layout = task, config, layout
         self.data = DataIdentity.of(dataset)
         self.context, self.device = context, device
         self.progress = progress and context.is_main
         self.log = log if context.is_main else (lambda message: None)
         training = config.training
-        self.epochs = training.epochs_for(task.stage)
+        self.epochs = task.epochs(training)
         self.amp = uses_mixed_precision(device, training.mixed_precision)
 
-        common = dict(stage=task.stage, batch_size=training.batch_size, seed=training.seed,
+        common = dict(input_set=task.input_set, target=task.target, batch_size=training.batch_size, seed=training.seed,
                       min_target_e=training.min_target_e, num_workers=training.num_workers,
                       pin_memory=device.type == "cuda", rank=context.rank,
                       world_size=context.world_size)
@@ -133,14 +136,14 @@ class StageLoop:
         self.wrapped.train()
         bar = tqdm(total=self.train_sampler.num_samples(), unit="sample", leave=False,
                    disable=not self.progress,
-                   desc=f"{self.task.stage} epoch {epoch + 1}/{self.epochs}")
+                   desc=f"{self.task.name} epoch {epoch + 1}/{self.epochs}")
         sums = torch.zeros(len(self.task.loss_names) + 1, dtype=torch.float64, device=self.device)
         with bar:
             for step, (x, y) in enumerate(self.train_loader, start=1):
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
                 if self.config.training.dihedral_augmentation:
-                    x, y = random_views(x, y, targets_are_images=y.dim() == 4)
+                    x, y = self.task.augment(x, y)
                 with autocast(self.device, self.amp):
                     terms = self.task.losses(self.wrapped, x, y)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -178,7 +181,7 @@ class StageLoop:
 
     def _check_finite(self, value: float, epoch: int) -> None:
         if not math.isfinite(value):
-            raise RunError(f"{self.task.stage}: the training loss became {value} in epoch "
+            raise RunError(f"{self.task.name}: the training loss became {value} in epoch "
                            f"{epoch + 1}; lower training.learning_rate")
 
     # -- output ---------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ class StageLoop:
         note = " (best)" if improved else ""
         if state.stop_reason == "early_stopping":
             note += f"; no improvement for {state.epochs_without_improvement} epochs: stopping"
-        message = (f"{self.task.stage} epoch {row['epoch']}/{self.epochs} train/val: {terms} "
+        message = (f"{self.task.name} epoch {row['epoch']}/{self.epochs} train/val: {terms} "
                    f"[{row['seconds']:.1f} s]{note}")
         if self.progress:
             tqdm.write(message)
@@ -196,9 +199,9 @@ class StageLoop:
             self.log(message)
 
     def payload(self, state: LoopState) -> dict[str, Any]:
-        """Checkpoint contents (format: :mod:`training.checkpoints`) after ``state.epoch``."""
+        """Checkpoint contents (format: :mod:`deblend.core.runs`) after ``state.epoch``."""
         return {
-            "stage": self.task.stage,
+            "stage": self.task.name,
             "epoch": state.epoch,
             "total_epochs": self.epochs,
             "finished": state.stop_reason is not None,
@@ -207,7 +210,7 @@ class StageLoop:
             "optimizer": self.optimizer.state_dict(),
             "config": self.config.to_dict(),
             "data": self.data.to_dict(),
-            "parent": self.task.parent,
+            "parent": self.task.parent_record,
             "init": self.task.init,
             "history": state.history,
             "best": {"epoch": state.best_epoch, "val_total": state.best_val},
@@ -215,7 +218,7 @@ class StageLoop:
         }
 
     def _write(self, state: LoopState, improved: bool) -> None:
-        stage, layout = self.task.stage, self.layout
+        stage, layout = self.task.name, self.layout
         payload = self.payload(state)
         if improved:
             save_checkpoint(layout.best(stage), payload)

@@ -1,156 +1,196 @@
-"""Running one stage in a run directory: find inputs, refuse what does not fit, train, resume.
+"""The training stages (SPEC 5), each declared whole in one class.
 
-``run_stage`` is what ``python -m deblend.train`` calls; stage3 ends by measuring the regressor's
-response on the calibration split (:mod:`training.calibration`). A stage refuses to start when its
-checkpoint already exists (unless ``resume`` or ``force``), when the previous stage's result is
-missing or unfinished, or when the data differ in bands, stamp size or normalisation from what
-the previous stage (or the checkpoint being resumed) was trained on.
+A stage says what it reads (``input_set`` in, ``target`` out, from the train/validation splits),
+which stage it builds on (``parent``), what it trains and what it freezes (:meth:`Stage.build`),
+its loss (:meth:`Stage.losses`), its epochs (``training.<name>_epochs``, else
+``training.epochs``), its augmentation (the stamp's 8 symmetric views, targets following) and
+what it does once trained (:meth:`Stage.finish`). Adding a stage is adding one class to
+:data:`STAGES`; the loop (:mod:`training.loop`), the runner (:mod:`training.runner`) and the run
+format (:mod:`deblend.core.runs`) are the same for all.
+
+* stage1: the VAE (encoder + decoder); noisy isolated -> clean isolated; beta-VAE loss.
+* stage2: a new encoder (from the stage1 encoder, or from scratch with
+  ``training.stage2_init: scratch``) under the stage1 decoder, frozen; noisy blend -> clean
+  isolated; beta-VAE loss.
+* stage3: the regressor on mu of the stage2 encoder, frozen; noisy blend -> label (e1, e2); MSE;
+  then its response on the calibration split (:mod:`training.calibration`).
+
+Frozen modules have ``requires_grad=False`` and stay in eval mode, so they never change.
+Images are normalised (SPEC 3); reconstruction losses are therefore in normalised units.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
 
-from deblend.config import Config, config_from_dict
-from deblend.device import resolve_device
-from deblend.atomic import write_json_atomic
-from simulation.dataset import open_dataset
+import torch
+from deblend.core.config import Config, TrainingConfig
+from torch import Tensor, nn
+
+from deblend.core.losses import beta_vae_loss, regression_loss
+from deblend.core.networks import VAE, Decoder, Encoder, Regressor
+from deblend.core.runs import DataIdentity, RunLayout, build_module
+from deblend.core.symmetry import random_views
+from simulation.dataset import StampData
 from training.calibration import calibrate_regressor
-from training.checkpoints import DataIdentity, load_checkpoint
-from training.distributed import context_from_environment, process_group
-from training.loop import LoopState, StageLoop, count_trainable
-from training.run_layout import RunError, RunLayout, check_stage
-from training.tasks import StageTask, build_task
 
-RESUMABLE_CHANGES = frozenset({"epochs", "stage1_epochs", "stage2_epochs", "stage3_epochs",
-                               "num_workers", "device", "early_stopping_patience"})
-"""training.* keys that may differ between a checkpoint and the config that resumes it."""
+VAE_TERMS = ("total", "reconstruction", "kl")
 
 
-@dataclass
-class StageResult:
-    """What a call of :func:`run_stage` did."""
+class Stage(ABC):
+    """One training stage: its data, its networks, its loss, its epochs and its last step.
 
-    stage: str
-    state: LoopState
-    task: StageTask
-    epochs_trained: int
-    """Epochs run by this call (0 when the stage was already complete)."""
-
-
-def resume_config(saved: Config, given: Config) -> Config:
-    """``given``, after checking it trains like ``saved`` (only RESUMABLE_CHANGES may differ)."""
-    saved_dict, given_dict = saved.to_dict(), given.to_dict()
-    for section in ("model", "training"):
-        for key, value in saved_dict[section].items():
-            if section == "training" and key in RESUMABLE_CHANGES:
-                continue
-            if given_dict[section][key] != value:
-                raise RunError(f"cannot resume: config key '{section}.{key}' is "
-                               f"{given_dict[section][key]!r} but the checkpoint was trained with "
-                               f"{value!r}; use the same value, or --force to start again")
-    return given
-
-
-def _existing_checkpoint(layout: RunLayout, stage: str, resume: bool, force: bool
-                         ) -> dict[str, Any] | None:
-    """The checkpoint to resume (``resume``), or None after checking that starting is allowed."""
-    last, best = layout.last(stage), layout.best(stage)
-    if resume:
-        if not last.is_file():
-            raise RunError(f"nothing to resume: {last} does not exist (run {stage} without "
-                           f"--resume to start it)")
-        return load_checkpoint(last)
-    if (last.exists() or best.exists()) and not force:
-        raise RunError(f"{stage} already has results in {layout.stage_dir(stage)}: pass "
-                       f"--resume to continue it or --force to train it again from scratch")
-    return None
-
-
-def _inputs(layout: RunLayout, stage: str, checkpoint: dict[str, Any] | None,
-            config: Config | None, data_dir: str | Path | None) -> tuple[Config, Path]:
-    """Config and dataset of this call: given ones, else the resumed checkpoint's, else run.json's
-    (stage1 needs ``data_dir`` when the run is new)."""
-    if checkpoint is not None:
-        saved = config_from_dict(checkpoint["config"])
-        config = saved if config is None else resume_config(saved, config)
-        return config, Path(data_dir or checkpoint["data"]["path"])
-    if stage != "stage1" or layout.run_file.is_file():
-        run = layout.read_run()
-        return (config or config_from_dict(run["config"]),
-                Path(data_dir or run["data"]["path"]))
-    if data_dir is None:
-        raise ValueError("stage1 needs --data: the dataset directory to train on")
-    if layout.root.is_dir() and any(layout.root.iterdir()):
-        raise RunError(f"{layout.root} exists and is not a training run: choose another --run")
-    return config or config_from_dict({}), Path(data_dir)
-
-
-def _prepare(layout: RunLayout, stage: str, config: Config, data: DataIdentity) -> None:
-    """Clear a forced stage's old files; stage1 (re)writes run.json."""
-    for path in (layout.last(stage), layout.best(stage), layout.history(stage), layout.plot(stage)):
-        path.unlink(missing_ok=True)
-    layout.stage_dir(stage).mkdir(parents=True, exist_ok=True)
-    if stage == "stage1":
-        write_json_atomic(layout.run_file, {
-            "format_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": config.to_dict(), "data": data.to_dict()})
-
-
-def run_stage(stage: str, run_dir: str | Path, *, data_dir: str | Path | None = None,
-              config: Config | None = None, resume: bool = False, force: bool = False,
-              device: str | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> StageResult:
-    """Train ``stage`` of the run in ``run_dir`` (see the module docstring for what it refuses).
-
-    ``config``/``data_dir`` default to the resumed checkpoint's, else to ``run.json``'s (stage2
-    and stage3); ``device`` overrides ``training.device``. Under torchrun it trains with DDP.
+    An instance holds the networks of one run of the stage: :attr:`model` (trained) and
+    :attr:`frozen`; :meth:`build` makes it from the config and the parent's ``best.pt``.
     """
-    check_stage(stage)
-    if resume and force:
-        raise ValueError("--resume and --force exclude each other")
-    layout = RunLayout(Path(run_dir))
-    checkpoint = _existing_checkpoint(layout, stage, resume, force)
-    config, data_dir = _inputs(layout, stage, checkpoint, config, data_dir)
-    dataset = open_dataset(data_dir)
-    identity = DataIdentity.of(dataset)
-    if checkpoint is not None and checkpoint["data"]["dataset_id"] != identity.dataset_id:
-        raise RunError(f"cannot resume {stage} on {data_dir}: the checkpoint was trained on "
-                       f"{checkpoint['data']['path']} (dataset_id "
-                       f"{checkpoint['data']['dataset_id']}), not dataset_id {identity.dataset_id}")
-    context = context_from_environment()
-    torch_device = resolve_device(device or config.training.device,
-                                  context.local_rank if context.is_distributed else None)
 
-    with process_group(context, torch_device):
-        task = build_task(stage, config, layout, identity)
-        if checkpoint is not None and checkpoint["parent"] != task.parent:
-            raise RunError(f"cannot resume {stage}: {checkpoint['parent']['stage']} was "
-                           f"re-trained since it started; train {stage} again with --force")
-        loop = StageLoop(task, config, dataset, layout, context, torch_device, progress, log)
-        state = loop.restore(checkpoint) if checkpoint is not None else LoopState()
-        first_epoch = state.epoch
-        if state.stop_reason == "early_stopping" or state.epoch >= loop.epochs:
-            loop.log(f"{stage} in {layout.root} is already complete after {state.epoch} epochs "
-                     f"({state.stop_reason}); nothing to do")
+    name: ClassVar[str]
+    parent: ClassVar[str | None]
+    """The stage whose ``best.pt`` this one builds on (None: the first stage)."""
+    input_set: ClassVar[str]
+    """Image set fed to the networks: "noisy" (isolated) or "blend" (simulation.dataset)."""
+    target: ClassVar[str]
+    """What the loss compares with: "clean" images or the "ellipticity" labels (e1, e2)."""
+    loss_names: ClassVar[tuple[str, ...]]
+    """Names of the terms :meth:`losses` returns, the total first."""
+
+    def __init__(self, model: nn.Module, frozen: dict[str, nn.Module],
+                 parent_record: dict[str, Any] | None, init: str) -> None:
+        self.model = model
+        self.frozen = frozen
+        self.parent_record = parent_record
+        """{"stage", "sha256"} of the parent best.pt, None for a first stage."""
+        self.init = init
+        for module in frozen.values():
+            module.requires_grad_(False).eval()
+
+    @classmethod
+    @abstractmethod
+    def build(cls, config: Config, data: DataIdentity, parent: dict[str, Any] | None,
+              parent_record: dict[str, Any] | None) -> "Stage":
+        """The stage's networks: new ones seeded by the caller, or the parent's (``parent`` is
+        its ``best.pt`` payload, already checked to suit ``data``)."""
+
+    @abstractmethod
+    def saved_modules(self) -> dict[str, nn.Module]:
+        """The trained networks, by checkpoint name."""
+
+    @abstractmethod
+    def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        """Loss terms (0-dim) of a batch; ``model`` is :attr:`model` or its DDP wrapper."""
+
+    @classmethod
+    def epochs(cls, training: TrainingConfig) -> int:
+        """``training.<name>_epochs`` when set, else ``training.epochs``."""
+        specific = getattr(training, f"{cls.name}_epochs", None)
+        return training.epochs if specific is None else specific
+
+    def augment(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Each sample in a random one of the stamp's 8 views; image targets and (e1, e2) labels
+        follow exactly (:func:`deblend.core.symmetry.random_views`)."""
+        return random_views(x, y, targets_are_images=self.target == "clean")
+
+    def finish(self, layout: RunLayout, dataset: StampData, device: str,
+               log: Callable[[str], None]) -> None:
+        """What the stage does once its epochs are done (nothing by default); it must be
+        idempotent, as an interrupted run repeats it."""
+
+    @classmethod
+    def is_complete(cls, best: dict[str, Any]) -> bool:
+        """Whether a finished stage's ``best.pt`` payload holds everything :meth:`finish` adds."""
+        return True
+
+    def to(self, device: torch.device) -> "Stage":
+        self.model.to(device)
+        for module in self.frozen.values():
+            module.to(device)
+        return self
+
+
+class VAEStage(Stage):
+    name, parent, input_set, target, loss_names = "stage1", None, "noisy", "clean", VAE_TERMS
+
+    def __init__(self, vae: VAE, beta_kl: float) -> None:
+        super().__init__(vae, {}, None, "random")
+        self.beta_kl = beta_kl
+
+    @classmethod
+    def build(cls, config, data, parent, parent_record) -> "VAEStage":
+        return cls(VAE(len(data.bands), data.stamp_pixels, config.model.latent_dim),
+                   config.training.beta_kl)
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        return {"encoder": self.model.encoder, "decoder": self.model.decoder}
+
+    def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        out = model(x)
+        return tuple(beta_vae_loss(y, out.x_hat, out.mu, out.logvar, self.beta_kl))
+
+
+class DeblendStage(Stage):
+    name, parent, input_set, target, loss_names = "stage2", "stage1", "blend", "clean", VAE_TERMS
+
+    def __init__(self, encoder: Encoder, decoder: Decoder, beta_kl: float,
+                 parent_record: dict[str, Any], init: str) -> None:
+        super().__init__(encoder, {"decoder": decoder}, parent_record, init)
+        self.beta_kl = beta_kl
+
+    @classmethod
+    def build(cls, config, data, parent, parent_record) -> "DeblendStage":
+        decoder = build_module(parent["modules"]["decoder"])
+        encoder_entry = parent["modules"]["encoder"]
+        if config.training.stage2_init == "stage1":
+            encoder = build_module(encoder_entry)
         else:
-            if checkpoint is None and context.is_main:
-                _prepare(layout, stage, config, identity)
-            context.barrier()
-            processes = f" x {context.world_size} processes" if context.is_distributed else ""
-            loop.log(f"{stage}: {count_trainable(task.model):,} trainable parameters, "
-                     f"{len(loop.train_sampler.indices)} training / "
-                     f"{len(loop.val_loader.sampler.indices)} validation samples, batch "
-                     f"{config.training.batch_size}, epochs {state.epoch + 1}-{loop.epochs} on "
-                     f"{torch_device}{processes}")
-            state = loop.run(state)
-            loop.log(f"{stage} done: best validation loss {state.best_val:.5g} at epoch "
-                     f"{state.best_epoch}; results in {layout.stage_dir(stage)}")
-        if stage == "stage3":
-            if context.is_main:
-                calibrate_regressor(layout, dataset, str(torch_device), loop.log)
-            context.barrier()
-    return StageResult(stage, state, task, state.epoch - first_epoch)
+            encoder = Encoder(**encoder_entry["hparams"])
+        return cls(encoder, decoder, config.training.beta_kl, parent_record,
+                   config.training.stage2_init)
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        return {"encoder": self.model}
+
+    def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        mu, logvar = model(x)
+        z = self.model.sample(mu, logvar)
+        x_hat = self.frozen["decoder"](z)
+        return tuple(beta_vae_loss(y, x_hat, mu, logvar, self.beta_kl))
+
+
+class RegressionStage(Stage):
+    name, parent, input_set, target, loss_names = ("stage3", "stage2", "blend", "ellipticity",
+                                                   ("total",))
+
+    def __init__(self, regressor: Regressor, encoder: Encoder,
+                 parent_record: dict[str, Any]) -> None:
+        super().__init__(regressor, {"encoder": encoder}, parent_record, "random")
+
+    @classmethod
+    def build(cls, config, data, parent, parent_record) -> "RegressionStage":
+        encoder_entry = parent["modules"]["encoder"]
+        model = config.model
+        regressor = Regressor(encoder_entry["hparams"]["latent_dim"], model.regressor_hidden,
+                              model.regressor_dropout)
+        return cls(regressor, build_module(encoder_entry), parent_record)
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        return {"regressor": self.model}
+
+    def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        with torch.no_grad():
+            mu, _ = self.frozen["encoder"](x)
+        return (regression_loss(model(mu), y),)
+
+    def finish(self, layout: RunLayout, dataset: StampData, device: str,
+               log: Callable[[str], None]) -> None:
+        """Measure the regressor's response on the calibration split (once)."""
+        calibrate_regressor(layout, dataset, device, log)
+
+    @classmethod
+    def is_complete(cls, best: dict[str, Any]) -> bool:
+        return "response" in best
+
+
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (VAEStage, DeblendStage,
+                                                            RegressionStage)}
+"""Every stage, by name, in training order (each after its parent)."""

@@ -22,11 +22,10 @@ Architecture (see the spec):
 * Decoder: Linear(latent -> 256 * s * s) reshaped to the encoder's last feature
   map ``(256, s, s)``, then 4 ConvTranspose2d(3x3, stride 2, padding 1)
   256 -> 128 -> 64 -> 32 -> n_bands with PReLU between (none after the last),
-  Sigmoid, then bilinear interpolation (``align_corners=False``) to
-  ``stamp_size``.  The transposed convolutions' ``output_padding`` is chosen per
+  then Sigmoid.  The transposed convolutions' ``output_padding`` is chosen per
   layer so that they retrace the encoder's sizes exactly (3 -> 6 -> 12 -> 23 ->
-  45), so the final interpolation is an identity for every stamp size; it is
-  kept as the spec's safety net.
+  45), which makes the spec's final bilinear interpolation to ``stamp_size`` an
+  identity for every stamp size: it is therefore not applied.
 * Regressor: [Linear + PReLU + Dropout] x (128, 64, 32), then Linear(2) + Tanh.
 
 PReLU layers have one learnable slope per channel (conv) / per unit (dense).
@@ -34,11 +33,9 @@ PReLU layers have one learnable slope per channel (conv) / per unit (dense).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -55,7 +52,6 @@ __all__ = [
     "VAE",
     "VAEOutput",
     "Regressor",
-    "NetworkShape",
 ]
 
 #: Output channels of the encoder's four convolutions (the decoder mirrors them).
@@ -220,13 +216,7 @@ class Decoder(nn.Module):
         """``z``: ``(N, latent_dim)`` -> ``x_hat``: ``(N, n_bands, stamp_size, stamp_size)`` in ``[0, 1]``."""
         _check_vector(z, self.latent_dim, "Decoder", "z")
         h = self.fc(z).view(-1, self.start_channels, self.start_size, self.start_size)
-        x_hat = self.deconv(h)
-        if x_hat.shape[-2:] != (self.stamp_size, self.stamp_size):
-            # Bilinear interpolation of values in [0, 1] stays in [0, 1].
-            x_hat = F.interpolate(
-                x_hat, size=(self.stamp_size, self.stamp_size), mode="bilinear", align_corners=False
-            )
-        return x_hat
+        return self.deconv(h)
 
 
 class VAEOutput(NamedTuple):
@@ -243,28 +233,12 @@ class VAEOutput(NamedTuple):
 
 
 class VAE(nn.Module):
-    """beta-VAE = :class:`Encoder` + :class:`Decoder`, built from plain ints.
-
-    Use :meth:`from_modules` to wrap an existing encoder/decoder pair.
-    """
+    """beta-VAE = :class:`Encoder` + :class:`Decoder`, built from plain ints."""
 
     def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32) -> None:
         super().__init__()
         self.encoder = Encoder(n_bands, stamp_size, latent_dim)
         self.decoder = Decoder(n_bands, stamp_size, latent_dim)
-
-    @classmethod
-    def from_modules(cls, encoder: Encoder, decoder: Decoder) -> "VAE":
-        """Wrap existing (e.g. pretrained) modules; their hyper-parameters must agree."""
-        if encoder.hparams() != decoder.hparams():
-            raise ValueError(
-                f"encoder and decoder hyper-parameters differ: {encoder.hparams()} vs {decoder.hparams()}"
-            )
-        vae = cls.__new__(cls)
-        nn.Module.__init__(vae)
-        vae.encoder = encoder
-        vae.decoder = decoder
-        return vae
 
     @property
     def n_bands(self) -> int:
@@ -334,45 +308,6 @@ class Regressor(nn.Module):
         """``mu``: ``(N, latent_dim)`` -> ``(N, 2)`` ellipticities ``(e1, e2)`` in ``[-1, 1]``."""
         _check_vector(mu, self.latent_dim, "Regressor", "mu")
         return self.net(mu)
-
-
-# ---------------------------------------------------------------------------
-# Shape bundle
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NetworkShape:
-    """Hyper-parameters shared by all networks; ``asdict()``/``from_dict()`` round-trip for checkpoints."""
-
-    n_bands: int
-    stamp_size: int = 45
-    latent_dim: int = 32
-
-    def __post_init__(self) -> None:
-        _check_positive_int("n_bands", self.n_bands)
-        _check_positive_int("stamp_size", self.stamp_size)
-        _check_positive_int("latent_dim", self.latent_dim)
-        encoder_spatial_sizes(self.stamp_size)  # raises if the stamp is too small
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NetworkShape":
-        return cls(int(d["n_bands"]), int(d.get("stamp_size", 45)), int(d.get("latent_dim", 32)))
-
-    def build_encoder(self) -> Encoder:
-        return Encoder(self.n_bands, self.stamp_size, self.latent_dim)
-
-    def build_decoder(self) -> Decoder:
-        return Decoder(self.n_bands, self.stamp_size, self.latent_dim)
-
-    def build_vae(self) -> VAE:
-        return VAE(self.n_bands, self.stamp_size, self.latent_dim)
-
-    def build_regressor(self, hidden: Sequence[int] = (128, 64, 32), dropout: float = 0.1) -> Regressor:
-        return Regressor(self.latent_dim, hidden, dropout)
 
 
 # ---------------------------------------------------------------------------

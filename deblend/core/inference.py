@@ -1,7 +1,7 @@
 """Inference with a trained run: deblend raw stamps and read ellipticities from the latent space.
 
     from deblend import Deblender
-    model = Deblender.from_run("runs/quick")
+    model = Deblender.from_run("runs/quick/train")
     out = model.predict(stamps)      # stamps: (N, bands, 45, 45) raw flux (electrons), numpy
     out.reconstruction               # (N, bands, 45, 45) central galaxy, raw flux, noiseless
     out.mu, out.sigma                # (N, latent_dim) mean and standard deviation of q(z|x)
@@ -10,8 +10,8 @@
 
 Stamps are normalised with the constants the run was trained with (SPEC 3) and the
 reconstruction is denormalised back to raw flux; all arrays are float32. ``ellipticity`` is the
-regressor averaged over the stamp's 8 symmetric views (:mod:`deblend.symmetry`), with its response
-(measured on the calibration split at the end of stage3) divided out (:mod:`deblend.response`).
+regressor averaged over the stamp's 8 symmetric views (:mod:`deblend.core.symmetry`), with its response
+(measured on the calibration split at the end of stage3) divided out (:mod:`deblend.core.response`).
 """
 
 from __future__ import annotations
@@ -23,16 +23,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deblend.device import keep_freed_memory, resolve_device
-from deblend.networks import Decoder, Encoder, Regressor
-from deblend.normalization import NormalizationConstants, denormalize, normalize
-from deblend.response import Response
-from deblend.symmetry import N_VIEWS, ellipticity_in_view, image_view
-from training.checkpoints import DataIdentity, build_module
-from training.lineage import load_lineage
-from training.run_layout import RunError, RunLayout
+from deblend.core.device import resolve_device
+from deblend.core.networks import Decoder, Encoder, Regressor
+from deblend.core.normalization import NormalizationConstants, denormalize, normalize
+from deblend.core.response import Response
+from deblend.core.runs import (
+    DataIdentity,
+    RunError,
+    RunLayout,
+    build_module,
+    load_lineage,
+)
+from deblend.core.symmetry import N_VIEWS, ellipticity_in_view, image_view
 
-ENCODER_STAGES = ("stage2", "stage1")
+FINAL_STAGE = "stage3"
+"""The stage whose lineage makes the full deblender (stage3 -> stage2 -> stage1)."""
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,7 @@ class Prediction:
 
 
 class Deblender:
-    """Encoder + decoder (+ regressor) of a run, with the normalisation they were trained with.
-
-    Creating one sets glibc's malloc to keep freed large blocks for reuse
-    (:func:`deblend.device.keep_freed_memory`), which speeds ``predict`` up ~1.5x on CPU.
-    """
+    """Encoder + decoder (+ regressor) of a run, with the normalisation they were trained with."""
 
     def __init__(self, encoder: Encoder, decoder: Decoder, regressor: Regressor | None,
                  data: DataIdentity, device: torch.device | str = "cpu",
@@ -81,7 +82,6 @@ class Deblender:
             raise ValueError(f"encoder {encoder.hparams()} and decoder {decoder.hparams()} differ")
         if len(data.bands) != encoder.n_bands or data.stamp_pixels != encoder.stamp_size:
             raise ValueError("the data identity does not match the networks' bands or stamp size")
-        keep_freed_memory()  # batch arrays reuse freed heap pages (see its docstring)
         self.device = torch.device(device)
         self.encoder = encoder.eval().to(self.device)
         self.decoder = decoder.eval().to(self.device)
@@ -92,32 +92,38 @@ class Deblender:
         """The regressor's response divided out of ``Prediction.ellipticity`` (None: raw)."""
 
     @classmethod
-    def from_run(cls, run: str | Path, *, encoder: str = "stage2",
+    def from_run(cls, run: str | Path, *, stage: str = FINAL_STAGE,
                  device: str = "auto") -> "Deblender":
-        """Load a run: the stage2 encoder, stage1 decoder and stage3 regressor (all required).
+        """Load the networks of ``stage`` of a training run and of its ancestors.
 
-        ``encoder="stage1"`` uses the stage1 VAE instead (needs only stage1; no regressor, so
-        ``ellipticity`` is None). Refuses stages that are missing, unfinished, or were trained
-        on another version of their previous stage.
+        Each network (encoder, decoder, regressor) is taken from the nearest stage of the
+        lineage that trained one: for ``stage3`` (the default) the stage2 encoder, the stage1
+        decoder and the stage3 regressor; ``stage="stage1"`` gives the stage1 VAE alone (no
+        regressor, so ``ellipticity`` is None). Refuses stages that are missing, unfinished, or
+        were trained on another version of their parent stage.
         """
-        if encoder not in ENCODER_STAGES:
-            raise ValueError(f"encoder must be one of {ENCODER_STAGES}, got {encoder!r}")
         layout = RunLayout(Path(run))
         if not layout.root.is_dir():
             raise RunError(f"run directory not found: {layout.root}")
-        upto = "stage3" if encoder == "stage2" else "stage1"
-        lineage = {stage: payload for stage, (payload, _) in
-                   load_lineage(layout, upto, needed_by="Deblender.from_run").items()}
+        lineage = [payload for payload, _ in
+                   load_lineage(layout, stage, needed_by="Deblender.from_run").values()]
+        nearest: dict[str, dict] = {}
+        for payload in lineage:
+            for name, entry in payload["modules"].items():
+                nearest.setdefault(name, {"entry": entry, "payload": payload})
+        for name in ("encoder", "decoder"):
+            if name not in nearest:
+                raise RunError(f"{stage} in {layout.root} and its parents have no {name}")
         regressor, response = None, None
-        if upto == "stage3":
-            regressor = build_module(lineage["stage3"]["modules"]["regressor"])
-            entry = lineage["stage3"].get("response") or {}
+        if "regressor" in nearest:
+            regressor = build_module(nearest["regressor"]["entry"])
+            entry = nearest["regressor"]["payload"].get("response") or {}
             if entry.get("status") == "calibrated":
                 response = Response.from_dict(entry)
-        return cls(build_module(lineage[encoder]["modules"]["encoder"]),
-                   build_module(lineage["stage1"]["modules"]["decoder"]), regressor,
-                   DataIdentity.from_dict(lineage[encoder]["data"]), resolve_device(device),
-                   response)
+        return cls(build_module(nearest["encoder"]["entry"]),
+                   build_module(nearest["decoder"]["entry"]), regressor,
+                   DataIdentity.from_dict(nearest["encoder"]["payload"]["data"]),
+                   resolve_device(device), response)
 
     @property
     def bands(self) -> tuple[str, ...]:
@@ -165,7 +171,7 @@ class Deblender:
     def symmetrized_ellipticity(self, x: Tensor, mu: Tensor) -> Tensor:
         """Raw regressor (e1, e2) of normalised stamps ``x``, averaged over the 8 views.
 
-        Each view of the stamp (:mod:`deblend.symmetry`) is encoded and read by the regressor,
+        Each view of the stamp (:mod:`deblend.core.symmetry`) is encoded and read by the regressor,
         and its output is mapped back to the original frame before averaging; ``mu`` is the
         latent mean of ``x`` itself (view 0), already computed by the caller. float32.
         """
@@ -184,6 +190,9 @@ class Deblender:
         stamp's 8 symmetric views (:meth:`symmetrized_ellipticity`), calibrated by the run's
         response. See :class:`Prediction` for the outputs.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         array = self.check_images(images)
         n = array.shape[0]
         reconstruction = np.empty_like(array)

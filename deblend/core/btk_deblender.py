@@ -1,7 +1,7 @@
 """A BTK deblender that runs a trained deblend model, to be scored with BTK's own tools.
 
     import btk
-    from deblend.btk_deblender import VAEDeblender
+    from deblend.core.btk_deblender import VAEDeblender
     deblender = VAEDeblender.from_run("runs/quick/train", max_n_sources=3)
     deblend_batch = deblender(blend_batch)             # a btk.blend_batch.DeblendBatch
     matching = btk.match.PixelHungarianMatcher(5.0)(blend_batch.catalog_list,
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import btk
 import numpy as np
 from astropy.table import Table
-
-import btk
 from btk.blend_batch import BlendBatch, DeblendBatch, DeblendExample
-from deblend.inference import Deblender
+
+from deblend.core.inference import Deblender
+from deblend.core.stamps import cut_stamp, nearest_pixel, paste_stamp
 
 
 class VAEDeblender(btk.deblend.Deblender):
@@ -81,7 +82,7 @@ class VAEDeblender(btk.deblend.Deblender):
         for ii, catalog in zip(indices, detections):
             for jj, (x, y) in enumerate(zip(catalog["x_peak"], catalog["y_peak"])):
                 stamps.append(cut_stamp(blend_batch.blend_images[ii], x, y, size))
-                owners.append((ii, jj, int(round(x)), int(round(y))))
+                owners.append((ii, jj, *nearest_pixel(x, y)))
         n_bands = len(self.model.bands)
         images = np.zeros((len(indices), self.max_n_sources, n_bands, image_size, image_size),
                           np.float32)
@@ -102,27 +103,3 @@ class VAEDeblender(btk.deblend.Deblender):
             examples.append(DeblendExample(self.max_n_sources, catalog, n_bands, image_size,
                                            None, images[k]))
         return examples
-
-
-def cut_stamp(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
-    """(bands, size, size) stamp of ``image`` centred on the pixel nearest (x, y), zero-padded."""
-    half = size // 2
-    cx, cy = int(round(x)), int(round(y))
-    stamp = np.zeros((image.shape[0], size, size), np.float32)
-    y0, x0 = cy - half, cx - half
-    ys, xs = max(y0, 0), max(x0, 0)
-    ye, xe = min(y0 + size, image.shape[1]), min(x0 + size, image.shape[2])
-    if ye > ys and xe > xs:
-        stamp[:, ys - y0:ye - y0, xs - x0:xe - x0] = image[:, ys:ye, xs:xe]
-    return stamp
-
-
-def paste_stamp(canvas: np.ndarray, stamp: np.ndarray, cx: int, cy: int) -> None:
-    """Add a (bands, size, size) stamp centred on pixel (cx, cy) into ``canvas`` (cropped)."""
-    half = stamp.shape[-1] // 2
-    y0, x0 = cy - half, cx - half
-    ys, xs = max(y0, 0), max(x0, 0)
-    ye = min(y0 + stamp.shape[-2], canvas.shape[-2])
-    xe = min(x0 + stamp.shape[-1], canvas.shape[-1])
-    if ye > ys and xe > xs:
-        canvas[:, ys:ye, xs:xe] += stamp[:, ys - y0:ye - y0, xs - x0:xe - x0]

@@ -11,7 +11,7 @@ the images (electrons for BTK stamps). Works on numpy arrays and torch tensors o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -99,10 +99,11 @@ class MaxAccumulator:
         return NormalizationConstants(self.bands, tuple(self._sum / self._count), beta)
 
 
-def compute_constants(batches: Iterable[np.ndarray], bands: tuple[str, ...],
-                      beta: float = DEFAULT_BETA) -> NormalizationConstants:
-    """``<max>`` per band over an iterable of (N, bands, H, W) raw batches (bounded memory)."""
-    accumulator = MaxAccumulator(bands)
-    for batch in batches:
-        accumulator.add(batch)
-    return accumulator.constants(beta)
+def rescale(images: np.ndarray, source: NormalizationConstants,
+            target: NormalizationConstants) -> np.ndarray:
+    """Raw (N, bands, H, W) images whose normalisation with ``target``'s constants equals the
+    normalisation of ``images`` with ``source``'s: x <max>_target beta_source /
+    (<max>_source beta_target) per band. Swapping ``source`` and ``target`` inverts it."""
+    factor = np.asarray(target.max_values) / np.asarray(source.max_values)
+    factor *= source.beta / target.beta
+    return images * factor.reshape(1, -1, 1, 1)

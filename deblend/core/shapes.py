@@ -82,11 +82,6 @@ def position_angle(e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
     return 0.5 * np.arctan2(e2, e1)
 
 
-def axis_ratio(e: np.ndarray) -> np.ndarray:
-    """b/a = (1 - e) / (1 + e) for a distortion modulus e (SPEC 6's formula)."""
-    return (1.0 - e) / (1.0 + e)
-
-
 @dataclass(frozen=True)
 class HSMShape:
     """galsim.hsm adaptive moments: distortion (e1, e2), size sigma (pixels), success flag."""

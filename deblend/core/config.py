@@ -1,0 +1,431 @@
+"""The one configuration system of deblend: YAML files over embedded defaults.
+
+A config is a YAML mapping with one section per part of the pipeline (``simulation``,
+``model``, ``training``, ``evaluation``, ``shear``, ``des``). Every key has an embedded
+default, so an empty file (or no file) is a valid config. Each section is a frozen pydantic
+dataclass: pydantic does the type checking (strictly: a bool or a string is not a number; an
+integer is accepted for a float and stored as a float; YAML lists become tuples), and each
+section's ``_check_ranges`` validator checks what types alone cannot express. Unknown keys,
+wrong types and out-of-range values raise a :class:`ConfigError` whose one-line message names
+the dotted key, e.g. ``simulation.max_neighbours``, whether the config comes from a file
+(:func:`load_config`), a dict (:func:`config_from_dict`, :meth:`Config.replace`) or is built
+directly (``SimulationConfig(...)``, ``dataclasses.replace``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import typing
+from collections.abc import Callable
+from dataclasses import field
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic.dataclasses
+import yaml
+from pydantic import (
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A config file or value is unreadable, unknown or malformed; the message names the key."""
+
+
+_SURVEY_BANDS = {"LSST": ("u", "g", "r", "i", "z", "y"), "DES": ("g", "r", "i", "z", "Y")}
+"""Bands of the surveys known to deblend (as surveycodex names them). The band keys of a config
+with another survey name are not checked here: simulation.surveys refuses the survey itself."""
+
+_PYDANTIC = ConfigDict(extra="forbid")
+
+
+def _section(prefix: str) -> Callable[[type], type]:
+    """Class decorator: a frozen pydantic dataclass whose errors are :class:`ConfigError` s.
+
+    ``prefix`` ("simulation", ...; "" for the whole :class:`Config`) is prepended to the key
+    named by the errors of a direct construction (``SimulationConfig(n_samples="x")``).
+    """
+
+    def decorate(cls: type) -> type:
+        cls = pydantic.dataclasses.dataclass(frozen=True, config=_PYDANTIC)(cls)
+        validated_init = cls.__init__
+
+        @functools.wraps(validated_init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                validated_init(self, *args, **kwargs)
+            except ValidationError as exc:
+                raise _config_error(exc, cls, prefix) from None
+
+        cls.__init__ = __init__
+        return cls
+
+    return decorate
+
+
+def _require(checks: list[tuple[bool, str, str]]) -> None:
+    """Raise for the first ``(ok, key, message)`` that is not ok."""
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {message}")
+
+
+def _at_least(value: int | None, minimum: int) -> bool:
+    """``value >= minimum``, or ``value`` is None (the key's "not set")."""
+    return value is None or value >= minimum
+
+
+@_section("simulation")
+class SimulationConfig:
+    """How scenes are drawn with BTK (SPEC section 2). Lengths in arcsec, magnitudes AB."""
+
+    survey: StrictStr = "LSST"
+    """Survey name known to surveycodex/BTK: "LSST" (u g r i z y, 0.2") or "DES" (g r i z Y)."""
+    catalog: StrictStr | None = None
+    """Path of a CatSim-schema FITS/ASCII table; None uses the embedded statistical model."""
+    catalog_rows: StrictInt = 200_000
+    """Rows drawn from the embedded catalog model (ignored when ``catalog`` is set)."""
+    catalog_seed: StrictInt = 0
+    stamp_pixels: StrictInt = 45
+    min_neighbours: StrictInt = 0
+    max_neighbours: StrictInt = 2
+    neighbour_shift: tuple[StrictFloat, StrictFloat] = (1.0, 4.0)
+    """Radial range (arcsec) of the neighbours' offsets from the target; uniform in radius."""
+    target_max_mag: StrictFloat = 25.3
+    """Targets are drawn from galaxies brighter than this in ``ref_band``."""
+    neighbour_max_mag: StrictFloat = 27.0
+    ref_band: StrictStr = "i"
+    """Band that defines 'brightest' and the magnitude cuts."""
+    label_bands: tuple[StrictStr, ...] = ("r", "i", "z")
+    """Bands summed (in electrons) to form the image whose moments give the e1/e2 labels."""
+    noise: Literal["all", "background", "galaxy", "none"] = "all"
+    random_rotation: StrictBool = True
+    """Rotate every galaxy by a uniform random position angle (BTK's augment_data)."""
+    shear: tuple[StrictFloat, StrictFloat] = (0.0, 0.0)
+    """Constant reduced shear (g1, g2) applied to every galaxy before the PSF."""
+    rotated_twins: StrictBool = False
+    """Follow every scene by its 90-degree-rotated twin (same galaxies, rotated together)."""
+    n_samples: StrictInt = 2000
+    shard_size: StrictInt = 500
+    btk_batch_size: StrictInt = 50
+    val_fraction: StrictFloat = 0.1
+    """Fraction of the samples held out for validation (the last ones)."""
+    calibration_fraction: StrictFloat = 0.1
+    """Fraction held out, between training and validation, to measure the stage-3 regressor's
+    response (:mod:`deblend.response`); no network trains on it and no report evaluates on it."""
+    seed: StrictInt = 0
+    norm_beta: StrictFloat = 2.5
+    """beta of the SPEC 3 normalisation tanh(asinh(beta x / <max>))."""
+    norm_reference: Literal["blend", "noisy", "clean"] = "blend"
+    """Image set whose per-band mean image maximum (training split) sets the constants."""
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> SimulationConfig:
+        _require([
+            (self.catalog_rows >= 1, "simulation.catalog_rows", "must be >= 1"),
+            (self.stamp_pixels >= 9, "simulation.stamp_pixels", "must be >= 9"),
+            (0 <= self.min_neighbours <= self.max_neighbours, "simulation.min_neighbours",
+             "must satisfy 0 <= min_neighbours <= max_neighbours"),
+            (0 <= self.neighbour_shift[0] <= self.neighbour_shift[1],
+             "simulation.neighbour_shift", "must be [min, max] with 0 <= min <= max"),
+            (len(self.label_bands) >= 1, "simulation.label_bands", "must name at least one band"),
+            (self.n_samples >= 1, "simulation.n_samples", "must be >= 1"),
+            (self.shard_size >= 1, "simulation.shard_size", "must be >= 1"),
+            (self.btk_batch_size >= 1, "simulation.btk_batch_size", "must be >= 1"),
+            (0.0 <= self.val_fraction < 1.0, "simulation.val_fraction", "must be in [0, 1)"),
+            (0.0 <= self.calibration_fraction < 1.0 - self.val_fraction,
+             "simulation.calibration_fraction", "must be in [0, 1 - simulation.val_fraction)"),
+            (self.norm_beta > 0, "simulation.norm_beta", "must be > 0"),
+            (all(abs(g) < 1 for g in self.shear), "simulation.shear",
+             "components must satisfy |g| < 1"),
+            (not self.rotated_twins or self.shard_size % 2 == 0, "simulation.shard_size",
+             "must be even when rotated_twins is true"),
+            (not self.rotated_twins or self.btk_batch_size % 2 == 0, "simulation.btk_batch_size",
+             "must be even when rotated_twins is true"),
+        ])
+        bands = _SURVEY_BANDS.get(self.survey)
+        if bands is not None:
+            for key, names in (("ref_band", (self.ref_band,)), ("label_bands", self.label_bands)):
+                unknown = [b for b in names if b not in bands]
+                if unknown:
+                    raise ConfigError(
+                        f"config key 'simulation.{key}': band '{unknown[0]}' is not a "
+                        f"{self.survey} band (bands: {' '.join(bands)})")
+        return self
+
+
+@_section("model")
+class ModelConfig:
+    """Network hyper-parameters (SPEC section 4)."""
+
+    latent_dim: StrictInt = 32
+    regressor_hidden: tuple[StrictInt, ...] = (128, 64, 32)
+    regressor_dropout: StrictFloat = 0.1
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> ModelConfig:
+        _require([
+            (self.latent_dim >= 1, "model.latent_dim", "must be >= 1"),
+            (all(h >= 1 for h in self.regressor_hidden), "model.regressor_hidden",
+             "entries must be >= 1"),
+            (0.0 <= self.regressor_dropout < 1.0, "model.regressor_dropout", "must be in [0, 1)"),
+        ])
+        return self
+
+
+@_section("training")
+class TrainingConfig:
+    """Optimisation settings shared by the three stages (SPEC section 5)."""
+
+    batch_size: StrictInt = 64
+    epochs: StrictInt = 40
+    stage1_epochs: StrictInt | None = None
+    stage2_epochs: StrictInt | None = None
+    stage3_epochs: StrictInt | None = None
+    learning_rate: StrictFloat = 1e-4
+    beta_kl: StrictFloat = 1e-3
+    min_target_e: StrictFloat = 0.0
+    """Train only on targets whose label |e| exceeds this (the report used 0.1)."""
+    dihedral_augmentation: StrictBool = True
+    """Show every training sample in a random one of the stamp's 8 symmetric views (90-degree
+    rotations and flips, :mod:`deblend.symmetry`); targets and labels follow exactly."""
+    stage2_init: Literal["stage1", "scratch"] = "stage1"
+    early_stopping_patience: StrictInt | None = None
+    num_workers: StrictInt = 0
+    device: StrictStr = "auto"
+    mixed_precision: StrictBool = False
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> TrainingConfig:
+        _require([
+            (self.batch_size >= 1, "training.batch_size", "must be >= 1"),
+            (self.epochs >= 1, "training.epochs", "must be >= 1"),
+            *[(_at_least(getattr(self, f"stage{i}_epochs"), 1), f"training.stage{i}_epochs",
+               "must be >= 1 or null") for i in (1, 2, 3)],
+            (self.learning_rate > 0, "training.learning_rate", "must be > 0"),
+            (self.beta_kl >= 0, "training.beta_kl", "must be >= 0"),
+            (0.0 <= self.min_target_e < 1.0, "training.min_target_e", "must be in [0, 1)"),
+            (_at_least(self.early_stopping_patience, 1), "training.early_stopping_patience",
+             "must be >= 1 or null"),
+            (self.num_workers >= 0, "training.num_workers", "must be >= 0"),
+        ])
+        return self
+
+
+@_section("evaluation")
+class EvaluationConfig:
+    """Validation-set evaluation settings."""
+
+    max_samples: StrictInt | None = None
+    """Evaluate at most this many validation samples (the first ones); None: all of them."""
+    gallery_size: StrictInt = 8
+    batch_size: StrictInt = 256
+    mag_edges: tuple[StrictFloat, ...] = (22.0, 23.0, 24.0)
+    """Interior edges of the target-magnitude bins (``simulation.ref_band``) of the breakdowns."""
+    seed: StrictInt = 0
+    """Seed of the gallery's choice of samples."""
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> EvaluationConfig:
+        edges = self.mag_edges
+        _require([
+            (_at_least(self.max_samples, 1), "evaluation.max_samples", "must be >= 1 or null"),
+            (self.gallery_size >= 0, "evaluation.gallery_size", "must be >= 0"),
+            (self.batch_size >= 1, "evaluation.batch_size", "must be >= 1"),
+            (all(a < b for a, b in itertools.pairwise(edges)), "evaluation.mag_edges",
+             "must increase strictly"),
+        ])
+        return self
+
+
+@_section("shear")
+class ShearConfig:
+    """Shear-calibration populations (SPEC section 6)."""
+
+    g_values: tuple[StrictFloat, ...] = (-0.02, 0.0, 0.02)
+    n_scenes: StrictInt = 2000
+    """Scenes per applied shear (twins included)."""
+    bootstrap: StrictInt = 200
+    seed: StrictInt = 1000
+    shared_galaxies: StrictBool = True
+    """Every shear population draws the same scenes (same seed); only the shear differs, so the
+    shape and noise of the galaxies largely cancel in the response (common random numbers)."""
+    chunk_scenes: StrictInt = 200
+    """Scenes simulated and cached per chunk (even); an interrupted run resumes chunk by chunk."""
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> ShearConfig:
+        _require([
+            (len(set(self.g_values)) >= 2, "shear.g_values",
+             "must hold at least two distinct values"),
+            (all(abs(g) < 1 for g in self.g_values), "shear.g_values",
+             "must satisfy |g| < 1"),
+            (self.n_scenes >= 2, "shear.n_scenes", "must be >= 2"),
+            (self.n_scenes % 2 == 0, "shear.n_scenes", "must be even (rotated twin pairs)"),
+            (self.bootstrap >= 2, "shear.bootstrap", "must be >= 2"),
+            (self.chunk_scenes >= 2 and self.chunk_scenes % 2 == 0, "shear.chunk_scenes",
+             "must be even and >= 2"),
+        ])
+        return self
+
+
+@_section("des")
+class DESConfig:
+    """DES validation settings (SPEC section 7)."""
+
+    min_snr: StrictFloat = 20.0
+    """Catalog cut: keep snr_w > min_snr."""
+    require_error_flag_zero: StrictBool = True
+    require_info_flag_zero: StrictBool = True
+    u_strategy: Literal["zeros", "g_copy", "g_extrapolate"] = "zeros"
+    """How the model's u band (absent from DES) is filled; see des_validation.prepare."""
+    u_over_g: StrictFloat | None = None
+    """u/g flux ratio for g_extrapolate; None measures it on the training data (flux labels)."""
+    resample: StrictBool = True
+    """Resample DES pixels to the model's pixel scale (GalSim) before the crop."""
+    normalization: Literal["des", "training"] = "des"
+    catalog_ellipticity: Literal["shear", "distortion"] = "shear"
+    """Convention of the catalog's e_1/e_2: im3shape's |e| = (a-b)/(a+b) ("shear") is converted
+    to the distortion (a^2-b^2)/(a^2+b^2) that deblend's labels and regressor use."""
+    n_standin: StrictInt = 300
+    standin_seed: StrictInt = 2000
+    standin_target_max_mag: StrictFloat = 23.5
+    """Target magnitude limit (ref band) of the DES-like stand-in: a shape catalog's depth."""
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> DESConfig:
+        _require([
+            (self.min_snr >= 0, "des.min_snr", "must be >= 0"),
+            (self.u_over_g is None or self.u_over_g > 0, "des.u_over_g", "must be > 0 or null"),
+            (self.n_standin >= 1, "des.n_standin", "must be >= 1"),
+        ])
+        return self
+
+
+@_section("")
+class Config:
+    """A whole pipeline configuration."""
+
+    name: StrictStr = "default"
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    shear: ShearConfig = field(default_factory=ShearConfig)
+    des: DESConfig = field(default_factory=DESConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (YAML/JSON-serialisable) nested dict; tuples become lists."""
+        return plain(dataclasses.asdict(self))
+
+    def replace(self, section: str, **changes: Any) -> Config:
+        """A copy with some keys of one section changed (validated like a file)."""
+        data = self.to_dict()
+        data[section].update(changes)
+        return config_from_dict(data)
+
+
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "name")
+_CONFIG_ADAPTER = TypeAdapter(Config)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with tuples turned into lists, recursively (JSON/YAML-ready)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+_TYPE_MESSAGES = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+}
+_ERROR_ORDER = {"unexpected_keyword_argument": 0, "value_error": 2}
+"""Which of pydantic's errors is reported: unknown keys, then types, then ranges."""
+
+
+def _config_error(exc: ValidationError, root: type, prefix: str) -> ConfigError:
+    """The first of pydantic's errors, as one :class:`ConfigError` line naming the dotted key."""
+    error = min(exc.errors(include_url=False), key=lambda e: _ERROR_ORDER.get(e["type"], 1))
+    kind, loc, value = error["type"], error["loc"], error.get("input")
+    if kind == "value_error" and isinstance(error["ctx"]["error"], ConfigError):
+        return ConfigError(str(error["ctx"]["error"]))
+    if kind in ("unexpected_keyword_argument", "invalid_key"):  # invalid_key: not a string
+        key = ".".join(filter(None, [_dotted(prefix, loc[:-1]), str(loc[-1])]))
+        known = sorted(f.name for f in dataclasses.fields(_annotation(root, loc[:-1])))
+        return ConfigError(f"unknown config key '{key}' (known: {', '.join(known)})")
+    key = _dotted(prefix, loc)
+    if kind in ("dataclass_type", "dataclass_args_type"):
+        section = key or "top level"
+        return ConfigError(f"config section '{section}' must be a mapping, got {value!r}")
+    if kind == "literal_error":
+        return ConfigError(f"config key '{key}' must be one of {error['ctx']['expected']}, "
+                           f"got {value!r}")
+    if kind == "too_long" or (kind == "missing" and loc and isinstance(loc[-1], int)):
+        # a fixed-length tuple: the error sits on the whole list, or on its first missing entry
+        tuple_loc = loc if kind == "too_long" else loc[:-1]
+        key = key if kind == "too_long" else key.rsplit("[", 1)[0]
+        entries = len(typing.get_args(_annotation(root, tuple_loc)))
+        return ConfigError(f"config key '{key}' must have {entries} entries, got {len(value)}")
+    if kind in _TYPE_MESSAGES:
+        return ConfigError(f"config key '{key}' {_TYPE_MESSAGES[kind]}, got {value!r}")
+    return ConfigError(f"config key '{key}': {error['msg']}, got {value!r}")
+
+
+def _dotted(prefix: str, loc: tuple[Any, ...]) -> str:
+    """``("simulation", "neighbour_shift", 0)`` -> ``simulation.neighbour_shift[0]``."""
+    key = prefix
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+    return key
+
+
+def _annotation(root: type, loc: tuple[Any, ...]) -> Any:
+    """Type annotation of the key at ``loc`` (field names) below the dataclass ``root``."""
+    annotation: Any = root
+    for name in loc:
+        annotation = typing.get_type_hints(annotation)[name]
+    return annotation
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (missing keys take defaults)."""
+    data = data or {}
+    if isinstance(data, dict):  # an empty section (``simulation:`` in YAML) takes the defaults
+        data = {k: {} if v is None and k in _SECTIONS else v for k, v in data.items()}
+    try:
+        return _CONFIG_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise _config_error(exc, Config, "") from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a YAML config file; ``None`` gives the embedded defaults."""
+    if path is None:
+        return config_from_dict({})
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

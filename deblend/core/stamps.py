@@ -1,0 +1,39 @@
+"""Square stamps cut from and pasted into larger images, on the pixel grid (no resampling).
+
+Pixel (x, y) is column x, row y of the last two array axes; a stamp of odd ``size`` is centred
+on the pixel nearest (x, y) (halves round up), so its central pixel ``size // 2`` is that pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def nearest_pixel(x: float, y: float) -> tuple[int, int]:
+    """The pixel (column, row) containing the point (x, y) (pixel centres at integers)."""
+    return int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+
+
+def cut_stamp(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
+    """(..., size, size) stamp of (..., H, W) ``image`` centred on the pixel nearest (x, y);
+    zero where the stamp overhangs the image. Same dtype as ``image``."""
+    cx, cy = nearest_pixel(x, y)
+    height, width = image.shape[-2:]
+    stamp = np.zeros(image.shape[:-2] + (size, size), image.dtype)
+    y0, x0 = cy - size // 2, cx - size // 2
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + size, height), min(x0 + size, width)
+    if ye > ys and xe > xs:
+        stamp[..., ys - y0:ye - y0, xs - x0:xe - x0] = image[..., ys:ye, xs:xe]
+    return stamp
+
+
+def paste_stamp(canvas: np.ndarray, stamp: np.ndarray, cx: int, cy: int) -> None:
+    """Add a (..., size, size) stamp centred on pixel (cx, cy) into ``canvas`` (cropped)."""
+    half = stamp.shape[-1] // 2
+    y0, x0 = cy - half, cx - half
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye = min(y0 + stamp.shape[-2], canvas.shape[-2])
+    xe = min(x0 + stamp.shape[-1], canvas.shape[-1])
+    if ye > ys and xe > xs:
+        canvas[..., ys:ye, xs:xe] += stamp[..., ys - y0:ye - y0, xs - x0:xe - x0]
