@@ -17,7 +17,6 @@ an interruption picks up where it stopped.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from deblend.core.atomic import write_json_atomic, write_text_atomic
 from deblend.core.config import Config, load_config
 from des_validation.standin_cutouts import standin_is_complete, write_standin
 from des_validation.validation import validate_des, validation_is_complete
+from evaluation.results import DESValidationResult, EllipticityStats, EvaluationResult
 from evaluation.shear_calibration import measure_shear, shear_is_complete
 from evaluation.validation_report import report_is_complete, write_report
 from simulation.builder import build_dataset
@@ -159,46 +159,38 @@ def _validate_des(paths: RunPaths, config: Config, log: Callable[[str], None]) -
     metrics = validate_des(paths.train, paths.des_standin / "catalog.fits",
                            paths.des_standin / "mef", paths.des_validation, config.des,
                            force=True, command=COMMAND, log=log)
-    if metrics["counts"]["validated"] == 0:
+    if metrics.counts["validated"] == 0:
         raise ValueError(f"no DES stand-in object could be validated: see "
                          f"{paths.des_validation / 'skipped.csv'}")
 
 
-def _metrics(directory: Path) -> dict[str, Any]:
-    path = directory / "metrics.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
-
-
 def headline_numbers(paths: RunPaths) -> dict[str, Any]:
-    """The numbers a cosmologist reads first, from the reports' metrics.json files."""
-    evaluation = _metrics(paths.evaluation)
-    des = _metrics(paths.des_validation)
+    """The numbers a cosmologist reads first, from the reports' typed results."""
+    evaluation = EvaluationResult.read(paths.evaluation)
+    des = DESValidationResult.read(paths.des_validation)
     headline: dict[str, Any] = {"fidelity": {}, "slopes": {}, "shear": {}, "des_standin": {}}
-    for stage, values in evaluation.get("fidelity", {}).items():
-        headline["fidelity"][stage] = {"ssim": values.get("ssim_mean"),
-                                       "cosine": values.get("cosine_mean")}
-    for name, breakdown in evaluation.get("ellipticity", {}).items():
-        stats = breakdown.get("all", {})
-        headline["slopes"][name] = {c: {"slope": stats.get(c, {}).get("slope"),
-                                        "rmse": stats.get(c, {}).get("rmse")}
-                                    for c in ("e1", "e2")}
-    calibration = evaluation.get("shear", {}).get("calibration", {})
-    for component, suffix in (("g1", "1"), ("g2", "2")):
-        for name, values in calibration.get(component, {}).get("estimators", {}).items():
-            entry = headline["shear"].setdefault(name, {})
-            for key in ("m", "m_err", "c", "c_err"):
-                entry[key.replace("_", suffix + "_") if "_" in key else key + suffix] = \
-                    values.get(key)
-    for name, stats in des.get("estimators", {}).items():
-        headline["des_standin"][name] = {c: {"slope": stats.get(c, {}).get("slope"),
-                                             "rmse": stats.get(c, {}).get("rmse")}
-                                         for c in ("e1", "e2")}
+    if evaluation is not None:
+        for stage, fidelity in evaluation.fidelity.items():
+            headline["fidelity"][stage] = {"ssim": fidelity.ssim_mean,
+                                           "cosine": fidelity.cosine_mean}
+        for name, breakdown in evaluation.ellipticity.items():
+            headline["slopes"][name] = _slopes(breakdown.all)
+        if evaluation.shear is not None:
+            calibration = evaluation.shear.calibration
+            for suffix, part in (("1", calibration.g1), ("2", calibration.g2)):
+                for name, fit in part.estimators.items():
+                    headline["shear"].setdefault(name, {}).update({
+                        f"m{suffix}": fit.m, f"m{suffix}_err": fit.m_err,
+                        f"c{suffix}": fit.c, f"c{suffix}_err": fit.c_err})
+    if des is not None:
+        for name, estimator in des.estimators.items():
+            headline["des_standin"][name] = _slopes(estimator.stats)
     return headline
+
+
+def _slopes(stats: EllipticityStats) -> dict[str, dict[str, float | None]]:
+    return {"e1": {"slope": stats.e1.slope, "rmse": stats.e1.rmse},
+            "e2": {"slope": stats.e2.slope, "rmse": stats.e2.rmse}}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

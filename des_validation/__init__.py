@@ -1,5 +1,8 @@
 """DES validation of a trained deblender: im3shape shapes and DES cutouts (SPEC 7).
 
+The fifth layer: it imports every layer below (core, simulation, training, evaluation) and only
+its command-line modules (``fetch``, ``standin``, ``validate``) are entry points.
+
 Commands::
 
     python -m des_validation.fetch    --out DIR [--limit N]        # needs internet (Data Lab)
@@ -16,9 +19,12 @@ Modules, one job each:
   pixel frame through the WCS (north up, east left: e2 -> -e2), shear <-> distortion;
 - :mod:`des_validation.prepare`: resample to the model's pixels and crop, map DES g r i z Y onto
   the model's bands, fill u (``zeros``, ``g_copy``, ``g_extrapolate``), normalisation constants;
-- :mod:`des_validation.standin`: simulated DES-like cutouts + im3shape-like catalog with truth;
-- :mod:`des_validation.validate`: the validation CLI and its report;
-- :mod:`des_validation.fetch`: the Data Lab query and cutout download CLI.
+- :mod:`des_validation.standin_cutouts`: simulated DES-like cutouts + im3shape-like catalog with
+  truth (command line: :mod:`des_validation.standin`);
+- :mod:`des_validation.validation`: the validation and its report (command line:
+  :mod:`des_validation.validate`);
+- :mod:`des_validation.datalab`: the Data Lab query and cutout download (command line:
+  :mod:`des_validation.fetch`).
 
 Cutout formats (one object = one ``coadd_objects_id``; bands g r i z Y):
 

@@ -22,7 +22,6 @@ from astropy.table import Table
 from deblend.core.config import DESConfig
 
 REQUIRED_COLUMNS = ("coadd_objects_id", "ra", "dec", "e_1", "e_2", "snr_w")
-OPTIONAL_COLUMNS = ("error_flag", "info_flag")
 MISSING_VALUE = -9999.0
 
 
@@ -44,10 +43,6 @@ class CatalogSelection:
     table: Table
     n_input: int
     cuts: list[CutCount] = field(default_factory=list)
-
-    def row_index(self) -> dict[int, int]:
-        """coadd_objects_id -> row of :attr:`table`."""
-        return {int(i): k for k, i in enumerate(self.table["coadd_objects_id"])}
 
 
 def read_catalog(path: str | Path) -> Table:

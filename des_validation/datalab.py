@@ -1,26 +1,10 @@
-"""NOIRLab Astro Data Lab access for the DES validation data: the im3shape catalog query and the
-cutout downloads (``python -m des_validation.fetch`` is its command line).
+"""NOIRLab Astro Data Lab access for the DES validation data (needs internet).
 
-    python -m des_validation.fetch --out DIR [--limit N] [--size-arcsec 15]
-
-1. Catalog: one ADQL query to NOIRLab Astro Data Lab's TAP service: the DES SV (SVA1) im3shape
-   catalog joined to the Gold catalog on ``coadd_objects_id`` for positions, with the cuts of
-   :mod:`des_validation.catalog` (valid e_1/e_2, snr_w > min_snr, error_flag = 0, info_flag = 0)
-   applied in the query. Written to ``DIR/catalog.csv``.
-2. Cutouts: for each object, one Simple Image Access query to Data Lab's DES DR1 collection at
-   its position; the coadd ("Stack") image rows of bands g r i z Y give the cutout URLs, each
-   downloaded to ``DIR/cutouts/<id>_<band>.fits`` (the per-band format of
-   :mod:`des_validation.cutouts`).
-
-Resumable: finished files are kept and skipped on the next run; each download goes to a
-``.part`` file renamed on completion; every request is retried (``--retries``, exponential
-back-off). Failures of single objects are listed in ``DIR/fetch_failures.csv`` and do not stop
-the run. Offline, the first request fails at once: one clear error line, a non-zero exit, and no
-file or directory left behind.
-
-The table and column names are those of Data Lab's ``des_sva1`` schema as we know them; they
-can be changed with ``--im3shape-table``, ``--gold-table``, ``--ra-column``, ``--dec-column``
-if Data Lab renames them (check with its Query Interface).
+The im3shape catalog (DES SV, joined to Gold for positions, with the cuts of
+:mod:`des_validation.catalog` in the ADQL query) through the TAP service, and five-band DES DR1
+coadd cutouts through Simple Image Access, downloaded resumably with retries; offline, the first
+request fails at once with a clear error. ``python -m des_validation.fetch`` is the command line
+(its help has the details).
 """
 
 from __future__ import annotations

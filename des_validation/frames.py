@@ -25,8 +25,6 @@ from __future__ import annotations
 import numpy as np
 from astropy.wcs import WCS
 
-STANDARD_ORIENTATION = "north up, east left"
-
 
 def standard_jacobian(pixel_scale_arcsec: float) -> np.ndarray:
     """Jacobian (degrees per pixel) of a north-up, east-left image: ``diag(-s, s)``."""
@@ -58,11 +56,6 @@ def local_jacobian(wcs: WCS, x: float, y: float) -> np.ndarray:
     if not np.all(np.isfinite(jac)) or abs(np.linalg.det(jac)) == 0:
         raise ValueError("the WCS Jacobian is singular or not finite at the cutout centre")
     return jac
-
-
-def handedness(jacobian: np.ndarray) -> int:
-    """-1 for a mirrored map (north up, east left: e2 flips), +1 otherwise."""
-    return -1 if np.linalg.det(np.asarray(jacobian, dtype=float)) < 0 else 1
 
 
 def orientation(jacobian: np.ndarray) -> str:

@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = validate_des(run, args.catalog, args.cutouts, args.out, des,
                        training_data=args.training_data, pixel_scale=args.pixel_scale,
                        force=args.force, device=args.device, command=command)
-    return 0 if metrics["counts"]["validated"] > 0 else 1
+    return 0 if metrics.counts["validated"] > 0 else 1
 
 
 if __name__ == "__main__":

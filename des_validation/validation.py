@@ -26,6 +26,7 @@ cutouts and ids without a catalog row are skipped, listed and counted.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import shutil
@@ -68,6 +69,7 @@ from evaluation.estimators import (
     measure_estimators,
 )
 from evaluation.plots import draw_stick, plt, save_figure
+from evaluation.results import DESEstimator, DESValidationResult
 from evaluation.report_io import fmt, markdown_table, write_metrics
 from evaluation.validation_report import ELLIPTICITY_HEADER, ellipticity_row
 from simulation.dataset import DatasetError, open_dataset
@@ -122,8 +124,6 @@ def training_info(run: Path, model: Any, training_data: str | Path | None) -> Tr
 def u_over_g_ratio(des: DESConfig, info: TrainingInfo) -> tuple[float, str]:
     """The u/g flux ratio of g_extrapolate and where it comes from."""
     if des.u_over_g is not None:
-        if not des.u_over_g > 0:
-            raise ValueError(f"des.u_over_g must be > 0, got {des.u_over_g}")
         return float(des.u_over_g), "des.u_over_g (config or --u-over-g)"
     if info.dataset is not None:
         labels = info.dataset.labels()
@@ -237,7 +237,7 @@ def validation_is_complete(out: str | Path) -> bool:
 def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path, out: str | Path | None,
              des: DESConfig, *, training_data: str | Path | None = None,
              pixel_scale: float | None = None, force: bool = False, device: str = "auto",
-             command: str | None = None, log=print) -> dict[str, Any]:
+             command: str | None = None, log=print) -> DESValidationResult:
     """Run the whole DES validation and write the report; returns the metrics."""
 
     run = Path(run)
@@ -303,29 +303,28 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path, out:
                                  else (cutout_scales[0] if cutout_scales else float("nan"))),
         "label_bands": list(info.label_bands),
     }
-    metrics: dict[str, Any] = {
-        "meta": {"run": str(run), "catalog": str(catalog), "cutouts": str(cutouts),
+    metrics = DESValidationResult(
+        meta={"run": str(run), "catalog": str(catalog), "cutouts": str(cutouts),
                  "cutout_format": found.format, "created": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                         time.gmtime()),
                  "command": command or f"python -m des_validation.validate --run {run} "
                                        f"--catalog {catalog} --cutouts {cutouts}",
                  "model_survey": model.data.survey, "training_dataset": model.data.path},
-        "settings": settings, "counts": counts,
-        "cuts": [c.__dict__ for c in selection.cuts],
-        "skipped": [{"id": s.object_id, "source": s.source, "stage": s.stage,
-                     "reason": s.reason} for s in skipped],
-        "skipped_by_reason": dict(Counter(_reason_kind(s.reason) for s in skipped)),
-        "orientation": dict(Counter(orientations)),
-        "notes": notes,
-        "figures": {},
-    }
+        settings=settings, counts=counts,
+        cuts=[dataclasses.asdict(c) for c in selection.cuts],
+        skipped=[{"id": s.object_id, "source": s.source, "stage": s.stage,
+                  "reason": s.reason} for s in skipped],
+        skipped_by_reason=dict(Counter(_reason_kind(s.reason) for s in skipped)),
+        orientation=dict(Counter(orientations)),
+        notes=notes,
+        figures={},
+    )
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         if n == 0:
-            metrics["estimators"] = {}
             notes.append("no object is left to validate")
             _write_outputs(tmp, metrics, None)
         else:
@@ -345,11 +344,11 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path, out:
             descriptions = dict(ESTIMATORS)
             descriptions["des_hsm"] = ("galsim.hsm adaptive moments of the prepared DES stamp "
                                        "itself (no deblending; a baseline)")
-            metrics["estimators"] = {
-                name: {"description": descriptions.get(name, name),
-                       **ellipticity_stats(truth["e1"], truth["e2"], *estimates[name])}
+            metrics.estimators = {
+                name: DESEstimator(descriptions.get(name, name),
+                                   ellipticity_stats(truth["e1"], truth["e2"], *estimates[name]))
                 for name in estimates}
-            metrics["normalization"] = {
+            metrics.normalization = {
                 "used": des.normalization, "constants": constants.to_dict(),
                 "training": training_constants.to_dict(),
                 "des_over_training": {b: c / t for b, c, t in zip(
@@ -389,12 +388,13 @@ def _reason_kind(reason: str) -> str:
 
 
 # -- outputs -----------------------------------------------------------------------------------------
-def _write_outputs(out: Path, metrics: dict[str, Any], arrays: Mapping[str, Any] | None) -> None:
-    _write_skipped(out / "skipped.csv", metrics["skipped"])
+def _write_outputs(out: Path, metrics: DESValidationResult, arrays: Mapping[str, Any] | None
+                   ) -> None:
+    _write_skipped(out / "skipped.csv", metrics.skipped)
     if arrays is not None:
         make_figures(out, metrics, arrays)
         _write_objects(out / "objects.csv", arrays)
-    write_metrics(out, metrics)
+    write_metrics(out, metrics.to_dict())
     write_text_atomic(out / "report.md", render_markdown(metrics))
 
 
@@ -426,18 +426,17 @@ def _write_objects(path: Path, arrays: Mapping[str, Any]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
-def make_figures(out: Path, metrics: dict[str, Any], arrays: Mapping[str, Any]) -> None:
+def make_figures(out: Path, metrics: DESValidationResult, arrays: Mapping[str, Any]) -> None:
     """The evaluation report's ellipticity figures against im3shape, figure 7 and a gallery."""
     est, truth = arrays["estimates"], arrays["truth"]
-    stats = {name: metrics["estimators"][name] for name in est}
-    figures = metrics["figures"]
+    stats = {name: metrics.estimators[name].stats for name in est}
     plots.plot_ellipticity_scatter(truth, est, stats, out / FIGURES["scatter"])
     plots.plot_delta_e(truth, est, out / FIGURES["delta_e"])
     plots.plot_distributions(truth, est, out / FIGURES["distributions"])
     plot_pixel_distributions(arrays["des_normalised"], arrays["train_normalised"],
-                             arrays["bands"], metrics["settings"], out / FIGURES["pixels"])
+                             arrays["bands"], metrics.settings, out / FIGURES["pixels"])
     plot_des_gallery(arrays, out / FIGURES["gallery"])
-    figures.update(FIGURES)
+    metrics.figures.update(FIGURES)
 
 
 def plot_pixel_distributions(des: np.ndarray, train: np.ndarray | None, bands: Sequence[str],
@@ -510,9 +509,9 @@ def _header() -> list[str]:
     return ELLIPTICITY_HEADER[:-1] + ["<abs(e)> pred/im3shape"]
 
 
-def render_markdown(metrics: Mapping[str, Any]) -> str:
+def render_markdown(metrics: DESValidationResult) -> str:
     """report.md from the metrics (every number printed comes from them)."""
-    meta, st, counts = metrics["meta"], metrics["settings"], metrics["counts"]
+    meta, st, counts = metrics.meta, metrics.settings, metrics.counts
     lines = [f"# DES validation: run `{meta['run']}`", "",
              f"- Catalog: `{meta['catalog']}`; cutouts: `{meta['cutouts']}` ({meta['cutout_format']})",
              f"- Model: {meta['model_survey']} bands {' '.join(st['model_bands'])}, "
@@ -538,29 +537,29 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
     lines += ["## Objects", "", "Catalog cuts (each counted on what the previous cuts left):", "",
               markdown_table(["cut", "rule", "removed", "remaining"],
                              [[c["name"], c["rule"], fmt(c["removed"]) if c["applied"] else "–",
-                               fmt(c["remaining"])] for c in metrics["cuts"]],
+                               fmt(c["remaining"])] for c in metrics.cuts],
                              ["l", "l", "r", "r"]),
               markdown_table(["count", "objects"], [[k.replace("_", " "), fmt(v)]
                                                     for k, v in counts.items()]),
               ]
-    if metrics["orientation"]:
+    if metrics.orientation:
         lines += ["Cutout orientations (from the WCS): " + "; ".join(
-            f"{k}: {v}" for k, v in metrics["orientation"].items()), ""]
-    lines += [f"### Skipped objects ({len(metrics['skipped'])})", ""]
-    if metrics["skipped"]:
+            f"{k}: {v}" for k, v in metrics.orientation.items()), ""]
+    lines += [f"### Skipped objects ({len(metrics.skipped)})", ""]
+    if metrics.skipped:
         lines += [markdown_table(["reason", "objects"],
-                                 [[k, fmt(v)] for k, v in metrics["skipped_by_reason"].items()]),
+                                 [[k, fmt(v)] for k, v in metrics.skipped_by_reason.items()]),
                   markdown_table(["coadd_objects_id", "source", "stage", "reason"],
                                  [["–" if s["id"] is None else s["id"], s["source"], s["stage"],
-                                   s["reason"]] for s in metrics["skipped"]],
+                                   s["reason"]] for s in metrics.skipped],
                                  ["l", "l", "l", "l"]),
                   "(also in `skipped.csv`)", ""]
     else:
         lines += ["None.", ""]
-    if metrics.get("notes"):
-        lines += ["Notes:", ""] + [f"- {n}" for n in metrics["notes"]] + [""]
-    if metrics.get("estimators"):
-        norm = metrics["normalization"]
+    if metrics.notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in metrics.notes] + [""]
+    if metrics.estimators:
+        norm = metrics.normalization
         lines += ["## Normalisation constants (<max> per band)", "",
                   markdown_table(["band", "used", "training", "used / training"],
                                  [[b, fmt(u, 4), fmt(t, 4), fmt(norm["des_over_training"][b], 4)]
@@ -570,11 +569,11 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
                   "Each estimator against im3shape's (e1, e2) as distortions in the pixel frame: "
                   "OLS slope and intercept of estimate on im3shape (± standard error; slope < 1 "
                   "is the round bias), RMSE of the difference.", "",
-                  markdown_table(_header(), [ellipticity_row(n, s)
-                                             for n, s in metrics["estimators"].items()]),
+                  markdown_table(_header(), [ellipticity_row(n, e.stats)
+                                             for n, e in metrics.estimators.items()]),
                   ]
-        lines += [f"- **{n}**: {s['description']}" for n, s in metrics["estimators"].items()]
-        figs = metrics["figures"]
+        lines += [f"- **{n}**: {e.description}" for n, e in metrics.estimators.items()]
+        figs = metrics.figures
         lines += ["", "In the figures \"true\" means im3shape.", "",
                   f"![estimate vs im3shape]({figs['scatter']})", "",
                   f"![Delta e with 1/2/3-sigma contours]({figs['delta_e']})", "",
@@ -585,16 +584,16 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summary_lines(metrics: Mapping[str, Any]) -> str:
+def summary_lines(metrics: DESValidationResult) -> str:
     """Short terminal summary."""
-    c = metrics["counts"]
+    c = metrics.counts
     lines = [f"validated {c['validated']} objects ({c['skipped']} skipped, "
              f"{c['removed_by_cuts']} with a cutout removed by the cuts)"]
-    if metrics.get("estimators"):
+    if metrics.estimators:
         lines.append(f"{'estimator':<22}{'slope e1':>10}{'slope e2':>10}{'RMSE e1':>10}"
                      f"{'RMSE e2':>10}")
-        for name, s in metrics["estimators"].items():
-            lines.append(f"{SHORT_NAMES.get(name, name):<22}{fmt(s['e1']['slope']):>10}"
-                         f"{fmt(s['e2']['slope']):>10}{fmt(s['e1']['rmse']):>10}"
-                         f"{fmt(s['e2']['rmse']):>10}")
+        for name, e in metrics.estimators.items():
+            s = e.stats
+            lines.append(f"{SHORT_NAMES.get(name, name):<22}{fmt(s.e1.slope):>10}"
+                         f"{fmt(s.e2.slope):>10}{fmt(s.e1.rmse):>10}{fmt(s.e2.rmse):>10}")
     return "\n".join(lines)

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from evaluation.results import EllipticityBreakdown, EllipticityStats, LineStats, ModulusStats
+
 
 def fit_line(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """OLS of ``y`` on ``x``: slope, intercept and their standard errors (finite pairs only).
@@ -40,7 +42,8 @@ def fit_line(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 def component_stats(e_true: np.ndarray, e_pred: np.ndarray) -> dict[str, float]:
-    """Slope/intercept (with errors), RMSE, bias (mean offset) and scatter of one component."""
+    """Slope/intercept (with errors), RMSE, bias (mean offset) and scatter of one component
+    (the fields of :class:`evaluation.results.LineStats`)."""
     e_true = np.asarray(e_true, dtype=np.float64)
     e_pred = np.asarray(e_pred, dtype=np.float64)
     delta = e_pred - e_true
@@ -55,12 +58,8 @@ def component_stats(e_true: np.ndarray, e_pred: np.ndarray) -> dict[str, float]:
 
 
 def ellipticity_stats(e1_true: np.ndarray, e2_true: np.ndarray, e1_pred: np.ndarray,
-                      e2_pred: np.ndarray) -> dict[str, object]:
-    """Every accuracy number of one estimator on one sample.
-
-    ``{"n", "n_valid", "e1": component_stats, "e2": ..., "e": {"mean_true", "mean_pred",
-    "mean_ratio", "rmse", "slope", ...}}`` where ``e`` is the modulus.
-    """
+                      e2_pred: np.ndarray) -> EllipticityStats:
+    """Every accuracy number of one estimator on one sample (``e`` is the modulus)."""
     e1_true, e2_true, e1_pred, e2_pred = (np.asarray(a, dtype=np.float64)
                                           for a in (e1_true, e2_true, e1_pred, e2_pred))
     valid = (np.isfinite(e1_true) & np.isfinite(e2_true) & np.isfinite(e1_pred)
@@ -72,13 +71,10 @@ def ellipticity_stats(e1_true: np.ndarray, e2_true: np.ndarray, e1_pred: np.ndar
     mean_pred = float(e_pred.mean()) if e_pred.size else float("nan")
     modulus.update(mean_true=mean_true, mean_pred=mean_pred,
                    mean_ratio=mean_pred / mean_true if mean_true > 0 else float("nan"))
-    return {
-        "n": int(valid.size),
-        "n_valid": int(valid.sum()),
-        "e1": component_stats(e1_true[valid], e1_pred[valid]),
-        "e2": component_stats(e2_true[valid], e2_pred[valid]),
-        "e": modulus,
-    }
+    return EllipticityStats(int(valid.size), int(valid.sum()),
+                            LineStats(**component_stats(e1_true[valid], e1_pred[valid])),
+                            LineStats(**component_stats(e2_true[valid], e2_pred[valid])),
+                            ModulusStats(**modulus))
 
 
 def magnitude_bin_labels(edges: Sequence[float]) -> list[str]:
@@ -102,25 +98,19 @@ def magnitude_bins(mags: np.ndarray, edges: Sequence[float]) -> np.ndarray:
 
 def breakdown(e1_true: np.ndarray, e2_true: np.ndarray, e1_pred: np.ndarray,
               e2_pred: np.ndarray, n_galaxies: np.ndarray, mags: np.ndarray,
-              mag_edges: Sequence[float]) -> dict[str, dict[str, dict[str, object]]]:
-    """:func:`ellipticity_stats` overall, per number of galaxies and per target-magnitude bin.
-
-    Returns ``{"all": stats, "by_n_galaxies": {"1": stats, ...},
-    "by_magnitude": {"< 22": stats, ...}}``; empty groups are omitted.
-    """
+              mag_edges: Sequence[float]) -> EllipticityBreakdown:
+    """:func:`ellipticity_stats` overall, per number of galaxies ("1", "2", ...) and per
+    target-magnitude bin ("< 22", ...); empty groups are omitted."""
     arrays = [np.asarray(a, dtype=np.float64) for a in (e1_true, e2_true, e1_pred, e2_pred)]
-    result: dict[str, object] = {"all": ellipticity_stats(*arrays)}
     n_galaxies = np.asarray(n_galaxies)
     by_n = {}
     for k in sorted(np.unique(n_galaxies).tolist()):
         mask = n_galaxies == k
         by_n[str(int(k))] = ellipticity_stats(*(a[mask] for a in arrays))
-    result["by_n_galaxies"] = by_n
     bins = magnitude_bins(mags, mag_edges)
     by_mag = {}
     for index, name in enumerate(magnitude_bin_labels(mag_edges)):
         mask = bins == index
         if mask.any():
             by_mag[name] = ellipticity_stats(*(a[mask] for a in arrays))
-    result["by_magnitude"] = by_mag
-    return result  # type: ignore[return-value]
+    return EllipticityBreakdown(ellipticity_stats(*arrays), by_n, by_mag)

@@ -16,6 +16,7 @@ import numpy as np
 from deblend.core.atomic import atomic_output
 from deblend.core.shapes import ellipticity_modulus, position_angle, second_moments
 from evaluation.estimators import SHORT_NAMES
+from evaluation.results import EllipticityBreakdown, EllipticityStats, ShearCalibration
 
 STAGE_COLOURS = {"t1": "tab:orange", "t2": "tab:blue"}
 ESTIMATOR_COLOURS = {
@@ -54,6 +55,15 @@ def save_figure(fig: plt.Figure, path: str | Path) -> Path:
 
 def _label(name: str) -> str:
     return SHORT_NAMES.get(name, name)
+
+
+def _number(value: float | None) -> float:
+    """A result's number as a float (NaN where it was not measurable)."""
+    return np.nan if value is None else float(value)
+
+
+def _finite_number(value: float | None) -> bool:
+    return bool(np.isfinite(_number(value)))
 
 
 def _finite(*arrays: np.ndarray) -> np.ndarray:
@@ -146,7 +156,7 @@ def plot_flux_size(residuals: Mapping[str, Mapping[str, np.ndarray]], bands: Seq
 # -- figure 14: predicted vs true ------------------------------------------------------------------
 def plot_ellipticity_scatter(truth: tuple[np.ndarray, np.ndarray],
                              estimates: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                             stats: Mapping[str, Mapping[str, object]], path: str | Path
+                             stats: Mapping[str, EllipticityStats], path: str | Path
                              ) -> Path:
     """e1, e2 and |e| predicted against true, one row per estimator, with 1:1 and OLS lines."""
     names = list(estimates)
@@ -166,12 +176,11 @@ def plot_ellipticity_scatter(truth: tuple[np.ndarray, np.ndarray],
             ax.scatter(t[ok], np.clip(p[ok], *lims), s=4, alpha=0.35,
                        color=ESTIMATOR_COLOURS.get(name, "tab:blue"), rasterized=True)
             ax.plot(lims, lims, "k--", lw=1, label="1:1")
-            s = stats.get(name, {}).get(comp, {}) if stats else {}
-            slope, intercept = s.get("slope", np.nan), s.get("intercept", np.nan)
-            if np.isfinite(slope):
+            line = getattr(stats[name], comp) if name in stats else None
+            if line is not None and _finite_number(line.slope):
                 xs = np.array(lims, float)
-                ax.plot(xs, slope * xs + intercept, color="tab:red", lw=1.2,
-                        label=f"fit: slope {slope:.2f}, RMSE {s.get('rmse', np.nan):.3f}")
+                ax.plot(xs, line.slope * xs + line.intercept, color="tab:red", lw=1.2,
+                        label=f"fit: slope {line.slope:.2f}, RMSE {line.rmse:.3f}")
             ax.set_xlim(*lims)
             ax.set_ylim(*lims)
             ax.set_aspect("equal")
@@ -306,27 +315,27 @@ def plot_distributions(truth: tuple[np.ndarray, np.ndarray],
 # -- breakdowns -----------------------------------------------------------------------------------
 SLOPE_RANGE = (-0.5, 2.0)
 RMSE_MAX = 0.6
-def plot_breakdown(breakdowns: Mapping[str, Mapping[str, object]], path: str | Path) -> Path:
+def plot_breakdown(breakdowns: Mapping[str, EllipticityBreakdown], path: str | Path) -> Path:
     """Slope and RMSE (averaged over e1 and e2) per n_galaxies and per magnitude bin."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for col, (key, xlabel) in enumerate((("by_n_galaxies", "galaxies in the blend"),
                                          ("by_magnitude", "target magnitude bin"))):
         groups: list[str] = []
         for b in breakdowns.values():
-            for g in b.get(key, {}):  # type: ignore[union-attr]
+            for g in getattr(b, key):
                 if g not in groups:
                     groups.append(g)
         x = np.arange(len(groups))
         for name, b in breakdowns.items():
             slope, rmse = [], []
             for g in groups:
-                s = b.get(key, {}).get(g)  # type: ignore[union-attr]
+                s = getattr(b, key).get(g)
                 if s is None:
                     slope.append(np.nan)
                     rmse.append(np.nan)
                     continue
-                slope.append(0.5 * (s["e1"]["slope"] + s["e2"]["slope"]))
-                rmse.append(np.sqrt(0.5 * (s["e1"]["rmse"] ** 2 + s["e2"]["rmse"] ** 2)))
+                slope.append(0.5 * (_number(s.e1.slope) + _number(s.e2.slope)))
+                rmse.append(np.sqrt(0.5 * (_number(s.e1.rmse) ** 2 + _number(s.e2.rmse) ** 2)))
             kw = dict(marker="o", color=ESTIMATOR_COLOURS.get(name), label=_label(name))
             # off-scale values (the noise-dominated uniform moments) sit on the frame's edge
             axes[0, col].plot(x, np.clip(slope, *SLOPE_RANGE), **kw)
@@ -426,7 +435,7 @@ def plot_gallery(blend: np.ndarray, truth: np.ndarray, reconstruction: np.ndarra
 
 
 # -- shear ----------------------------------------------------------------------------------------
-def plot_shear_response(means: Sequence[Mapping[str, object]], calibration: Mapping[str, object],
+def plot_shear_response(means: Sequence[Mapping[str, object]], calibration: ShearCalibration,
                         path: str | Path, reference: str = "truth_moments") -> Path:
     """<e_i> - c against g_i per estimator with the fitted lines, and the m of each estimator.
 
@@ -435,22 +444,22 @@ def plot_shear_response(means: Sequence[Mapping[str, object]], calibration: Mapp
     edge with their value).
     """
     comps = ("g1", "g2")
-    names = [n for n in calibration["g1"]["estimators"]]  # type: ignore[index]
+    names = list(calibration.g1.estimators)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for col, comp in enumerate(comps):
         ax = axes[col]
         other = "g2" if comp == "g1" else "g1"
         rows = sorted((r for r in means if r[other] == 0.0), key=lambda r: r[comp])
         g = np.array([r[comp] for r in rows], float)
-        table = calibration[comp]["estimators"]  # type: ignore[index]
-        a_ref = table.get(reference, {}).get("A", np.nan)
+        table = calibration.component(comp).estimators
+        a_ref = _number(table[reference].A) if reference in table else np.nan
         gmax = float(np.max(np.abs(g))) if g.size else 0.02
         half = 2.5 * abs(a_ref) * gmax if np.isfinite(a_ref) and a_ref != 0 else 0.1
         for k, name in enumerate(names):
             fit = table[name]
-            if not np.isfinite(fit["c"]):
+            if not _finite_number(fit.c):
                 continue
-            e = np.array([r[name][f"e{col + 1}"] for r in rows], float) - fit["c"]  # type: ignore
+            e = np.array([r[name][f"e{col + 1}"] for r in rows], float) - fit.c  # type: ignore
             err = np.array([r[name][f"e{col + 1}_err"] for r in rows], float)  # type: ignore
             colour = ESTIMATOR_COLOURS.get(name)
             x = g + (k - (len(names) - 1) / 2) * 0.04 * gmax
@@ -461,11 +470,11 @@ def plot_shear_response(means: Sequence[Mapping[str, object]], calibration: Mapp
                 ax.plot(xo, np.sign(eo) * half * 0.97, "^" if eo > 0 else "v", color=colour,
                         ms=6)
             gs = np.array([g.min(), g.max()]) if g.size else np.zeros(2)
-            if np.isfinite(fit["A"]):
-                off_scale = np.isfinite(a_ref) and abs(fit["A"]) > 3 * abs(a_ref)
-                ax.plot(gs, fit["A"] * gs, color=colour, lw=1, ls=":" if off_scale else "-",
+            if _finite_number(fit.A):
+                off_scale = np.isfinite(a_ref) and abs(fit.A) > 3 * abs(a_ref)
+                ax.plot(gs, fit.A * gs, color=colour, lw=1, ls=":" if off_scale else "-",
                         alpha=0.3 if off_scale else 1.0,
-                        label=f"{_label(name)}: A = {fit['A']:.3f}"
+                        label=f"{_label(name)}: A = {fit.A:.3f}"
                               + (" (off scale)" if off_scale else ""))
         ax.set_ylim(-half, half)
         ax.set_xlabel(f"applied shear {comp}")
@@ -477,9 +486,9 @@ def plot_shear_response(means: Sequence[Mapping[str, object]], calibration: Mapp
     y = np.arange(len(names))
     values = []
     for comp in comps:
-        table = calibration[comp]["estimators"]  # type: ignore[index]
+        table = calibration.component(comp).estimators
         for n in names:
-            m, err = table[n]["m"], table[n]["m_err"]
+            m, err = _number(table[n].m), _number(table[n].m_err)
             if np.isfinite(m) and abs(m) < 2:
                 values += [m - (err if np.isfinite(err) else 0), m + (err if np.isfinite(err)
                                                                      else 0)]
@@ -487,9 +496,9 @@ def plot_shear_response(means: Sequence[Mapping[str, object]], calibration: Mapp
     pad = 0.08 * (hi - lo)
     lo, hi = lo - pad, hi + pad
     for j, comp in enumerate(comps):
-        table = calibration[comp]["estimators"]  # type: ignore[index]
-        m = np.array([table[n]["m"] for n in names], float)
-        err = np.array([table[n]["m_err"] for n in names], float)
+        table = calibration.component(comp).estimators
+        m = np.array([_number(table[n].m) for n in names], float)
+        err = np.array([_number(table[n].m_err) for n in names], float)
         yy = y + (j - 0.5) * 0.25
         inside = np.isfinite(m) & (m >= lo) & (m <= hi)
         colour = ("tab:blue", "tab:orange")[j]

@@ -20,12 +20,13 @@ is not replaced without ``--force``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from deblend.core.config import Config
@@ -51,6 +52,7 @@ from evaluation.report_io import (
     section,
     write_metrics,
 )
+from evaluation.results import ShearCalibration, ShearResult
 from evaluation.shear_fit import (
     ShearPopulation,
     calibrate,
@@ -203,7 +205,7 @@ def simulate_populations(config: Config, model: Model, cache_dir: Path, model_id
 
 
 # -- result ---------------------------------------------------------------------------------------
-def shear_result(populations: Sequence[ShearPopulation], config: Config) -> dict[str, Any]:
+def shear_result(populations: Sequence[ShearPopulation], config: Config) -> ShearResult:
     """Calibration table plus the bookkeeping of how many scenes each number rests on."""
     shear = config.shear
     names = [n for n in list(ESTIMATORS) + list(REFERENCES) if n in populations[0].estimates]
@@ -211,13 +213,13 @@ def shear_result(populations: Sequence[ShearPopulation], config: Config) -> dict
     calibration = calibrate(populations, reference=REFERENCE, n_bootstrap=shear.bootstrap,
                             seed=shear.seed, shared_galaxies=shear.shared_galaxies,
                             extra_references=extra)
-    for comp in ("g1", "g2"):
-        table = calibration[comp]["estimators"]
-        calibration[comp]["estimators"] = {n: table[n] for n in names}
-    n_fit = {comp: len(calibration[comp]["g_values"]) for comp in ("g1", "g2")}
+    calibration = dataclasses.replace(calibration, **{
+        comp: dataclasses.replace(part, estimators={n: part.estimators[n] for n in names})
+        for comp, part in (("g1", calibration.g1), ("g2", calibration.g2))})
+    n_fit = {comp: len(calibration.component(comp).g_values) for comp in ("g1", "g2")}
     sim = config.simulation
-    return {
-        "meta": {
+    return ShearResult(
+        meta={
             "populations": [[p.g1, p.g2] for p in populations],
             "g_values": list(shear.g_values),
             "n_scenes_per_population": int(shear.n_scenes),
@@ -236,30 +238,37 @@ def shear_result(populations: Sequence[ShearPopulation], config: Config) -> dict
                            "neighbours": [sim.min_neighbours, sim.max_neighbours],
                            "noise": sim.noise, "label_bands": list(sim.label_bands)},
         },
-        "estimators": {n: {**ESTIMATORS, **REFERENCES}[n] for n in names},
-        "calibration": calibration,
-        "population_means": population_means(populations, names),
-        "figure": FIGURE,
-    }
+        estimators={n: {**ESTIMATORS, **REFERENCES}[n] for n in names},
+        calibration=calibration,
+        population_means=population_means(populations, names),
+        figure=FIGURE,
+    )
 
 
-def format_table(result: Mapping[str, Any]) -> str:
+def _calibration_row(cal: ShearCalibration, name: str) -> list[str]:
+    """A1, c1, m1, A2, c2, m2 of one estimator with their errors, then its pairs "n1 / n2"."""
+    cells = []
+    for part in (cal.g1, cal.g2):
+        r = part.estimators[name]
+        cells += [fmt_err(r.A, r.A_err, 4), fmt_err(r.c, r.c_err, 5, True),
+                  fmt_err(r.m, r.m_err, 4, True)]
+    return cells + [f"{cal.g1.estimators[name].n_pairs} / {cal.g2.estimators[name].n_pairs}"]
+
+
+CALIBRATION_HEADER = ["estimator", "A1", "c1", "m1", "A2", "c2", "m2", "pairs"]
+
+
+def format_table(result: ShearResult) -> str:
     """The calibration as a plain-text table (stdout)."""
-    cal = result["calibration"]
     width = 22
-    head = (f"{'estimator':<24}" + "".join(f"{h:>{width}}" for h in
-            ("A1", "c1", "m1", "A2", "c2", "m2")) + f"{'pairs':>10}")
+    head = (f"{'estimator':<24}" + "".join(f"{h:>{width}}" for h in CALIBRATION_HEADER[1:-1])
+            + f"{'pairs':>12}")
     lines = [head, "-" * len(head)]
-    for name in cal["g1"]["estimators"]:
-        cells = []
-        for comp in ("g1", "g2"):
-            r = cal[comp]["estimators"][name]
-            cells += [fmt_err(r["A"], r["A_err"], 4), fmt_err(r["c"], r["c_err"], 5, True),
-                      fmt_err(r["m"], r["m_err"], 4, True)]
-        pairs = "/".join(str(cal[c]["estimators"][name]["n_pairs"]) for c in ("g1", "g2"))
+    for name in result.calibration.g1.estimators:
+        *cells, pairs = _calibration_row(result.calibration, name)
         lines.append(f"{SHORT_NAMES.get(name, name):<24}" + "".join(f"{c:>{width}}" for c in cells)
-                     + f"{pairs:>10}")
-    meta = result["meta"]
+                     + f"{pairs:>12}")
+    meta = result.meta
     lines.append(f"{meta['n_scenes_per_population']} scenes per population "
                  f"({meta['n_pairs_per_population']} twin pairs), {meta['n_populations']} "
                  f"populations; each component's fit uses {meta['n_scenes_per_fit']['g1']} scenes; "
@@ -268,18 +277,11 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_shear_markdown(result: Mapping[str, Any]) -> str:
+def render_shear_markdown(result: ShearResult) -> str:
     """The shear section of report.md (every number from ``result``)."""
-    meta, cal = result["meta"], result["calibration"]
-    rows = []
-    for name in cal["g1"]["estimators"]:
-        row = [SHORT_NAMES.get(name, name)]
-        for comp in ("g1", "g2"):
-            r = cal[comp]["estimators"][name]
-            row += [fmt_err(r["A"], r["A_err"], 4), fmt_err(r["c"], r["c_err"], 5, True),
-                    fmt_err(r["m"], r["m_err"], 4, True)]
-        row.append(" / ".join(str(cal[c]["estimators"][name]["n_pairs"]) for c in ("g1", "g2")))
-        rows.append(row)
+    meta, cal = result.meta, result.calibration
+    rows = [[SHORT_NAMES.get(name, name)] + _calibration_row(cal, name)
+            for name in cal.g1.estimators]
     pops = ", ".join(f"({g1:+g}, {g2:+g})" for g1, g2 in meta["populations"])
     shared = ("All populations draw the same scenes (same seeds; only the shear differs), so "
               f"they rest on {meta['independent_galaxy_sets']} independent twin pairs; the "
@@ -288,7 +290,7 @@ def render_shear_markdown(result: Mapping[str, Any]) -> str:
               "Every population draws its own scenes; the bootstrap resamples pairs within each "
               "population, the same draws for every estimator.")
     sim = meta["simulation"]
-    req = meta.get("requirements", {"lsst_y10_m": 0.003, "debvader_m_blends": 0.016})
+    req = meta["requirements"]
     lines = [
         "## 5. Shear calibration", "",
         f"Fit of <e_i> = A g_i + c per component over populations with constant applied shears "
@@ -305,7 +307,7 @@ def render_shear_markdown(result: Mapping[str, Any]) -> str:
         f"neighbours, noise '{sim['noise']}'. A pair counts where both twins were measured "
         f"(last column: pairs used by the fit of component 1 / 2, summed over its "
         f"populations).", "",
-        markdown_table(["estimator", "A1", "c1", "m1", "A2", "c2", "m2", "pairs"], rows),
+        markdown_table(CALIBRATION_HEADER, rows),
         *_hsm_table(cal),
         f"For scale: LSST DESC's Year-10 requirement is |m| < {req['lsst_y10_m']:g}; Debvader "
         f"reported a {100 * req['debvader_m_blends']:.1f}% multiplicative ellipticity bias on "
@@ -313,14 +315,14 @@ def render_shear_markdown(result: Mapping[str, Any]) -> str:
         "Mean twin-pair ellipticity per population, the points of the fits (± standard error "
         "of the mean over pairs):", "",
     ]
-    names = list(cal["g1"]["estimators"])
+    names = list(cal.g1.estimators)
     columns: list[tuple[int, int]] = []  # (population position, component index)
     for c_index, comp in enumerate(("g1", "g2")):
         other = "g2" if comp == "g1" else "g1"
-        columns += sorted(((i, c_index) for i, row in enumerate(result["population_means"])
+        columns += sorted(((i, c_index) for i, row in enumerate(result.population_means)
                            if row[other] == 0.0),
-                          key=lambda ic: result["population_means"][ic[0]][comp])
-    pops_rows = result["population_means"]
+                          key=lambda ic: result.population_means[ic[0]][comp])
+    pops_rows = result.population_means
     header = ["estimator"] + [f"<e{c + 1}> at g{c + 1} = {pops_rows[i][f'g{c + 1}']:+g}"
                               for i, c in columns]
     mean_rows = []
@@ -329,22 +331,22 @@ def render_shear_markdown(result: Mapping[str, Any]) -> str:
             fmt_err(pops_rows[i][name][f"e{c + 1}"], pops_rows[i][name][f"e{c + 1}_err"], 5,
                     True) for i, c in columns])
     lines += [markdown_table(header, mean_rows),
-              f"![shear response and multiplicative bias]({result['figure']})", "",
+              f"![shear response and multiplicative bias]({result.figure})", "",
               f"Produced by: `{meta.get('command', '')}` on {meta.get('created', '')}.", ""]
     return "\n".join(lines)
 
 
-def _hsm_table(cal: Mapping[str, Any]) -> list[str]:
+def _hsm_table(cal: ShearCalibration) -> list[str]:
     """Markdown lines: m of the HSM estimators against HSM on the truth (if measured)."""
-    names = [n for n in cal["g1"]["estimators"]
-             if n.endswith("_hsm") and HSM_REFERENCE in cal["g1"]["estimators"][n].get("m_vs", {})]
+    names = [n for n, fit in cal.g1.estimators.items()
+             if n.endswith("_hsm") and HSM_REFERENCE in fit.m_vs]
     if not names:
         return []
     rows = []
     for name in names:
         row = [SHORT_NAMES.get(name, name)]
-        for comp in ("g1", "g2"):
-            r = cal[comp]["estimators"][name]["m_vs"][HSM_REFERENCE]
+        for part in (cal.g1, cal.g2):
+            r = part.estimators[name].m_vs[HSM_REFERENCE]
             row.append(fmt_err(r["m"], r["m_err"], 4, True))
         rows.append(row)
     return [f"HSM estimators against their own reference, m = A / A(`{HSM_REFERENCE}`) - 1 "
@@ -360,13 +362,13 @@ def shear_is_complete(out: str | Path) -> bool:
         return False
 
 
-def write_shear(out: Path, result: dict[str, Any], run: Path, force: bool) -> None:
+def write_shear(out: Path, result: ShearResult, run: Path, force: bool) -> None:
     """Merge ``result`` into ``out/metrics.json`` and ``out/report.md`` (or create them)."""
     metrics = read_metrics(out)
     if "shear" in metrics and not force:
         raise FileExistsError(f"{out / 'metrics.json'} already holds a shear result; pass --force "
                               f"to replace it")
-    metrics["shear"] = result
+    metrics["shear"] = result.to_dict()
     write_metrics(out, metrics)
     report = out / REPORT_FILE
     body = render_shear_markdown(result)
@@ -381,7 +383,7 @@ def write_shear(out: Path, result: dict[str, Any], run: Path, force: bool) -> No
 def measure_shear(run: str | Path, config: Config, out: str | Path | None = None, *,
               force: bool = False, progress: bool = True, command: str | None = None,
               config_path: str | None = None, log: Callable[[str], None] = print
-              ) -> dict[str, Any]:
+              ) -> ShearResult:
     """Simulate, measure, calibrate; write into ``out`` (default ``run/evaluation``)."""
     run = Path(run)
     out = Path(out) if out is not None else run / "evaluation"
@@ -390,21 +392,16 @@ def measure_shear(run: str | Path, config: Config, out: str | Path | None = None
     if "shear" in read_metrics(out) and not force:
         raise FileExistsError(f"{out / 'metrics.json'} already holds a shear result; pass --force "
                               f"to replace it")
-    shear = config.shear
-    if shear.bootstrap < 2:
-        raise ValueError(f"config key 'shear.bootstrap' must be >= 2, got {shear.bootstrap}")
-    chunk_sizes(shear.n_scenes, shear.chunk_scenes)  # validates n_scenes early
-    shear_populations(shear.g_values)
     model = Deblender.from_run(run)
     out.mkdir(parents=True, exist_ok=True)
-    populations = simulate_populations(config, model, out / CACHE_DIR, lineage_identity(RunLayout(run), FINAL_STAGE),
+    model_id = lineage_identity(RunLayout(run), FINAL_STAGE)
+    populations = simulate_populations(config, model, out / CACHE_DIR, model_id,
                                        progress=progress, log=log)
     result = shear_result(populations, config)
-    result["meta"]["run"] = str(run)
-    result["meta"]["config"] = config_path
-    result["meta"]["command"] = command or f"python -m evaluation.shear --run {run}"
-    result["meta"]["created"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    plots.plot_shear_response(result["population_means"], result["calibration"], out / FIGURE)
+    result.meta.update(run=str(run), config=config_path,
+                       command=command or f"python -m evaluation.shear --run {run}",
+                       created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    plots.plot_shear_response(result.population_means, result.calibration, out / FIGURE)
     write_shear(out, result, run, force)
     log(format_table(result))
     log(f"shear calibration written to {out / 'metrics.json'} and {out / REPORT_FILE}")

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from evaluation.metrics import nanmean
+from evaluation.results import ComponentCalibration, ShearCalibration, ShearFit
 
 COMPONENTS = ("g1", "g2")
 
@@ -79,14 +80,12 @@ def _component_populations(populations: Sequence[ShearPopulation], component: st
 
 def calibrate(populations: Sequence[ShearPopulation], *, reference: str = "truth_moments",
               n_bootstrap: int = 200, seed: int = 0, shared_galaxies: bool = True,
-              extra_references: Sequence[str] = ()) -> dict[str, object]:
+              extra_references: Sequence[str] = ()) -> ShearCalibration:
     """A, c and m (with bootstrap 1-sigma errors) of every estimator, per component.
 
-    Returns ``{"g1": {"g_values": [...], "estimators": {estimator: {"A", "A_err", "c", "c_err",
-    "m", "m_err", "n_pairs", "n_pairs_per_population", "m_vs": {ref: {"m", "m_err"}}}}},
-    "g2": {...}, "n_bootstrap": ..., "reference": ...}``. The reference's own m is 0 by
-    construction (its row reports A_truth). ``m_vs`` gives m against each of
-    ``extra_references`` (e.g. HSM on the truth, the natural reference of HSM estimators).
+    The reference's own m is 0 by construction (its row reports A_truth). ``m_vs`` gives m
+    against each of ``extra_references`` (e.g. HSM on the truth, the natural reference of HSM
+    estimators).
     """
     if not populations:
         raise ValueError("no shear populations to calibrate")
@@ -100,9 +99,7 @@ def calibrate(populations: Sequence[ShearPopulation], *, reference: str = "truth
     if shared_galaxies and len(n_pairs_all) != 1:
         raise ValueError("shared_galaxies needs the same number of scenes in every population")
     rng = np.random.default_rng(seed)
-    result: dict[str, object] = {"reference": reference, "n_bootstrap": int(n_bootstrap),
-                                 "resampling": "twin pairs, jointly across populations"
-                                 if shared_galaxies else "twin pairs, per population"}
+    components: dict[str, ComponentCalibration] = {}
     for c_index, component in enumerate(COMPONENTS):
         pops = _component_populations(populations, component)
         g = np.array([getattr(p, component) for p in pops])
@@ -142,24 +139,24 @@ def calibrate(populations: Sequence[ShearPopulation], *, reference: str = "truth
             with np.errstate(invalid="ignore", divide="ignore"):
                 m_full = fit["A"] / ref["A"] - 1.0
                 m_boot = fit["A_boot"] / ref["A_boot"] - 1.0
-            table[name] = {
-                "A": float(fit["A"]), "A_err": _std(fit["A_boot"]),
-                "c": float(fit["c"]), "c_err": _std(fit["c_boot"]),
-                "m": float(m_full), "m_err": _std(m_boot) if name != reference else 0.0,
-                "n_pairs": int(fit["n_pairs"].sum()),
-                "n_pairs_per_population": [int(v) for v in fit["n_pairs"]],
-                "m_vs": {},
-            }
+            m_vs = {}
             for ref_name in extra_references:
                 other = fits[ref_name]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     m_other = fit["A"] / other["A"] - 1.0
                     m_other_boot = fit["A_boot"] / other["A_boot"] - 1.0
-                table[name]["m_vs"][ref_name] = {
-                    "m": float(m_other),
-                    "m_err": _std(m_other_boot) if name != ref_name else 0.0}
-        result[component] = {"g_values": g.tolist(), "estimators": table}
-    return result
+                m_vs[ref_name] = {"m": float(m_other),
+                                  "m_err": _std(m_other_boot) if name != ref_name else 0.0}
+            table[name] = ShearFit(
+                A=float(fit["A"]), A_err=_std(fit["A_boot"]), c=float(fit["c"]),
+                c_err=_std(fit["c_boot"]), m=float(m_full),
+                m_err=_std(m_boot) if name != reference else 0.0,
+                n_pairs=int(fit["n_pairs"].sum()),
+                n_pairs_per_population=[int(v) for v in fit["n_pairs"]], m_vs=m_vs)
+        components[component] = ComponentCalibration(g.tolist(), table)
+    return ShearCalibration(reference, int(n_bootstrap),
+                            "twin pairs, jointly across populations" if shared_galaxies
+                            else "twin pairs, per population", **components)
 
 
 def _std(values: np.ndarray) -> float:

@@ -1,24 +1,14 @@
 """The evaluation of a trained run on the validation split of a dataset, and its report.
 
-:func:`write_report` (``python -m evaluation.report`` is its command line) runs t1 (stage-1 VAE)
-and t2 (the deblender) on the noisy validation blends and writes, in the report directory:
-
-
-- ``report.md``: image fidelity of t1 (stage-1 VAE) and t2 (deblender) on the noisy blends (SSIM,
-  cosine, flux and size), ellipticity accuracy of every estimator against the truth labels, with
-  breakdowns by number of galaxies and target magnitude, and the gallery;
-- ``metrics.json``: every number of the report, machine-readable;
-- the PNG figures (``fig12_gallery.png``, ``fig13_fidelity.png``, ``fig14_ellipticity_scatter.png``,
-  ``fig15_delta_e.png``, ``fig16_e_distributions.png``, ``fig_flux_size.png``,
-  ``fig_breakdown.png``).
-
-The evaluation settings are the ``evaluation`` section of ``--config`` (default: the config the run
-was trained with, from ``R/run.json``). An existing report directory is never overwritten without
-``--force``; a shear-calibration result already in it (``python -m evaluation.shear``) is kept.
+:func:`write_report` runs t1 (the stage-1 VAE) and t2 (the deblender) on the noisy validation
+blends and writes ``report.md``, ``metrics.json`` (an :class:`evaluation.results.EvaluationResult`)
+and the figures into the report directory; ``python -m evaluation.report`` is its command line
+(its help lists the figures). A shear result already in the directory is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -50,6 +40,9 @@ from evaluation.report_io import (
     read_metrics,
     section,
     write_metrics,
+)
+from evaluation.results import (
+    EllipticityBreakdown, EllipticityStats, EvaluationResult, Fidelity, ShearResult,
 )
 from evaluation.shear_calibration import render_shear_markdown
 from simulation.dataset import open_dataset
@@ -98,7 +91,7 @@ def choose_gallery(n_galaxies: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress: bool = True
-             ) -> tuple[dict[str, Any], dict[str, Any]]:
+             ) -> tuple[EvaluationResult, dict[str, Any]]:
     """Run the models on the validation blends; returns (metrics, arrays for the figures)."""
     ev = config.evaluation
     _check_models(models, data)
@@ -162,18 +155,17 @@ def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress
     truth = (labels["e1"].astype(np.float64), labels["e2"].astype(np.float64))
     mags = labels[f"mag_{ref_band}"]
 
-    ellipticity: dict[str, Any] = {}
+    ellipticity: dict[str, EllipticityBreakdown] = {}
     for name, (e1, e2) in est.items():
         ellipticity[name] = breakdown(truth[0], truth[1], e1, e2, labels["n_galaxies"], mags,
                                       ev.mag_edges)
-    for name in est:
         if name.endswith("_hsm"):
-            ellipticity[name]["vs_hsm_truth"] = ellipticity_stats(
-                labels["hsm_e1"], labels["hsm_e2"], *est[name])
+            ellipticity[name] = dataclasses.replace(ellipticity[name], vs_hsm_truth=ellipticity_stats(
+                labels["hsm_e1"], labels["hsm_e2"], e1, e2))
 
     n_valid_total = len(data.split_indices("validation"))
-    metrics: dict[str, Any] = {
-        "meta": {
+    metrics = EvaluationResult(
+        meta={
             "dataset": str(data.root), "dataset_id": data.dataset_id, "survey": data.survey,
             "bands": list(bands), "label_bands": list(label_bands), "ref_band": ref_band,
             "pixel_scale_arcsec": data.pixel_scale, "split": "validation",
@@ -184,7 +176,7 @@ def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress
             "n_by_n_galaxies": {str(int(k)): int((labels["n_galaxies"] == k).sum())
                                 for k in np.unique(labels["n_galaxies"])},
         },
-        "conventions": {
+        conventions={
             "ellipticity": "distortion e = (a^2 - b^2)/(a^2 + b^2) in the pixel frame "
                            "(x = array axis 1, y = array axis 0); truth labels: uniform-weight "
                            f"moments of the clean target summed over bands {list(label_bands)}",
@@ -198,15 +190,15 @@ def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress
             "contours": "figure 15: Gaussian-KDE density levels enclosing 68.3/95.4/99.7% of the "
                         "points",
         },
-        "reference_values": dict(REFERENCE_VALUES),
-        "stages": {s: STAGE_DESCRIPTIONS.get(s, s) for s in models},
-        "estimators": {name: ESTIMATORS[name] for name in est},
-        "fidelity": {s: fidelity.fidelity_summary(ssim_all[s], cosine_all[s], bands)
-                     for s in models},
-        "flux_size": {s: fidelity.flux_size_summary(residual_all[s], bands) for s in models},
-        "ellipticity": ellipticity,
-        "figures": dict(FIGURES),
-    }
+        reference_values=dict(REFERENCE_VALUES),
+        stages={s: STAGE_DESCRIPTIONS.get(s, s) for s in models},
+        estimators={name: ESTIMATORS[name] for name in est},
+        fidelity={s: Fidelity(**fidelity.fidelity_summary(ssim_all[s], cosine_all[s], bands))
+                  for s in models},
+        flux_size={s: fidelity.flux_size_summary(residual_all[s], bands) for s in models},
+        ellipticity=ellipticity,
+        figures=dict(FIGURES),
+    )
     gallery_arrays = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in gallery.items()}
     gallery_arrays["titles"] = [
         f"sample {int(indices[p])}: {int(labels['n_galaxies'][p])} galaxies, "
@@ -217,16 +209,16 @@ def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress
     return metrics, arrays
 
 
-def make_figures(out: Path, metrics: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
+def make_figures(out: Path, metrics: EvaluationResult, arrays: Mapping[str, Any]) -> None:
     """Draw every figure of the report into ``out``."""
     est, truth = arrays["estimates"], arrays["truth"]
-    overall = {name: metrics["ellipticity"][name]["all"] for name in est}
+    overall = {name: metrics.ellipticity[name].all for name in est}
     plots.plot_fidelity(arrays["ssim"], arrays["cosine"], out / FIGURES["fidelity"])
     plots.plot_flux_size(arrays["residuals"], arrays["bands"], out / FIGURES["flux_size"])
     plots.plot_ellipticity_scatter(truth, est, overall, out / FIGURES["scatter"])
     plots.plot_delta_e(truth, est, out / FIGURES["delta_e"])
     plots.plot_distributions(truth, est, out / FIGURES["distributions"])
-    plots.plot_breakdown({n: metrics["ellipticity"][n] for n in est}, out / FIGURES["breakdown"])
+    plots.plot_breakdown({n: metrics.ellipticity[n] for n in est}, out / FIGURES["breakdown"])
     g = arrays["gallery"]
     plots.plot_gallery(g["blend"], g["truth"], g["t2"], g["true_e"],
                        {"regressor": g["regressor"], "recon_moments": g["recon_moments"]},
@@ -234,38 +226,34 @@ def make_figures(out: Path, metrics: Mapping[str, Any], arrays: Mapping[str, Any
 
 
 # -- markdown -------------------------------------------------------------------------------------
-def ellipticity_row(name: str, s: Mapping[str, Any]) -> list[str]:
+def ellipticity_row(name: str, s: EllipticityStats) -> list[str]:
     """A markdown-table row (see :data:`ELLIPTICITY_HEADER`) of one estimator's statistics."""
-    return [SHORT_NAMES.get(name, name), fmt(s["n_valid"]),
-            fmt_err(s["e1"]["slope"], s["e1"]["slope_err"]),
-            fmt(s["e1"]["intercept"], 4, signed=True),
-            fmt_err(s["e2"]["slope"], s["e2"]["slope_err"]),
-            fmt(s["e2"]["intercept"], 4, signed=True),
-            fmt(s["e1"]["rmse"]), fmt(s["e2"]["rmse"]), fmt(s["e"]["rmse"]),
-            fmt(s["e"]["mean_ratio"])]
+    return [SHORT_NAMES.get(name, name), fmt(s.n_valid), fmt_err(s.e1.slope, s.e1.slope_err),
+            fmt(s.e1.intercept, 4, signed=True), fmt_err(s.e2.slope, s.e2.slope_err),
+            fmt(s.e2.intercept, 4, signed=True), fmt(s.e1.rmse), fmt(s.e2.rmse), fmt(s.e.rmse),
+            fmt(s.e.mean_ratio)]
 
 
 ELLIPTICITY_HEADER = ["estimator", "N", "slope e1", "intercept e1", "slope e2", "intercept e2",
                       "RMSE e1", "RMSE e2", "RMSE abs(e)", "<abs(e)> pred/true"]
 
 
-def _breakdown_table(ellipticity: Mapping[str, Any], key: str, group_name: str) -> str:
+def _breakdown_table(ellipticity: Mapping[str, EllipticityBreakdown], key: str,
+                     group_name: str) -> str:
     rows = []
     for name, b in ellipticity.items():
-        for group, s in b[key].items():
-            rows.append([SHORT_NAMES.get(name, name), group, fmt(s["n_valid"]),
-                         fmt(s["e1"]["slope"]), fmt(s["e2"]["slope"]),
-                         fmt(s["e1"]["rmse"]), fmt(s["e2"]["rmse"]),
-                         fmt(s["e"]["mean_ratio"])])
+        for group, s in getattr(b, key).items():
+            rows.append([SHORT_NAMES.get(name, name), group, fmt(s.n_valid), fmt(s.e1.slope),
+                         fmt(s.e2.slope), fmt(s.e1.rmse), fmt(s.e2.rmse), fmt(s.e.mean_ratio)])
     return markdown_table(["estimator", group_name, "N", "slope e1", "slope e2", "RMSE e1",
                            "RMSE e2", "<abs(e)> pred/true"], rows,
                           ["l", "l"] + ["r"] * 6)
 
 
-def render_markdown(metrics: Mapping[str, Any], shear_section: str | None = None) -> str:
+def render_markdown(metrics: EvaluationResult) -> str:
     """The whole report.md from ``metrics`` (every number printed comes from it)."""
-    meta, conv = metrics["meta"], metrics["conventions"]
-    figs = metrics["figures"]
+    meta, conv = metrics.meta, metrics.conventions
+    figs = metrics.figures
     bands = meta["bands"]
     parts = []
     head = [f"# Evaluation report: run `{meta['run']}`", "",
@@ -280,21 +268,21 @@ def render_markdown(metrics: Mapping[str, Any], shear_section: str | None = None
             ""]
     parts.append(section("header", "\n".join(head)))
 
-    fid = metrics["fidelity"]
-    ref = metrics.get("reference_values", REFERENCE_VALUES)
+    fid = metrics.fidelity
+    ref = metrics.reference_values
     text = ["## 1. Image fidelity on noisy validation blends (figure 13)", "",
             "Reconstructions of the same blends by the two models, against the clean isolated "
-            "target. " + "; ".join(f"**{s}**: {d}" for s, d in metrics["stages"].items()) + ".",
+            "target. " + "; ".join(f"**{s}**: {d}" for s, d in metrics.stages.items()) + ".",
             "",
             markdown_table(["model", "N", "SSIM mean", "SSIM median", "SSIM std", "cosine mean",
                             "cosine median", "cosine std"],
-                           [[s, fmt(f["n"]), fmt(f["ssim_mean"]), fmt(f["ssim_median"]),
-                             fmt(f["ssim_std"]), fmt(f["cosine_mean"], 4),
-                             fmt(f["cosine_median"], 4), fmt(f["cosine_std"], 4)]
+                           [[s, fmt(f.n), fmt(f.ssim_mean), fmt(f.ssim_median),
+                             fmt(f.ssim_std), fmt(f.cosine_mean, 4),
+                             fmt(f.cosine_median, 4), fmt(f.cosine_std, 4)]
                             for s, f in fid.items()]),
             "Mean SSIM per band:", "",
             markdown_table(["model"] + bands,
-                           [[s] + [fmt(f["ssim_per_band"][b]) for b in bands]
+                           [[s] + [fmt(f.ssim_per_band[b]) for b in bands]
                             for s, f in fid.items()]),
             f"Report's figures for comparison (SPEC 6): SSIM ~{ref['ssim_stage1']:.2f} (stage 1) "
             f"and {ref['ssim_stage2']:.2f} (stage 2), cosine {ref['cosine_stage1']:.3g} and "
@@ -306,7 +294,7 @@ def render_markdown(metrics: Mapping[str, Any], shear_section: str | None = None
             f"Relative residuals (reconstruction - truth) / truth per band: median and "
             f"{conv['scatter']}. Size: uniform-weight moment size sqrt((Qxx+Qyy)/2) of each band.",
             ""]
-    for s, per_band in metrics["flux_size"].items():
+    for s, per_band in metrics.flux_size.items():
         text += [f"**{s}**", "",
                  markdown_table(["band", "N", "flux median", "flux NMAD", "size median",
                                  "size NMAD"],
@@ -316,11 +304,11 @@ def render_markdown(metrics: Mapping[str, Any], shear_section: str | None = None
     text += [f"![flux and size residuals per band]({figs['flux_size']})", ""]
     parts.append(section("flux_size", "\n".join(text)))
 
-    ell = metrics["ellipticity"]
+    ell = metrics.ellipticity
     text = ["## 3. Ellipticity against the truth labels", "",
             "Estimators:", ""]
     text += [f"- **{SHORT_NAMES.get(n, n)}** (`{n}`): {d}" for n, d in
-             metrics["estimators"].items()]
+             metrics.estimators.items()]
     text += ["", "Uniform-weight moments over a whole noisy 45x45 stamp are dominated by the sky "
              "noise (every pixel has the same weight and the flux in the denominator is noisy); "
              "they are the labels' estimator and the report's baseline, the HSM variants what a "
@@ -329,9 +317,9 @@ def render_markdown(metrics: Mapping[str, Any], shear_section: str | None = None
              f"Slopes and intercepts: {conv['slope']} (± OLS standard error). "
              "RMSE of e_pred - e_true; abs(e) is the modulus.", "",
              markdown_table(ELLIPTICITY_HEADER,
-                            [ellipticity_row(n, b["all"]) for n, b in ell.items()])]
-    hsm_rows = [ellipticity_row(n, b["vs_hsm_truth"]) for n, b in ell.items()
-                if "vs_hsm_truth" in b]
+                            [ellipticity_row(n, b.all) for n, b in ell.items()])]
+    hsm_rows = [ellipticity_row(n, b.vs_hsm_truth) for n, b in ell.items()
+                if b.vs_hsm_truth is not None]
     if hsm_rows:
         text += ["HSM estimators against HSM of the clean truth (`hsm_e1`, `hsm_e2` labels: the "
                  "same estimator on both sides, so only the image's error remains):", "",
@@ -354,16 +342,16 @@ def render_markdown(metrics: Mapping[str, Any], shear_section: str | None = None
             f"![gallery]({figs['gallery']})", ""]
     parts.append(section("gallery", "\n".join(text)))
 
-    parts.append(section("shear", shear_section if shear_section is not None else
+    parts.append(section("shear", render_shear_markdown(metrics.shear) if metrics.shear else
                          "## 5. Shear calibration\n\nNot run yet: `python -m evaluation.shear "
                          f"--run {meta['run']} --config <config> --out <this directory>`.\n"))
     return "\n".join(parts)
 
 
 # -- command line ---------------------------------------------------------------------------------
-def prepare_output(out: Path, force: bool) -> dict[str, Any]:
+def prepare_output(out: Path, force: bool) -> ShearResult | None:
     """Refuse an existing report in ``out`` without ``force``. Returns a shear result found there
-    (kept across a forced re-run), or {}."""
+    (kept across a forced re-run), or None."""
     existing = read_metrics(out) if (out / METRICS_FILE).is_file() else {}
     has_report = bool(set(existing) - {"shear"}) or (
         (out / REPORT_FILE).is_file() and not existing)
@@ -372,12 +360,12 @@ def prepare_output(out: Path, force: bool) -> dict[str, Any]:
                               f"(a shear calibration in it is kept)")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    return existing.get("shear", {}) if existing else {}
+    return ShearResult.from_dict(existing["shear"]) if "shear" in existing else None
 
 
 def write_report(run: str | Path, data_dir: str | Path, out: str | Path | None = None, *,
                config: Config | None = None, force: bool = False, progress: bool = True,
-               command: str | None = None, log=print) -> dict[str, Any]:
+               command: str | None = None, log=print) -> EvaluationResult:
     """Evaluate ``run`` on ``data_dir`` and write the report into ``out``; returns the metrics."""
     run = Path(run)
     out = Path(out) if out is not None else run / "evaluation"
@@ -386,18 +374,15 @@ def write_report(run: str | Path, data_dir: str | Path, out: str | Path | None =
     shear = prepare_output(out, force)
     models = load_models(run)
     metrics, arrays = evaluate(data, models, config, progress=progress)
-    metrics["meta"]["run"] = str(run)
-    metrics["meta"]["command"] = (command or
+    metrics.meta["run"] = str(run)
+    metrics.meta["command"] = (command or
                                   f"python -m evaluation.report --run {run} --data {data_dir}")
-    metrics["meta"]["created"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    metrics.meta["created"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
     make_figures(out, metrics, arrays)
-    shear_md = None
-    if shear:
-        metrics["shear"] = shear
-        shear_md = render_shear_markdown(shear)
-    write_metrics(out, metrics)
-    write_text_atomic(out / REPORT_FILE, render_markdown(metrics, shear_md))
+    metrics.shear = shear
+    write_metrics(out, metrics.to_dict())
+    write_text_atomic(out / REPORT_FILE, render_markdown(metrics))
     log(summary_lines(metrics))
     log(f"report written to {out / REPORT_FILE}")
     return metrics
@@ -408,17 +393,16 @@ def report_is_complete(out: str | Path) -> bool:
     return (Path(out) / REPORT_FILE).is_file()
 
 
-def summary_lines(metrics: Mapping[str, Any]) -> str:
+def summary_lines(metrics: EvaluationResult) -> str:
     """A short plain-text summary for the terminal."""
     lines = []
-    for s, f in metrics["fidelity"].items():
-        lines.append(f"{s}: SSIM mean {fmt(f['ssim_mean'])}  "
-                     f"cosine mean {fmt(f['cosine_mean'], 4)}")
+    for s, f in metrics.fidelity.items():
+        lines.append(f"{s}: SSIM mean {fmt(f.ssim_mean)}  cosine mean {fmt(f.cosine_mean, 4)}")
     lines.append(f"{'estimator':<24}{'slope e1':>10}{'slope e2':>10}{'RMSE e1':>10}{'RMSE e2':>10}"
                  f"{'|e| ratio':>11}")
-    for name, b in metrics["ellipticity"].items():
-        s = b["all"]
-        lines.append(f"{SHORT_NAMES.get(name, name):<24}{fmt(s['e1']['slope']):>10}"
-                     f"{fmt(s['e2']['slope']):>10}{fmt(s['e1']['rmse']):>10}"
-                     f"{fmt(s['e2']['rmse']):>10}{fmt(s['e']['mean_ratio']):>11}")
+    for name, b in metrics.ellipticity.items():
+        s = b.all
+        lines.append(f"{SHORT_NAMES.get(name, name):<24}{fmt(s.e1.slope):>10}"
+                     f"{fmt(s.e2.slope):>10}{fmt(s.e1.rmse):>10}"
+                     f"{fmt(s.e2.rmse):>10}{fmt(s.e.mean_ratio):>11}")
     return "\n".join(lines)

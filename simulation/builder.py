@@ -173,8 +173,6 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
         raise ValueError(f"--shard must be in [0, {num_shards}), got {shard}")
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    if sim.rotated_twins and sim.n_samples % 2:
-        raise ValueError("simulation.n_samples must be even when rotated_twins is true")
     geometry = survey_geometry(sim.survey, sim.stamp_pixels)
     check_bands(sim.label_bands, geometry, "simulation.label_bands")
     plan = make_plan(plain(asdict(sim)), plain(asdict(geometry)))

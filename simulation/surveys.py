@@ -28,11 +28,6 @@ class SurveyGeometry:
         """
         return (self.stamp_pixels + 0.5) * self.pixel_scale
 
-    @property
-    def half_width_arcsec(self) -> float:
-        """Half the stamp side in arcsec."""
-        return 0.5 * self.stamp_pixels * self.pixel_scale
-
 
 def get_survey(name: str) -> btk.survey.Survey:
     """The BTK survey object (with its default PSFs) for ``name``; clear error if unknown."""

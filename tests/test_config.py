@@ -105,6 +105,8 @@ def test_types_are_converted_like_the_annotations():
     ({"shear": {"chunk_scenes": 0}}, "'shear.chunk_scenes' must be even and >= 2"),
     ({"shear": {"n_scenes": 9}}, "'shear.n_scenes' must be even"),
     ({"shear": {"bootstrap": 1}}, "'shear.bootstrap' must be >= 2"),
+    ({"simulation": {"rotated_twins": True, "n_samples": 7}},
+     "'simulation.n_samples' must be even when rotated_twins is true"),
     ({"shear": {"g_values": [0.0]}}, "'shear.g_values' must hold at least two distinct"),
     ({"shear": {"g_values": [0.0, 1.0]}}, "'shear.g_values' must satisfy |g| < 1"),
     ({"des": {"n_standin": 0}}, "'des.n_standin' must be >= 1"),

@@ -140,14 +140,14 @@ def test_ellipticity_stats_on_a_round_biased_estimator() -> None:
     rng = np.random.default_rng(2)
     e1, e2 = rng.uniform(-0.5, 0.5, (2, 500))
     stats = ellipticity_stats(e1, e2, 0.7 * e1, 0.7 * e2)
-    assert stats["e1"]["slope"] == pytest.approx(0.7)
-    assert stats["e2"]["intercept"] == pytest.approx(0.0, abs=1e-12)
-    assert stats["e"]["mean_ratio"] == pytest.approx(0.7)
-    assert stats["e1"]["rmse"] == pytest.approx(np.sqrt(np.mean((0.3 * e1) ** 2)))
+    assert stats.e1.slope == pytest.approx(0.7)
+    assert stats.e2.intercept == pytest.approx(0.0, abs=1e-12)
+    assert stats.e.mean_ratio == pytest.approx(0.7)
+    assert stats.e1.rmse == pytest.approx(np.sqrt(np.mean((0.3 * e1) ** 2)))
     perfect = ellipticity_stats(e1, e2, e1, e2)
-    assert perfect["e1"]["rmse"] == 0 and perfect["e"]["mean_ratio"] == pytest.approx(1.0)
+    assert perfect.e1.rmse == 0 and perfect.e.mean_ratio == pytest.approx(1.0)
     with_nan = ellipticity_stats(e1, e2, np.where(np.arange(500) < 10, np.nan, e1), e2)
-    assert with_nan["n_valid"] == 490 and with_nan["n"] == 500
+    assert with_nan.n_valid == 490 and with_nan.n == 500
 
 
 def test_breakdown_groups() -> None:
@@ -157,9 +157,9 @@ def test_breakdown_groups() -> None:
     n_gal = rng.integers(1, 4, n)
     mags = rng.uniform(20, 25.3, n)
     result = breakdown(e1, e2, e1, e2, n_gal, mags, (22.0, 23.0, 24.0))
-    assert set(result["by_n_galaxies"]) == {"1", "2", "3"}
-    assert list(result["by_magnitude"]) == ["< 22", "22-23", "23-24", ">= 24"]
-    assert sum(s["n"] for s in result["by_magnitude"].values()) == n
+    assert set(result.by_n_galaxies) == {"1", "2", "3"}
+    assert list(result.by_magnitude) == ["< 22", "22-23", "23-24", ">= 24"]
+    assert sum(s.n for s in result.by_magnitude.values()) == n
     assert magnitude_bin_labels([]) == ["all"]
     assert list(magnitude_bins(np.array([21.0, 22.0, 25.0]), [22.0, 24.0])) == [0, 1, 2]
     with pytest.raises(ValueError, match="increase"):
@@ -231,6 +231,19 @@ def test_report_end_to_end(report_dir: Path) -> None:
     assert f"{metrics['fidelity']['t2']['ssim_mean']:.3f}" in report
 
 
+def test_metrics_json_reads_back_as_the_typed_result(report_dir: Path) -> None:
+    from evaluation.results import EvaluationResult
+
+    plain = json.loads((report_dir / "metrics.json").read_text())
+    result = EvaluationResult.read(report_dir)
+    assert result.to_dict() == plain  # lossless: every number and key survives the round trip
+    assert result.ellipticity["recon_hsm"].vs_hsm_truth is not None
+    assert result.ellipticity["regressor"].vs_hsm_truth is None
+    broken = dict(plain, fidelity={"t1": {"ssim_mean": "high"}})
+    with pytest.raises(ValueError, match="not a valid EvaluationResult"):
+        EvaluationResult.from_dict(broken)
+
+
 def test_report_refuses_to_overwrite(report_dir: Path, trained_run: Path,
                                      tiny_dataset: Path, capsys: pytest.CaptureFixture) -> None:
     from evaluation.report import main
@@ -241,6 +254,22 @@ def test_report_refuses_to_overwrite(report_dir: Path, trained_run: Path,
     assert "--force" in capsys.readouterr().err
 
 
+def synthetic_shear_result() -> dict:
+    """A shear result (its metrics.json form) measured on synthetic twin populations."""
+    from deblend.core.config import Config
+    from evaluation.shear_calibration import shear_result
+    from evaluation.shear_fit import ShearPopulation
+
+    rng = np.random.default_rng(0)
+    populations = []
+    for g1, g2 in ((-0.02, 0.0), (0.0, 0.0), (0.02, 0.0), (0.0, -0.02), (0.0, 0.02)):
+        noise = rng.normal(0, 0.01, (2, 8))
+        truth = (0.7 * g1 + noise[0], 0.7 * g2 + noise[1])
+        populations.append(ShearPopulation(g1, g2, {
+            "truth_moments": truth, "regressor": (1.1 * truth[0], 1.1 * truth[1])}))
+    return shear_result(populations, Config()).to_dict()
+
+
 def test_report_force_keeps_a_shear_result(report_dir: Path, trained_run: Path,
                                            tiny_dataset: Path, tmp_path: Path) -> None:
     from evaluation.report import main
@@ -249,14 +278,15 @@ def test_report_force_keeps_a_shear_result(report_dir: Path, trained_run: Path,
     out = tmp_path / "copy"
     shutil.copytree(report_dir, out)
     metrics = read_metrics(out)
-    metrics["shear"] = {"marker": 1}
+    shear = synthetic_shear_result()
+    metrics["shear"] = shear
     write_metrics(out, metrics)
     # max-samples keeps this quick; the shear entry must survive the forced re-run
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("evaluation.validation_report.render_shear_markdown",
-                      lambda shear: "## shear kept")
-        assert main(["--run", str(trained_run), "--data", str(tiny_dataset), "--out", str(out),
-                     "--max-samples", "8", "--force", "--no-progress"]) == 0
+    assert main(["--run", str(trained_run), "--data", str(tiny_dataset), "--out", str(out),
+                 "--max-samples", "8", "--force", "--no-progress"]) == 0
     metrics = read_metrics(out)
-    assert metrics["shear"] == {"marker": 1} and metrics["meta"]["n_evaluated"] == 8
-    assert "## shear kept" in (out / "report.md").read_text()
+    assert metrics["shear"] == shear and metrics["meta"]["n_evaluated"] == 8
+    report = (out / "report.md").read_text()
+    assert "## 5. Shear calibration" in report and "Not run yet" not in report
+    m1 = shear["calibration"]["g1"]["estimators"]["regressor"]["m"]
+    assert m1 == pytest.approx(0.1) and f"{m1:+.4f}" in report

@@ -68,13 +68,13 @@ def test_fake_estimator_m_and_c_are_recovered(m: float, c: float, shared: bool) 
     pops = _synthetic_populations(m, c, shared=shared, seed=int(100 * abs(m)) + shared)
     result = calibrate(pops, n_bootstrap=300, seed=1, shared_galaxies=shared)
     for comp in ("g1", "g2"):
-        fake = result[comp]["estimators"]["fake"]
-        truth = result[comp]["estimators"]["truth_moments"]
-        assert truth["m"] == 0.0 and truth["A"] == pytest.approx(0.7, abs=0.03)
-        assert 0 < fake["m_err"] < 0.1 and 0 < fake["c_err"] < 0.01
-        assert abs(fake["m"] - m) < 3.5 * fake["m_err"], (comp, fake)
-        assert abs(fake["c"] - c) < 3.5 * fake["c_err"], (comp, fake)
-        assert fake["n_pairs"] == 3 * 1500
+        fake = result.component(comp).estimators["fake"]
+        truth = result.component(comp).estimators["truth_moments"]
+        assert truth.m == 0.0 and truth.A == pytest.approx(0.7, abs=0.03)
+        assert 0 < fake.m_err < 0.1 and 0 < fake.c_err < 0.01
+        assert abs(fake.m - m) < 3.5 * fake.m_err, (comp, fake)
+        assert abs(fake.c - c) < 3.5 * fake.c_err, (comp, fake)
+        assert fake.n_pairs == 3 * 1500
 
 
 def test_m_error_includes_the_correlated_truth_response() -> None:
@@ -85,9 +85,9 @@ def test_m_error_includes_the_correlated_truth_response() -> None:
         t1, t2 = p.estimates["truth_moments"]
         p.estimates["scaled"] = (1.1 * t1, 1.1 * t2)
     result = calibrate(pops, n_bootstrap=100, seed=0)
-    scaled = result["g1"]["estimators"]["scaled"]
-    assert scaled["m"] == pytest.approx(0.1)
-    assert scaled["m_err"] < 1e-10 < scaled["A_err"]
+    scaled = result.g1.estimators["scaled"]
+    assert scaled.m == pytest.approx(0.1)
+    assert scaled.m_err < 1e-10 < scaled.A_err
 
 
 def test_calibrate_needs_two_shears_and_the_reference() -> None:

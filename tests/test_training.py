@@ -357,3 +357,18 @@ def test_device_choice() -> None:
     assert not uses_mixed_precision(cpu, True)
     with autocast(cpu, True):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_each_stage_declares_its_data_parent_epochs_and_last_step():
+    from deblend.core.config import Config
+
+    names = list(STAGES)
+    for name, stage in STAGES.items():
+        assert stage.name == name
+        assert stage.parent is None or names.index(stage.parent) < names.index(name)
+    training = Config().replace("training", epochs=7, stage2_epochs=3).training
+    assert [STAGES[n].epochs(training) for n in names] == [7, 3, 7]
+    assert [(s.input_set, s.target) for s in STAGES.values()] == [
+        ("noisy", "clean"), ("blend", "clean"), ("blend", "ellipticity")]
+    assert STAGES["stage1"].is_complete({}) and not STAGES["stage3"].is_complete({})
+    assert STAGES["stage3"].is_complete({"response": {"status": "uncalibrated"}})

@@ -149,6 +149,8 @@ class SimulationConfig:
              "components must satisfy |g| < 1"),
             (not self.rotated_twins or self.shard_size % 2 == 0, "simulation.shard_size",
              "must be even when rotated_twins is true"),
+            (not self.rotated_twins or self.n_samples % 2 == 0, "simulation.n_samples",
+             "must be even when rotated_twins is true"),
             (not self.rotated_twins or self.btk_batch_size % 2 == 0, "simulation.btk_batch_size",
              "must be even when rotated_twins is true"),
         ])

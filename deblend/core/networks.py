@@ -130,10 +130,11 @@ def reparameterize(mu: Tensor, logvar: Tensor, deterministic: bool = False) -> T
 # ---------------------------------------------------------------------------
 
 
-class Encoder(nn.Module):
-    """Convolutional encoder ``x (N, n_bands, S, S) -> (mu, logvar)``, each ``(N, latent_dim)``."""
+class _StampNetwork(nn.Module):
+    """A network between ``(N, n_bands, S, S)`` stamps and ``(N, latent_dim)`` latents; its
+    constructor arguments are its :meth:`hparams`."""
 
-    def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32) -> None:
+    def __init__(self, n_bands: int, stamp_size: int, latent_dim: int) -> None:
         super().__init__()
         _check_positive_int("n_bands", n_bands)
         _check_positive_int("stamp_size", stamp_size)
@@ -141,6 +142,17 @@ class Encoder(nn.Module):
         self.n_bands = n_bands
         self.stamp_size = stamp_size
         self.latent_dim = latent_dim
+
+    def hparams(self) -> dict[str, int]:
+        """Constructor arguments (plain ints) for checkpointing."""
+        return {"n_bands": self.n_bands, "stamp_size": self.stamp_size, "latent_dim": self.latent_dim}
+
+
+class Encoder(_StampNetwork):
+    """Convolutional encoder ``x (N, n_bands, S, S) -> (mu, logvar)``, each ``(N, latent_dim)``."""
+
+    def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32) -> None:
+        super().__init__(n_bands, stamp_size, latent_dim)
         self.spatial_sizes = encoder_spatial_sizes(stamp_size)  # e.g. [45, 23, 12, 6, 3]
         self.flat_dim = flattened_size(stamp_size)
 
@@ -153,10 +165,6 @@ class Encoder(nn.Module):
         self.features = nn.Sequential(*layers)
         self.fc_mu = nn.Linear(self.flat_dim, latent_dim)
         self.fc_logvar = nn.Linear(self.flat_dim, latent_dim)
-
-    def hparams(self) -> dict[str, int]:
-        """Constructor arguments (plain ints) for checkpointing."""
-        return {"n_bands": self.n_bands, "stamp_size": self.stamp_size, "latent_dim": self.latent_dim}
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x``: ``(N, n_bands, stamp_size, stamp_size)`` -> ``(mu, logvar)``, each ``(N, latent_dim)``."""
@@ -173,17 +181,11 @@ class Encoder(nn.Module):
     reparameterize = sample
 
 
-class Decoder(nn.Module):
+class Decoder(_StampNetwork):
     """Transposed-conv decoder ``z (N, latent_dim) -> x_hat (N, n_bands, S, S)`` with values in ``[0, 1]``."""
 
     def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32) -> None:
-        super().__init__()
-        _check_positive_int("n_bands", n_bands)
-        _check_positive_int("stamp_size", stamp_size)
-        _check_positive_int("latent_dim", latent_dim)
-        self.n_bands = n_bands
-        self.stamp_size = stamp_size
-        self.latent_dim = latent_dim
+        super().__init__(n_bands, stamp_size, latent_dim)
 
         enc_sizes = encoder_spatial_sizes(stamp_size)  # [45, 23, 12, 6, 3]
         self.start_size = enc_sizes[-1]
@@ -207,10 +209,6 @@ class Decoder(nn.Module):
             in_ch = out_ch
         layers.append(nn.Sigmoid())
         self.deconv = nn.Sequential(*layers)
-
-    def hparams(self) -> dict[str, int]:
-        """Constructor arguments (plain ints) for checkpointing."""
-        return {"n_bands": self.n_bands, "stamp_size": self.stamp_size, "latent_dim": self.latent_dim}
 
     def forward(self, z: Tensor) -> Tensor:
         """``z``: ``(N, latent_dim)`` -> ``x_hat``: ``(N, n_bands, stamp_size, stamp_size)`` in ``[0, 1]``."""

@@ -44,7 +44,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from deblend.core.config import Config, config_from_dict, load_config
@@ -102,18 +102,6 @@ class RunLayout:
 
 
 # -- what a model remembers of its data ------------------------------------------------------------
-class DatasetLike(Protocol):
-    """What :meth:`DataIdentity.of` reads of a dataset (``simulation.dataset.StampData``)."""
-
-    root: Path
-    dataset_id: str
-    survey: str
-    bands: tuple[str, ...]
-    stamp_pixels: int
-    pixel_scale: float
-    normalization: NormalizationConstants
-
-
 @dataclass(frozen=True)
 class DataIdentity:
     """What a model remembers of the data it was trained on."""
@@ -128,7 +116,9 @@ class DataIdentity:
     normalization: NormalizationConstants
 
     @classmethod
-    def of(cls, data: DatasetLike) -> "DataIdentity":
+    def of(cls, data: Any) -> "DataIdentity":
+        """The identity of an opened dataset (``simulation.dataset.StampData``, or anything with
+        these fields and a ``root`` directory)."""
         return cls(str(Path(data.root).resolve()), data.dataset_id, data.survey, data.bands,
                    data.stamp_pixels, data.pixel_scale, data.normalization)
 
