@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable
 
 from deblend.core.config import config_from_dict
-
 from simulation.builder import build_dataset
 
 PAPER_SAMPLES = 200_000

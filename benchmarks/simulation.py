@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from deblend.core.config import SimulationConfig, config_from_dict
-
 from simulation.builder import SceneSource, build_dataset, shard_seed
 
 

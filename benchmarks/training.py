@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deblend.core.config import Config, config_from_dict
 
+from deblend.core.config import Config, config_from_dict
 from deblend.core.normalization import normalize
 from deblend.core.symmetry import N_VIEWS, image_view
 
@@ -44,15 +44,13 @@ def _timed(work) -> float:
 def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
             repeats: int = 3) -> dict[str, Any]:
     """The benchmark's figures on an existing dataset (see the module docstring)."""
-    from deblend.core.runs import DataIdentity
-    from deblend.core.runs import RunLayout
-    from training.runner import build_stage
-    from training.stages import VAEStage
-
     from deblend.core.inference import Deblender
+    from deblend.core.runs import DataIdentity, RunLayout
     from simulation.dataset import open_dataset
     from training.distributed import DistContext
     from training.loop import StageLoop
+    from training.runner import build_stage
+    from training.stages import VAEStage
 
     dataset = open_dataset(data_dir)
     identity = DataIdentity.of(dataset)

@@ -76,24 +76,55 @@ class RunPaths:
     def index(self) -> Path:
         return self.root / "index.md"
 
+    @property
+    def headline(self) -> Path:
+        return self.root / "headline.json"
+
+    def outputs(self) -> list[Path]:
+        """Everything the main job writes in its run directory (with the ``.tmp`` siblings
+        that directories are built in)."""
+        directories = [self.data, self.train, self.evaluation, self.des_standin,
+                       self.des_validation]
+        return ([self.config, self.index, self.headline] + directories
+                + [d.with_name(d.name + ".tmp") for d in directories])
+
+
+MARKER = ".deblend-run"
+"""The file that marks a directory as a run of the main job (and so as ours to replace)."""
+
 
 def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Config,
                         force: bool) -> None:
-    """Record the config in a new run; refuse a run started with another config."""
+    """Record the (already validated) config in a new run; refuse a run of another config.
+
+    ``force`` restarts a run of another config (or whose config.yaml was lost) from scratch, but
+    only removes what the main job writes there, and only in a directory marked as a run
+    (:data:`MARKER`): any other non-empty directory is refused, with or without ``force``.
+    """
     wanted = config.to_dict()
-    if paths.config.exists():
-        previous = yaml.safe_load(paths.config.read_text())
-        if previous == wanted:
-            return
+    ours = (paths.root / MARKER).is_file()
+    previous = yaml.safe_load(paths.config.read_text()) if paths.config.is_file() else None
+    if previous == wanted:
+        if not ours:  # a run started before runs were marked
+            write_text_atomic(paths.root / MARKER, "deblend main-job run directory\n")
+        return
+    if paths.root.exists() and any(paths.root.iterdir()):
+        if not ours:
+            raise FileExistsError(f"{paths.root} exists and is not a deblend run (no {MARKER} "
+                                  f"file); use another --out (--force only replaces a deblend "
+                                  f"run)")
         if not force:
-            raise FileExistsError(
-                f"{paths.root} was started with another config ({paths.config}); use another "
-                f"--out, or --force to start it again from scratch")
-        shutil.rmtree(paths.root)
-    elif paths.root.exists() and any(paths.root.iterdir()) and not force:
-        raise FileExistsError(f"{paths.root} exists and is not a deblend run; use another --out "
-                              f"or --force")
+            why = ("was started with another config" if previous is not None
+                   else f"has lost its {paths.config.name}")
+            raise FileExistsError(f"{paths.root} {why}; use another --out, or --force to start "
+                                  f"it again from scratch")
+        for path in paths.outputs():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     paths.root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(paths.root / MARKER, "deblend main-job run directory\n")
     header = f"# config of this run (from {config_path or 'the embedded defaults'})\n"
     write_text_atomic(paths.config, header + yaml.safe_dump(wanted, sort_keys=False))
 
@@ -238,4 +269,4 @@ def write_index(paths: RunPaths, headline: dict[str, Any]) -> None:
                   "| step | seconds |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in timings.items()]
     write_text_atomic(paths.index, "\n".join(lines) + "\n")
-    write_json_atomic(paths.root / "headline.json", headline)
+    write_json_atomic(paths.headline, headline)

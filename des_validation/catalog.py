@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+
 from deblend.core.config import DESConfig
 
 REQUIRED_COLUMNS = ("coadd_objects_id", "ra", "dec", "e_1", "e_2", "snr_w")
@@ -75,6 +76,11 @@ def read_catalog(path: str | Path) -> Table:
     if missing:
         raise ValueError(f"catalog {path} lacks column '{missing[0]}' (needs "
                          f"{', '.join(REQUIRED_COLUMNS)}; case-insensitive)")
+    for name in [c for c in (*REQUIRED_COLUMNS, "error_flag", "info_flag") if c in table.colnames]:
+        try:
+            _float_column(table, name)
+        except ValueError as exc:
+            raise ValueError(f"catalog {path}: {exc}") from None
     return table
 
 
@@ -87,10 +93,23 @@ def _read_fits_table(path: Path) -> Table:
 
 
 def _float_column(table: Table, name: str) -> np.ndarray:
-    """A column as float64 with masked entries as NaN."""
-    column = table[name]
-    values = np.ma.asarray(column).astype(np.float64)
+    """A column as float64 with masked entries as NaN; a clear error naming the column (and the
+    first value that is not a number) otherwise."""
+    column = np.ma.asarray(table[name])
+    try:
+        values = column.astype(np.float64)
+    except (TypeError, ValueError):
+        bad = next(v for v in column.compressed() if not _is_number(v))
+        raise ValueError(f"column '{name}' must hold numbers, but has {str(bad)!r}") from None
     return np.ma.filled(values, np.nan)
+
+
+def _is_number(value: object) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def valid_ellipticity(e1: np.ndarray, e2: np.ndarray) -> np.ndarray:

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from deblend.core.config import DESConfig
-
 from deblend.core.atomic import atomic_output, write_bytes_atomic, write_text_atomic
+from deblend.core.config import DESConfig
 from des_validation.cutouts import DES_BANDS
 
 TAP_URL = "https://datalab.noirlab.edu/tap"

@@ -28,9 +28,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from deblend.core.cli import fail_cleanly, non_negative_int, positive_float, positive_int
 from deblend.core.config import load_config
-
-from deblend.core.cli import fail_cleanly
 from des_validation.datalab import (
     GOLD_TABLE,
     IM3SHAPE_TABLE,
@@ -48,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m des_validation.fetch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for catalog.csv and cutouts/")
-    parser.add_argument("--limit", type=int, help="at most N objects")
+    parser.add_argument("--limit", type=positive_int, help="at most N objects")
     parser.add_argument("--config", help="YAML config whose des section sets the cuts")
-    parser.add_argument("--size-arcsec", type=float, default=15.0,
+    parser.add_argument("--size-arcsec", type=positive_float, default=15.0,
                         help="cutout side in arcsec (default 15: 57 DES pixels, room for the "
                              "9\" model stamp and the 11.9\" unresampled crop)")
-    parser.add_argument("--retries", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument("--retries", type=non_negative_int, default=3)
+    parser.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request")
     parser.add_argument("--tap-url", default=TAP_URL)
     parser.add_argument("--sia-url", default=SIA_URL)
     parser.add_argument("--im3shape-table", default=IM3SHAPE_TABLE)
@@ -64,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-query", action="store_true",
                         help="print the ADQL and the TAP URL, and fetch nothing")
     args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be >= 1")
     des = load_config(args.config).des
     options = {"im3shape_table": args.im3shape_table, "gold_table": args.gold_table,
                "ra_column": args.ra_column, "dec_column": args.dec_column}

@@ -41,9 +41,9 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
-from deblend.core.config import Config, SimulationConfig
 
 from deblend.core.atomic import atomic_output
+from deblend.core.config import Config, SimulationConfig
 from des_validation.cutouts import DES_BANDS, write_npz
 from des_validation.frames import distortion_to_shear, local_jacobian, pixel_to_sky
 from simulation.builder import SceneSource

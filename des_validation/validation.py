@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from deblend.core.config import DESConfig
 
 from deblend.core.atomic import write_text_atomic
+from deblend.core.config import DESConfig
 from deblend.core.inference import Deblender
 from deblend.core.normalization import NormalizationConstants, normalize, rescale
 from deblend.core.runs import run_config
@@ -69,8 +69,8 @@ from evaluation.estimators import (
     measure_estimators,
 )
 from evaluation.plots import draw_stick, plt, save_figure
-from evaluation.results import DESEstimator, DESValidationResult
 from evaluation.report_io import fmt, markdown_table, write_metrics
+from evaluation.results import DESEstimator, DESValidationResult
 from evaluation.validation_report import ELLIPTICITY_HEADER, ellipticity_row
 from simulation.dataset import DatasetError, open_dataset
 
@@ -234,10 +234,11 @@ def validation_is_complete(out: str | Path) -> bool:
     return (Path(out) / "report.md").is_file()
 
 
-def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path, out: str | Path | None,
-             des: DESConfig, *, training_data: str | Path | None = None,
-             pixel_scale: float | None = None, force: bool = False, device: str = "auto",
-             command: str | None = None, log=print) -> DESValidationResult:
+def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
+                 out: str | Path | None, des: DESConfig, *,
+                 training_data: str | Path | None = None, pixel_scale: float | None = None,
+                 force: bool = False, device: str = "auto", command: str | None = None,
+                 log=print) -> DESValidationResult:
     """Run the whole DES validation and write the report; returns the metrics."""
 
     run = Path(run)

@@ -12,7 +12,12 @@ from typing import Sequence
 
 import numpy as np
 
-from evaluation.results import EllipticityBreakdown, EllipticityStats, LineStats, ModulusStats
+from evaluation.results import (
+    EllipticityBreakdown,
+    EllipticityStats,
+    LineStats,
+    ModulusStats,
+)
 
 
 def fit_line(x: np.ndarray, y: np.ndarray) -> dict[str, float]:

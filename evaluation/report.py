@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from deblend.core.cli import fail_cleanly
+from deblend.core.cli import fail_cleanly, positive_int
 from deblend.core.runs import run_config
 from evaluation.validation_report import write_report
 
@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="report directory (default: RUN/evaluation)")
     parser.add_argument("--config", help="YAML config whose evaluation section is used "
                                          "(default: the run's own config)")
-    parser.add_argument("--max-samples", type=int, help="overrides evaluation.max_samples")
+    parser.add_argument("--max-samples", type=positive_int, help="overrides evaluation.max_samples")
     parser.add_argument("--force", action="store_true", help="replace an existing report")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
@@ -49,13 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Path(args.run)
     config = run_config(run, args.config)
     if args.max_samples is not None:
-        if args.max_samples < 1:
-            raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
         config = config.replace("evaluation", max_samples=args.max_samples)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = "python -m evaluation.report " + " ".join(shlex.quote(a) for a in argv_list)
     write_report(run, args.data, args.out, config=config, force=args.force,
-               progress=not args.no_progress, command=command)
+                 progress=not args.no_progress, command=command)
     return 0
 
 

@@ -38,9 +38,17 @@ def _from_dict(cls: type[T], data: Any, what: str) -> T:
                          f"{' '.join(first[:3])}") from exc
 
 
-def to_plain(result: Any) -> Any:
-    """JSON-ready dict of a result dataclass (NaN -> None; None-valued optional parts left out)."""
-    return jsonable({k: v for k, v in dataclasses.asdict(result).items() if v is not None})
+def to_plain(value: Any) -> Any:
+    """The JSON form of a result: dataclasses as dicts in field order (an optional part left at
+    its default None is left out), NaN as None, numpy values as Python ones."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (getattr(value, f.name) is None and f.default is None)}
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return jsonable(value)
 
 
 # -- ellipticity accuracy ------------------------------------------------------------------------
@@ -231,10 +239,8 @@ class DESValidationResult:
     normalization: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        plain = to_plain(dataclasses.replace(self, estimators={}))
+        plain = to_plain(self)
         plain["estimators"] = {n: e.to_dict() for n, e in self.estimators.items()}
-        if self.normalization is not None:  # keep the key order of the file
-            plain["normalization"] = plain.pop("normalization")
         return plain
 
     @classmethod

@@ -11,9 +11,8 @@ import shlex
 import sys
 from typing import Sequence
 
+from deblend.core.cli import fail_cleanly, positive_int
 from deblend.core.config import load_config
-
-from deblend.core.cli import fail_cleanly
 from evaluation.shear_calibration import measure_shear
 
 
@@ -24,7 +23,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True,
                         help="YAML config: its simulation and shear sections are used")
     parser.add_argument("--out", help="report directory to merge into (default: RUN/evaluation)")
-    parser.add_argument("--n-scenes", type=int, help="overrides shear.n_scenes")
+    parser.add_argument("--n-scenes", type=positive_int, help="overrides shear.n_scenes")
     parser.add_argument("--force", action="store_true", help="replace an existing shear result "
                         "(valid cached populations are still reused)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -40,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = "python -m evaluation.shear " + " ".join(shlex.quote(a) for a in argv_list)
     measure_shear(args.run, config, args.out, force=args.force, progress=not args.no_progress,
-              command=command, config_path=args.config)
+                  command=command, config_path=args.config)
     return 0
 
 

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from deblend.core.config import Config
 from tqdm.auto import tqdm
 
 from deblend.core.atomic import atomic_output, write_text_atomic
+from deblend.core.config import Config
 from deblend.core.inference import FINAL_STAGE, Deblender
 from deblend.core.runs import RunLayout, lineage_identity
 from evaluation import plots
@@ -381,9 +381,9 @@ def write_shear(out: Path, result: ShearResult, run: Path, force: bool) -> None:
 
 
 def measure_shear(run: str | Path, config: Config, out: str | Path | None = None, *,
-              force: bool = False, progress: bool = True, command: str | None = None,
-              config_path: str | None = None, log: Callable[[str], None] = print
-              ) -> ShearResult:
+                  force: bool = False, progress: bool = True, command: str | None = None,
+                  config_path: str | None = None, log: Callable[[str], None] = print
+                  ) -> ShearResult:
     """Simulate, measure, calibrate; write into ``out`` (default ``run/evaluation``)."""
     run = Path(run)
     out = Path(out) if out is not None else run / "evaluation"

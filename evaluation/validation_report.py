@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from deblend.core.config import Config
 from tqdm.auto import tqdm
 
 from deblend.core.atomic import write_text_atomic
+from deblend.core.config import Config
 from deblend.core.runs import run_config
 from evaluation import metrics as fidelity
 from evaluation import plots
@@ -42,7 +42,11 @@ from evaluation.report_io import (
     write_metrics,
 )
 from evaluation.results import (
-    EllipticityBreakdown, EllipticityStats, EvaluationResult, Fidelity, ShearResult,
+    EllipticityBreakdown,
+    EllipticityStats,
+    EvaluationResult,
+    Fidelity,
+    ShearResult,
 )
 from evaluation.shear_calibration import render_shear_markdown
 from simulation.dataset import open_dataset
@@ -160,8 +164,8 @@ def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress
         ellipticity[name] = breakdown(truth[0], truth[1], e1, e2, labels["n_galaxies"], mags,
                                       ev.mag_edges)
         if name.endswith("_hsm"):
-            ellipticity[name] = dataclasses.replace(ellipticity[name], vs_hsm_truth=ellipticity_stats(
-                labels["hsm_e1"], labels["hsm_e2"], e1, e2))
+            vs_hsm_truth = ellipticity_stats(labels["hsm_e1"], labels["hsm_e2"], e1, e2)
+            ellipticity[name] = dataclasses.replace(ellipticity[name], vs_hsm_truth=vs_hsm_truth)
 
     n_valid_total = len(data.split_indices("validation"))
     metrics = EvaluationResult(
@@ -364,8 +368,8 @@ def prepare_output(out: Path, force: bool) -> ShearResult | None:
 
 
 def write_report(run: str | Path, data_dir: str | Path, out: str | Path | None = None, *,
-               config: Config | None = None, force: bool = False, progress: bool = True,
-               command: str | None = None, log=print) -> EvaluationResult:
+                 config: Config | None = None, force: bool = False, progress: bool = True,
+                 command: str | None = None, log=print) -> EvaluationResult:
     """Evaluate ``run`` on ``data_dir`` and write the report into ``out``; returns the metrics."""
     run = Path(run)
     out = Path(out) if out is not None else run / "evaluation"

@@ -10,15 +10,17 @@ import json
 import multiprocessing
 import shutil
 import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from deblend.core.config import SimulationConfig, plain
 from tqdm.auto import tqdm
 
 from deblend.core.atomic import write_json_atomic
+from deblend.core.config import SimulationConfig, plain
 from deblend.core.normalization import MaxAccumulator
 from simulation.catalogs import catalog_provenance, load_catalog
 from simulation.dataset import (
@@ -56,6 +58,8 @@ class SceneSource:
         check_bands((sim.ref_band,), self.geometry, "simulation.ref_band")
         self.catalog = load_catalog(
             sim.catalog, self.geometry.bands, sim.catalog_rows, sim.catalog_seed)
+        self.catalog_note: str = self.catalog.get_raw_catalog().meta.get("dropped", "")
+        """What the catalog lost to unusable rows (one line), or "" when nothing was dropped."""
 
     def drawer(self, seed: int, batch_size: int | None = None, keep_isolated: bool = False
                ) -> SceneDrawer:
@@ -97,12 +101,13 @@ class SceneSource:
 
 # -- worker side ---------------------------------------------------------------------------------
 _SOURCE: SceneSource | None = None
+"""The scene source of this process: built by the main process before the workers fork, so a
+bad catalog or survey fails there, once, with its own message; the workers inherit it."""
 _COUNTER: Any = None
 
 
-def _init_worker(sim: SimulationConfig, counter: Any) -> None:
-    global _SOURCE, _COUNTER
-    _SOURCE = SceneSource(sim)
+def _init_worker(counter: Any) -> None:
+    global _COUNTER
     _COUNTER = counter
 
 
@@ -113,8 +118,8 @@ def _count(n: int) -> None:
 
 
 def generate_shard(root: Path, shard: dict[str, Any], seed: int, the_plan_id: str) -> int:
-    """Draw and write one shard; returns its index. Uses the worker's :class:`SceneSource`."""
-    assert _SOURCE is not None, "worker not initialised"
+    """Draw and write one shard; returns its index. Uses the process's :class:`SceneSource`."""
+    assert _SOURCE is not None, "no scene source: _run_shards sets it before the workers fork"
     scenes, labels = _SOURCE.draw(shard["n"], shard_seed(seed, shard["index"]), progress=_count)
     images = {name: getattr(scenes, name) for name in IMAGE_SETS}
     bad = [name for name, arr in images.items() if not np.all(np.isfinite(arr))]
@@ -126,10 +131,6 @@ def generate_shard(root: Path, shard: dict[str, Any], seed: int, the_plan_id: st
     return int(shard["index"])
 
 
-def _generate_one(args: tuple[Path, dict[str, Any], int, str]) -> int:
-    return generate_shard(*args)
-
-
 # -- main side -----------------------------------------------------------------------------------
 def prepare_directory(root: Path, plan: dict[str, Any], force: bool) -> None:
     """Create ``root`` for ``plan``; refuse to overwrite a finished or different dataset.
@@ -137,7 +138,16 @@ def prepare_directory(root: Path, plan: dict[str, Any], force: bool) -> None:
     An unfinished dataset with the same plan is kept, so its complete shards are reused.
     """
     meta, plan_path = root / METADATA_FILE, root / PLAN_FILE
-    if meta.exists() or (plan_path.exists() and _read_plan(plan_path) != plan):
+    started = _read_plan(plan_path) if plan_path.exists() else None
+    if (not force and started is not None and not meta.exists()
+            and started.get("catalog_sha256") not in (None, plan.get("catalog_sha256"))
+            and {k: v for k, v in started.items() if k != "catalog_sha256"}
+            == {k: v for k, v in plan.items() if k != "catalog_sha256"}):
+        raise DatasetError(f"the catalog {plan['simulation']['catalog']} changed since {root} "
+                           f"was started (sha256 {str(started.get('catalog_sha256'))[:12]}, now "
+                           f"{str(plan.get('catalog_sha256'))[:12]}): restore it, or pass "
+                           f"--force to start the dataset again")
+    if meta.exists() or (plan_path.exists() and started != plan):
         if not force:
             what = "a finished dataset" if meta.exists() else "an unfinished dataset of another plan"
             raise DatasetError(f"{root} already holds {what}; pass --force to replace it")
@@ -175,7 +185,8 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     geometry = survey_geometry(sim.survey, sim.stamp_pixels)
     check_bands(sim.label_bands, geometry, "simulation.label_bands")
-    plan = make_plan(plain(asdict(sim)), plain(asdict(geometry)))
+    provenance = catalog_provenance(sim.catalog, sim.catalog_rows, sim.catalog_seed)
+    plan = make_plan(plain(asdict(sim)), plain(asdict(geometry)), provenance.get("sha256"))
     the_plan_id = plan_id(plan)
     prepare_directory(root, plan, force)
 
@@ -185,7 +196,7 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     todo = [s for s in mine if s not in done]
     if done:
         log(f"resuming: {len(done)} of {len(mine)} shards already complete")
-    _run_shards(root, todo, sim, the_plan_id, jobs, progress)
+    _run_shards(root, todo, sim, the_plan_id, jobs, progress, log)
 
     missing = [s["index"] for s in plan["shards"]
                if not shard_is_complete(root / SHARD_DIR / shard_name(s["index"]), s["n"],
@@ -198,9 +209,18 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
 
 
 def _run_shards(root: Path, todo: list[dict[str, Any]], sim: SimulationConfig, the_plan_id: str,
-                jobs: int, progress: bool) -> None:
+                jobs: int, progress: bool, log: Callable[[str], None] = print) -> None:
+    """Generate the ``todo`` shards on ``jobs`` processes.
+
+    The first failure of any worker (an exception, or a worker killed, e.g. out of memory) stops
+    every worker at once and is raised here with its own message; finished shards stay on disk.
+    """
+    global _SOURCE
     if not todo:
         return
+    _SOURCE = SceneSource(sim)
+    if _SOURCE.catalog_note:
+        log(_SOURCE.catalog_note)
     context = multiprocessing.get_context("fork")
     counter = context.Value("q", 0)
     total = sum(s["n"] for s in todo)
@@ -209,24 +229,39 @@ def _run_shards(root: Path, todo: list[dict[str, Any]], sim: SimulationConfig, t
                disable=not progress, smoothing=0.1)
     try:
         if jobs == 1:
-            _init_worker(sim, counter)
+            _init_worker(counter)
             for arg in args:
                 generate_shard(*arg)
                 bar.update(counter.value - bar.n)
         else:
-            with context.Pool(jobs, initializer=_init_worker,
-                              initargs=(sim, counter)) as pool:
-                pending = pool.imap_unordered(_generate_one, args)
-                finished = 0
-                while finished < len(args):
-                    try:
-                        pending.next(timeout=0.5)
-                        finished += 1
-                    except multiprocessing.TimeoutError:
-                        pass
-                    bar.update(counter.value - bar.n)
+            with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                     initargs=(counter,)) as pool:
+                try:
+                    pending = {pool.submit(generate_shard, *arg) for arg in args}
+                    while pending:
+                        done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+                        for future in done:
+                            future.result()  # the worker's exception, raised here
+                        bar.update(counter.value - bar.n)
+                except BrokenProcessPool as exc:
+                    _stop_workers(pool)
+                    raise DatasetError(f"a simulation worker process died ({exc}); finished "
+                                       f"shards are kept: run the same command again to resume "
+                                       f"(with fewer --jobs if memory ran out)") from None
+                except BaseException:
+                    _stop_workers(pool)
+                    raise
     finally:
         bar.close()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued shards and end the running ones now (their ``.tmp`` files are never
+    taken for finished shards)."""
+    processes = dict(getattr(pool, "_processes", None) or {})  # the executor's own, by pid
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes.values():
+        process.terminate()
 
 
 def finalize_dataset(root: Path, plan: dict[str, Any], sim: SimulationConfig,

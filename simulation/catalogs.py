@@ -39,7 +39,10 @@ def read_catsim_file(path: str | Path, bands: tuple[str, ...]) -> Table:
 
 
 def prepare_catalog_table(table: Table, bands: tuple[str, ...], source: str) -> Table:
-    """Check the CatSim columns, add band aliases and drop rows that cannot be drawn."""
+    """Check the CatSim columns, add band aliases and drop rows that cannot be drawn.
+
+    What was dropped and why is said in ``table.meta["dropped"]`` (one line, or "" when every
+    row is kept), for the caller to report."""
     missing = [c for c in REQUIRED_COLUMNS if c not in table.colnames]
     for band in bands:
         column = f"{band}_ab"
@@ -56,9 +59,15 @@ def prepare_catalog_table(table: Table, bands: tuple[str, ...], source: str) -> 
         finite &= np.isfinite(np.asarray(table[column], dtype=float))
     flux = np.asarray(table["fluxnorm_bulge"]) + np.asarray(table["fluxnorm_disk"]) + np.asarray(
         table["fluxnorm_agn"])
+    n_input, n_bad_values, n_no_flux = len(table), int((~finite).sum()), int(
+        (finite & ~(flux > 0)).sum())
     table = table[finite & (flux > 0)]
     if len(table) == 0:
         raise CatalogError(f"catalog {source} has no row with finite values and positive flux")
+    table.meta["dropped"] = (
+        f"catalog {source}: {n_input - len(table)} of {n_input} rows cannot be drawn and are left "
+        f"out ({n_bad_values} with a NaN or infinite value in a CatSim or magnitude column, "
+        f"{n_no_flux} with no positive flux)" if len(table) < n_input else "")
     return table
 
 

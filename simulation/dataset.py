@@ -56,8 +56,11 @@ def plan_id(plan: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make_plan(simulation: dict[str, Any], geometry: dict[str, Any]) -> dict[str, Any]:
-    """The generation plan: simulation config, geometry, shards (index, first sample, count)."""
+def make_plan(simulation: dict[str, Any], geometry: dict[str, Any],
+              catalog_sha256: str | None = None) -> dict[str, Any]:
+    """The generation plan: simulation config, geometry, shards (index, first sample, count),
+    and the SHA-256 of a catalog file's content (so that a catalog swapped between an
+    interruption and the resume is refused, not mixed in)."""
     n, size = simulation["n_samples"], simulation["shard_size"]
     shards = [{"index": i, "first": first, "n": min(size, n - first)}
               for i, first in enumerate(range(0, n, size))]
@@ -68,9 +71,12 @@ def make_plan(simulation: dict[str, Any], geometry: dict[str, Any]) -> dict[str,
         n_train -= n_train % 2
         n_calibration -= n_calibration % 2
     n_calibration = min(n_calibration, n_train)
-    return {"format_version": FORMAT_VERSION, "simulation": simulation, "geometry": geometry,
+    plan = {"format_version": FORMAT_VERSION, "simulation": simulation, "geometry": geometry,
             "n_samples": n, "n_train": n_train - n_calibration, "n_calibration": n_calibration,
             "shards": shards}
+    if catalog_sha256 is not None:
+        plan["catalog_sha256"] = catalog_sha256
+    return plan
 
 
 def write_shard(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
@@ -193,8 +199,13 @@ class StampData:
                 raise DatasetError(f"shard {shard.path} is unreadable: {exc}") from exc
             if offset is None:
                 raise DatasetError(f"shard {shard.path}: '{image_set}' is not stored contiguously")
-            self._maps[key] = np.memmap(shard.path, dtype=dtype, mode="r", offset=offset,
-                                        shape=shape)
+            try:
+                self._maps[key] = np.memmap(shard.path, dtype=dtype, mode="r", offset=offset,
+                                            shape=shape)
+            except (OSError, ValueError) as exc:  # e.g. a file truncated after it was written
+                raise DatasetError(f"shard {shard.path} is truncated or unreadable ('{image_set}' "
+                                   f"needs {int(offset) + dtype.itemsize * int(np.prod(shape))} "
+                                   f"bytes): {exc}; regenerate the dataset") from exc
         return self._maps[key]
 
     def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,6 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory, sample_catalog: Path) 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Path:
     from deblend.core.config import load_config
-
     from simulation.builder import build_dataset
 
     root = tmp_path_factory.mktemp("tiny") / "data"

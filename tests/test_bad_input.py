@@ -68,7 +68,6 @@ def test_unknown_survey_and_band(tmp_path, capsys, tiny_sim):
 @pytest.fixture(scope="module")
 def des_dataset(tmp_path_factory, sample_catalog):
     from deblend.core.config import config_from_dict
-
     from simulation.builder import build_dataset
 
     sim = config_from_dict({"simulation": {"catalog": str(sample_catalog), "survey": "DES",

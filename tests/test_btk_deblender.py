@@ -5,9 +5,9 @@ from __future__ import annotations
 import btk
 import numpy as np
 import pytest
-from deblend.core.config import load_config
 
 from deblend.core.btk_deblender import VAEDeblender
+from deblend.core.config import load_config
 from deblend.core.stamps import cut_stamp, paste_stamp
 from simulation.builder import SceneSource
 

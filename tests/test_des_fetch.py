@@ -12,8 +12,8 @@ import pytest
 from astropy.io import fits
 from astropy.io.votable import from_table
 from astropy.table import Table
-from deblend.core.config import DESConfig
 
+from deblend.core.config import DESConfig
 from des_validation import datalab as fetch_module
 from des_validation.cutouts import DES_BANDS, read_cutouts
 from des_validation.datalab import (

@@ -11,12 +11,11 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
-from deblend.core.config import Config, DESConfig, config_from_dict
 
-from deblend.core.stamps import cut_stamp
-from evaluation.results import DESValidationResult
+from deblend.core.config import Config, DESConfig, config_from_dict
 from deblend.core.normalization import NormalizationConstants, normalize, rescale
 from deblend.core.shapes import hsm_shapes, moments_ellipticity
+from deblend.core.stamps import cut_stamp
 from des_validation.catalog import apply_cuts, read_catalog
 from des_validation.cutouts import DES_BANDS, read_cutouts, write_npz
 from des_validation.frames import (
@@ -37,6 +36,7 @@ from des_validation.prepare import (
     resample_image,
 )
 from des_validation.standin_cutouts import BAD_CASES, make_wcs, write_standin
+from evaluation.results import DESValidationResult
 
 LSST_BANDS = ("u", "g", "r", "i", "z", "y")
 SCALE = 0.2637

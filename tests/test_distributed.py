@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from deblend.core.runs import load_checkpoint
-from deblend.core.runs import RunLayout
 
 from deblend import Deblender
+from deblend.core.runs import RunLayout, load_checkpoint
 from simulation.dataset import open_dataset
 from tests.conftest import TINY_CONFIG
 from training.history import read_history

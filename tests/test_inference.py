@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deblend.core.runs import load_checkpoint, save_checkpoint
-from deblend.core.runs import RunError, RunLayout
 
 from deblend import Deblender, Prediction
 from deblend.core.normalization import normalize
+from deblend.core.runs import RunError, RunLayout, load_checkpoint, save_checkpoint
 from simulation.dataset import open_dataset
 
 

@@ -80,8 +80,7 @@ def test_stage3_stopped_before_its_calibration_is_resumed(finished_job, tiny_job
                                                          tmp_path):
     import shutil
 
-    from deblend.core.runs import load_checkpoint, save_checkpoint
-    from deblend.core.runs import RunLayout
+    from deblend.core.runs import RunLayout, load_checkpoint, save_checkpoint
 
     out, _, _ = finished_job
     copy = tmp_path / "copy"

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deblend.core.runs import load_checkpoint, save_checkpoint
-from deblend.core.runs import RunLayout
 
 from deblend import Deblender
 from deblend.core.response import MIN_RESPONSE, Response, ResponseError, fit_response
+from deblend.core.runs import RunLayout, load_checkpoint, save_checkpoint
 from evaluation.ellipticity import fit_line
 from simulation.dataset import open_dataset
 from training.calibration import calibrate_regressor

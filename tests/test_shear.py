@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from deblend.core.config import config_from_dict
 
+from deblend.core.config import config_from_dict
 from evaluation.shear_fit import (
     ShearPopulation,
     calibrate,

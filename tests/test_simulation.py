@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from deblend.core.config import ConfigError, config_from_dict, load_config
 
+from deblend.core.config import ConfigError, config_from_dict, load_config
 from deblend.core.normalization import NormalizationConstants, denormalize, normalize
 from deblend.core.shapes import hsm_shapes, moments_ellipticity, second_moments
 from simulation.builder import SceneSource, build_dataset

@@ -12,23 +12,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
 from deblend.core.config import config_from_dict, load_config
 from deblend.core.runs import (
     DataIdentity,
+    RunLayout,
     build_module,
     file_sha256,
     load_checkpoint,
     save_checkpoint,
 )
-from deblend.core.runs import RunLayout
-from training.stages import STAGES
-
 from deblend.train import main
 from simulation.dataset import open_dataset
 from tests.conftest import TINY_CONFIG, TINY_EPOCHS
 from training.data import BatchReader, BlockBatchSampler, select_indices
 from training.history import history_columns, read_history
 from training.runner import run_stage
+from training.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 

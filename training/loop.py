@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from deblend.core.config import Config
 from torch import nn
 from tqdm.auto import tqdm
 
+from deblend.core.config import Config
 from deblend.core.device import autocast, uses_mixed_precision
 from deblend.core.runs import (
     DataIdentity,
@@ -30,7 +30,7 @@ from deblend.core.runs import (
     save_checkpoint,
 )
 from simulation.dataset import StampData
-from training.data import BlockBatchSampler, make_loader
+from training.data import BlockBatchSampler, first_non_finite, make_loader
 from training.distributed import DistContext
 from training.history import plot_history, write_history
 from training.stages import Stage
@@ -77,7 +77,8 @@ class StageLoop:
         self.epochs = task.epochs(training)
         self.amp = uses_mixed_precision(device, training.mixed_precision)
 
-        common = dict(input_set=task.input_set, target=task.target, batch_size=training.batch_size, seed=training.seed,
+        common = dict(input_set=task.input_set, target=task.target,
+                      batch_size=training.batch_size, seed=training.seed,
                       min_target_e=training.min_target_e, num_workers=training.num_workers,
                       pin_memory=device.type == "cuda", rank=context.rank,
                       world_size=context.world_size)
@@ -109,6 +110,7 @@ class StageLoop:
             self.train_sampler.set_epoch(epoch)
             train = self.train_epoch(epoch)
             val = self.validate()
+            self._check_finite(val[0], epoch, "validation")
             state.epoch = epoch + 1
             row: dict[str, Any] = {"epoch": state.epoch}
             row.update({f"train_{k}": v for k, v in zip(self.task.loss_names, train)})
@@ -155,10 +157,10 @@ class StageLoop:
                 bar.update(n)
                 if step % POSTFIX_EVERY == 0:
                     running = (sums[0] / sums[-1]).item()
-                    self._check_finite(running, epoch)
+                    self._check_finite(running, epoch, "train")
                     bar.set_postfix(loss=f"{running:.5g}")
         means = self._means(sums)
-        self._check_finite(means[0], epoch)
+        self._check_finite(means[0], epoch, "train")
         return means
 
     @torch.no_grad()
@@ -179,10 +181,19 @@ class StageLoop:
         self.context.all_reduce_sum(sums)
         return (sums[:-1] / sums[-1].clamp(min=1)).tolist()
 
-    def _check_finite(self, value: float, epoch: int) -> None:
-        if not math.isfinite(value):
-            raise RunError(f"{self.task.name}: the training loss became {value} in epoch "
-                           f"{epoch + 1}; lower training.learning_rate")
+    def _check_finite(self, value: float, epoch: int, split: str) -> None:
+        """A non-finite loss stops the stage: blamed on the data when the split holds
+        non-finite values (named with the first sample), on the optimisation otherwise."""
+        if math.isfinite(value):
+            return
+        loader = self.train_loader if split == "train" else self.val_loader
+        bad = first_non_finite(loader.dataset, loader.sampler.indices)
+        if bad is not None:
+            raise RunError(f"{self.task.name}: the {split} loss is {value} in epoch {epoch + 1} "
+                           f"because the data are not finite: {bad} in {loader.dataset.root}; "
+                           f"regenerate the dataset")
+        raise RunError(f"{self.task.name}: the {split} loss became {value} in epoch {epoch + 1} "
+                       f"on finite data; lower training.learning_rate")
 
     # -- output ---------------------------------------------------------------------------------
     def _report(self, row: dict[str, Any], improved: bool, state: LoopState) -> None:

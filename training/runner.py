@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from deblend.core.config import Config, config_from_dict
 
 from deblend.core.atomic import write_json_atomic
+from deblend.core.config import Config, config_from_dict
 from deblend.core.device import resolve_device
 from deblend.core.runs import (
     DataIdentity,

@@ -25,9 +25,9 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
 import torch
-from deblend.core.config import Config, TrainingConfig
 from torch import Tensor, nn
 
+from deblend.core.config import Config, TrainingConfig
 from deblend.core.losses import beta_vae_loss, regression_loss
 from deblend.core.networks import VAE, Decoder, Encoder, Regressor
 from deblend.core.runs import DataIdentity, RunLayout, build_module

@@ -8,7 +8,10 @@ backend) are made here, by the commands, never by importing a library module.
 
 from __future__ import annotations
 
+import argparse
 import functools
+import math
+import os
 import sys
 from typing import Callable
 
@@ -27,9 +30,15 @@ def configure_process() -> None:
     keep_freed_memory()
 
 
+TRACEBACK_VARIABLE = "DEBLEND_TRACEBACK"
+"""Set it (to anything) to see the traceback of an unexpected error instead of its one line."""
+
+
 def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a CLI ``main``: process settings first; expected errors print ``error: <message>`` on
-    one line and return 2; Ctrl-C returns 130 with a hint to resume.
+    """Wrap a CLI ``main``: process settings first; expected errors (bad input, missing or
+    existing files) print ``error: <message>`` on one line and return 2; any other error prints
+    one line too, with its type, and returns 1 (``DEBLEND_TRACEBACK=1`` shows the traceback);
+    Ctrl-C returns 130 with a hint to resume.
 
     Messages from libraries (h5py, astropy) may span lines; they are joined into one.
     """
@@ -46,5 +55,35 @@ def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
             return 2
+        except Exception as exc:
+            if os.environ.get(TRACEBACK_VARIABLE):
+                raise
+            print(f"error: {type(exc).__name__}: {' '.join(str(exc).split())} (an unexpected "
+                  f"error: set {TRACEBACK_VARIABLE}=1 for its traceback)", file=sys.stderr)
+            return 1
 
     return wrapper
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (sizes, counts, worker processes)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (indices, retries, seeds)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (pixel scales, sizes in arcsec, time-outs)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value

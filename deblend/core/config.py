@@ -121,7 +121,8 @@ class SimulationConfig:
     """Fraction of the samples held out for validation (the last ones)."""
     calibration_fraction: StrictFloat = 0.1
     """Fraction held out, between training and validation, to measure the stage-3 regressor's
-    response (:mod:`deblend.response`); no network trains on it and no report evaluates on it."""
+    response (:mod:`deblend.core.response`); no network trains on it and no report evaluates on
+    it."""
     seed: StrictInt = 0
     norm_beta: StrictFloat = 2.5
     """beta of the SPEC 3 normalisation tanh(asinh(beta x / <max>))."""
@@ -199,7 +200,7 @@ class TrainingConfig:
     """Train only on targets whose label |e| exceeds this (the report used 0.1)."""
     dihedral_augmentation: StrictBool = True
     """Show every training sample in a random one of the stamp's 8 symmetric views (90-degree
-    rotations and flips, :mod:`deblend.symmetry`); targets and labels follow exactly."""
+    rotations and flips, :mod:`deblend.core.symmetry`); targets and labels follow exactly."""
     stage2_init: Literal["stage1", "scratch"] = "stage1"
     early_stopping_patience: StrictInt | None = None
     num_workers: StrictInt = 0

@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deblend.core.config import Config, config_from_dict, load_config
 from torch import nn
 
 from deblend.core.atomic import atomic_output
+from deblend.core.config import Config, config_from_dict, load_config
 from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants
 

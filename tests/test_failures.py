@@ -1,0 +1,244 @@
+"""Failure paths a new user hits: each gives one clear line naming the culprit and a non-zero
+exit, leaves nothing a later step would trust, and loses nothing the user had."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_command(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A command in a fresh process; a hang (the old failure mode) ends in TimeoutExpired."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=None)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("catalog", ["missing", "not FITS"])
+def test_a_catalog_the_workers_cannot_read_fails_the_main_job_at_once(tmp_path, catalog):
+    """A wrong catalog used to fail in every worker's initializer, respawned for ever
+    (~1,000 tracebacks in 25 s, no exit). A missing file is now refused before the workers
+    start; one they cannot read fails the first shard, with its message."""
+    path = tmp_path / "OneDegSq.fit"
+    if catalog == "not FITS":
+        path.write_text("this is not a FITS table\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"simulation": {
+        "catalog": str(path), "n_samples": 64, "shard_size": 32}}))
+    result = run_command(["deblend", "run", "--config", str(config), "--out",
+                          str(tmp_path / "run"), "--jobs", "2", "--no-progress"], ROOT)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in error_lines(result) if line.startswith("error:")]
+    assert len(errors) == 1 and "OneDegSq.fit" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "data" / "metadata.json").exists()
+
+
+def _config(name: str):
+    from deblend.core.config import config_from_dict
+
+    return config_from_dict({"name": name})
+
+
+def test_force_never_removes_a_directory_that_is_not_a_run(tmp_path):
+    """--force used to rmtree any --out holding a config.yaml of something else."""
+    from deblend.pipeline import RunPaths, claim_run_directory
+
+    project = tmp_path / "my_project"
+    project.mkdir()
+    (project / "config.yaml").write_text("telescope: hubble\n")
+    (project / "thesis.tex").write_text("years of work\n")
+    with pytest.raises(FileExistsError, match="not a deblend run"):
+        claim_run_directory(RunPaths(project), None, _config("a"), force=True)
+    assert (project / "thesis.tex").read_text() == "years of work\n"
+    assert (project / "config.yaml").read_text() == "telescope: hubble\n"
+
+
+def test_force_restarts_a_run_but_keeps_what_the_user_put_there(tmp_path):
+    from deblend.pipeline import MARKER, RunPaths, claim_run_directory
+
+    paths = RunPaths(tmp_path / "run")
+    claim_run_directory(paths, None, _config("a"), force=False)
+    assert (paths.root / MARKER).is_file()
+    for directory in (paths.data, paths.train / "stage1", paths.evaluation):
+        directory.mkdir(parents=True)
+        (directory / "file").write_text("old")
+    (paths.root / "notes.txt").write_text("mine")
+    claim_run_directory(paths, None, _config("a"), force=False)  # same config: resume
+    assert (paths.train / "stage1" / "file").is_file()
+    with pytest.raises(FileExistsError, match="another config"):
+        claim_run_directory(paths, None, _config("b"), force=False)
+    claim_run_directory(paths, None, _config("b"), force=True)
+    assert not paths.data.exists() and not paths.train.exists() and not paths.evaluation.exists()
+    assert (paths.root / "notes.txt").read_text() == "mine"
+    assert "name: b" in paths.config.read_text()
+
+
+def test_a_run_that_lost_its_config_is_not_relabelled(tmp_path):
+    """With RUN/config.yaml removed, a rerun with another config used to skip every step and
+    relabel the old data and weights with the new config."""
+    from deblend.pipeline import RunPaths, claim_run_directory
+
+    paths = RunPaths(tmp_path / "run")
+    claim_run_directory(paths, None, _config("a"), force=False)
+    paths.train.mkdir()
+    (paths.train / "run.json").write_text("{}")
+    paths.config.unlink()
+    with pytest.raises(FileExistsError, match="lost its config.yaml"):
+        claim_run_directory(paths, None, _config("b"), force=False)
+    assert (paths.train / "run.json").is_file()
+    claim_run_directory(paths, None, _config("b"), force=True)
+    assert not paths.train.exists()  # the old weights are gone, not relabelled
+
+
+@pytest.mark.parametrize("split, sample", [("validation", -1), ("train", 3)])
+def test_non_finite_data_stop_a_stage_naming_the_sample(tmp_path, tiny_dataset, tiny_config,
+                                                        capsys, split, sample):
+    """A NaN pixel in the validation split used to end stage1 'successfully' with no best.pt;
+    in the training split it was blamed on the learning rate."""
+    import shutil
+
+    import h5py
+
+    from deblend.train import main as train_main
+    from simulation.dataset import open_dataset
+    from training.runner import stage_status
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    dataset = open_dataset(data)
+    index = int(dataset.split_indices(split)[sample])
+    shard, position = dataset.locate(np.array([index]))
+    path = data / "shards" / dataset.meta["shards"][int(shard[0])]["file"]
+    with h5py.File(path, "r+") as handle:
+        handle["noisy"][int(position[0]), 2, 22, 22] = np.nan
+    run = tmp_path / "run"
+    assert train_main(["stage1", "--config", str(tiny_config), "--data", str(data), "--run",
+                       str(run), "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and f"sample {index} (noisy images)" in err[0], err
+    assert "not finite" in err[0] and "learning_rate" not in err[0]
+    assert not (run / "stage1" / "best.pt").exists()
+    assert stage_status(run, "stage1") == "todo"
+
+
+def test_a_catalog_swapped_before_the_resume_is_refused(tmp_path, sample_catalog):
+    """Shards from two catalogs used to be mixed in one dataset (the plan pinned the path)."""
+    import shutil
+
+    from astropy.table import Table
+
+    from deblend.core.config import config_from_dict
+    from simulation.builder import build_dataset
+    from simulation.dataset import METADATA_FILE, DatasetError
+
+    catalog = tmp_path / "catalog.fits"
+    shutil.copy(sample_catalog, catalog)
+    sim = config_from_dict({"simulation": {"catalog": str(catalog), "n_samples": 16,
+                                           "shard_size": 8, "btk_batch_size": 8}}).simulation
+    root = tmp_path / "data"
+    quiet = {"progress": False, "log": lambda _: None}
+    assert build_dataset(sim, root, shard=0, num_shards=2, **quiet) is None  # half done
+    Table.read(sample_catalog)[::-1].write(catalog, overwrite=True)  # same path, new content
+    with pytest.raises(DatasetError, match="catalog .*catalog.fits changed since"):
+        build_dataset(sim, root, shard=1, num_shards=2, **quiet)
+    assert not (root / METADATA_FILE).exists()
+    shutil.copy(sample_catalog, catalog)  # the original back: the dataset resumes and finishes
+    assert build_dataset(sim, root, shard=1, num_shards=2, **quiet) is not None
+
+
+def test_catalog_rows_left_out_are_said(tmp_path, sample_catalog):
+    """Half the catalog's rows used to be dropped for NaNs without a word."""
+    from astropy.table import Table
+
+    from deblend.core.config import config_from_dict
+    from simulation.builder import build_dataset
+
+    table = Table.read(sample_catalog)
+    table["a_d"][::2] = np.nan
+    catalog = tmp_path / "half_nan.fits"
+    table.write(catalog)
+    sim = config_from_dict({"simulation": {"catalog": str(catalog), "n_samples": 8,
+                                           "shard_size": 8, "btk_batch_size": 8}}).simulation
+    messages: list[str] = []
+    build_dataset(sim, tmp_path / "data", progress=False, log=messages.append)
+    said = [m for m in messages if "cannot be drawn" in m]
+    assert len(said) == 1 and "half_nan.fits" in said[0], messages
+    dropped = int(said[0].split(": ")[1].split(" of ")[0])
+    assert dropped >= 50 and "of 100 rows" in said[0] and "NaN or infinite" in said[0]
+
+
+def test_an_unexpected_error_is_one_line_unless_the_traceback_is_asked_for(tmp_path, capsys,
+                                                                          monkeypatch):
+    """A failing step used to print a traceback; it is one line naming the error's type."""
+    from simulation import generate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shard 3: something\nunforeseen")
+
+    monkeypatch.setattr(generate, "build_dataset", broken)
+    argv = ["--out", str(tmp_path / "data")]
+    assert generate.main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: RuntimeError: shard 3: something "
+                                               "unforeseen"), err
+    monkeypatch.setenv("DEBLEND_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="shard 3"):
+        generate.main(argv)
+
+
+def test_a_run_directory_can_be_moved_with_its_data(tmp_path):
+    """run.json used to hold the dataset's absolute path: a moved run lost its data."""
+    import json
+
+    from deblend.core.normalization import NormalizationConstants
+    from deblend.core.runs import DataIdentity, RunLayout, RunRecord
+
+    data = DataIdentity(str(tmp_path / "RUN" / "data"), "abc", "LSST", ("i",), 45, 0.2,
+                        NormalizationConstants(("i",), (100.0,)))
+    layout = RunLayout(tmp_path / "RUN" / "train")
+    layout.root.mkdir(parents=True)
+    layout.run_file.write_text(json.dumps(RunRecord({}, data, "now").to_dict(layout.root)))
+    assert json.loads(layout.run_file.read_text())["data"]["path"] == "../data"
+    (tmp_path / "RUN").rename(tmp_path / "moved")
+    moved = RunLayout(tmp_path / "moved" / "train")
+    assert moved.read_run().data_path(moved.root).resolve() == tmp_path / "moved" / "data"
+
+
+def test_a_catalog_with_text_in_a_number_column_names_file_and_column(tmp_path):
+    from des_validation.catalog import read_catalog
+
+    path = tmp_path / "im3shape.csv"
+    path.write_text("coadd_objects_id,ra,dec,e_1,e_2,snr_w\n1,10.0,-5.0,0.1,0.2,30\n"
+                    "2,10.1,-5.1,0.1,n/a?,25\n")
+    with pytest.raises(ValueError, match=r"im3shape.csv: column 'e_2' must hold numbers, but "
+                                         r"has 'n/a\?'"):
+        read_catalog(path)
+
+
+def test_a_truncated_shard_is_named(tmp_path, tiny_dataset):
+    import shutil
+
+    from simulation.dataset import DatasetError, open_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    dataset = open_dataset(data)
+    shard = data / "shards" / dataset.meta["shards"][-1]["file"]
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size // 2)
+    last = np.array([dataset.n_samples - 1])
+    with pytest.raises(DatasetError, match=rf"shard {re.escape(str(shard))} is (truncated or )?"
+                                           rf"unreadable"):
+        open_dataset(data).images("blend", last)
