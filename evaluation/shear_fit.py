@@ -136,15 +136,10 @@ def calibrate(populations: Sequence[ShearPopulation], *, reference: str = "truth
         table = {}
         for name in names:
             fit = fits[name]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                m_full = fit["A"] / ref["A"] - 1.0
-                m_boot = fit["A_boot"] / ref["A_boot"] - 1.0
+            m_full, m_boot = _multiplicative_bias(fit, ref)
             m_vs = {}
             for ref_name in extra_references:
-                other = fits[ref_name]
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    m_other = fit["A"] / other["A"] - 1.0
-                    m_other_boot = fit["A_boot"] / other["A_boot"] - 1.0
+                m_other, m_other_boot = _multiplicative_bias(fit, fits[ref_name])
                 m_vs[ref_name] = {"m": float(m_other),
                                   "m_err": _std(m_other_boot) if name != ref_name else 0.0}
             table[name] = ShearFit(
@@ -157,6 +152,14 @@ def calibrate(populations: Sequence[ShearPopulation], *, reference: str = "truth
     return ShearCalibration(reference, int(n_bootstrap),
                             "twin pairs, jointly across populations" if shared_galaxies
                             else "twin pairs, per population", **components)
+
+
+def _multiplicative_bias(fit: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """m = A / A_reference - 1, on the full sample and in every bootstrap replicate (the two
+    responses resampled together)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return fit["A"] / reference["A"] - 1.0, fit["A_boot"] / reference["A_boot"] - 1.0
 
 
 def _std(values: np.ndarray) -> float:

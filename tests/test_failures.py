@@ -242,3 +242,29 @@ def test_a_truncated_shard_is_named(tmp_path, tiny_dataset):
     with pytest.raises(DatasetError, match=rf"shard {re.escape(str(shard))} is (truncated or )?"
                                            rf"unreadable"):
         open_dataset(data).images("blend", last)
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, 2.5, True])
+def test_predict_refuses_a_batch_size_that_is_not_a_positive_integer(trained_run, batch_size):
+    """predict(x, batch_size=-1) used to return uninitialised memory as results."""
+    from deblend.core.inference import Deblender
+
+    model = Deblender.from_run(trained_run, device="cpu")
+    stamps = np.ones((3, len(model.bands), model.stamp_pixels, model.stamp_pixels), np.float32)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        model.predict(stamps, batch_size=batch_size)
+    assert model.predict(stamps, batch_size=2).reconstruction.shape == stamps.shape
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["simulation.generate", "--jobs", "0"], "--jobs"),
+    (["simulation.generate", "--n", "-5"], "--n"),
+    (["des_validation.validate", "--run", "r", "--catalog", "c", "--cutouts", "x",
+      "--pixel-scale", "-0.26"], "--pixel-scale"),
+    (["des_validation.standin", "--out", "o", "--stamp", "0"], "--stamp"),
+])
+def test_zero_or_negative_sizes_are_refused_naming_the_argument(tmp_path, argv, culprit):
+    result = run_command(argv, tmp_path)
+    assert result.returncode == 2
+    assert f"argument {culprit}: must be" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
