@@ -27,6 +27,7 @@ import yaml
 
 from deblend.core.atomic import write_json_atomic, write_text_atomic
 from deblend.core.config import Config, load_config
+from deblend.core.outputs import MARKER, is_ours, mark
 from des_validation.standin_cutouts import standin_is_complete, write_standin
 from des_validation.validation import validate_des, validation_is_complete
 from evaluation.results import DESValidationResult, EllipticityStats, EvaluationResult
@@ -89,8 +90,8 @@ class RunPaths:
                 + [d.with_name(d.name + ".tmp") for d in directories])
 
 
-MARKER = ".deblend-run"
-"""The file that marks a directory as a run of the main job (and so as ours to replace)."""
+RUN_KIND = "run"
+"""The kind of output a main-job directory is (:mod:`deblend.core.outputs`)."""
 
 
 def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Config,
@@ -99,19 +100,20 @@ def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Confi
 
     ``force`` restarts a run of another config (or whose config.yaml was lost) from scratch, but
     only removes what the main job writes there, and only in a directory marked as a run
-    (:data:`MARKER`): any other non-empty directory is refused, with or without ``force``.
+    (:mod:`deblend.core.outputs`): any other non-empty directory is refused, with or without
+    ``force``.
     """
     wanted = config.to_dict()
-    ours = (paths.root / MARKER).is_file()
+    ours = is_ours(paths.root, RUN_KIND)
     previous = yaml.safe_load(paths.config.read_text()) if paths.config.is_file() else None
     if previous == wanted:
         if not ours:  # a run started before runs were marked
-            write_text_atomic(paths.root / MARKER, "deblend main-job run directory\n")
+            mark(paths.root, RUN_KIND)
         return
     if paths.root.exists() and any(paths.root.iterdir()):
         if not ours:
             raise FileExistsError(f"{paths.root} exists and is not a deblend run (no {MARKER} "
-                                  f"file); use another --out (--force only replaces a deblend "
+                                  f"file): choose another --out (--force only replaces a deblend "
                                   f"run)")
         if not force:
             why = ("was started with another config" if previous is not None
@@ -124,7 +126,7 @@ def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Confi
             else:
                 path.unlink(missing_ok=True)
     paths.root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(paths.root / MARKER, "deblend main-job run directory\n")
+    mark(paths.root, RUN_KIND)
     header = f"# config of this run (from {config_path or 'the embedded defaults'})\n"
     write_text_atomic(paths.config, header + yaml.safe_dump(wanted, sort_keys=False))
 

@@ -28,7 +28,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from deblend.core.cli import fail_cleanly, non_negative_int, positive_float, positive_int
+from deblend.core.cli import (
+    fail_cleanly,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from deblend.core.config import load_config
 from des_validation.datalab import (
     GOLD_TABLE,

@@ -39,7 +39,7 @@ import numpy as np
 
 from deblend.core.normalization import NormalizationConstants
 from deblend.core.stamps import cut_stamp, nearest_pixel
-from des_validation.cutouts import Cutout, Skip
+from des_validation.cutouts import DES_BANDS, Cutout, Skip
 
 U_STRATEGIES = ("zeros", "g_copy", "g_extrapolate")
 FILL_SOURCE_BAND = "g"
@@ -173,7 +173,7 @@ def prepare_stamps(cutouts: Sequence[Cutout], centers: Sequence[tuple[float, flo
                    model_pixel_scale: float, stamp: int, resample: bool) -> PreparedSet:
     """Resample (or crop) every cutout around its object; too-small cutouts are skipped."""
     ids, stamps, kept_centers, skipped = [], [], [], []
-    bands: tuple[str, ...] = cutouts[0].bands if cutouts else ()
+    bands: tuple[str, ...] = cutouts[0].bands if cutouts else DES_BANDS
     for cutout, center in zip(cutouts, centers):
         to_scale = model_pixel_scale if resample else cutout.pixel_scale
         reason = crop_fits(cutout.shape, center, cutout.pixel_scale, to_scale, stamp, resample)

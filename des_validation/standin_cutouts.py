@@ -32,7 +32,6 @@ share one shape and it has no files to truncate).
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +43,13 @@ from astropy.wcs import WCS
 
 from deblend.core.atomic import atomic_output
 from deblend.core.config import Config, SimulationConfig
+from deblend.core.outputs import claim_directory, is_ours, replace_directory
 from des_validation.cutouts import DES_BANDS, write_npz
 from des_validation.frames import distortion_to_shear, local_jacobian, pixel_to_sky
 from simulation.builder import SceneSource
 
+STANDIN_KIND = "des-standin"
+"""The kind of output a stand-in directory is (:mod:`deblend.core.outputs`)."""
 ID_OFFSET = 3_000_000_000
 MAGZERO = 30.0
 BAD_CASES = ("truncated", "nan_pixels", "missing_band", "too_small", "no_catalog_row")
@@ -113,7 +115,7 @@ def _write_fits(path: Path, hdul: fits.HDUList) -> None:
 
 def standin_is_complete(out: str | Path) -> bool:
     """Whether ``out`` holds a finished stand-in (it is built aside and renamed when done)."""
-    return (Path(out) / "catalog.fits").is_file()
+    return is_ours(out, STANDIN_KIND)
 
 
 def write_standin(out: str | Path, config: Config | None = None, n: int | None = None,
@@ -130,8 +132,7 @@ def write_standin(out: str | Path, config: Config | None = None, n: int | None =
     if n < 1:
         raise ValueError("the stand-in needs at least one object")
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    claim_directory(out, STANDIN_KIND, force)
     sim = dataclasses.replace(standin_simulation(config), stamp_pixels=stamp_pixels)
     source = SceneSource(sim)
     bands = source.geometry.bands
@@ -243,9 +244,7 @@ def write_standin(out: str | Path, config: Config | None = None, n: int | None =
         "n_galaxies": labels["n_galaxies"]})
     truth.write(tmp / "truth.fits", overwrite=True)
     (tmp / "README.txt").write_text(_readme(n, seed, sim, bad, pixel_scale))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_directory(tmp, out, STANDIN_KIND)
     log(f"wrote the stand-in ({n} objects + {len(BAD_CASES)} bad ones) to {out}")
     return StandinInfo(out, n, ids, bad, out / "catalog.fits", out / "mef", out / "per_band",
                        out / "cutouts.npz")

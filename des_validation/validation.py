@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import os
 import shutil
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ from deblend.core.atomic import write_text_atomic
 from deblend.core.config import DESConfig
 from deblend.core.inference import Deblender
 from deblend.core.normalization import NormalizationConstants, normalize, rescale
+from deblend.core.outputs import claim_directory, is_ours, replace_directory
 from deblend.core.runs import run_config
 from des_validation.catalog import apply_cuts, read_catalog
 from des_validation.cutouts import DES_BANDS, Cutout, Skip, read_cutouts
@@ -82,6 +82,8 @@ FIGURES = {
     "gallery": "des_gallery.png",
 }
 TRAINING_PIXEL_SAMPLE = 2000
+VALIDATION_KIND = "des-validation"
+"""The kind of output a DES validation directory is (:mod:`deblend.core.outputs`)."""
 
 
 # -- training-side information ---------------------------------------------------------------------
@@ -231,7 +233,7 @@ def catalog_truth(selected: Any, rows: Sequence[int], jacobians: Sequence[np.nda
 
 def validation_is_complete(out: str | Path) -> bool:
     """Whether ``out`` holds a finished DES validation (it is built aside and renamed when done)."""
-    return (Path(out) / "report.md").is_file()
+    return is_ours(out, VALIDATION_KIND)
 
 
 def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
@@ -243,8 +245,7 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
 
     run = Path(run)
     out = Path(out) if out is not None else run / "des_validation"
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    claim_directory(out, VALIDATION_KIND, force)
     model = Deblender.from_run(run, device=device)
     info = training_info(run, model, training_data)
     notes: list[str] = [info.dataset_note] if info.dataset_note else []
@@ -272,7 +273,7 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
 
     mapping = map_bands(DES_BANDS, model.bands)
     u_over_g, u_source = u_over_g_ratio(des, info)
-    images = apply_band_map(prepared.stamps, prepared.bands or DES_BANDS, mapping,
+    images = apply_band_map(prepared.stamps, prepared.bands, mapping,
                             des.u_strategy, u_over_g)
     n = len(images)
     counts = {
@@ -366,9 +367,7 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
             if arrays["train_normalised"] is None:
                 notes.append("figure 7 shows DES only: no training data to compare with")
             _write_outputs(tmp, metrics, arrays)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_directory(tmp, out, VALIDATION_KIND)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,15 +43,24 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def read_metrics(out: str | Path) -> dict[str, Any]:
-    """``out/metrics.json`` or an empty dict when there is none."""
+def read_metrics(out: str | Path, *, rebuild: bool = False) -> dict[str, Any]:
+    """``out/metrics.json``, or an empty dict when there is none.
+
+    An unreadable file (e.g. truncated) is an error naming it; with ``rebuild`` (a command's
+    ``--force``) it counts as absent, to be written anew.
+    """
     path = Path(out) / METRICS_FILE
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is corrupt ({exc}); move it away or pass --force") from exc
+        metrics = json.loads(path.read_text())
+        if not isinstance(metrics, dict):
+            raise ValueError("not a JSON object")
+        return metrics
+    except (ValueError, UnicodeDecodeError) as exc:
+        if rebuild:
+            return {}
+        raise ValueError(f"{path} is unreadable ({exc}); pass --force to write it anew") from exc
 
 
 def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:

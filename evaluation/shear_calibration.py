@@ -364,7 +364,7 @@ def shear_is_complete(out: str | Path) -> bool:
 
 def write_shear(out: Path, result: ShearResult, run: Path, force: bool) -> None:
     """Merge ``result`` into ``out/metrics.json`` and ``out/report.md`` (or create them)."""
-    metrics = read_metrics(out)
+    metrics = read_metrics(out, rebuild=force)
     if "shear" in metrics and not force:
         raise FileExistsError(f"{out / 'metrics.json'} already holds a shear result; pass --force "
                               f"to replace it")
@@ -389,7 +389,7 @@ def measure_shear(run: str | Path, config: Config, out: str | Path | None = None
     out = Path(out) if out is not None else run / "evaluation"
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    if "shear" in read_metrics(out) and not force:
+    if "shear" in read_metrics(out, rebuild=force) and not force:
         raise FileExistsError(f"{out / 'metrics.json'} already holds a shear result; pass --force "
                               f"to replace it")
     model = Deblender.from_run(run)

@@ -32,7 +32,6 @@ from evaluation.estimators import (
 )
 from evaluation.models import Model, load_models, normalized
 from evaluation.report_io import (
-    METRICS_FILE,
     REPORT_FILE,
     fmt,
     fmt_err,
@@ -356,7 +355,7 @@ def render_markdown(metrics: EvaluationResult) -> str:
 def prepare_output(out: Path, force: bool) -> ShearResult | None:
     """Refuse an existing report in ``out`` without ``force``. Returns a shear result found there
     (kept across a forced re-run), or None."""
-    existing = read_metrics(out) if (out / METRICS_FILE).is_file() else {}
+    existing = read_metrics(out, rebuild=force)
     has_report = bool(set(existing) - {"shear"}) or (
         (out / REPORT_FILE).is_file() and not existing)
     if has_report and not force:

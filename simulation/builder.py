@@ -30,6 +30,7 @@ from simulation.dataset import (
     SHARD_DIR,
     DatasetError,
     StampData,
+    dataset_is_complete,
     make_plan,
     plan_id,
     shard_is_complete,
@@ -139,6 +140,8 @@ def prepare_directory(root: Path, plan: dict[str, Any], force: bool) -> None:
     """
     meta, plan_path = root / METADATA_FILE, root / PLAN_FILE
     started = _read_plan(plan_path) if plan_path.exists() else None
+    if meta.exists() and started == plan and not dataset_is_complete(root):
+        meta.unlink()  # unreadable metadata of this very plan: written again at the end
     if (not force and started is not None and not meta.exists()
             and started.get("catalog_sha256") not in (None, plan.get("catalog_sha256"))
             and {k: v for k, v in started.items() if k != "catalog_sha256"}

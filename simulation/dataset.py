@@ -247,8 +247,12 @@ class StampData:
 
 
 def dataset_is_complete(root: str | Path) -> bool:
-    """Whether ``root`` holds a finished dataset (its metadata, written last, is there)."""
-    return (Path(root) / METADATA_FILE).is_file()
+    """Whether ``root`` holds a finished dataset (its metadata, written last, is readable)."""
+    try:
+        read_metadata(Path(root))
+    except DatasetError:
+        return False
+    return True
 
 
 def read_metadata(root: Path) -> dict[str, Any]:

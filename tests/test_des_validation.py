@@ -407,6 +407,21 @@ def test_validate_cli_end_to_end(standin, trained_run: Path, tmp_path: Path, cap
     assert code == 2 and "--force" in text
 
 
+def test_validate_with_no_object_left_reports_it_without_a_traceback(standin, trained_run: Path,
+                                                                     tmp_path: Path,
+                                                                     capsys) -> None:
+    """An empty result set (no object survives the cuts) is a report saying so, exit 1."""
+    out = tmp_path / "val_empty"
+    code, text = run_validate(["--run", str(trained_run), "--catalog", str(standin.catalog),
+                               "--cutouts", str(standin.mef_dir), "--out", str(out),
+                               "--min-snr", "1e9"], capsys)
+    assert code == 1 and "Traceback" not in text, text
+    assert (out / "metrics.json").is_file(), text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["counts"]["validated"] == 0 and metrics["counts"]["after_cuts"] == 0
+    assert "no object is left to validate" in (out / "report.md").read_text()
+
+
 def test_validate_npz_options(standin, trained_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "val_npz"
     csv_catalog = standin.root / "catalog.csv"

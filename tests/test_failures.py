@@ -66,11 +66,12 @@ def test_force_never_removes_a_directory_that_is_not_a_run(tmp_path):
 
 
 def test_force_restarts_a_run_but_keeps_what_the_user_put_there(tmp_path):
-    from deblend.pipeline import MARKER, RunPaths, claim_run_directory
+    from deblend.core.outputs import is_ours
+    from deblend.pipeline import RUN_KIND, RunPaths, claim_run_directory
 
     paths = RunPaths(tmp_path / "run")
     claim_run_directory(paths, None, _config("a"), force=False)
-    assert (paths.root / MARKER).is_file()
+    assert is_ours(paths.root, RUN_KIND)
     for directory in (paths.data, paths.train / "stage1", paths.evaluation):
         directory.mkdir(parents=True)
         (directory / "file").write_text("old")
@@ -268,3 +269,84 @@ def test_zero_or_negative_sizes_are_refused_naming_the_argument(tmp_path, argv, 
     assert result.returncode == 2
     assert f"argument {culprit}: must be" in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("kind", ["des-standin", "des-validation"])
+def test_force_replaces_only_deblend_output_directories(tmp_path, kind):
+    """--force on the DES commands used to rmtree whatever --out named."""
+    from deblend.core.outputs import MARKER, claim_directory, mark, replace_directory
+
+    user = tmp_path / "papers"
+    user.mkdir()
+    (user / "draft.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"not a deblend {kind} directory"):
+        claim_directory(user, kind, force=True)
+    assert (user / "draft.tex").read_text() == "mine"
+    out = tmp_path / "out"
+    assert claim_directory(out, kind, force=False) is False  # absent: nothing to replace
+    built = tmp_path / "out.tmp"
+    built.mkdir()
+    (built / "report.md").write_text("first")
+    replace_directory(built, out, kind)
+    assert (out / MARKER).read_text().strip() == kind and not built.exists()
+    with pytest.raises(FileExistsError, match="pass --force"):
+        claim_directory(out, kind, force=False)
+    assert claim_directory(out, kind, force=True) is True
+    other = "des-validation" if kind == "des-standin" else "des-standin"
+    mark(tmp_path / "out", other)
+    with pytest.raises(FileExistsError, match=f"not a deblend {kind} directory"):
+        claim_directory(out, kind, force=True)  # another command's output is not this one's
+
+
+def test_truncated_files_are_read_or_rebuilt(tmp_path, tiny_dataset, tiny_config, trained_run,
+                                            capsys):
+    """One rule for what deblend wrote and finds unreadable: a clear error naming the file, and
+    --force (or the main job's resume) writes it anew; nothing stays stuck."""
+    import json
+    import shutil
+
+    from deblend.core.config import load_config
+    from deblend.core.runs import RunLayout
+    from evaluation.report import main as report_main
+    from simulation.builder import build_dataset
+    from simulation.dataset import METADATA_FILE, dataset_is_complete, open_dataset
+    from training.runner import stage_status
+
+    # a report's metrics.json
+    out = tmp_path / "evaluation"
+    argv = ["--run", str(trained_run), "--data", str(tiny_dataset), "--out", str(out),
+            "--max-samples", "8", "--no-progress"]
+    assert report_main(argv) == 0
+    (out / "metrics.json").write_text('{"meta": {"run": "trunc')
+    assert report_main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "metrics.json is unreadable" in err[0] and "--force" in err[0]
+    assert report_main([*argv, "--force"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["meta"]["n_evaluated"] == 8
+
+    # a dataset's metadata.json
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    dataset_id = open_dataset(data).dataset_id
+    metadata = data / METADATA_FILE
+    metadata.write_text(metadata.read_text()[:100])
+    assert not dataset_is_complete(data)
+    build_dataset(load_config(tiny_config).simulation, data, progress=False, log=lambda _: None)
+    assert dataset_is_complete(data) and open_dataset(data).dataset_id == dataset_id
+
+    # a stage's resume point
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = RunLayout(run).last("stage3")
+    last.write_bytes(last.read_bytes()[:1000])
+    (RunLayout(run).best("stage3")).unlink()
+    assert stage_status(run, "stage3") == "todo"  # trained again, not a crash
+
+
+def test_a_binary_config_file_is_named(tmp_path):
+    from deblend.core.config import ConfigError, load_config
+
+    path = tmp_path / "quick.yaml"
+    path.write_bytes(bytes(range(128, 256)) * 3)
+    with pytest.raises(ConfigError, match=f"config file {re.escape(str(path))} is not a text"):
+        load_config(path)

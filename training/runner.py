@@ -150,8 +150,11 @@ def stage_status(run_dir: str | Path, name: str) -> StageStatus:
     if payload is not None:
         return "done" if stage.is_complete(payload) else "interrupted"
     last = layout.last(name)
-    if last.is_file() and not load_checkpoint(last)["finished"]:
-        return "interrupted"
+    try:
+        if last.is_file() and not load_checkpoint(last)["finished"]:
+            return "interrupted"
+    except RunError:  # an unreadable resume point: the stage is trained again
+        return "todo"
     return "todo"
 
 

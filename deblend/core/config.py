@@ -428,6 +428,8 @@ def load_config(path: str | Path | None) -> Config:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not a text (YAML) file: {exc}") from exc
     try:
         return config_from_dict(data)
     except ConfigError as exc:
