@@ -17,7 +17,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from deblend.core.atomic import write_text_atomic
+from deblend.core.outputs import refuse_foreign
 
+EVALUATION_KIND = "evaluation"
+"""The kind of output an evaluation directory (report and shear calibration) is."""
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 MISSING = "–"
@@ -61,6 +64,20 @@ def read_metrics(out: str | Path, *, rebuild: bool = False) -> dict[str, Any]:
         if rebuild:
             return {}
         raise ValueError(f"{path} is unreadable ({exc}); pass --force to write it anew") from exc
+
+
+def claim_evaluation_directory(out: str | Path) -> bool:
+    """Whether ``out`` holds deblend's evaluation output (a report, a shear calibration, or both)
+    or is new; FileExistsError when it holds anything else (:mod:`deblend.core.outputs`).
+    Directories written before outputs were marked are recognised by their metrics.json."""
+    return refuse_foreign(out, EVALUATION_KIND, legacy=_has_deblend_metrics)
+
+
+def _has_deblend_metrics(out: Path) -> bool:
+    try:
+        return bool({"meta", "shear"} & set(read_metrics(out)))
+    except ValueError:
+        return False
 
 
 def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from deblend.core.atomic import atomic_output, write_text_atomic
 from deblend.core.config import Config
 from deblend.core.inference import FINAL_STAGE, Deblender
+from deblend.core.outputs import mark
 from deblend.core.runs import RunLayout, lineage_identity
 from evaluation import plots
 from evaluation.estimators import (
@@ -44,7 +45,9 @@ from evaluation.estimators import (
 )
 from evaluation.models import Model
 from evaluation.report_io import (
+    EVALUATION_KIND,
     REPORT_FILE,
+    claim_evaluation_directory,
     fmt_err,
     markdown_table,
     read_metrics,
@@ -369,6 +372,7 @@ def write_shear(out: Path, result: ShearResult, run: Path, force: bool) -> None:
         raise FileExistsError(f"{out / 'metrics.json'} already holds a shear result; pass --force "
                               f"to replace it")
     metrics["shear"] = result.to_dict()
+    mark(out, EVALUATION_KIND)
     write_metrics(out, metrics)
     report = out / REPORT_FILE
     body = render_shear_markdown(result)
@@ -387,8 +391,7 @@ def measure_shear(run: str | Path, config: Config, out: str | Path | None = None
     """Simulate, measure, calibrate; write into ``out`` (default ``run/evaluation``)."""
     run = Path(run)
     out = Path(out) if out is not None else run / "evaluation"
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
+    claim_evaluation_directory(out)
     if "shear" in read_metrics(out, rebuild=force) and not force:
         raise FileExistsError(f"{out / 'metrics.json'} already holds a shear result; pass --force "
                               f"to replace it")

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from deblend.core.atomic import write_text_atomic
 from deblend.core.config import Config
+from deblend.core.outputs import mark
 from deblend.core.runs import run_config
 from evaluation import metrics as fidelity
 from evaluation import plots
@@ -32,7 +33,9 @@ from evaluation.estimators import (
 )
 from evaluation.models import Model, load_models, normalized
 from evaluation.report_io import (
+    EVALUATION_KIND,
     REPORT_FILE,
+    claim_evaluation_directory,
     fmt,
     fmt_err,
     markdown_table,
@@ -353,16 +356,16 @@ def render_markdown(metrics: EvaluationResult) -> str:
 
 # -- command line ---------------------------------------------------------------------------------
 def prepare_output(out: Path, force: bool) -> ShearResult | None:
-    """Refuse an existing report in ``out`` without ``force``. Returns a shear result found there
-    (kept across a forced re-run), or None."""
+    """Refuse a directory that is not deblend's evaluation output, and an existing report in
+    ``out`` without ``force``. Returns a shear result found there (kept across a forced re-run),
+    or None."""
+    claim_evaluation_directory(out)
     existing = read_metrics(out, rebuild=force)
     has_report = bool(set(existing) - {"shear"}) or (
         (out / REPORT_FILE).is_file() and not existing)
     if has_report and not force:
         raise FileExistsError(f"{out} already holds a report; pass --force to replace it "
                               f"(a shear calibration in it is kept)")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
     return ShearResult.from_dict(existing["shear"]) if "shear" in existing else None
 
 
@@ -384,6 +387,7 @@ def write_report(run: str | Path, data_dir: str | Path, out: str | Path | None =
     out.mkdir(parents=True, exist_ok=True)
     make_figures(out, metrics, arrays)
     metrics.shear = shear
+    mark(out, EVALUATION_KIND)
     write_metrics(out, metrics.to_dict())
     write_text_atomic(out / REPORT_FILE, render_markdown(metrics))
     log(summary_lines(metrics))

@@ -157,9 +157,9 @@ def prepare_directory(root: Path, plan: dict[str, Any], force: bool) -> None:
         for path in (meta, plan_path):
             path.unlink(missing_ok=True)
         shutil.rmtree(root / SHARD_DIR, ignore_errors=True)
-    elif root.exists() and not plan_path.exists() and any(root.iterdir()) and not force:
-        raise DatasetError(f"{root} exists and is not a dataset directory; pass --force or "
-                           f"choose another --out")
+    elif root.exists() and not plan_path.exists() and any(root.iterdir()):
+        raise DatasetError(f"{root} exists and is not a dataset directory (no {PLAN_FILE}): "
+                           f"choose another --out (--force only replaces a dataset)")
     (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     if not plan_path.exists():
         write_json_atomic(plan_path, plan)

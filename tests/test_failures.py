@@ -350,3 +350,43 @@ def test_a_binary_config_file_is_named(tmp_path):
     path.write_bytes(bytes(range(128, 256)) * 3)
     with pytest.raises(ConfigError, match=f"config file {re.escape(str(path))} is not a text"):
         load_config(path)
+
+
+def test_report_shear_and_dataset_never_write_into_a_foreign_directory(tmp_path, trained_run,
+                                                                       tiny_dataset, capsys):
+    """--force used to let the report overwrite report.md/metrics.json in any --out, and a
+    dataset be generated into any non-empty directory."""
+    from evaluation.report import main as report_main
+    from evaluation.shear import main as shear_main
+    from simulation.generate import main as generate_main
+
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "report.md").write_text("my referee report")
+    (papers / "metrics.json").write_text('{"h0": 73}')
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"simulation": {"n_samples": 8, "shard_size": 8}}))
+    for main, argv in (
+            (report_main, ["--run", str(trained_run), "--data", str(tiny_dataset), "--out",
+                           str(papers), "--force", "--no-progress"]),
+            (shear_main, ["--run", str(trained_run), "--config", str(config), "--out",
+                          str(papers), "--force", "--no-progress"]),
+            (generate_main, ["--config", str(config), "--out", str(papers), "--force",
+                             "--no-progress"])):
+        assert main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and str(papers) in err[0] and "choose another --out" in err[0], err
+    assert sorted(p.name for p in papers.iterdir()) == ["metrics.json", "report.md"]
+    assert (papers / "report.md").read_text() == "my referee report"
+
+
+def test_an_evaluation_directory_of_an_earlier_version_is_still_ours(tmp_path):
+    from deblend.core.outputs import MARKER
+    from evaluation.report_io import EVALUATION_KIND, claim_evaluation_directory
+
+    out = tmp_path / "evaluation"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"meta": {"run": "r"}, "fidelity": {}}')
+    assert claim_evaluation_directory(out) is True
+    assert (out / MARKER).read_text().strip() == EVALUATION_KIND
+    assert claim_evaluation_directory(tmp_path / "new") is False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from deblend.core.atomic import write_text_atomic
 
@@ -33,10 +34,14 @@ def mark(path: str | Path, kind: str) -> None:
     write_text_atomic(Path(path) / MARKER, f"{kind}\n")
 
 
-def claim_directory(path: str | Path, kind: str, force: bool) -> bool:
-    """Whether ``path`` already holds a ``kind`` output (resumable, or to replace with
-    ``force``); False when it is absent or empty. Raises FileExistsError, naming the directory,
-    when it holds something else, or a ``kind`` output without ``force``."""
+def refuse_foreign(path: str | Path, kind: str,
+                   legacy: Callable[[Path], bool] | None = None) -> bool:
+    """Whether ``path`` holds deblend's ``kind`` output (True) or is absent or empty (False);
+    FileExistsError, naming the directory, when it holds anything else.
+
+    ``legacy`` recognises a ``kind`` output written before outputs were marked; such a
+    directory is marked now.
+    """
     path = Path(path)
     if not path.exists():
         return False
@@ -44,10 +49,22 @@ def claim_directory(path: str | Path, kind: str, force: bool) -> bool:
         raise FileExistsError(f"{path} exists and is not a directory; choose another --out")
     if not any(path.iterdir()):
         return False
-    if not is_ours(path, kind):
-        raise FileExistsError(f"{path} exists and is not a deblend {kind} directory (no {MARKER} "
-                              f"file): choose another --out (--force only replaces deblend's own "
-                              f"output)")
+    if is_ours(path, kind):
+        return True
+    if legacy is not None and not (path / MARKER).exists() and legacy(path):
+        mark(path, kind)
+        return True
+    raise FileExistsError(f"{path} exists and is not a deblend {kind} directory (no {MARKER} "
+                          f"file): choose another --out (--force only replaces deblend's own "
+                          f"output)")
+
+
+def claim_directory(path: str | Path, kind: str, force: bool) -> bool:
+    """Whether ``path`` already holds a ``kind`` output (to replace with ``force``); False when
+    it is absent or empty. Raises FileExistsError, naming the directory, when it holds something
+    else (:func:`refuse_foreign`), or a ``kind`` output without ``force``."""
+    if not refuse_foreign(path, kind):
+        return False
     if not force:
         raise FileExistsError(f"{path} already holds a {kind}; pass --force to replace it")
     return True
