@@ -390,3 +390,39 @@ def test_an_evaluation_directory_of_an_earlier_version_is_still_ours(tmp_path):
     assert claim_evaluation_directory(out) is True
     assert (out / MARKER).read_text().strip() == EVALUATION_KIND
     assert claim_evaluation_directory(tmp_path / "new") is False
+
+
+def test_disk_full_between_best_and_last_checkpoint_gives_one_consistent_advice(
+        tmp_path, tiny_dataset, tiny_config, capsys, monkeypatch):
+    """A disk that filled up after best.pt and before last.pt used to leave "nothing to
+    resume" on --resume and "already has results: pass --resume" without it."""
+    import errno
+
+    from deblend.core.runs import RunLayout, load_checkpoint
+    from deblend.train import main as train_main
+    from training import loop
+    from training.runner import stage_status
+
+    run = tmp_path / "run"
+    real_save = loop.save_checkpoint
+
+    def disk_fills_at_last_pt(path, payload):
+        if path.name == "last.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, payload)
+
+    monkeypatch.setattr(loop, "save_checkpoint", disk_fills_at_last_pt)
+    argv = ["stage1", "--config", str(tiny_config), "--data", str(tiny_dataset), "--run",
+            str(run), "--no-progress"]
+    assert train_main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    layout = RunLayout(run)
+    assert layout.best("stage1").is_file() and not layout.last("stage1").is_file()
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)  # space freed
+    assert stage_status(run, "stage1") == "interrupted"
+    assert train_main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train_main([*argv, "--resume"]) == 0
+    assert stage_status(run, "stage1") == "done"
+    assert load_checkpoint(layout.last("stage1"))["epoch"] == load_checkpoint(
+        layout.last("stage1"))["total_epochs"]

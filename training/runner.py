@@ -65,13 +65,18 @@ def resume_config(saved: Config, given: Config) -> Config:
 
 def _existing_checkpoint(layout: RunLayout, stage: str, resume: bool, force: bool
                          ) -> dict[str, Any] | None:
-    """The checkpoint to resume (``resume``), or None after checking that starting is allowed."""
+    """The checkpoint to resume (``resume``), or None after checking that starting is allowed.
+
+    A stage resumes from ``last.pt``, or from ``best.pt`` when ``last.pt`` was never written
+    (both hold the whole state of their epoch; every epoch reseeds from its number)."""
     last, best = layout.last(stage), layout.best(stage)
     if resume:
-        if not last.is_file():
-            raise RunError(f"nothing to resume: {last} does not exist (run {stage} without "
-                           f"--resume to start it)")
-        return load_checkpoint(last)
+        if last.is_file():
+            return load_checkpoint(last)
+        if best.is_file():
+            return load_checkpoint(best)
+        raise RunError(f"nothing to resume: {layout.stage_dir(stage)} holds no checkpoint (run "
+                       f"{stage} without --resume to start it)")
     if (last.exists() or best.exists()) and not force:
         raise RunError(f"{stage} already has results in {layout.stage_dir(stage)}: pass "
                        f"--resume to continue it or --force to train it again from scratch")
@@ -149,13 +154,13 @@ def stage_status(run_dir: str | Path, name: str) -> StageStatus:
         payload = None
     if payload is not None:
         return "done" if stage.is_complete(payload) else "interrupted"
-    last = layout.last(name)
+    last, best = layout.last(name), layout.best(name)
     try:
-        if last.is_file() and not load_checkpoint(last)["finished"]:
-            return "interrupted"
+        if last.is_file():
+            return "todo" if load_checkpoint(last)["finished"] else "interrupted"
+        return "interrupted" if best.is_file() and load_checkpoint(best) else "todo"
     except RunError:  # an unreadable resume point: the stage is trained again
         return "todo"
-    return "todo"
 
 
 def run_stage(name: str, run_dir: str | Path, *, data_dir: str | Path | None = None,

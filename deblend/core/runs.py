@@ -247,13 +247,15 @@ def load_finished(layout: RunLayout, stage: str, needed_by: str) -> tuple[dict[s
     if not best.is_file():
         raise RunError(f"{needed_by} needs the {stage} result, but {best} does not exist: run "
                        f"`python -m deblend.train {stage} --run {layout.root} ...` first")
-    if last.is_file():
-        state = load_checkpoint(last)
-        if not state["finished"]:
-            raise RunError(f"{needed_by} needs a finished {stage}, but {stage} in {layout.root} "
-                           f"stopped after epoch {state['epoch']} of {state['total_epochs']}: "
-                           f"finish it with `python -m deblend.train {stage} --run "
-                           f"{layout.root} --resume`")
+    finish = f"finish it with `python -m deblend.train {stage} --run {layout.root} --resume`"
+    if not last.is_file():  # e.g. the disk filled up between best.pt and last.pt
+        raise RunError(f"{needed_by} needs a finished {stage}, but {stage} in {layout.root} has "
+                       f"no {last.name}, so whether it finished is unknown: {finish}")
+    state = load_checkpoint(last)
+    if not state["finished"]:
+        raise RunError(f"{needed_by} needs a finished {stage}, but {stage} in {layout.root} "
+                       f"stopped after epoch {state['epoch']} of {state['total_epochs']}: "
+                       f"{finish}")
     return load_checkpoint(best), file_sha256(best)
 
 
