@@ -42,7 +42,7 @@ from deblend.core.config import DESConfig
 from deblend.core.inference import Deblender
 from deblend.core.normalization import NormalizationConstants, normalize, rescale
 from deblend.core.outputs import claim_directory, is_ours, replace_directory
-from deblend.core.runs import run_config
+from deblend.core.runs import RunLayout, run_config
 from des_validation.catalog import apply_cuts, read_catalog
 from des_validation.cutouts import DES_BANDS, Cutout, Skip, read_cutouts
 from des_validation.frames import (
@@ -99,7 +99,11 @@ class TrainingInfo:
 
 def training_info(run: Path, model: Any, training_data: str | Path | None) -> TrainingInfo:
     """Label bands and the training dataset of a run (``--training-data`` or the run's path)."""
-    candidates = [Path(training_data)] if training_data else [Path(model.data.path)]
+    if training_data:
+        candidates = [Path(training_data)]
+    else:  # run.json's path follows a run directory moved together with its data
+        layout = RunLayout(run)
+        candidates = [layout.read_run().data_path(layout.root)]
     dataset, note = None, ""
     for path in candidates:
         try:

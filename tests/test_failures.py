@@ -426,3 +426,24 @@ def test_disk_full_between_best_and_last_checkpoint_gives_one_consistent_advice(
     assert stage_status(run, "stage1") == "done"
     assert load_checkpoint(layout.last("stage1"))["epoch"] == load_checkpoint(
         layout.last("stage1"))["total_epochs"]
+
+
+def test_an_unreadable_run_json_is_rebuilt_from_the_first_stage(tmp_path, trained_run):
+    import json
+    import shutil
+
+    from deblend.core.runs import RunLayout, run_config
+    from training.runner import stage_status
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    layout = RunLayout(run)
+    before = json.loads(layout.run_file.read_text())
+    layout.run_file.write_text(layout.run_file.read_text()[:50])
+    assert run_config(run).to_dict() == before["config"]
+    after = json.loads(layout.run_file.read_text())  # written anew
+    assert after["config"] == before["config"]
+    assert after["data"]["dataset_id"] == before["data"]["dataset_id"]
+    assert layout.read_run().data_path(run).resolve() == (trained_run /
+                                                          before["data"]["path"]).resolve()
+    assert stage_status(run, "stage3") == "done"

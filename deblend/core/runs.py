@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deblend.core.atomic import atomic_output
+from deblend.core.atomic import atomic_output, write_json_atomic
 from deblend.core.config import Config, config_from_dict, load_config
 from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants
@@ -91,14 +91,33 @@ class RunLayout:
         return self.stage_dir(stage) / "loss.png"
 
     def read_run(self) -> RunRecord:
-        """``run.json`` (written by the first stage)."""
+        """``run.json`` (written by the first stage); an unreadable one is rebuilt from the
+        first stage's checkpoint, which holds the same config and data identity."""
         if not self.run_file.is_file():
             raise RunError(f"{self.root} is not a training run: no {RUN_FILE} "
                            f"(run `python -m deblend.train stage1 --run {self.root} ...` first)")
         try:
             return RunRecord.from_dict(json.loads(self.run_file.read_text()), self.root)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise RunError(f"{self.run_file} is corrupt: {exc}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            record = self._record_from_first_stage()
+            if record is None:
+                raise RunError(f"{self.run_file} is unreadable ({exc}) and no finished first "
+                               f"stage holds its content: train the first stage again with "
+                               f"--force") from exc
+            write_json_atomic(self.run_file, record.to_dict(self.root))
+            return record
+
+    def _record_from_first_stage(self) -> RunRecord | None:
+        """The run record kept in the ``best.pt`` of the stage without a parent, if readable."""
+        for best in sorted(self.root.glob("*/best.pt")):
+            try:
+                payload = load_checkpoint(best)
+            except RunError:
+                continue
+            if payload.get("parent") is None:
+                return RunRecord(payload["config"], DataIdentity.from_dict(payload["data"]),
+                                 f"rebuilt from {best.relative_to(self.root)}")
+        return None
 
 
 # -- what a model remembers of its data ------------------------------------------------------------
