@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deblend.core.cli import fail_cleanly, positive_int
+from deblend.core.arguments import positive_int_arg
+from deblend.core.cli import fail_cleanly
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -18,7 +19,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run = commands.add_parser("run", help="simulate, train, evaluate, calibrate, validate")
     run.add_argument("--config", help="YAML config (default: the embedded defaults)")
     run.add_argument("--out", required=True, help="run directory")
-    run.add_argument("--jobs", type=positive_int, default=2, help="simulation worker processes")
+    run.add_argument("--jobs", type=positive_int_arg, default=2, help="simulation worker processes")
     run.add_argument("--force", action="store_true",
                      help="start again in an --out that was started with another config")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")

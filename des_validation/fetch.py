@@ -28,12 +28,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from deblend.core.cli import (
-    fail_cleanly,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
+from deblend.core.arguments import non_negative_int_arg, positive_float_arg, positive_int_arg
+from deblend.core.cli import fail_cleanly
 from deblend.core.config import load_config
 from des_validation.datalab import (
     GOLD_TABLE,
@@ -52,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m des_validation.fetch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for catalog.csv and cutouts/")
-    parser.add_argument("--limit", type=positive_int, help="at most N objects")
+    parser.add_argument("--limit", type=positive_int_arg, help="at most N objects")
     parser.add_argument("--config", help="YAML config whose des section sets the cuts")
-    parser.add_argument("--size-arcsec", type=positive_float, default=15.0,
+    parser.add_argument("--size-arcsec", type=positive_float_arg, default=15.0,
                         help="cutout side in arcsec (default 15: 57 DES pixels, room for the "
                              "9\" model stamp and the 11.9\" unresampled crop)")
-    parser.add_argument("--retries", type=non_negative_int, default=3)
-    parser.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request")
+    parser.add_argument("--retries", type=non_negative_int_arg, default=3)
+    parser.add_argument("--timeout", type=positive_float_arg, default=60.0,
+                        help="seconds per request")
     parser.add_argument("--tap-url", default=TAP_URL)
     parser.add_argument("--sia-url", default=SIA_URL)
     parser.add_argument("--im3shape-table", default=IM3SHAPE_TABLE)

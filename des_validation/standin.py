@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deblend.core.cli import fail_cleanly, non_negative_int, positive_int
+from deblend.core.arguments import non_negative_int_arg, positive_int_arg
+from deblend.core.cli import fail_cleanly
 from deblend.core.config import load_config
 from des_validation.standin_cutouts import write_standin
 
@@ -22,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to create")
     parser.add_argument("--config", help="YAML config (simulation and des sections); the "
                         "simulation is forced to the DES survey")
-    parser.add_argument("--n", type=positive_int, help="objects (default: des.n_standin)")
-    parser.add_argument("--seed", type=non_negative_int, help="seed (default: des.standin_seed)")
-    parser.add_argument("--stamp", type=positive_int, default=45, help="cutout side in DES pixels")
+    parser.add_argument("--n", type=positive_int_arg, help="objects (default: des.n_standin)")
+    parser.add_argument("--seed", type=non_negative_int_arg,
+                        help="seed (default: des.standin_seed)")
+    parser.add_argument("--stamp", type=positive_int_arg, default=45,
+                        help="cutout side in DES pixels")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     config = load_config(args.config)

@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from deblend.core.cli import fail_cleanly, positive_float
+from deblend.core.arguments import positive_float_arg
+from deblend.core.cli import fail_cleanly
 from deblend.core.runs import run_config
 from des_validation.validation import validate_des
 
@@ -30,7 +31,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config whose des section is used (default: the "
                                          "run's)")
     parser.add_argument("--u-strategy", choices=["zeros", "g_copy", "g_extrapolate"])
-    parser.add_argument("--u-over-g", type=positive_float, help="u/g flux ratio for g_extrapolate")
+    parser.add_argument("--u-over-g", type=positive_float_arg,
+                        help="u/g flux ratio for g_extrapolate")
     resample = parser.add_mutually_exclusive_group()
     resample.add_argument("--resample", dest="resample", action="store_true", default=None,
                           help="resample to the model's pixel scale (default)")
@@ -41,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-snr", type=float)
     parser.add_argument("--training-data", help="the run's training dataset (default: the path "
                                                 "recorded in the run)")
-    parser.add_argument("--pixel-scale", type=positive_float,
+    parser.add_argument("--pixel-scale", type=positive_float_arg,
                         help="arcsec per pixel of cutouts without a WCS (default: none)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from deblend.core.cli import fail_cleanly, positive_int
+from deblend.core.arguments import positive_int_arg
+from deblend.core.cli import fail_cleanly
 from deblend.core.runs import run_config
 from evaluation.validation_report import write_report
 
@@ -37,7 +38,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="report directory (default: RUN/evaluation)")
     parser.add_argument("--config", help="YAML config whose evaluation section is used "
                                          "(default: the run's own config)")
-    parser.add_argument("--max-samples", type=positive_int, help="overrides evaluation.max_samples")
+    parser.add_argument("--max-samples", type=positive_int_arg,
+                        help="overrides evaluation.max_samples")
     parser.add_argument("--force", action="store_true", help="replace an existing report")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)

@@ -11,7 +11,8 @@ import shlex
 import sys
 from typing import Sequence
 
-from deblend.core.cli import fail_cleanly, positive_int
+from deblend.core.arguments import positive_int_arg
+from deblend.core.cli import fail_cleanly
 from deblend.core.config import load_config
 from evaluation.shear_calibration import measure_shear
 
@@ -23,7 +24,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True,
                         help="YAML config: its simulation and shear sections are used")
     parser.add_argument("--out", help="report directory to merge into (default: RUN/evaluation)")
-    parser.add_argument("--n-scenes", type=positive_int, help="overrides shear.n_scenes")
+    parser.add_argument("--n-scenes", type=positive_int_arg, help="overrides shear.n_scenes")
     parser.add_argument("--force", action="store_true", help="replace an existing shear result "
                         "(valid cached populations are still reused)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from deblend.core.atomic import write_json_atomic
 from deblend.core.config import SimulationConfig, plain
 from deblend.core.normalization import MaxAccumulator
+from deblend.core.outputs import mark, refuse_foreign
 from simulation.catalogs import catalog_provenance, load_catalog
 from simulation.dataset import (
     IMAGE_SETS,
@@ -41,6 +42,10 @@ from simulation.labels import LABEL_DESCRIPTIONS, scene_labels
 from simulation.sampling import CentralTargetSampling
 from simulation.scenes import SceneBatch, SceneDrawer
 from simulation.surveys import SurveyGeometry, check_bands, get_survey, survey_geometry
+
+
+DATASET_KIND = "dataset"
+"""The kind of output a dataset directory is (:mod:`deblend.core.outputs`)."""
 
 
 def shard_seed(seed: int, index: int) -> int:
@@ -136,9 +141,12 @@ def generate_shard(root: Path, shard: dict[str, Any], seed: int, the_plan_id: st
 def prepare_directory(root: Path, plan: dict[str, Any], force: bool) -> None:
     """Create ``root`` for ``plan``; refuse to overwrite a finished or different dataset.
 
-    An unfinished dataset with the same plan is kept, so its complete shards are reused.
+    An unfinished dataset with the same plan is kept, so its complete shards are reused. A
+    directory that is not a dataset is refused, even with ``force`` (:mod:`deblend.core.outputs`;
+    datasets written before outputs were marked are recognised by their plan).
     """
     meta, plan_path = root / METADATA_FILE, root / PLAN_FILE
+    refuse_foreign(root, DATASET_KIND, legacy=lambda path: (path / PLAN_FILE).is_file())
     started = _read_plan(plan_path) if plan_path.exists() else None
     if meta.exists() and started == plan and not dataset_is_complete(root):
         meta.unlink()  # unreadable metadata of this very plan: written again at the end
@@ -157,10 +165,8 @@ def prepare_directory(root: Path, plan: dict[str, Any], force: bool) -> None:
         for path in (meta, plan_path):
             path.unlink(missing_ok=True)
         shutil.rmtree(root / SHARD_DIR, ignore_errors=True)
-    elif root.exists() and not plan_path.exists() and any(root.iterdir()):
-        raise DatasetError(f"{root} exists and is not a dataset directory (no {PLAN_FILE}): "
-                           f"choose another --out (--force only replaces a dataset)")
     (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    mark(root, DATASET_KIND)
     if not plan_path.exists():
         write_json_atomic(plan_path, plan)
 

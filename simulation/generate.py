@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from deblend.core.cli import fail_cleanly, non_negative_int, positive_int
+from deblend.core.arguments import non_negative_int_arg, positive_int_arg
+from deblend.core.cli import fail_cleanly
 from deblend.core.config import load_config
 from simulation.builder import build_dataset
 
@@ -20,13 +21,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m simulation.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: embedded defaults)")
-    parser.add_argument("--n", type=positive_int,
+    parser.add_argument("--n", type=positive_int_arg,
                         help="number of samples (overrides simulation.n_samples)")
     parser.add_argument("--out", help="dataset directory (default: data/<config name>)")
-    parser.add_argument("--seed", type=non_negative_int, help="overrides simulation.seed")
-    parser.add_argument("--jobs", type=positive_int, default=1, help="parallel worker processes")
-    parser.add_argument("--shard", type=non_negative_int, default=0, help="this piece's index K")
-    parser.add_argument("--num-shards", type=positive_int, default=1, help="number of pieces N")
+    parser.add_argument("--seed", type=non_negative_int_arg, help="overrides simulation.seed")
+    parser.add_argument("--jobs", type=positive_int_arg, default=1,
+                        help="parallel worker processes")
+    parser.add_argument("--shard", type=non_negative_int_arg, default=0,
+                        help="this piece's index K")
+    parser.add_argument("--num-shards", type=positive_int_arg, default=1, help="number of pieces N")
     parser.add_argument("--force", action="store_true", help="replace an existing dataset")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)

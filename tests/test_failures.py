@@ -447,3 +447,29 @@ def test_an_unreadable_run_json_is_rebuilt_from_the_first_stage(tmp_path, traine
     assert layout.read_run().data_path(run).resolve() == (trained_run /
                                                           before["data"]["path"]).resolve()
     assert stage_status(run, "stage3") == "done"
+
+
+def test_training_and_datasets_follow_the_same_directory_rule(tmp_path, tiny_dataset,
+                                                              tiny_config, capsys):
+    import shutil
+
+    from deblend.core.config import load_config
+    from deblend.core.outputs import MARKER
+    from deblend.train import main as train_main
+    from simulation.builder import DATASET_KIND, build_dataset
+
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "thesis.tex").write_text("mine")
+    assert train_main(["stage1", "--config", str(tiny_config), "--data", str(tiny_dataset),
+                       "--run", str(papers), "--force", "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "not a deblend training run directory" in err[0], err
+    assert sorted(p.name for p in papers.iterdir()) == ["thesis.tex"]
+    # a dataset written before outputs were marked is recognised by its plan, and marked
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / MARKER).unlink()
+    build_dataset(load_config(tiny_config).simulation, data, progress=False, log=lambda _: None,
+                  force=True)
+    assert (data / MARKER).read_text().strip() == DATASET_KIND

@@ -20,6 +20,7 @@ import torch
 from deblend.core.atomic import write_json_atomic
 from deblend.core.config import Config, config_from_dict
 from deblend.core.device import resolve_device
+from deblend.core.outputs import mark, refuse_foreign
 from deblend.core.runs import (
     DataIdentity,
     RunError,
@@ -99,8 +100,7 @@ def _inputs(layout: RunLayout, stage: type[Stage], checkpoint: dict[str, Any] | 
                 Path(data_dir or run.data_path(layout.root)))
     if data_dir is None:
         raise ValueError(f"{stage.name} needs --data: the dataset directory to train on")
-    if layout.root.is_dir() and any(layout.root.iterdir()):
-        raise RunError(f"{layout.root} exists and is not a training run: choose another --run")
+    refuse_foreign(layout.root, TRAINING_KIND)
     return config or config_from_dict({}), Path(data_dir)
 
 
@@ -111,6 +111,7 @@ def _prepare(layout: RunLayout, stage: type[Stage], config: Config, data: DataId
         path.unlink(missing_ok=True)
     layout.stage_dir(stage.name).mkdir(parents=True, exist_ok=True)
     if stage.parent is None:
+        mark(layout.root, TRAINING_KIND)
         record = RunRecord(config.to_dict(), data,
                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_json_atomic(layout.run_file, record.to_dict(layout.root))
@@ -142,6 +143,8 @@ def build_stage(stage: type[Stage], config: Config, layout: RunLayout,
 
 
 StageStatus = Literal["done", "interrupted", "todo"]
+TRAINING_KIND = "training run"
+"""The kind of output a training-run directory is (:mod:`deblend.core.outputs`)."""
 
 
 def stage_status(run_dir: str | Path, name: str) -> StageStatus:

@@ -8,9 +8,7 @@ backend) are made here, by the commands, never by importing a library module.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import math
 import os
 import sys
 from typing import Callable
@@ -63,27 +61,3 @@ def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
             return 1
 
     return wrapper
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (sizes, counts, worker processes)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (indices, retries, seeds)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (pixel scales, sizes in arcsec, time-outs)."""
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deblend.core.arguments import require_positive_int
 from deblend.core.device import resolve_device
 from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants, denormalize, normalize
@@ -190,9 +191,7 @@ class Deblender:
         stamp's 8 symmetric views (:meth:`symmetrized_ellipticity`), calibrated by the run's
         response. See :class:`Prediction` for the outputs.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = require_positive_int(batch_size, "batch_size")
         array = self.check_images(images)
         n = array.shape[0]
         reconstruction = np.empty_like(array)
