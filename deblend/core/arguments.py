@@ -10,47 +10,57 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 
-def require_positive_int(value: Any, name: str) -> int:
-    """``value`` as an int >= 1 (sizes, counts, worker processes); ValueError naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+@dataclass(frozen=True)
+class NumberRule:
+    """What a kind of number must be: its Python type, its test and how to say it."""
 
+    kind: type
+    holds: Callable[[Any], bool]
+    says: str
 
-def require_non_negative_int(value: Any, name: str) -> int:
-    """``value`` as an int >= 0 (indices, retries, seeds); ValueError naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, (bool, np.bool_)):
+            return False
+        numeric = (int, np.integer) if self.kind is int else (int, float, np.integer,
+                                                                np.floating)
+        return isinstance(value, numeric) and self.holds(value)
 
+    def require(self, value: Any, name: str) -> Any:
+        """``value`` as ``kind``; ValueError naming ``name`` when it breaks the rule."""
+        if not self.accepts(value):
+            raise ValueError(f"{name} must be {self.says}, got {value!r}")
+        return self.kind(value)
 
-def require_positive_float(value: Any, name: str) -> float:
-    """``value`` as a finite float > 0 (pixel scales, sizes in arcsec, time-outs)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _argparse_type(parse: Callable[[str], Any], check: Callable[[Any, str], Any]
-                   ) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
+    def argparse_type(self, text: str) -> Any:
+        """For ``add_argument(type=...)``: the parsed value, or a usage error saying the rule."""
         try:
-            return check(parse(text), "it")
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc).replace("it must", "must")) from None
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not self.accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {self.says}, got {text}")
+        return value
 
-    convert.__name__ = check.__name__.replace("require_", "")
-    return convert
+
+POSITIVE_INT = NumberRule(int, lambda v: v >= 1, "a positive integer")
+"""Sizes, counts, worker processes."""
+NON_NEGATIVE_INT = NumberRule(int, lambda v: v >= 0, "an integer >= 0")
+"""Indices, retries, seeds."""
+POSITIVE_FLOAT = NumberRule(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+"""Pixel scales, sizes in arcsec, time-outs."""
 
 
-positive_int_arg = _argparse_type(int, require_positive_int)
-non_negative_int_arg = _argparse_type(int, require_non_negative_int)
-positive_float_arg = _argparse_type(float, require_positive_float)
+def require_positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1; ValueError naming ``name`` otherwise."""
+    return POSITIVE_INT.require(value, name)
+
+
+positive_int_arg = POSITIVE_INT.argparse_type
+non_negative_int_arg = NON_NEGATIVE_INT.argparse_type
+positive_float_arg = POSITIVE_FLOAT.argparse_type
