@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar
 
 from pydantic import TypeAdapter
 
@@ -49,6 +49,20 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_plain(v) for v in value]
     return jsonable(value)
+
+
+class StoredResult:
+    """A result with one JSON form: :meth:`to_dict` writes it, :meth:`from_dict` reads it back
+    (a clear ValueError naming :attr:`what` when the data do not fit)."""
+
+    what: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        return _from_dict(cls, data, cls.what)
 
 
 # -- ellipticity accuracy ------------------------------------------------------------------------
@@ -154,7 +168,7 @@ class ShearCalibration:
 
 
 @dataclass
-class ShearResult:
+class ShearResult(StoredResult):
     """The shear calibration of a run: how it was measured (``meta``: populations, scenes,
     bootstrap, simulation, command), the estimators, the fits and the per-population means."""
 
@@ -163,18 +177,12 @@ class ShearResult:
     calibration: ShearCalibration
     population_means: list[dict[str, Any]]
     figure: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ShearResult:
-        return _from_dict(cls, data, "the shear result")
+    what: ClassVar[str] = "the shear result"
 
 
 # -- the evaluation report -----------------------------------------------------------------------
 @dataclass
-class EvaluationResult:
+class EvaluationResult(StoredResult):
     """Everything the evaluation report prints (and its ``metrics.json`` holds): fidelity of
     the models (t1, t2), flux and size residuals, ellipticity accuracy of every estimator, and the
     shear calibration once measured."""
@@ -189,13 +197,7 @@ class EvaluationResult:
     ellipticity: dict[str, EllipticityBreakdown]
     figures: dict[str, str]
     shear: Optional[ShearResult] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> EvaluationResult:
-        return _from_dict(cls, data, "the evaluation metrics")
+    what: ClassVar[str] = "the evaluation metrics"
 
     @classmethod
     def read(cls, out: str | Path) -> EvaluationResult | None:
