@@ -83,3 +83,36 @@ def test_the_noise_correction_removes_the_sheared_noise_anisotropy():
     assert abs(bias) < 3 * error  # and the correction cancels it
     with pytest.raises(ValueError, match="noise must have the stamps' shape"):
         metacal_images(noise_stamps, PSFS, SCALE, noise=correction[:1])
+
+
+def shear_matrix(g1: float, g2: float) -> np.ndarray:
+    """GalSim's area-preserving shear of coordinates by reduced shear (g1, g2)."""
+    return np.array([[1 + g1, g2], [g2, 1 - g1]]) / np.sqrt(1 - g1 ** 2 - g2 ** 2)
+
+
+def test_metacal_of_a_gaussian_has_the_analytic_response():
+    """Gaussian galaxy, Gaussian PSF: the second moments of every metacal image are the sheared
+    galaxy covariance plus the dilated PSF-and-pixel covariance, in closed form, and so is the
+    response of the uniform-weight distortion."""
+    from deblend.core.shapes import moments_ellipticity
+
+    sigma, g_gal, sigma_psf, delta = 0.45, (0.15, -0.05), 0.35, 0.01
+    psf = galsim.Gaussian(sigma=sigma_psf)
+    galaxy = galsim.Gaussian(sigma=sigma).shear(g1=g_gal[0], g2=g_gal[1])
+    image = galsim.Convolve(galaxy, psf).drawImage(nx=65, ny=65, scale=SCALE).array
+    images = metacal_images(image[None, None], [psf], SCALE, delta)
+
+    def distortion(s1: float, s2: float) -> np.ndarray:
+        a = shear_matrix(s1, s2) @ shear_matrix(*g_gal)
+        c = sigma ** 2 * a @ a.T + (1 + 2 * delta) ** 2 * (sigma_psf ** 2 + SCALE ** 2 / 12) \
+            * np.eye(2)
+        return np.array([c[0, 0] - c[1, 1], 2 * c[0, 1]]) / (c[0, 0] + c[1, 1])
+
+    measured = {name: np.array(moments_ellipticity(a[0, 0])) for name, a in images.items()}
+    expected = {name: distortion(s1 * delta, s2 * delta)
+                for name, (s1, s2) in METACAL_SHEARS.items()}
+    for name in METACAL_SHEARS:
+        np.testing.assert_allclose(measured[name], expected[name], atol=1e-4)
+    response = metacal_response({k: v[None] for k, v in measured.items()}, delta)[0]
+    analytic = metacal_response({k: v[None] for k, v in expected.items()}, delta)[0]
+    np.testing.assert_allclose(response, analytic, rtol=1e-3, atol=1e-4)
