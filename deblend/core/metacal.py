@@ -87,3 +87,13 @@ def metacal_response(e: dict[str, np.ndarray], delta: float = DEFAULT_DELTA) -> 
     """Per-object 2x2 responses (N, 2, 2) from an estimator's (N, 2) outputs on the images."""
     columns = [(e[f"{j}p"] - e[f"{j}m"]) / (2.0 * delta) for j in (1, 2)]
     return np.stack(columns, axis=-1)
+
+
+def population_shear(e_noshear: np.ndarray, response: np.ndarray) -> np.ndarray:
+    """The shear of a population: g_hat = <R>^-1 <e>, from (N, 2) estimates on the noshear
+    images and (N, 2, 2) per-object responses (objects with a NaN are left out)."""
+    e_noshear, response = np.asarray(e_noshear, float), np.asarray(response, float)
+    good = np.isfinite(e_noshear).all(axis=1) & np.isfinite(response).all(axis=(1, 2))
+    if not good.any():
+        raise ValueError("no object has a finite estimate and response")
+    return np.linalg.solve(response[good].mean(axis=0), e_noshear[good].mean(axis=0))
