@@ -214,7 +214,7 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
         log(f"{len(plan['shards']) - len(missing)} of {len(plan['shards'])} shards complete; "
             f"the others belong to other --shard pieces. Run again once they are done to finalise.")
         return None
-    return finalize_dataset(root, plan, sim, progress=progress)
+    return finalize_dataset(root, plan, sim, provenance, progress=progress)
 
 
 def _run_shards(root: Path, todo: list[dict[str, Any]], sim: SimulationConfig, the_plan_id: str,
@@ -274,12 +274,12 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 
 
 def finalize_dataset(root: Path, plan: dict[str, Any], sim: SimulationConfig,
-                     progress: bool = True) -> StampData:
-    """Compute the normalisation constants on the training split and write ``metadata.json``."""
+                     provenance: dict[str, Any], progress: bool = True) -> StampData:
+    """Compute the normalisation constants on the training split and write ``metadata.json``
+    (``provenance``: :func:`simulation.catalogs.catalog_provenance`, measured for the plan)."""
     geometry = plan["geometry"]
     shards = [{"index": s["index"], "first": s["first"], "n": s["n"], "file": shard_name(s["index"])}
               for s in plan["shards"]]
-    provenance = catalog_provenance(sim.catalog, sim.catalog_rows, sim.catalog_seed)
     meta: dict[str, Any] = {
         "format_version": plan["format_version"],
         "dataset_id": plan_id(plan),

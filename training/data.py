@@ -88,13 +88,14 @@ def first_non_finite(reader: BatchReader, indices: np.ndarray, chunk: int = 512)
     """Where ``reader``'s inputs or targets over ``indices`` first hold a NaN or an infinity
     (e.g. "sample 1234 (blend images)"), or None when all are finite. Reads the split once."""
     data = reader.data
+    labels = None if reader.target == "clean" else ellipticity_targets(data)
     for start in range(0, len(indices), chunk):
         part = np.asarray(indices[start:start + chunk])
         sets = [(f"{reader.input_set} images", data.images(reader.input_set, part))]
-        if reader.target == "clean":
+        if labels is None:
             sets.append(("clean images", data.images("clean", part)))
         else:
-            sets.append(("ellipticity labels", ellipticity_targets(data)[part]))
+            sets.append(("ellipticity labels", labels[part]))
         for name, values in sets:
             finite = np.isfinite(values.reshape(len(part), -1)).all(axis=1)
             if not finite.all():

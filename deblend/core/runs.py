@@ -97,7 +97,7 @@ class RunLayout:
             raise RunError(f"{self.root} is not a training run: no {RUN_FILE} "
                            f"(run `python -m deblend.train stage1 --run {self.root} ...` first)")
         try:
-            return RunRecord.from_dict(json.loads(self.run_file.read_text()), self.root)
+            return RunRecord.from_dict(json.loads(self.run_file.read_text()))
         except (ValueError, KeyError, TypeError) as exc:
             record = self._record_from_first_stage()
             if record is None:
@@ -198,7 +198,7 @@ class RunRecord:
                 "data": data}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], run_root: Path) -> "RunRecord":
+    def from_dict(cls, d: dict[str, Any]) -> "RunRecord":
         return cls(d["config"], DataIdentity.from_dict(d["data"]), d.get("created", ""))
 
 
