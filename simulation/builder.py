@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from deblend.core.atomic import write_json_atomic
+from deblend.core.atomic import write_json_atomic, write_text_atomic
 from deblend.core.config import SimulationConfig, plain
 from deblend.core.normalization import MaxAccumulator
 from deblend.core.outputs import mark, refuse_foreign
@@ -34,6 +34,7 @@ from simulation.dataset import (
     dataset_is_complete,
     make_plan,
     plan_id,
+    psf_metadata,
     shard_is_complete,
     shard_name,
     write_shard,
@@ -303,6 +304,8 @@ def finalize_dataset(root: Path, plan: dict[str, Any], sim: SimulationConfig,
                             f"bands {list(sim.label_bands)}, pixel frame",
         "simulation": plan["simulation"],
         "shards": shards,
+        "psf": psf_metadata(geometry["name"], geometry["bands"], geometry["pixel_scale"],
+                            geometry["stamp_pixels"]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     reader = StampData(root, meta={**meta, "normalization": None})
@@ -314,5 +317,25 @@ def finalize_dataset(root: Path, plan: dict[str, Any], sim: SimulationConfig,
     constants = accumulator.constants(sim.norm_beta)
     meta["normalization"] = {**constants.to_dict(), "reference_set": sim.norm_reference,
                              "computed_on": "train split" if plan["n_train"] > 0 else "all"}
-    write_json_atomic(root / METADATA_FILE, meta)
+    write_text_atomic(root / METADATA_FILE, metadata_text(meta))
     return StampData(root)
+
+
+def metadata_text(meta: dict[str, Any]) -> str:
+    """``meta`` as indented, key-sorted JSON (as :func:`write_json_atomic` writes it), except that
+    each row of the PSF images is written on one line rather than one line per number."""
+    psf = meta.get("psf")
+    if not isinstance(psf, dict) or not isinstance(psf.get("images"), list):
+        return json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    rows: dict[str, str] = {}
+    placeholders = []
+    for b, image in enumerate(psf["images"]):
+        placeholders.append([])
+        for y, row in enumerate(image):
+            key = f"@psf-row-{b}-{y}@"
+            rows[json.dumps(key)] = json.dumps(row)
+            placeholders[-1].append(key)
+    text = json.dumps({**meta, "psf": {**psf, "images": placeholders}}, indent=2, sort_keys=True)
+    for key, row in rows.items():
+        text = text.replace(key, row, 1)
+    return text + "\n"

@@ -18,6 +18,19 @@ catalog provenance, per-band normalisation constants (SPEC 3, computed on the tr
 counts, the split (first ``n_train`` samples train, the next ``n_calibration`` calibration, the
 rest validation; datasets written before the calibration split have none) and ``dataset_id``,
 the identity that trained models remember.
+
+``metadata.json`` also carries the PSF of every band under ``"psf"`` (see :data:`PSF_CONVENTION`)::
+
+    "psf": {"images": [[[...], ...], ...],   # (bands, S, S) float64 values, nested lists
+            "bands": ["u", "g", ...],         # the dataset's bands, in the same order
+            "pixel_scale": 0.2,               # arcsec per pixel, the dataset's
+            "convention": PSF_CONVENTION,
+            "source": "BTK survey LSST"}
+
+each image being :func:`simulation.surveys.psf_images` of the dataset's survey, bands and stamp
+size. The entry is descriptive only: it is not part of the plan, so it leaves ``dataset_id``
+unchanged. Datasets written before it have no ``"psf"``; :attr:`StampData.psf_images` then draws
+the same images from BTK's survey definition (:attr:`StampData.psf_source` says which).
 """
 
 from __future__ import annotations
@@ -40,6 +53,12 @@ IMAGE_SETS = ("clean", "noisy", "blend")
 PLAN_FILE = "plan.json"
 METADATA_FILE = "metadata.json"
 SHARD_DIR = "shards"
+PSF_CONVENTION = ("effective PSF (PSF convolved with the pixel) per band, drawn by GalSim at the "
+                  "stamp's centre, unit sum, pixel frame")
+"""What the images of the ``"psf"`` metadata entry are (centre: (S-1)/2 in 0-based pixel
+coordinates; pixel frame: x = array axis 1, y = array axis 0)."""
+PSF_SOURCE_DATASET = "dataset"
+PSF_SOURCE_SURVEY = "survey definition"
 
 
 class DatasetError(ValueError):
@@ -77,6 +96,18 @@ def make_plan(simulation: dict[str, Any], geometry: dict[str, Any],
     if catalog_sha256 is not None:
         plan["catalog_sha256"] = catalog_sha256
     return plan
+
+
+def psf_metadata(survey: str, bands: Sequence[str], pixel_scale: float,
+                 stamp_pixels: int) -> dict[str, Any]:
+    """The ``"psf"`` entry of ``metadata.json``: each band's PSF image from BTK's definition of
+    ``survey`` (:func:`simulation.surveys.psf_images`) with its convention and provenance."""
+    # BTK is imported only where PSFs are drawn, not by every reader of a dataset
+    from simulation.surveys import psf_images
+
+    images = psf_images(survey, bands, stamp_pixels)
+    return {"images": images.tolist(), "bands": list(bands), "pixel_scale": float(pixel_scale),
+            "convention": PSF_CONVENTION, "source": f"BTK survey {survey}"}
 
 
 def write_shard(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
@@ -138,6 +169,7 @@ class StampData:
         self._maps: dict[tuple[int, str], np.memmap] = {}
         self._pid = os.getpid()
         self._labels: dict[str, np.ndarray] | None = None
+        self._psf: np.ndarray | None = self._read_psf() if "psf" in self.meta else None
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -168,6 +200,61 @@ class StampData:
     @property
     def normalization(self) -> NormalizationConstants:
         return NormalizationConstants.from_dict(self.meta["normalization"])
+
+    @property
+    def psf_source(self) -> str:
+        """Where :attr:`psf_images` come from: "dataset" (the ``"psf"`` entry of the metadata) or
+        "survey definition" (drawn from BTK's survey, for datasets written without the entry)."""
+        return PSF_SOURCE_DATASET if "psf" in self.meta else PSF_SOURCE_SURVEY
+
+    @property
+    def psf_images(self) -> np.ndarray:
+        """Each band's PSF image, (bands, S, S) float64, read-only: the effective PSF (PSF
+        convolved with the pixel) drawn by GalSim at the stamp's centre ((S-1)/2, 0-based), unit
+        sum, pixel frame (:data:`PSF_CONVENTION`). From the metadata when it has them, otherwise
+        drawn from BTK's definition of the survey (see :attr:`psf_source`)."""
+        if self._psf is None:
+            from simulation.surveys import psf_images
+
+            images = psf_images(self.survey, self.bands, self.stamp_pixels)
+            images.flags.writeable = False
+            self._psf = images
+        return self._psf
+
+    def _read_psf(self) -> np.ndarray:
+        """The validated ``"psf"`` entry of the metadata, as a read-only float64 array."""
+        where = f"{self.root / METADATA_FILE}: 'psf'"
+        entry = self.meta["psf"]
+        if not isinstance(entry, dict) or "images" not in entry:
+            raise DatasetError(f"{where} has no 'images'; regenerate the dataset, or delete the "
+                               f"'psf' entry to use the survey's PSFs")
+        try:
+            images = np.array(entry["images"], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"{where} images are not a (bands, S, S) array of numbers: "
+                               f"{exc}") from exc
+        expected = (len(self.bands), self.stamp_pixels, self.stamp_pixels)
+        if images.shape != expected:
+            raise DatasetError(f"{where} images have shape {images.shape}, expected {expected} "
+                               f"(bands {' '.join(self.bands)}, {self.stamp_pixels}-pixel stamps)")
+        if "bands" in entry and tuple(entry["bands"]) != self.bands:
+            raise DatasetError(f"{where} is for bands {entry['bands']}, the dataset's are "
+                               f"{list(self.bands)}")
+        scale = entry.get("pixel_scale", self.pixel_scale)
+        if not isinstance(scale, (int, float)) or not np.isclose(scale, self.pixel_scale):
+            raise DatasetError(f"{where} pixel scale {entry['pixel_scale']} is not the "
+                               f"dataset's {self.pixel_scale}")
+        for band, image in zip(self.bands, images):
+            if not np.all(np.isfinite(image)):
+                raise DatasetError(f"{where} {band}-band image has non-finite values")
+            total = float(image.sum())
+            if total <= 0:
+                raise DatasetError(f"{where} {band}-band image has a non-positive sum ({total})")
+            if abs(total - 1.0) > 1e-6:
+                raise DatasetError(f"{where} {band}-band image sums to {total}, not 1 "
+                                   f"(the PSFs are stored with unit sum)")
+        images.flags.writeable = False
+        return images
 
     def split_indices(self, split: str) -> np.ndarray:
         """Sample indices of ``split``: "train", "calibration", "validation" or "all"."""

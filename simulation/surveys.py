@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import btk
+import galsim
+import numpy as np
 
 KNOWN_SURVEYS = ("LSST", "DES")
 
@@ -55,3 +59,43 @@ def check_bands(bands: tuple[str, ...] | list[str], survey: SurveyGeometry, what
             f"{what}: band '{unknown[0]}' is not a {survey.name} band "
             f"(bands: {' '.join(survey.bands)})"
         )
+
+
+def psf_images(survey_name: str, bands: Sequence[str], stamp_pixels: int) -> np.ndarray:
+    """Images (len(bands), S, S) float64 of each band's PSF in BTK's definition of the survey.
+
+    Each is the *effective* PSF, the survey's GalSim PSF profile (BTK's
+    ``get_survey(name).get_filter(band).psf``) convolved with the pixel, as GalSim's default
+    ``drawImage(nx=S, ny=S, scale=pixel_scale)`` draws it (the same way BTK draws the galaxies);
+    centred at the stamp's true centre, (S-1)/2 in 0-based pixel coordinates on both axes (a pixel
+    centre for odd S, a pixel corner for even S); normalised to unit sum over the stamp; pixel
+    frame (x = array axis 1, columns; y = array axis 0, rows), S = ``stamp_pixels``.
+
+    Raises ValueError for an unknown survey, a band the survey does not have, or S < 1.
+    """
+    if isinstance(stamp_pixels, bool) or int(stamp_pixels) != stamp_pixels or stamp_pixels < 1:
+        raise ValueError(f"psf_images: stamp_pixels must be a positive integer, got {stamp_pixels!r}")
+    size, bands = int(stamp_pixels), tuple(bands)
+    check_bands(bands, survey_geometry(survey_name, size), "psf_images")
+    out = np.empty((len(bands), size, size), np.float64)
+    for k, band in enumerate(bands):
+        out[k] = _psf_image(survey_name, band, size)
+    return out
+
+
+@lru_cache(maxsize=64)
+def _psf_image(survey_name: str, band: str, stamp_pixels: int) -> np.ndarray:
+    survey = get_survey(survey_name)
+    filt = survey.get_filter(band)
+    psf = filt.psf(survey, filt) if callable(filt.psf) else filt.psf  # BTK allows both
+    if not isinstance(psf, galsim.GSObject):
+        raise TypeError(f"the {survey_name} {band}-band PSF is not a GalSim profile: {type(psf)}")
+    scale = float(survey.pixel_scale.to_value("arcsec"))
+    image = psf.drawImage(nx=stamp_pixels, ny=stamp_pixels, scale=scale).array.astype(np.float64)
+    total = image.sum()
+    if not np.all(np.isfinite(image)) or not total > 0:
+        raise ValueError(f"the {survey_name} {band}-band PSF image is not finite or sums to "
+                         f"{total} on a {stamp_pixels}-pixel stamp")
+    image /= total
+    image.flags.writeable = False
+    return image
