@@ -5,7 +5,9 @@ Runs, one after the other on this machine:
 - ``benchmarks.training``: the real stage-1 loop (data loading included) vs the bare
   forward+backward step, and ``Deblender.predict`` vs the bare encoder forward;
 - ``benchmarks.memory``: peak anonymous memory of generating and of streaming a dataset for
-  training, at N, 2N and 4N samples, carried to 200,000 samples (rules in its docstring).
+  training, at N, 2N and 4N samples, carried to 200,000 samples (rules in its docstring);
+- ``benchmarks.metacal_speed``: galaxies/s of metacal + regressor (e and R per galaxy) against
+  bare ``predict`` and against AnaCal on the same stamps (2 processes = 2 cores).
 Every ratio compares two measurements of the same run; the table says which target each meets.
 """
 
@@ -23,23 +25,27 @@ TARGETS = {
     ("training", "loop_over_bare"): (0.9, "stage loop / bare step"),
     ("training", "predict_over_encoder"): (None, "predict / bare encoder"),
     ("training", "predict_over_networks"): (None, "predict / bare networks it runs (8 views)"),
+    ("metacal_speed", "metacal_over_anacal_2_cores"): (1.0, "metacal+regressor / AnaCal, 2 cores"),
+    ("metacal_speed", "metacal_over_predict"): (None, "metacal+regressor / predict (1 view)"),
 }
 
 
 def run_all(quick: bool = False) -> dict[str, Any]:
-    """Run the three benchmarks; ``quick`` uses smaller sizes."""
-    from benchmarks import memory, simulation, training
+    """Run the four benchmarks; ``quick`` uses smaller sizes."""
+    from benchmarks import memory, metacal_speed, simulation, training
 
     return {
         "simulation": simulation.run(200 if quick else 1000),
         "training": training.run(n=640 if quick else 1280),
         "memory": memory.run(250 if quick else 1000),
+        "metacal_speed": metacal_speed.run(256 if quick else 1024),
     }
 
 
 def format_table(results: dict[str, Any]) -> str:
     """One table: the measured figures, then the ratios against their targets."""
     sim, train, mem = results["simulation"], results["training"], results["memory"]
+    speed = results["metacal_speed"]
     rows = [
         ("bare BTK, 1 worker", sim["bare_btk_1_worker"], "scenes/s"),
         ("our generator, 1 worker", sim["ours_1_worker"], "scenes/s"),
@@ -49,6 +55,9 @@ def format_table(results: dict[str, Any]) -> str:
         ("bare forward+backward step", train["bare_step_samples_per_s"], "samples/s"),
         ("Deblender.predict", train["predict_galaxies_per_s"], "galaxies/s"),
         ("bare encoder forward", train["encoder_galaxies_per_s"], "galaxies/s"),
+        ("metacal + regressor, 1 view (e and R)", speed["metacal_regressor_1_view"],
+         "galaxies/s"),
+        ("AnaCal r+i+z, 2 processes", speed["anacal_2_processes"], "galaxies/s"),
         ("peak memory generating N / 2N / 4N", "/".join(
             f"{mem[f'generate_{k}_peak_mib']:.0f}" for k in ("n", "2n", "4n")), "MiB"),
         ("peak memory streaming N / 2N / 4N", "/".join(

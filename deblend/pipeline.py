@@ -6,6 +6,8 @@
     RUN/data/                LSST dataset (simulation.generate)
     RUN/train/               training run: stage1, stage2, stage3 (deblend.train)
     RUN/evaluation/          report.md, metrics.json, PNGs, shear calibration (evaluation.*)
+    RUN/metacal_shear/       metacalibrated shear vs the applied shear, on populations no
+                             network saw (evaluation.metacal_benchmark; the headline)
     RUN/des_standin/         DES-like cutouts + im3shape-like catalog (des_validation.standin)
     RUN/des_validation/      report.md, metrics.json, PNGs (des_validation.validate)
     RUN/index.md             links to every report and figure, with the headline numbers
@@ -30,6 +32,12 @@ from deblend.core.config import Config, load_config
 from deblend.core.outputs import MARKER, is_ours, mark
 from des_validation.standin_cutouts import standin_is_complete, write_standin
 from des_validation.validation import validate_des, validation_is_complete
+from evaluation.metacal_benchmark import (
+    benchmark_is_complete,
+    run_metacal_benchmark,
+    shear_table,
+)
+from evaluation.report_io import read_metrics
 from evaluation.results import DESValidationResult, EllipticityStats, EvaluationResult
 from evaluation.shear_calibration import measure_shear, shear_is_complete
 from evaluation.validation_report import report_is_complete, write_report
@@ -38,7 +46,8 @@ from simulation.dataset import dataset_is_complete
 from training.runner import run_stage, stage_status
 from training.stages import STAGES
 
-STEPS = ("simulate", *STAGES, "report", "shear", "des_standin", "des_validation", "index")
+STEPS = ("simulate", *STAGES, "report", "shear", "metacal_shear", "des_standin",
+         "des_validation", "index")
 COMMAND = "python -m deblend run"
 """How the reports written by the main job name the command that produced them."""
 
@@ -66,6 +75,10 @@ class RunPaths:
         return self.root / "evaluation"
 
     @property
+    def metacal_shear(self) -> Path:
+        return self.root / "metacal_shear"
+
+    @property
     def des_standin(self) -> Path:
         return self.root / "des_standin"
 
@@ -84,8 +97,8 @@ class RunPaths:
     def outputs(self) -> list[Path]:
         """Everything the main job writes in its run directory (with the ``.tmp`` siblings
         that directories are built in)."""
-        directories = [self.data, self.train, self.evaluation, self.des_standin,
-                       self.des_validation]
+        directories = [self.data, self.train, self.evaluation, self.metacal_shear,
+                       self.des_standin, self.des_validation]
         return ([self.config, self.index, self.headline] + directories
                 + [d.with_name(d.name + ".tmp") for d in directories])
 
@@ -174,6 +187,9 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
     step("shear", shear_is_complete(paths.evaluation),
          lambda: measure_shear(paths.train, config, paths.evaluation, progress=progress,
                                command=COMMAND, config_path=str(paths.config), log=log))
+    step("metacal_shear", benchmark_is_complete(paths.metacal_shear),
+         lambda: run_metacal_benchmark(paths.train, config, paths.metacal_shear,
+                                       progress=progress, log=log))
     step("des_standin", standin_is_complete(paths.des_standin),
          lambda: write_standin(paths.des_standin, config, log=log))
     step("des_validation", validation_is_complete(paths.des_validation),
@@ -202,6 +218,15 @@ def headline_numbers(paths: RunPaths) -> dict[str, Any]:
     evaluation = EvaluationResult.read(paths.evaluation)
     des = DESValidationResult.read(paths.des_validation)
     headline: dict[str, Any] = {"fidelity": {}, "slopes": {}, "shear": {}, "des_standin": {}}
+    metacal = read_metrics(paths.metacal_shear).get("metacal_shear")
+    if metacal is not None:
+        headline["metacal_shear"] = {
+            "applied_g": metacal["applied_g"],
+            "variants": {name: {"label": v["label"], "n_scenes": v["n_scenes"], "estimators": {
+                est: {k: r[k] for k in ("m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2",
+                                        "c2_err", "n_scenes")}
+                for est, r in v["estimators"].items()}} for name, v in metacal["variants"].items()},
+        }
     if evaluation is not None:
         for stage, fidelity in evaluation.fidelity.items():
             headline["fidelity"][stage] = {"ssim": fidelity.ssim_mean,
@@ -235,6 +260,14 @@ def write_index(paths: RunPaths, headline: dict[str, Any]) -> None:
     lines = [f"# deblend run `{paths.root.name}`", "",
              "Config: [config.yaml](config.yaml). Every number below comes from the reports' "
              "`metrics.json`.", ""]
+    metacal = read_metrics(paths.metacal_shear).get("metacal_shear")
+    if metacal is not None:
+        g = metacal["applied_g"]
+        lines += ["## Shear bias against the applied shear (metacalibration)", "",
+                  f"Populations no network or calibration was fitted on, sheared by "
+                  f"(+-{g[0]:g}, +-{g[1]:g}) with the same noise; m = g_hat / g - 1. Details: "
+                  "[metacal_shear/report.md](metacal_shear/report.md).", "",
+                  shear_table(metacal), ""]
     lines += ["## Image fidelity (noisy-blend validation set)", "",
               "| model | SSIM | cosine |", "|---|---|---|"]
     for stage, v in headline["fidelity"].items():
@@ -246,7 +279,8 @@ def write_index(paths: RunPaths, headline: dict[str, Any]) -> None:
         for name, v in headline[key].items():
             lines.append(f"| {name} | {_fmt(v['e1']['slope'])} | {_fmt(v['e2']['slope'])} | "
                          f"{_fmt(v['e1']['rmse'])} | {_fmt(v['e2']['rmse'])} |")
-    lines += ["", "## Shear calibration (<e> = (1 + m) A_truth g + c)", "",
+    lines += ["", "## Secondary: shear response relative to truth moments, training population "
+              "(<e> = (1 + m) A_truth g + c)", "",
               "| estimator | m1 | c1 | m2 | c2 |", "|---|---|---|---|---|"]
     for name, v in headline["shear"].items():
         lines.append(f"| {name} | {_fmt(v['m1'])} ± {_fmt(v['m1_err'])} | "
@@ -254,6 +288,7 @@ def write_index(paths: RunPaths, headline: dict[str, Any]) -> None:
                      f"{_fmt(v['m2_err'])} | {_fmt(v['c2'], 4)} ± {_fmt(v['c2_err'], 4)} |")
     lines += ["", "## Reports and figures", ""]
     for directory, title in ((paths.evaluation, "Evaluation report"),
+                             (paths.metacal_shear, "Metacalibrated shear report"),
                              (paths.des_validation, "DES validation report"),
                              (paths.train, "Training")):
         if not directory.is_dir():

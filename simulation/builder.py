@@ -44,7 +44,6 @@ from simulation.sampling import CentralTargetSampling
 from simulation.scenes import SceneBatch, SceneDrawer
 from simulation.surveys import SurveyGeometry, check_bands, get_survey, survey_geometry
 
-
 DATASET_KIND = "dataset"
 """The kind of output a dataset directory is (:mod:`deblend.core.outputs`)."""
 
@@ -68,9 +67,13 @@ class SceneSource:
         self.catalog_note: str = self.catalog.get_raw_catalog().meta.get("dropped", "")
         """What the catalog lost to unusable rows (one line), or "" when nothing was dropped."""
 
-    def drawer(self, seed: int, batch_size: int | None = None, keep_isolated: bool = False
-               ) -> SceneDrawer:
-        """A scene drawer seeded by ``seed`` (sampling and noise both follow from it)."""
+    def drawer(self, seed: int, batch_size: int | None = None, keep_isolated: bool = False,
+               shear_positions: bool = False) -> SceneDrawer:
+        """A scene drawer seeded by ``seed`` (sampling and noise both follow from it).
+
+        ``shear_positions``: shear the neighbours' positions with the scene too (a sheared sky,
+        :class:`simulation.sampling.CentralTargetSampling`); off by default.
+        """
         sim = self.sim
         sampling_seed, noise_seed = np.random.SeedSequence(seed).generate_state(2) % (2**31 - 1)
         sampling = CentralTargetSampling(
@@ -78,16 +81,18 @@ class SceneSource:
             max_neighbours=sim.max_neighbours, neighbour_shift=sim.neighbour_shift,
             target_max_mag=sim.target_max_mag, neighbour_max_mag=sim.neighbour_max_mag,
             ref_band=sim.ref_band, shear=sim.shear, random_rotation=sim.random_rotation,
-            rotated_twins=sim.rotated_twins, seed=int(sampling_seed))
+            rotated_twins=sim.rotated_twins, seed=int(sampling_seed),
+            shear_positions=shear_positions)
         return SceneDrawer(self.catalog, self.survey, self.geometry, sampling,
                            batch_size=batch_size or sim.btk_batch_size, noise=sim.noise,
                            apply_shear=any(g != 0.0 for g in sim.shear), seed=int(noise_seed),
                            keep_isolated=keep_isolated)
 
-    def draw(self, n: int, seed: int, progress: Callable[[int], None] | None = None
-             ) -> tuple[SceneBatch, dict[str, np.ndarray]]:
-        """``n`` scenes and their labels, in memory (for shards and for shear populations)."""
-        drawer = self.drawer(seed)
+    def draw(self, n: int, seed: int, progress: Callable[[int], None] | None = None,
+             shear_positions: bool = False) -> tuple[SceneBatch, dict[str, np.ndarray]]:
+        """``n`` scenes and their labels, in memory (for shards and for shear populations);
+        ``shear_positions`` as in :meth:`drawer`."""
+        drawer = self.drawer(seed, shear_positions=shear_positions)
         parts: list[SceneBatch] = []
         drawn = 0
         while drawn < n:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import galsim
 import numpy as np
 from astropy.table import Table
 from btk.sampling_functions import SamplingFunction
@@ -21,6 +22,17 @@ class CentralTargetSampling(SamplingFunction):
     With ``rotated_twins`` every other call returns the previous scene rotated by 90 degrees about
     the stamp centre: positions (x, y) -> (-y, x) and position angles + 90 deg; to first order the
     twin's intrinsic ellipticities are the negatives of the original's, so shape noise cancels.
+
+    With ``shear_positions`` (and a non-zero ``shear``) the scene is a sheared sky: besides each
+    profile (sheared by BTK), every galaxy's offset (ra, dec) from the target (the stamp centre,
+    the shear centre) is mapped by GalSim's area-preserving shear matrix
+    ``galsim.Shear(g1=, g2=).getMatrix()``, the map GalSim applies to a profile sheared with
+    ``.shear(g1, g2)``; BTK shifts each galaxy by (ra, dec) with GalSim's ``shift``, so ra is
+    +x (array axis 1) and dec is +y (array axis 0). The unsheared offsets are kept in the columns
+    ``ra_unsheared``/``dec_unsheared``, and a rotated twin rotates the unsheared scene, then
+    shears its positions. Random draws do not depend on the shear, so the same seed gives the
+    same galaxies and (unsheared) positions at +g and -g. Off (the default), or at zero shear,
+    the tables are exactly those of the plain sampling.
     """
 
     def __init__(
@@ -36,6 +48,7 @@ class CentralTargetSampling(SamplingFunction):
         random_rotation: bool = True,
         rotated_twins: bool = False,
         seed: int = 0,
+        shear_positions: bool = False,
     ) -> None:
         super().__init__(stamp_size=stamp_size, max_number=max_neighbours + 1,
                          min_number=min_neighbours + 1, seed=int(seed))
@@ -52,6 +65,7 @@ class CentralTargetSampling(SamplingFunction):
         self.shear = shear
         self.random_rotation = random_rotation
         self.rotated_twins = rotated_twins
+        self.shear_positions = bool(shear_positions)
         self._previous: Table | None = None
         self._prepared_for: int | None = None
 
@@ -76,7 +90,7 @@ class CentralTargetSampling(SamplingFunction):
         if self.rotated_twins and self._previous is not None:
             twin = rotate_scene_90(self._previous)
             self._previous = None
-            return twin
+            return self._sheared_sky(twin)
         if self._prepared_for != id(table):
             self._prepare(table)
         rng = self.rng
@@ -105,7 +119,32 @@ class CentralTargetSampling(SamplingFunction):
         scene["twin"] = 0
         if self.rotated_twins:
             self._previous = scene
-        return scene
+        return self._sheared_sky(scene)
+
+    def _sheared_sky(self, scene: Table) -> Table:
+        """``scene`` with its positions sheared (a copy), or ``scene`` itself when not asked."""
+        g1, g2 = float(self.shear[0]), float(self.shear[1])
+        if not self.shear_positions or (g1 == 0.0 and g2 == 0.0):
+            return scene
+        return shear_scene_positions(scene, (g1, g2))
+
+
+def shear_scene_positions(scene: Table, g: tuple[float, float]) -> Table:
+    """A copy of ``scene`` whose offsets (ra, dec) from the stamp centre are sheared by ``g``.
+
+    (ra, dec) -> S (ra, dec) with S = ``galsim.Shear(g1=g[0], g2=g[1]).getMatrix()``, the map of
+    positions of a profile sheared with GalSim's ``.shear``; the unsheared offsets are kept in
+    ``ra_unsheared``/``dec_unsheared``.
+    """
+    matrix = galsim.Shear(g1=float(g[0]), g2=float(g[1])).getMatrix()
+    out = scene.copy()
+    ra = np.asarray(scene["ra"], float)
+    dec = np.asarray(scene["dec"], float)
+    out["ra_unsheared"] = ra
+    out["dec_unsheared"] = dec
+    out["ra"] = matrix[0, 0] * ra + matrix[0, 1] * dec
+    out["dec"] = matrix[1, 0] * ra + matrix[1, 1] * dec
+    return out
 
 
 def rotate_scene_90(scene: Table) -> Table:

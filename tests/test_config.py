@@ -46,7 +46,7 @@ def test_defaults_round_trip():
     assert config_from_dict(config.to_dict()) == config == load_config(None)
     assert hash(config_from_dict({})) == hash(config)
     assert list(config.to_dict()) == ["name", "simulation", "model", "training", "evaluation",
-                                      "shear", "des"]
+                                      "shear", "metacal", "des"]
     assert config.to_dict()["simulation"]["neighbour_shift"] == [1.0, 4.0]
 
 
@@ -109,6 +109,10 @@ def test_types_are_converted_like_the_annotations():
      "'simulation.n_samples' must be even when rotated_twins is true"),
     ({"shear": {"g_values": [0.0]}}, "'shear.g_values' must hold at least two distinct"),
     ({"shear": {"g_values": [0.0, 1.0]}}, "'shear.g_values' must satisfy |g| < 1"),
+    ({"metacal": {"n_scenes": 7}}, "'metacal.n_scenes' must be even and >= 4"),
+    ({"metacal": {"g": 0.2}}, "'metacal.g' must be in (0, 0.1)"),
+    ({"metacal": {"populations": []}}, "'metacal.populations' must name a population"),
+    ({"metacal": {"galsim_psf_scales": [3.0]}}, "'metacal.galsim_psf_scales' must be"),
     ({"des": {"n_standin": 0}}, "'des.n_standin' must be >= 1"),
     ({"des": {"min_snr": -1}}, "'des.min_snr' must be >= 0"),
     ({"des": {"u_over_g": 0}}, "'des.u_over_g' must be > 0 or null"),

@@ -241,3 +241,20 @@ def test_the_reconvolution_gaussian_never_amplifies_a_fourier_mode():
             assert (gaussian <= np.abs(transform) * (1 + 1e-9)).all()
     assert reconvolution_sigma(psf_image(galsim.Moffat(beta=3.5, fwhm=1.1))) > \
         reconvolution_sigma(PSFS[0])
+
+
+def test_a_margin_crops_the_same_images():
+    """An operator for 55-pixel inputs and 45-pixel outputs gives exactly the central crop of
+    the 55-pixel operator's images; sizes that cannot be cropped are refused."""
+    stamps, psfs = realistic_stamps(2, seed=6)
+    big = np.pad(stamps, ((0, 0), (0, 0), (5, 5), (5, 5)))
+    big += np.random.default_rng(2).normal(0.0, 40.0, big.shape)
+    full = metacal_images(big, psfs)
+    cropped = metacal_images(big, psfs, margin=5)
+    for name in METACAL_SHEARS:
+        np.testing.assert_allclose(cropped[name], full[name][:, :, 5:-5, 5:-5], rtol=0,
+                                   atol=1e-9 * np.abs(full[name]).max())
+    with pytest.raises(ValueError, match="even difference"):
+        MetacalOperator.build(psfs, 45, input_pixels=54)
+    with pytest.raises(ValueError, match="at least as large"):
+        MetacalOperator.build(psfs, 45, input_pixels=43)

@@ -20,6 +20,8 @@ def tiny_job_config(tmp_path_factory, sample_catalog):
         "training": {"batch_size": 16, "epochs": 2, "learning_rate": 1e-3, "device": "cpu"},
         "evaluation": {"gallery_size": 4, "mag_edges": [23.0]},
         "shear": {"n_scenes": 8, "chunk_scenes": 8, "bootstrap": 20},
+        "metacal": {"populations": ["btk"], "neighbours": [True], "n_scenes": 4,
+                    "chunk_scenes": 4, "bootstrap": 10, "views": 1},
         "des": {"n_standin": 12},
     }
     path = tmp_path_factory.mktemp("job") / "job.yaml"
@@ -47,6 +49,9 @@ def test_every_step_runs_and_index_links_existing_files(finished_job):
     assert {"regressor", "recon_moments"} <= set(headline["slopes"])
     assert {"regressor", "recon_moments"} <= set(headline["shear"])
     assert "regressor" in headline["des_standin"]
+    metacal = headline["metacal_shear"]["variants"]["btk_blended"]["estimators"]
+    assert {"regressor", "anacal", "blend_hsm"} <= set(metacal)
+    assert "Shear bias against the applied shear" in index
     saved = json.loads((out / "headline.json").read_text())
     assert saved["slopes"]["regressor"]["e1"]["slope"] == headline["slopes"]["regressor"]["e1"]["slope"]
     for stage in ("stage1", "stage2", "stage3"):

@@ -8,10 +8,21 @@
     out.ellipticity                  # (N, 2) regressor's (e1, e2): distortion, pixel frame
     out.ellipticity_raw              # (N, 2) the same before the response calibration
 
+With each band's PSF image (datasets store them: ``StampData.psf_images``), the deblender
+also runs on the five metacalibration images of every stamp (:mod:`deblend.core.metacal`)::
+
+    mc = model.metacal(stamps, psfs)  # psfs: (bands, S, S) effective PSF images
+    mc.ellipticity                    # (N, 2) raw regressor on the noshear images
+    mc.response                       # (N, 2, 2) its per-object shear response
+    # population shear: deblend.core.metacal.population_shear(mc.ellipticity, mc.response)
+
 Stamps are normalised with the constants the run was trained with (SPEC 3) and the
 reconstruction is denormalised back to raw flux; all arrays are float32. ``ellipticity`` is the
-regressor averaged over the stamp's 8 symmetric views (:mod:`deblend.core.symmetry`), with its response
-(measured on the calibration split at the end of stage3) divided out (:mod:`deblend.core.response`).
+regressor averaged over the stamp's 8 symmetric views (:mod:`deblend.core.symmetry`), with its
+response (measured on the calibration split at the end of stage3) divided out
+(:mod:`deblend.core.response`). That split-fitted response is kept for per-object ellipticities on
+the training population (the comparisons with truth labels); it does not transfer to other
+populations, so shear uses the metacal response measured on each stamp's own images instead.
 """
 
 from __future__ import annotations
@@ -25,6 +36,12 @@ from torch import Tensor
 
 from deblend.core.arguments import require_positive_int
 from deblend.core.device import resolve_device
+from deblend.core.metacal import (
+    DEFAULT_DELTA,
+    MetacalOperator,
+    check_psf_images,
+    metacal_response,
+)
 from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants, denormalize, normalize
 from deblend.core.response import Response
@@ -37,6 +54,10 @@ from deblend.core.runs import (
 )
 from deblend.core.symmetry import N_VIEWS, ellipticity_in_view, image_view
 
+KEPT_OPERATORS = 3
+"""Metacal operators a :class:`Deblender` keeps (one per set of PSFs)."""
+VIEW_COUNTS = (1, 2, 4, 8)
+"""How many symmetric views the regressor may be averaged over (the first 1, 2, 4 or 8)."""
 FINAL_STAGE = "stage3"
 """The stage whose lineage makes the full deblender (stage3 -> stage2 -> stage1)."""
 
@@ -73,6 +94,33 @@ class Prediction:
         return None if self.ellipticity is None else self.ellipticity[:, 1]
 
 
+@dataclass(frozen=True)
+class MetacalPrediction:
+    """:meth:`Deblender.predict` of the five metacal images of each stamp."""
+
+    images: dict[str, Prediction]
+    """Keyed by :data:`deblend.core.metacal.METACAL_SHEARS` (noshear, 1p, 1m, 2p, 2m)."""
+    delta: float
+    inputs: dict[str, np.ndarray] | None = None
+    """The metacal images themselves (raw flux, float32), when asked for with ``keep_inputs``."""
+
+    @property
+    def ellipticity(self) -> np.ndarray:
+        """(N, 2) the regressor's own output (before any calibration) on the noshear images."""
+        e = self.images["noshear"].regressor_output
+        if e is None:
+            raise ValueError("this deblender has no regressor")
+        return e
+
+    @property
+    def response(self) -> np.ndarray:
+        """(N, 2, 2) per-object metacal response of the regressor's own output."""
+        outputs = {name: p.regressor_output for name, p in self.images.items()}
+        if any(e is None for e in outputs.values()):
+            raise ValueError("this deblender has no regressor")
+        return metacal_response(outputs, self.delta)  # type: ignore[arg-type]
+
+
 class Deblender:
     """Encoder + decoder (+ regressor) of a run, with the normalisation they were trained with."""
 
@@ -91,6 +139,7 @@ class Deblender:
         """The dataset the networks were trained on (bands, stamp size, pixel scale, ...)."""
         self.response = response if regressor is not None else None
         """The regressor's response divided out of ``Prediction.ellipticity`` (None: raw)."""
+        self._metacal: dict[tuple[str, float, int], MetacalOperator] = {}
 
     @classmethod
     def from_run(cls, run: str | Path, *, stage: str = FINAL_STAGE,
@@ -142,8 +191,11 @@ class Deblender:
     def normalization(self) -> NormalizationConstants:
         return self.data.normalization
 
-    def check_images(self, images: np.ndarray) -> np.ndarray:
-        """``images`` as float32 (N, bands, H, W), or a ValueError naming what is wrong."""
+    def check_images(self, images: np.ndarray, margin: bool = False) -> np.ndarray:
+        """``images`` as float32 (N, bands, H, W), or a ValueError naming what is wrong.
+
+        With ``margin``, stamps larger than the model's (by an even number of pixels, centred on
+        the same target) are accepted too: metacalibration's input."""
         if isinstance(images, torch.Tensor):
             raise ValueError("images must be a numpy array (use tensor.cpu().numpy())")
         array = np.asarray(images)
@@ -157,9 +209,13 @@ class Deblender:
         if array.shape[1] != n_bands:
             raise ValueError(f"images have {array.shape[1]} bands, the model expects {n_bands} "
                              f"({' '.join(self.bands)}); shape {array.shape}, expected {expected}")
-        if array.shape[2:] != (size, size):
+        side = array.shape[2]
+        fits = (array.shape[3] == side and side >= size and (side - size) % 2 == 0) if margin \
+            else array.shape[2:] == (size, size)
+        if not fits:
+            wanted = f"{size}x{size}" + (" or larger by an even number, square" if margin else "")
             raise ValueError(f"images are {array.shape[2]}x{array.shape[3]} pixels, the model "
-                             f"expects {size}x{size}; shape {array.shape}, expected {expected}")
+                             f"expects {wanted}; shape {array.shape}, expected {expected}")
         array = array.astype(np.float32, copy=False)
         bad = ~np.isfinite(array)
         if bad.any():
@@ -169,29 +225,35 @@ class Deblender:
                              f"in image {n}, band {self.bands[band]})")
         return array
 
-    def symmetrized_ellipticity(self, x: Tensor, mu: Tensor) -> Tensor:
-        """Raw regressor (e1, e2) of normalised stamps ``x``, averaged over the 8 views.
+    def symmetrized_ellipticity(self, x: Tensor, mu: Tensor, views: int = N_VIEWS) -> Tensor:
+        """Raw regressor (e1, e2) of normalised stamps ``x``, averaged over ``views`` views.
 
         Each view of the stamp (:mod:`deblend.core.symmetry`) is encoded and read by the regressor,
         and its output is mapped back to the original frame before averaging; ``mu`` is the
-        latent mean of ``x`` itself (view 0), already computed by the caller. float32.
+        latent mean of ``x`` itself (view 0), already computed by the caller. ``views`` is 1
+        (the stamp only), 2 (and its 90-degree rotation), 4 (the rotations) or 8 (all). float32.
         """
         assert self.regressor is not None
+        if views not in VIEW_COUNTS:
+            raise ValueError(f"views must be one of {VIEW_COUNTS}, got {views!r}")
         total = self.regressor(mu).float()
-        for view in range(1, N_VIEWS):
+        for view in range(1, views):
             view_mu, _ = self.encoder(image_view(x, view))
             total += ellipticity_in_view(self.regressor(view_mu).float(), view)
-        return total / N_VIEWS
+        return total / views
 
     @torch.inference_mode()
-    def predict(self, images: np.ndarray, batch_size: int = 256) -> Prediction:
+    def predict(self, images: np.ndarray, batch_size: int = 256, views: int = N_VIEWS
+                ) -> Prediction:
         """Deblend raw-flux stamps (N, bands, H, W), ``batch_size`` stamps at a time.
 
-        z = mu is decoded (no sampling); the ellipticity is the regressor's average over the
-        stamp's 8 symmetric views (:meth:`symmetrized_ellipticity`), calibrated by the run's
-        response. See :class:`Prediction` for the outputs.
+        z = mu is decoded (no sampling); the ellipticity is the regressor's average over
+        ``views`` of the stamp's symmetric views (:meth:`symmetrized_ellipticity`; default all
+        8), calibrated by the run's response. See :class:`Prediction` for the outputs.
         """
         batch_size = require_positive_int(batch_size, "batch_size")
+        if views not in VIEW_COUNTS:
+            raise ValueError(f"views must be one of {VIEW_COUNTS}, got {views!r}")
         array = self.check_images(images)
         n = array.shape[0]
         reconstruction = np.empty_like(array)
@@ -207,8 +269,73 @@ class Deblender:
             mu[part] = batch_mu.float().cpu().numpy()
             sigma[part] = torch.exp(0.5 * logvar).float().cpu().numpy()
             if ellipticity is not None:
-                ellipticity[part] = self.symmetrized_ellipticity(x, batch_mu).cpu().numpy()
+                ellipticity[part] = self.symmetrized_ellipticity(x, batch_mu, views).cpu().numpy()
         if ellipticity is None or self.response is None:
             return Prediction(reconstruction, mu, sigma, ellipticity)
         return Prediction(reconstruction, mu, sigma, self.response.calibrate(ellipticity),
                           ellipticity)
+
+    def metacal_operator(self, psfs: np.ndarray, delta: float = DEFAULT_DELTA,
+                         input_pixels: int | None = None) -> MetacalOperator:
+        """The metacal operator for (bands, S, S) PSF images and input stamps of
+        ``input_pixels`` (default: the model's stamp), on this deblender's device. The last
+        :data:`KEPT_OPERATORS` are kept (0.5 GB each for six 45x45 bands, 1 GB with a 10-pixel
+        margin) and reused for the same PSFs, ``delta`` and input size."""
+        check_psf_images(psfs, len(self.bands))
+        input_pixels = input_pixels or self.stamp_pixels
+        key = (MetacalOperator.digest(psfs), float(delta), int(input_pixels))
+        operator = self._metacal.pop(key, None)
+        if operator is None:
+            operator = MetacalOperator.build(psfs, self.stamp_pixels, delta,
+                                             input_pixels=input_pixels, device=self.device)
+        self._metacal[key] = operator  # most recently used last
+        while len(self._metacal) > KEPT_OPERATORS:
+            self._metacal.pop(next(iter(self._metacal)))
+        return operator
+
+    def metacal(self, images: np.ndarray, psfs: np.ndarray, *, noise: np.ndarray | None = None,
+                delta: float = DEFAULT_DELTA, batch_size: int = 256, views: int = N_VIEWS,
+                keep_inputs: bool = False) -> MetacalPrediction:
+        """:meth:`predict` on the five metacalibration images of raw stamps (N, bands, H, W).
+
+        ``psfs`` is each band's effective PSF image (bands, S, S), as datasets store it.
+        ``images`` may be larger than the model's stamps (cutouts with a margin around the same
+        centre, e.g. 65x65 for a 45x45 model): the metacal images are then cropped to the
+        model's stamp, which keeps the stamp edge, sheared by metacal too, out of what the
+        networks see. Do give a margin (10 pixels is plenty): without it the sheared edge biases
+        every estimator that reads the whole stamp at the 1% level. ``noise``, an independent
+        noise field like the stamps' own, switches metacal's noise correction on (twice the
+        noise, which the networks did not see in training). The regressor's response is then
+        measured on each stamp's own images.
+        """
+        array = self.check_images(images, margin=True)
+        operator = self.metacal_operator(psfs, delta, array.shape[2])
+        if noise is not None:
+            noise = self.check_images(noise, margin=True)
+            if noise.shape != array.shape:
+                raise ValueError(f"noise must have the images' shape {array.shape}, got "
+                                 f"{noise.shape}")
+        outputs: dict[str, list[Prediction]] = {}
+        inputs: dict[str, list[np.ndarray]] = {}
+        for start in range(0, array.shape[0], batch_size):
+            part = slice(start, start + batch_size)
+            stamps = torch.from_numpy(array[part]).to(self.device)
+            field = None if noise is None else torch.from_numpy(noise[part]).to(self.device)
+            for name, image in operator.apply(stamps, field).items():
+                image = image.float().cpu().numpy()
+                outputs.setdefault(name, []).append(self.predict(image, batch_size, views))
+                if keep_inputs:
+                    inputs.setdefault(name, []).append(image)
+        return MetacalPrediction(
+            {name: join_predictions(parts) for name, parts in outputs.items()}, operator.delta,
+            {name: np.concatenate(parts) for name, parts in inputs.items()} if keep_inputs
+            else None)
+
+
+def join_predictions(parts: list[Prediction]) -> Prediction:
+    """One :class:`Prediction` from consecutive batches."""
+    def join(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if arrays[0] is None else np.concatenate(arrays)
+    return Prediction(join("reconstruction"), join("mu"), join("sigma"), join("ellipticity"),
+                      join("ellipticity_raw"))

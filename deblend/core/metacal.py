@@ -129,11 +129,14 @@ def reconvolution_sigma(psf: np.ndarray, delta: float = DEFAULT_DELTA) -> float:
     smallest sigma whose Gaussian exp(-k^2 sigma^2 / 2) stays at or below |PSF(A_s k)| at every
     non-zero k of a :data:`RULE_GRID`-point Fourier grid and for every metacal shear s (see the
     module's docstring). The grid is fixed so that the rule depends on the PSF alone."""
-    grid = RULE_GRID
     psf = check_psf_images(np.asarray(psf)[None])[0]
-    transforms = sheared_psf_transforms(psf, grid, check_delta(delta))
+    return _sigma_from(sheared_psf_transforms(psf, RULE_GRID, check_delta(delta)))
+
+
+def _sigma_from(transforms: dict[str, np.ndarray]) -> float:
+    """:func:`reconvolution_sigma` from the PSF's transforms on the :data:`RULE_GRID` grid."""
     floor = np.min([np.abs(t) for t in transforms.values()], axis=0)
-    k = fourier_grid(grid)
+    k = fourier_grid(RULE_GRID)
     k2 = k[None, :] ** 2 + k[:, None] ** 2
     nonzero = k2 > 0
     needed = -2.0 * np.log(np.clip(floor[nonzero], 1e-300, 1.0)) / k2[nonzero]
@@ -141,25 +144,40 @@ def reconvolution_sigma(psf: np.ndarray, delta: float = DEFAULT_DELTA) -> float:
 
 
 # -- the fast path: one matrix per band and shear ----------------------------------------------
-def operator_matrices(psf: np.ndarray, stamp_pixels: int, delta: float, sigma: float,
-                      grid: int) -> np.ndarray:
-    """(5, H W, H W) float64 matrices M_s with metacal_s(image).ravel() = M_s @ image.ravel(),
-    for square stamps of ``stamp_pixels`` and one band's PSF image.
+def check_margin(input_pixels: int, stamp_pixels: int) -> int:
+    """The margin (pixels on each side) of input stamps around the output stamp, or a
+    ValueError when the input is smaller or the two sizes differ in parity."""
+    if input_pixels < stamp_pixels or (input_pixels - stamp_pixels) % 2:
+        raise ValueError(f"input stamps of {input_pixels} pixels cannot be cropped to "
+                         f"{stamp_pixels}: they must be at least as large, with an even "
+                         f"difference (a margin on each side)")
+    return (input_pixels - stamp_pixels) // 2
+
+
+def operator_matrices(psf: np.ndarray, stamp_pixels: int, delta: float, grid: int,
+                      input_pixels: int | None = None) -> tuple[np.ndarray, float]:
+    """(5, out^2, in^2) float64 matrices M_s with crop(metacal_s(image)).ravel() =
+    M_s @ image.ravel(), for square input stamps of ``input_pixels`` (default ``stamp_pixels``)
+    whose central ``stamp_pixels`` are kept, one band's PSF image; and the reconvolution sigma.
 
     Column r is the metacal image of a unit pixel at r: its Fourier transform at the sheared
     frequency A k is exp(-i (A k) . r), divided by the PSF's at A k and multiplied by the
     Gaussian's at k; the inverse FFT on a (grid x grid) torus gives the output pixels (``grid``
-    must leave room for the kernel's tails on both sides of the stamp).
+    must leave room for the kernel's tails on both sides of the input stamp).
     """
-    n = stamp_pixels
+    n = input_pixels or stamp_pixels
+    crop = slice((n - stamp_pixels) // 2, (n + stamp_pixels) // 2)
     centre = (n - 1) / 2.0
+    transforms = sheared_psf_transforms(psf, grid, delta)
+    sigma = _sigma_from(transforms if grid == RULE_GRID else
+                        sheared_psf_transforms(psf, RULE_GRID, delta))
     k = fourier_grid(grid)
     gaussian = np.exp(-0.5 * sigma ** 2 * (k[None, :] ** 2 + k[:, None] ** 2))
     rows, cols = np.mgrid[0:n, 0:n]
     positions = np.stack([cols.ravel() - centre, rows.ravel() - centre])  # (2, n^2), (x, y)
     kt = torch.from_numpy(k)
-    out = np.empty((len(METACAL_SHEARS), n * n, n * n))
-    for i, (name, psf_k) in enumerate(sheared_psf_transforms(psf, grid, delta).items()):
+    out = np.empty((len(METACAL_SHEARS), stamp_pixels ** 2, n * n))
+    for i, (name, psf_k) in enumerate(transforms.items()):
         s1, s2 = METACAL_SHEARS[name]
         sheared = shear_matrix(s1 * delta, s2 * delta) @ positions + centre  # (x', y') absolute
         ratio = torch.from_numpy(gaussian / psf_k)
@@ -168,17 +186,21 @@ def operator_matrices(psf: np.ndarray, stamp_pixels: int, delta: float, sigma: f
             phase_x = torch.exp(-1j * kt[None, :] * torch.from_numpy(sheared[0, part])[:, None])
             phase_y = torch.exp(-1j * kt[None, :] * torch.from_numpy(sheared[1, part])[:, None])
             spectrum = phase_y[:, :, None] * phase_x[:, None, :] * ratio
-            images = torch.fft.ifft2(spectrum).real[:, :n, :n]
+            images = torch.fft.ifft2(spectrum).real[:, :n, :n][:, crop, crop]
             out[i, :, part] = images.reshape(images.shape[0], -1).T.numpy()
-    return out
+    return out, sigma
 
 
 @dataclass(frozen=True)
 class MetacalOperator:
     """The five metacal operations of every band, as matrices applied to batches of stamps.
 
-    ``matrices`` is (bands, H W, 5 H W): the product of a band's flattened stamps with it gives
-    the five images of :data:`METACAL_SHEARS` side by side.
+    ``matrices`` is (bands, in^2, 5 out^2): the product of a band's flattened input stamps
+    (``input_pixels`` on a side) with it gives the five images of :data:`METACAL_SHEARS` side by
+    side, each cropped to its central ``stamp_pixels``. A margin (input larger than the output)
+    keeps the stamp's edge out of the result: metacal shears the edge too, and the sheared edge
+    brings in the zeros outside the stamp (for a 1% shear, a pixel moves by up to 0.3 px at the
+    edge of a 45-pixel stamp, and the reconvolution spreads it by a few pixels).
     """
 
     matrices: Tensor
@@ -186,54 +208,68 @@ class MetacalOperator:
     """Reconvolution Gaussian sigma of each band, pixels."""
     delta: float
     stamp_pixels: int
+    """Side of the output images."""
+    input_pixels: int
+    """Side of the input stamps (>= ``stamp_pixels``, same parity)."""
     psf_digest: str
-    """SHA-256 (first 16 hex) of the float64 PSF images the operator was built from."""
+    """SHA-256 (first 16 hex) of the normalised PSF images the operator was built from."""
 
     @classmethod
     def build(cls, psfs: np.ndarray, stamp_pixels: int, delta: float = DEFAULT_DELTA, *,
-              grid: int | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> "MetacalOperator":
-        """Operator for (bands, S, S) PSF images and square stamps of ``stamp_pixels``.
+              input_pixels: int | None = None, grid: int | None = None,
+              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+              ) -> MetacalOperator:
+        """Operator for (bands, S, S) PSF images, output stamps of ``stamp_pixels`` and input
+        stamps of ``input_pixels`` (default the same; larger keeps a margin, see the class).
 
-        ``grid`` (default: the next even size >= stamp + 2 x 10 pixels, at least 64) is the FFT
-        size on which the columns are computed; building costs about a second per band on CPU.
+        ``grid`` (default: input + 16 pixels rounded up to even, at least 64) is the FFT size on
+        which the columns are computed; building costs about a second per band on CPU.
         """
+        digest = cls.digest(psfs)
         psfs = check_psf_images(psfs)
         delta = check_delta(delta)
         n = int(stamp_pixels)
+        n_in = n if input_pixels is None else int(input_pixels)
         if n < 3:
             raise ValueError(f"stamp_pixels must be at least 3, got {stamp_pixels!r}")
-        grid = max(64, n + 20 + (n % 2)) if grid is None else int(grid)
-        sigmas = tuple(reconvolution_sigma(p, delta) for p in psfs)
-        blocks = []
-        for psf, sigma in zip(psfs, sigmas):
-            m = operator_matrices(psf, n, delta, sigma, grid)  # (5, out, in)
-            blocks.append(torch.from_numpy(m.transpose(2, 0, 1).reshape(n * n, -1)))
-        digest = hashlib.sha256(psfs.tobytes()).hexdigest()[:16]
-        return cls(torch.stack(blocks).to(device=device, dtype=dtype), sigmas, delta, n, digest)
+        check_margin(n_in, n)
+        grid = max(RULE_GRID, n_in + 16 + (n_in % 2)) if grid is None else int(grid)
+        blocks, sigmas = [], []
+        for psf in psfs:
+            m, sigma = operator_matrices(psf, n, delta, grid, n_in)  # (5, out, in)
+            blocks.append(torch.from_numpy(m.transpose(2, 0, 1).reshape(n_in * n_in, -1)))
+            sigmas.append(sigma)
+        return cls(torch.stack(blocks).to(device=device, dtype=dtype), tuple(sigmas), delta, n,
+                   n_in, digest)
+
+    @staticmethod
+    def digest(psfs: np.ndarray) -> str:
+        """Identity of PSF images as given to :meth:`build` (what :attr:`psf_digest` holds)."""
+        return hashlib.sha256(check_psf_images(psfs).tobytes()).hexdigest()[:16]
 
     @property
     def n_bands(self) -> int:
         return int(self.matrices.shape[0])
 
     def _apply(self, stamps: Tensor) -> Tensor:
-        """(N, bands, H, W) -> (5, N, bands, H, W)."""
+        """(N, bands, in, in) -> (5, N, bands, out, out)."""
         n, bands, h, w = stamps.shape
+        size = self.stamp_pixels
         flat = stamps.to(self.matrices.dtype).permute(1, 0, 2, 3).reshape(bands, n, h * w)
-        out = torch.bmm(flat, self.matrices).reshape(bands, n, len(METACAL_SHEARS), h, w)
+        out = torch.bmm(flat, self.matrices).reshape(bands, n, len(METACAL_SHEARS), size, size)
         return out.permute(2, 1, 0, 3, 4)
 
     def check(self, stamps: Tensor) -> None:
         shape = tuple(stamps.shape)
-        size = self.stamp_pixels
+        size = self.input_pixels
         if len(shape) != 4 or shape[1] != self.n_bands or shape[2:] != (size, size):
             raise ValueError(f"stamps must have shape (N, {self.n_bands}, {size}, {size}) for "
                              f"this operator, got {shape}")
 
     @torch.inference_mode()
     def apply(self, stamps: Tensor, noise: Tensor | None = None) -> dict[str, Tensor]:
-        """The five metacal images (each (N, bands, H, W), on the operator's device) of raw
-        stamps (N, bands, H, W); ``noise`` (same shape), an independent noise realisation,
+        """The five metacal images (each (N, bands, out, out), on the operator's device) of raw
+        stamps (N, bands, in, in); ``noise`` (same shape), an independent noise realisation,
         switches the noise correction on."""
         stamps = torch.as_tensor(stamps, device=self.matrices.device)
         self.check(stamps)
@@ -251,14 +287,16 @@ class MetacalOperator:
 
 
 def metacal_images(stamps: np.ndarray, psfs: np.ndarray, delta: float = DEFAULT_DELTA,
-                   noise: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The five metacal images (float64 numpy, each (N, bands, H, W)) of raw stamps, with the
-    fast operator built for this call (see :class:`MetacalOperator` to reuse one)."""
+                   noise: np.ndarray | None = None, margin: int = 0) -> dict[str, np.ndarray]:
+    """The five metacal images (float64 numpy, each (N, bands, H - 2 margin, W - 2 margin)) of
+    raw stamps, with the fast operator built for this call (see :class:`MetacalOperator` to reuse
+    one); ``margin`` pixels are cropped from each side of the result."""
     stamps = check_stamps(stamps)
     psfs = check_psf_images(psfs, stamps.shape[1])
     if stamps.shape[2] != stamps.shape[3]:
         raise ValueError(f"stamps must be square, got {stamps.shape[2]}x{stamps.shape[3]}")
-    operator = MetacalOperator.build(psfs, stamps.shape[2], delta, dtype=torch.float64)
+    operator = MetacalOperator.build(psfs, stamps.shape[2] - 2 * margin, delta,
+                                     input_pixels=stamps.shape[2], dtype=torch.float64)
     images = operator.apply(torch.from_numpy(stamps),
                             None if noise is None else torch.from_numpy(
                                 np.asarray(noise, dtype=np.float64)))
