@@ -19,8 +19,9 @@ Conventions.
 - ``e`` is neither a shear nor a distortion: it is FPFS's shapelet ellipticity of the galaxy seen
   through the kernel, ``e ~ R g`` with R ~ 0.4-0.6 for LSST-like galaxies at sigma_arcsec = 0.52;
   only ``e`` divided by its response estimates a shear. The population estimate
-  (:func:`population_shear`) is ``g_hat_i = <e_i> / <R_ii>`` over unflagged objects: a
-  *reduced-shear* g, comparable with the applied ``galsim.shear(g1=, g2=)``, not with a distortion.
+  (:func:`deblend.core.metacal.population_shear`) is ``g_hat = <R>^-1 <e>`` over unflagged
+  objects: a *reduced-shear* g, comparable with the applied ``galsim.shear(g1=, g2=)``, not with a
+  distortion.
 - Pixel frame: arrays are indexed ``[y, x]`` (rows, columns) and ``e1 > 0`` means elongated along x
   (axis 1), ``e2 > 0`` along the line y = x; the same frame as GalSim's ``drawImage(...).array`` and
   as the moment ellipticities of :mod:`deblend.core.shapes`. No sky-frame sign flip is applied.
@@ -95,16 +96,6 @@ class AnacalShapes:
     def ok(self) -> np.ndarray:
         """(N,) bool: unflagged objects."""
         return self.flags == 0
-
-
-def population_shear(shapes: AnacalShapes, mask: np.ndarray | None = None) -> np.ndarray:
-    """(2,) reduced-shear estimate ``<e_i> / <R_ii>`` over unflagged (and ``mask``-ed) objects."""
-    keep = shapes.ok if mask is None else shapes.ok & np.asarray(mask, dtype=bool)
-    if not keep.any():
-        raise ValueError("no unflagged object to estimate the shear from")
-    e = shapes.e[keep].mean(axis=0)
-    r = np.diagonal(shapes.response[keep], axis1=1, axis2=2).mean(axis=0)
-    return e / r
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:

@@ -148,7 +148,7 @@ def measure_pairs(model: Deblender, batch: ShearPairBatch, config: Config
     for sign, stamps in (("plus", batch.plus), ("minus", batch.minus)):
         measured = measure_metacal(model, stamps, batch.psfs, correction_noise=noise,
                                    sky_variance=batch.sky_variance, views=mc.views,
-                                   estimators=mc.estimators)
+                                   estimators=mc.estimators, min_snr=mc.min_snr)
         for name, m in measured.items():
             arrays.update(measured_to_arrays(f"{sign}.{name}", m))
     return arrays
@@ -248,6 +248,7 @@ def run_metacal_benchmark(run: str | Path, config: Config, out: str | Path | Non
     metrics = {"metacal_shear": {
         "applied_g": [config.metacal.g, config.metacal.g], "delta": config.metacal.delta,
         "views": config.metacal.views, "noise_correction": config.metacal.noise_correction,
+        "min_snr": config.metacal.min_snr, "margin_pixels": config.metacal.margin_pixels,
         "reference": "applied shear: m = g_hat / g - 1 per component, c = additive",
         "variants": results, "run": str(run), "seconds": time.time() - started}}
     write_metrics(out, jsonable(metrics))
@@ -281,7 +282,10 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"Applied shear (g1, g2) = ({g[0]:+g}, {g[1]:+g}) and its negative, on the same scenes "
         f"and noise; metacal step delta = {result['delta']:g}; regressor averaged over "
         f"{result['views']} views; noise correction "
-        f"{'on' if result['noise_correction'] else 'off'}. m = g_hat / g - 1, c = additive, "
+        f"{'on' if result['noise_correction'] else 'off'}; "
+        + ("no S/N cut" if result.get("min_snr") is None else
+           f"cut: weighted S/N >= {result['min_snr']:g} on each metacal image, with its selection "
+           "response") + ". m = g_hat / g - 1, c = additive, "
         "1-sigma bootstrap errors over twin pairs. No network or calibration was fitted on these "
         "populations.", "", shear_table(result), "", f"![m per estimator]({FIGURE})", ""]
     for v in result["variants"].values():

@@ -92,11 +92,17 @@ def metacal_measurement(per_image: Mapping[str, np.ndarray], delta: float) -> Me
 def measure_metacal(model: Deblender, stamps: np.ndarray, psfs: np.ndarray, *,
                     correction_noise: np.ndarray | None, sky_variance: np.ndarray,
                     views: int = 1, estimators: Sequence[str] = tuple(METACAL_ESTIMATORS),
-                    batch_size: int = 256) -> dict[str, Measured]:
+                    min_snr: float | None = None, batch_size: int = 256
+                    ) -> dict[str, Measured]:
     """Every requested estimator of :data:`METACAL_ESTIMATORS` on raw blends (n, bands, H, W),
     which may be larger than the model's stamps (a margin around the same centre: see
     :meth:`~deblend.core.inference.Deblender.metacal`); everything is measured on the central
-    model-sized stamp."""
+    model-sized stamp.
+
+    ``min_snr`` applies one cut to every estimator: the Gaussian-weighted S/N
+    (:func:`weighted_snr`) of the blend's label-band image, measured on each metacal image, so
+    that the selection response of the cut is measured too (for AnaCal as well: its e comes from
+    the original image, its cut from the metacal images)."""
     unknown = sorted(set(estimators) - set(METACAL_ESTIMATORS))
     if unknown:
         raise ValueError(f"unknown estimators {unknown}; known: {list(METACAL_ESTIMATORS)}")
@@ -121,7 +127,21 @@ def measure_metacal(model: Deblender, stamps: np.ndarray, psfs: np.ndarray, *,
         size = model.stamp_pixels
         out["anacal"] = anacal_measurement(central(stamps, size), central(psfs, size),
                                            sky_variance, bands, model.data.pixel_scale)
+    if min_snr is not None:
+        variance = float(sum(sky_variance[list(bands).index(b)] for b in LABEL_BANDS))
+        passed = {n: weighted_snr(image, variance) >= min_snr for n, image in blend.items()}
+        out = {name: Measured(m.e, m.response, {k: m.kept[k] & passed[k] for k in m.kept})
+               for name, m in out.items()}
     return out
+
+
+def weighted_snr(images: np.ndarray, variance: float, sigma: float = WEIGHT_SIGMA
+                 ) -> np.ndarray:
+    """(n,) S/N of the flux under the fixed centred Gaussian weight, sum(W I) / sqrt(sum(W^2)
+    variance), with the nominal per-pixel sky ``variance`` (a cut variable, the same rule on
+    every metacal image)."""
+    weight = gaussian_weight(images.shape[-1], sigma)
+    return (images * weight).sum(axis=(-2, -1)) / np.sqrt((weight ** 2).sum() * variance)
 
 
 def central(images: np.ndarray, size: int) -> np.ndarray:
@@ -149,13 +169,6 @@ def anacal_measurement(stamps: np.ndarray, psfs: np.ndarray, sky_variance: np.nd
     return Measured(e_sum, r_sum, {name: ok for name in METACAL_SHEARS})
 
 
-def stack_measured(parts: Sequence[Measured]) -> Measured:
-    """Concatenate measurements of consecutive batches."""
-    return Measured(np.concatenate([p.e for p in parts]),
-                    np.concatenate([p.response for p in parts]),
-                    {k: np.concatenate([p.kept[k] for p in parts]) for k in parts[0].kept})
-
-
 def measured_to_arrays(prefix: str, measured: Measured) -> dict[str, np.ndarray]:
     arrays = {f"{prefix}.e": measured.e, f"{prefix}.response": measured.response}
     arrays.update({f"{prefix}.kept.{k}": v for k, v in measured.kept.items()})
@@ -178,6 +191,8 @@ def selected_shear(e: np.ndarray, response: np.ndarray, kept: Mapping[str, np.nd
     """
     def mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
         w = weights * mask
+        if w.sum() <= 0:  # nothing selected (a sparse bin in a bootstrap draw): no estimate
+            return np.full(values.shape[1:], np.nan)
         return np.tensordot(w, values, axes=(0, 0)) / w.sum()
 
     finite = np.isfinite(e).all(axis=1)

@@ -117,6 +117,28 @@ def test_every_estimator_gives_e_and_its_response(model, pairs):
                         sky_variance=pairs.sky_variance, estimators=["nope"])
 
 
+def test_an_snr_cut_is_made_on_every_metacal_image_for_every_estimator(model, pairs):
+    from evaluation.metacal_shear import LABEL_BANDS, measure_metacal, weighted_snr
+
+    plain = measure_metacal(model, pairs.plus, pairs.psfs, correction_noise=None,
+                            sky_variance=pairs.sky_variance, views=1,
+                            estimators=["blend_gauss", "anacal"])
+    assert all(m.kept["noshear"].all() for m in plain.values())
+    mc = model.metacal(pairs.plus, pairs.psfs, views=1, keep_inputs=True)
+    bands = list(model.bands)
+    variance = sum(pairs.sky_variance[bands.index(b)] for b in LABEL_BANDS)
+    snr = {name: weighted_snr(image[:, [bands.index(b) for b in LABEL_BANDS]].sum(axis=1),
+                              variance) for name, image in mc.inputs.items()}
+    threshold = float(np.median(snr["noshear"]))
+    cut = measure_metacal(model, pairs.plus, pairs.psfs, correction_noise=None,
+                          sky_variance=pairs.sky_variance, views=1,
+                          estimators=["blend_gauss", "anacal"], min_snr=threshold)
+    for m in cut.values():
+        for name in METACAL_SHEARS:
+            np.testing.assert_array_equal(m.kept[name], snr[name] >= threshold)
+    assert 0 < cut["anacal"].kept["noshear"].sum() < 4
+
+
 def test_deblender_metacal_checks_its_inputs(model, pairs):
     with pytest.raises(ValueError, match="one PSF per band"):
         model.metacal(pairs.plus, pairs.psfs[:3])

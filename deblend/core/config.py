@@ -307,6 +307,9 @@ class MetacalConfig:
     """Add a metacalibrated 90-degree-rotated noise field (doubles the noise the networks see)."""
     estimators: tuple[StrictStr, ...] = ("regressor", "recon_gauss", "recon_hsm", "blend_gauss",
                                          "blend_hsm", "anacal")
+    min_snr: StrictFloat | None = None
+    """A cut on every estimator: the Gaussian-weighted S/N of the blend (label bands) measured on
+    each metacal image, with its selection response; None: no cut."""
     margin_pixels: StrictInt = 10
     """Scenes are drawn this many pixels larger on each side than the model's stamp; metacal
     runs on the larger stamp and its images are cropped, which keeps the sheared stamp edge out
