@@ -3,10 +3,11 @@
 ``python -m benchmarks.metacal_speed [--n N] [--device D] [--repeats K] [--json FILE]`` draws
 ``N`` six-band LSST stamps (GalSim bulge+disk galaxies with noise, BTK's PSFs) and measures
 galaxies per second, with torch's default threads, of
-- ``Deblender.predict`` with the regressor on 1 view (the bare network cost of one image);
+- ``Deblender.predict`` with the regressor on 1 view, without decoding (the bare network cost
+  of e for one image);
 - the metacal operator alone (five images, with the noise correction: ten matrix products);
-- ``Deblender.metacal``: the operator plus the regressor on the five images (1 view), i.e. e and
-  R per galaxy, the estimator of the shear benchmark at ``metacal.views = 1``;
+- ``Deblender.metacal``: the operator plus the regressor on the five images (1 view, no
+  decoding), i.e. e and R per galaxy, the estimator of the shear benchmark at ``metacal.views = 1``;
 - the same at 8 views (what the shear benchmark runs by default);
 - AnaCal (``evaluation.anacal_peer``) on the three label bands, each with its own PSF, as the
   shear benchmark runs it, in one process and in two processes (the 2-core rate).
@@ -103,10 +104,12 @@ def run(n: int = 1024, device: str = "cpu", repeats: int = 3) -> dict[str, Any]:
             images["noshear"].cpu()
 
     work = {
-        "predict_1_view": lambda: model.predict(stamps, views=1),
+        "predict_1_view": lambda: model.predict(stamps, views=1, reconstruct=False),
         "metacal_operator": operator_only,
-        "metacal_regressor_1_view": lambda: model.metacal(stamps, psfs, noise=noise, views=1),
-        "metacal_regressor_8_views": lambda: model.metacal(stamps, psfs, noise=noise, views=8),
+        "metacal_regressor_1_view": lambda: model.metacal(stamps, psfs, noise=noise, views=1,
+                                                          reconstruct=False),
+        "metacal_regressor_8_views": lambda: model.metacal(stamps, psfs, noise=noise, views=8,
+                                                           reconstruct=False),
         "anacal_1_process": lambda: anacal_measurement(stamps, psfs, sky, model.bands, 0.2),
     }
     context = multiprocessing.get_context("fork")

@@ -57,6 +57,8 @@ REPORT = "report.md"
 FIGURE = "fig_metacal_shear.png"
 CACHE_DIR = "cache"
 CACHE_VERSION = 1
+NOT_IN_CHUNKS = ("n_scenes", "bootstrap", "populations", "neighbours")
+"""Settings that do not change what a chunk holds: a larger run reuses a smaller one's chunks."""
 SCENE_COLUMNS = ("n_galaxies", "neighbour_distance", "target_snr", "twin")
 SNR_BINS = (0.0, 20.0, 50.0, 100.0, np.inf)
 DISTANCE_BINS_ARCSEC = (0.0, 2.0, 3.0, np.inf)
@@ -121,7 +123,8 @@ def chunk_psf_scale(config: Config, variant: Variant, chunk: int) -> float:
 
 
 def _cache_key(config: Config, variant: Variant, chunk: int, n: int, model_id: str) -> str:
-    payload = {"version": CACHE_VERSION, "metacal": config.to_dict()["metacal"],
+    measured = {k: v for k, v in config.to_dict()["metacal"].items() if k not in NOT_IN_CHUNKS}
+    payload = {"version": CACHE_VERSION, "metacal": measured,
                "simulation": config.to_dict()["simulation"], "variant": variant.name,
                "chunk": chunk, "n": n, "model": model_id}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]

@@ -107,11 +107,13 @@ def measure_metacal(model: Deblender, stamps: np.ndarray, psfs: np.ndarray, *,
     if unknown:
         raise ValueError(f"unknown estimators {unknown}; known: {list(METACAL_ESTIMATORS)}")
     bands = model.bands
+    reconstruct = any(name.startswith("recon_") for name in estimators)
     mc = model.metacal(stamps, psfs, noise=correction_noise, batch_size=batch_size, views=views,
-                       keep_inputs=True)
+                       keep_inputs=True, reconstruct=reconstruct)
     out: dict[str, Measured] = {}
     assert mc.inputs is not None
-    recon = {n: label_image(p.reconstruction, bands, LABEL_BANDS) for n, p in mc.images.items()}
+    recon = {n: label_image(p.reconstruction, bands, LABEL_BANDS)
+             for n, p in mc.images.items() if p.reconstruction is not None}
     blend = {n: label_image(image, bands, LABEL_BANDS) for n, image in mc.inputs.items()}
     if "regressor" in estimators:
         out["regressor"] = metacal_measurement(

@@ -153,6 +153,10 @@ def test_deblender_metacal_checks_its_inputs(model, pairs):
     stamp, noshear = pairs.plus[:2].astype(float), out.inputs["noshear"].astype(float)
     np.testing.assert_allclose(noshear.sum(axis=(2, 3)), stamp.sum(axis=(2, 3)),
                                rtol=0.02, atol=50 * 45)
+    # without decoding: the same e and R, no reconstruction
+    bare = model.metacal(pairs.plus[:2], pairs.psfs, views=1, reconstruct=False)
+    assert bare.images["noshear"].reconstruction is None
+    np.testing.assert_array_equal(bare.response, out.response)
     # the same PSFs reuse the operator
     assert model.metacal_operator(pairs.psfs) is model.metacal_operator(pairs.psfs)
     # cutouts with a margin give model-sized metacal images; odd margins are refused
@@ -203,6 +207,14 @@ def test_the_benchmark_writes_its_outputs_and_resumes_from_its_cache(trained_run
     assert chunks[0].stat().st_mtime_ns == first and chunks[1].is_file()
     again = json.loads((out / "metrics.json").read_text())["metacal_shear"]
     assert again["variants"] == metrics["variants"]  # the same scenes and noise: the same numbers
+    # a larger run reuses the smaller one's chunks and measures only the new ones
+    stamps = [c.stat().st_mtime_ns for c in chunks]
+    assert main(["--run", str(trained_run), "--config", str(bench_config), "--out", str(out),
+                 "--n-scenes", "6", "--force", "--no-progress"]) == 0
+    assert [c.stat().st_mtime_ns for c in chunks] == stamps
+    assert len(list((out / "cache").glob("*.npz"))) == 3
+    larger = json.loads((out / "metrics.json").read_text())["metacal_shear"]
+    assert larger["variants"]["galsim_blended"]["n_scenes"] == 6
 
 
 def test_the_benchmark_refuses_a_foreign_directory_and_unknown_estimators(trained_run, tmp_path,
