@@ -17,9 +17,7 @@ without ``force``.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import time
 import zlib
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from deblend.core.config import Config
 from deblend.core.inference import FINAL_STAGE, Deblender
 from deblend.core.outputs import mark, refuse_foreign
 from deblend.core.runs import RunLayout, lineage_identity
+from evaluation.chunk_cache import chunk_key, join_chunks, read_chunk, write_chunk
 from evaluation.metacal_shear import (
     METACAL_ESTIMATORS,
     measure_metacal,
@@ -49,6 +48,7 @@ from evaluation.report_io import (
     read_metrics,
     write_metrics,
 )
+from evaluation.shear_calibration import chunk_sizes
 from simulation.shear_pairs import ShearPairBatch, draw_shear_pairs
 
 KIND = "metacal_shear"
@@ -93,13 +93,6 @@ def check_estimators(names: tuple[str, ...]) -> None:
 
 
 # -- chunks -------------------------------------------------------------------------------------
-def chunk_sizes(n_scenes: int, chunk: int) -> list[int]:
-    sizes = [chunk] * (n_scenes // chunk)
-    if n_scenes % chunk:
-        sizes.append(n_scenes % chunk)
-    return sizes
-
-
 def chunk_seed(base: int, variant: Variant, chunk: int) -> int:
     entropy = [int(base), zlib.crc32(variant.name.encode()), int(chunk)]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2 ** 31 - 1))
@@ -124,22 +117,9 @@ def chunk_psf_scale(config: Config, variant: Variant, chunk: int) -> float:
 
 def _cache_key(config: Config, variant: Variant, chunk: int, n: int, model_id: str) -> str:
     measured = {k: v for k, v in config.to_dict()["metacal"].items() if k not in NOT_IN_CHUNKS}
-    payload = {"version": CACHE_VERSION, "metacal": measured,
-               "simulation": config.to_dict()["simulation"], "variant": variant.name,
-               "chunk": chunk, "n": n, "model": model_id}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _read_chunk(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if str(npz["key"]) != key:
-                return None
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, KeyError, zlib.error):
-        return None
+    return chunk_key({"version": CACHE_VERSION, "metacal": measured,
+                      "simulation": config.to_dict()["simulation"], "variant": variant.name,
+                      "chunk": chunk, "n": n, "model": model_id})
 
 
 def measure_pairs(model: Deblender, batch: ShearPairBatch, config: Config
@@ -165,18 +145,17 @@ def measure_variant(model: Deblender, config: Config, variant: Variant, cache: P
     for chunk, n in enumerate(chunk_sizes(mc.n_scenes, mc.chunk_scenes)):
         key = _cache_key(config, variant, chunk, n, model_id)
         path = cache / f"{variant.name}_chunk{chunk:04d}.npz"
-        arrays = _read_chunk(path, key)
+        arrays = read_chunk(path, key)
         if arrays is None:
             batch = draw_shear_pairs(
                 variant.population, n, chunk_seed(mc.seed, variant, chunk), (mc.g, mc.g),
                 neighbours=variant.neighbours, sim=drawing_simulation(config),
                 psf_scale=chunk_psf_scale(config, variant, chunk))
             arrays = measure_pairs(model, batch, config)
-            with atomic_output(path, suffix=".tmp.npz") as tmp:
-                np.savez(tmp, key=np.array(key), **arrays)
+            write_chunk(path, key, arrays)
         parts.append(arrays)
         bar.update(n)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "key"}
+    return join_chunks(parts)
 
 
 # -- results ------------------------------------------------------------------------------------

@@ -21,8 +21,6 @@ is not replaced without ``--force``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 import zlib
 from pathlib import Path
@@ -31,12 +29,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from deblend.core.atomic import atomic_output, write_text_atomic
+from deblend.core.atomic import write_text_atomic
 from deblend.core.config import Config
 from deblend.core.inference import FINAL_STAGE, Deblender
 from deblend.core.outputs import mark
 from deblend.core.runs import RunLayout, lineage_identity
 from evaluation import plots
+from evaluation.chunk_cache import chunk_key, join_chunks, read_chunk, write_chunk
 from evaluation.estimators import (
     ESTIMATORS,
     REFERENCES,
@@ -118,26 +117,9 @@ def _cache_name(g: tuple[float, float], chunk: int) -> str:
 
 def _cache_key(config: Config, g: tuple[float, float], chunk: int, n: int, seed: int,
                model_id: str) -> str:
-    payload = {"version": CACHE_VERSION, "simulation": population_config(config, g).to_dict()[
-        "simulation"], "chunk": chunk, "n": n, "seed": seed, "model": model_id}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if str(npz["key"]) != key:
-                return None
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, KeyError, zlib.error):
-        return None
-
-
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_output(path, suffix=".tmp.npz") as tmp:
-        np.savez(tmp, **arrays)
+    return chunk_key({"version": CACHE_VERSION, "simulation": population_config(config, g)
+                      .to_dict()["simulation"], "chunk": chunk, "n": n, "seed": seed,
+                      "model": model_id})
 
 
 def measure_chunk(source: Any, model: Model, n: int, seed: int,
@@ -182,7 +164,7 @@ def simulate_populations(config: Config, model: Model, cache_dir: Path, model_id
                 seed = chunk_seed(shear.seed, chunk, g, shear.shared_galaxies)
                 key = _cache_key(config, g, chunk, n, seed, model_id)
                 path = cache_dir / _cache_name(g, chunk)
-                arrays = _read_cache(path, key)
+                arrays = read_chunk(path, key)
                 if arrays is None:
                     if source is None:
                         source = SceneSource(population_config(config, g).simulation)
@@ -192,14 +174,13 @@ def simulate_populations(config: Config, model: Model, cache_dir: Path, model_id
                                 f"but the model was trained on {' '.join(model.bands)}")
                     bar.set_postfix_str(f"g=({g[0]:+.3f}, {g[1]:+.3f})")
                     arrays = measure_chunk(source, model, n, seed, progress=bar.update)
-                    arrays["key"] = np.array(key)
-                    _write_cache(path, arrays)
+                    write_chunk(path, key, arrays)
                 else:
                     reused += 1
                     bar.update(n)
                 parts.append(arrays)
-            merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "key"}
-            populations.append(ShearPopulation(g[0], g[1], estimates_from_arrays(merged)))
+            populations.append(ShearPopulation(g[0], g[1], estimates_from_arrays(
+                join_chunks(parts))))
     finally:
         bar.close()
     if reused:
