@@ -4,10 +4,12 @@
 
     RUN/config.yaml          the config the run was started with (a different one is refused)
     RUN/data/                LSST dataset (simulation.generate)
-    RUN/train/               training run: stage1, stage2, stage3 (deblend.train)
+    RUN/train/               training run: stage1, stage2, stage3, flow (deblend.train)
     RUN/evaluation/          report.md, metrics.json, PNGs, shear calibration (evaluation.*)
     RUN/metacal_shear/       metacalibrated shear vs the applied shear, on populations no
                              network saw (evaluation.metacal_benchmark; the headline)
+    RUN/map_deblending/      with ``map.enabled``: encoder vs MAP deblending (N(0, I) and flow
+                             priors) on validation blends and dense fields (evaluation.map_report)
     RUN/des_standin/         DES-like cutouts + im3shape-like catalog (des_validation.standin)
     RUN/des_validation/      report.md, metrics.json, PNGs (des_validation.validate)
     RUN/index.md             links to every report and figure, with the headline numbers
@@ -32,6 +34,7 @@ from deblend.core.config import Config, load_config
 from deblend.core.outputs import MARKER, is_ours, mark
 from des_validation.standin_cutouts import standin_is_complete, write_standin
 from des_validation.validation import validate_des, validation_is_complete
+from evaluation.map_report import REPORT_FILE, run_map_comparison
 from evaluation.metacal_benchmark import (
     benchmark_is_complete,
     run_metacal_benchmark,
@@ -42,12 +45,12 @@ from evaluation.results import DESValidationResult, EllipticityStats, Evaluation
 from evaluation.shear_calibration import measure_shear, shear_is_complete
 from evaluation.validation_report import report_is_complete, write_report
 from simulation.builder import build_dataset
-from simulation.dataset import dataset_is_complete
+from simulation.dataset import dataset_is_complete, open_dataset
 from training.runner import run_stage, stage_status
 from training.stages import STAGES
 
-STEPS = ("simulate", *STAGES, "report", "shear", "metacal_shear", "des_standin",
-         "des_validation", "index")
+STEPS = ("simulate", *STAGES, "report", "shear", "metacal_shear", "map_deblending",
+         "des_standin", "des_validation", "index")
 COMMAND = "python -m deblend run"
 """How the reports written by the main job name the command that produced them."""
 
@@ -79,6 +82,10 @@ class RunPaths:
         return self.root / "metacal_shear"
 
     @property
+    def map_deblending(self) -> Path:
+        return self.root / "map_deblending"
+
+    @property
     def des_standin(self) -> Path:
         return self.root / "des_standin"
 
@@ -98,7 +105,7 @@ class RunPaths:
         """Everything the main job writes in its run directory (with the ``.tmp`` siblings
         that directories are built in)."""
         directories = [self.data, self.train, self.evaluation, self.metacal_shear,
-                       self.des_standin, self.des_validation]
+                       self.map_deblending, self.des_standin, self.des_validation]
         return ([self.config, self.index, self.headline] + directories
                 + [d.with_name(d.name + ".tmp") for d in directories])
 
@@ -190,6 +197,10 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
     step("metacal_shear", benchmark_is_complete(paths.metacal_shear),
          lambda: run_metacal_benchmark(paths.train, config, paths.metacal_shear,
                                        progress=progress, log=log))
+    if config.map.enabled:
+        step("map_deblending", (paths.map_deblending / REPORT_FILE).is_file(),
+             lambda: run_map_comparison(paths.train, config, paths.map_deblending,
+                                        data=open_dataset(paths.data), log=log))
     step("des_standin", standin_is_complete(paths.des_standin),
          lambda: write_standin(paths.des_standin, config, log=log))
     step("des_validation", validation_is_complete(paths.des_validation),
@@ -227,6 +238,16 @@ def headline_numbers(paths: RunPaths) -> dict[str, Any]:
                                         "c2_err", "n_scenes")}
                 for est, r in v["estimators"].items()}} for name, v in metacal["variants"].items()},
         }
+    map_metrics = read_metrics(paths.map_deblending)
+    if map_metrics:
+        headline["map_deblending"] = {
+            kind: {method: {"flux_median": m["flux"]["median"], "flux_nmad": m["flux"]["nmad"],
+                            "ssim_median": m["ssim"]["median"],
+                            "recon_offset": [m["recon_moments"][c]["mean_offset"]
+                                             for c in ("e1", "e2")],
+                            "ms_per_galaxy": 1000 * m["seconds_per_galaxy"]}
+                   for method, m in map_metrics[kind].items()}
+            for kind in ("blends", "fields") if kind in map_metrics}
     if evaluation is not None:
         for stage, fidelity in evaluation.fidelity.items():
             headline["fidelity"][stage] = {"ssim": fidelity.ssim_mean,
@@ -289,6 +310,7 @@ def write_index(paths: RunPaths, headline: dict[str, Any]) -> None:
     lines += ["", "## Reports and figures", ""]
     for directory, title in ((paths.evaluation, "Evaluation report"),
                              (paths.metacal_shear, "Metacalibrated shear report"),
+                             (paths.map_deblending, "MAP deblending report"),
                              (paths.des_validation, "DES validation report"),
                              (paths.train, "Training")):
         if not directory.is_dir():

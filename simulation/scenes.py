@@ -18,10 +18,9 @@ import btk
 import galsim
 import numpy as np
 from astropy.table import Table
-from surveycodex.utilities import mean_sky_level
 
 from simulation.sampling import CentralTargetSampling
-from simulation.surveys import SurveyGeometry
+from simulation.surveys import SurveyGeometry, sky_levels
 
 
 @dataclass
@@ -69,8 +68,7 @@ class SceneDrawer:
             catalog, sampling, survey, batch_size=batch_size, njobs=1, add_noise=noise,
             seed=seed, apply_shear=apply_shear, augment_data=False)
         self._noise_seeds = np.random.SeedSequence([seed, 7])
-        self.sky_levels = [float(mean_sky_level(survey, survey.get_filter(b)).to_value("electron"))
-                           for b in geometry.bands]
+        self.sky_levels = [float(level) for level in sky_levels(geometry.name, geometry.bands)]
 
     def draw(self) -> SceneBatch:
         """Draw one BTK batch of scenes."""

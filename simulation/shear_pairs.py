@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from surveycodex.utilities import mean_sky_level
 
 from deblend.core.config import Config, SimulationConfig
 from simulation.builder import SceneSource
@@ -49,7 +48,7 @@ from simulation.galsim_population import (
     draw_psf_images,
     survey_psfs,
 )
-from simulation.surveys import psf_images
+from simulation.surveys import psf_images, sky_levels
 
 POPULATIONS = ("btk", "galsim")
 MAX_SHEAR = 0.1
@@ -229,8 +228,7 @@ def _btk_pairs(n: int, seed: int, g: tuple[float, float], neighbours: bool,
     else:
         psfs = draw_psf_images([source.survey.get_filter(b).psf for b in bands],
                                source.geometry.pixel_scale, plus_sim.stamp_pixels)
-    sky = np.array([mean_sky_level(source.survey, source.survey.get_filter(b)).to_value(
-        "electron") for b in bands], np.float64)
+    sky = sky_levels(plus_sim.survey, bands)
     return NoiselessPairs(
         plus_blend=plus_blend, minus_blend=minus_blend, plus_target=plus_target,
         minus_target=minus_target, offsets=offsets, psfs=np.array(psfs, np.float64),

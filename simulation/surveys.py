@@ -9,6 +9,7 @@ from functools import lru_cache
 import btk
 import galsim
 import numpy as np
+from surveycodex.utilities import mean_sky_level
 
 KNOWN_SURVEYS = ("LSST", "DES")
 
@@ -38,6 +39,14 @@ def get_survey(name: str) -> btk.survey.Survey:
     if name not in KNOWN_SURVEYS:
         raise ValueError(f"unknown survey '{name}': known surveys are {', '.join(KNOWN_SURVEYS)}")
     return btk.survey.get_surveys(name)
+
+
+def sky_levels(name: str, bands: Sequence[str]) -> np.ndarray:
+    """(bands,) mean sky level of each band of survey ``name``, electrons per pixel: the
+    variance of the (Poisson) sky noise of sky-subtracted images."""
+    survey = get_survey(name)
+    return np.array([mean_sky_level(survey, survey.get_filter(b)).to_value("electron")
+                     for b in bands], np.float64)
 
 
 def survey_geometry(name: str, stamp_pixels: int) -> SurveyGeometry:

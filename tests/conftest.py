@@ -4,7 +4,7 @@
 * ``tiny_dataset``: a 160-sample LSST dataset (128 train / 32 validation, 3 shards) drawn
   from the sample catalog.
 * ``tiny_config``: a YAML config (:data:`TINY_CONFIG`) that trains on it in seconds.
-* ``trained_run``: a run directory with stage1, stage2 and stage3 trained on ``tiny_dataset``
+* ``trained_run``: a run directory with stage1, stage2, stage3 and flow trained on ``tiny_dataset``
   with ``tiny_config`` through the CLI (``python -m deblend.train``), :data:`TINY_EPOCHS` each.
 
 Treat the session fixtures as read-only: copy them before changing anything.
@@ -62,4 +62,5 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path,
     assert main(["stage1", "--config", str(tiny_config), "--data", str(tiny_dataset), *common]) == 0
     assert main(["stage2", *common]) == 0
     assert main(["stage3", *common]) == 0
+    assert main(["flow", *common]) == 0
     return run

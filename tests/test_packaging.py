@@ -31,7 +31,8 @@ def environment_packages() -> set[str]:
 
 def pyproject_packages() -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["test"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + extras["test"] + extras["peers"]
     return {package_name(r) for r in requirements}
 
 

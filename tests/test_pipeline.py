@@ -22,6 +22,10 @@ def tiny_job_config(tmp_path_factory, sample_catalog):
         "shear": {"n_scenes": 8, "chunk_scenes": 8, "bootstrap": 20},
         "metacal": {"populations": ["btk"], "neighbours": [True], "n_scenes": 4,
                     "chunk_scenes": 4, "bootstrap": 10, "views": 1},
+        "map": {"enabled": True, "n_blends": 4, "steps": 3, "posterior_samples": 4,
+                "batch_size": 4},
+        "dense_fields": {"n_fields": 1, "field_arcsec": 16.0, "min_galaxies": 2,
+                         "max_galaxies": 3},
         "des": {"n_standin": 12},
     }
     path = tmp_path_factory.mktemp("job") / "job.yaml"
@@ -54,8 +58,11 @@ def test_every_step_runs_and_index_links_existing_files(finished_job):
     assert "Shear bias against the applied shear" in index
     saved = json.loads((out / "headline.json").read_text())
     assert saved["slopes"]["regressor"]["e1"]["slope"] == headline["slopes"]["regressor"]["e1"]["slope"]
-    for stage in ("stage1", "stage2", "stage3"):
+    for stage in ("stage1", "stage2", "stage3", "flow"):
         assert stage_status(out / "train", stage) == "done"
+    map_methods = headline["map_deblending"]["blends"]
+    assert {"encoder", "map_normal", "map_flow"} <= set(map_methods)
+    assert "map_deblending/report.md" in index
 
 
 def test_rerun_skips_complete_steps(finished_job, tiny_job_config):

@@ -133,7 +133,7 @@ def test_checkpoints_hold_what_later_stages_need(trained_run: Path, tiny_dataset
     layout = RunLayout(trained_run)
     data = open_dataset(tiny_dataset)
     expected_modules = {"stage1": {"encoder", "decoder"}, "stage2": {"encoder"},
-                        "stage3": {"regressor"}}
+                        "stage3": {"regressor"}, "flow": {"flow"}}
     for stage in STAGES:
         last = load_checkpoint(layout.last(stage))
         assert last["stage"] == stage and last["finished"] and last["epoch"] == TINY_EPOCHS
@@ -144,7 +144,7 @@ def test_checkpoints_hold_what_later_stages_need(trained_run: Path, tiny_dataset
         assert identity.dataset_id == data.dataset_id
         assert identity.normalization.matches(data.normalization)
     assert load_checkpoint(layout.last("stage1"))["parent"] is None
-    for stage, parent in (("stage2", "stage1"), ("stage3", "stage2")):
+    for stage, parent in (("stage2", "stage1"), ("stage3", "stage2"), ("flow", "stage1")):
         assert load_checkpoint(layout.best(stage))["parent"] == {
             "stage": parent, "sha256": file_sha256(layout.best(parent))}
     assert load_checkpoint(layout.best("stage2"))["init"] == "stage1"
@@ -367,8 +367,10 @@ def test_each_stage_declares_its_data_parent_epochs_and_last_step():
         assert stage.name == name
         assert stage.parent is None or names.index(stage.parent) < names.index(name)
     training = Config().replace("training", epochs=7, stage2_epochs=3).training
-    assert [STAGES[n].epochs(training) for n in names] == [7, 3, 7]
+    assert [STAGES[n].epochs(training) for n in names] == [7, 3, 7, 7]
     assert [(s.input_set, s.target) for s in STAGES.values()] == [
-        ("noisy", "clean"), ("blend", "clean"), ("blend", "ellipticity")]
+        ("noisy", "clean"), ("blend", "clean"), ("blend", "ellipticity"),
+        ("noisy", "ellipticity")]
+    assert STAGES["flow"].parent == "stage1"
     assert STAGES["stage1"].is_complete({}) and not STAGES["stage3"].is_complete({})
     assert STAGES["stage3"].is_complete({"response": {"status": "uncalibrated"}})

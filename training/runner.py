@@ -35,6 +35,7 @@ from training.loop import LoopState, StageLoop, count_trainable
 from training.stages import STAGES, Stage
 
 RESUMABLE_CHANGES = frozenset({"epochs", "stage1_epochs", "stage2_epochs", "stage3_epochs",
+                               "flow_epochs",
                                "num_workers", "device", "early_stopping_patience"})
 """training.* keys that may differ between a checkpoint and the config that resumes it."""
 

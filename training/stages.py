@@ -14,6 +14,10 @@ format (:mod:`deblend.core.runs`) are the same for all.
   isolated; beta-VAE loss.
 * stage3: the regressor on mu of the stage2 encoder, frozen; noisy blend -> label (e1, e2); MSE;
   then its response on the calibration split (:mod:`training.calibration`).
+* flow: the latent prior of the MAP deblender (:mod:`deblend.core.flow`), a normalising flow on
+  the stage1 encoder's latent means of the noisy isolated galaxies, frozen encoder; negative
+  log-likelihood per latent dimension (nats), logged next to that of the N(0, I) prior the VAE
+  was trained with.
 
 Frozen modules have ``requires_grad=False`` and stay in eval mode, so they never change.
 Images are normalised (SPEC 3); reconstruction losses are therefore in normalised units.
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from deblend.core.config import Config, TrainingConfig
+from deblend.core.flow import LatentFlow, standard_normal_log_prob
 from deblend.core.losses import beta_vae_loss, regression_loss
 from deblend.core.networks import VAE, Decoder, Encoder, Regressor
 from deblend.core.runs import DataIdentity, RunLayout, build_module
@@ -191,6 +196,39 @@ class RegressionStage(Stage):
         return "response" in best
 
 
+class FlowStage(Stage):
+    """The latent prior: p_flow fitted to mu of the stage1 encoder on noisy isolated galaxies.
+
+    Its target set is unused (the labels, the cheapest to read). Loss terms per latent dimension
+    (nats): ``total`` = -log p_flow(mu) / D, trained; ``normal`` = -log N(mu; 0, I) / D, only
+    logged, so the validation curve shows the flow's held-out gain over the VAE's prior."""
+
+    name, parent, input_set, target, loss_names = ("flow", "stage1", "noisy", "ellipticity",
+                                                   ("total", "normal"))
+
+    def __init__(self, flow: LatentFlow, encoder: Encoder,
+                 parent_record: dict[str, Any]) -> None:
+        super().__init__(flow, {"encoder": encoder}, parent_record, "random")
+
+    @classmethod
+    def build(cls, config, data, parent, parent_record) -> "FlowStage":
+        encoder_entry = parent["modules"]["encoder"]
+        model = config.model
+        flow = LatentFlow(encoder_entry["hparams"]["latent_dim"], model.flow_layers,
+                          model.flow_hidden, model.flow_transform, config.training.seed)
+        return cls(flow, build_module(encoder_entry), parent_record)
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        return {"flow": self.model}
+
+    def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        with torch.no_grad():
+            mu, _ = self.frozen["encoder"](x)
+            mu = mu.float()
+        dim = mu.shape[1]
+        return (-model(mu).mean() / dim, -standard_normal_log_prob(mu).mean() / dim)
+
+
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (VAEStage, DeblendStage,
-                                                            RegressionStage)}
+                                                            RegressionStage, FlowStage)}
 """Every stage, by name, in training order (each after its parent)."""

@@ -10,7 +10,10 @@
 Sources are detected with BTK's SEP deblender on one band (``detection_band``, i by default);
 around each detection a model-sized stamp (45x45) is cut from the blend (zero-padded at the
 edges), all stamps of the batch go through :meth:`deblend.Deblender.predict` together, and each
-reconstruction is pasted back at its detection in a full-size image. The output catalog carries
+reconstruction is pasted back at its detection in a full-size image. With ``map_prior``
+("normal" or "flow") the sources of each blend are instead fitted together by MAP deblending
+(:mod:`deblend.core.map_deblend`, the survey's sky levels as the background variance), and
+``e1``/``e2`` are the regressor's reading of the MAP latents. The output catalog carries
 ``ra``/``dec`` (arcsec, BTK's convention), ``x_peak``/``y_peak`` (pixels) and the regressor's
 ``e1``/``e2`` (distortion, pixel frame).
 """
@@ -23,6 +26,7 @@ import btk
 import numpy as np
 from astropy.table import Table
 from btk.blend_batch import BlendBatch, DeblendBatch, DeblendExample
+from surveycodex.utilities import mean_sky_level
 
 from deblend.core.inference import Deblender
 from deblend.core.stamps import cut_stamp, nearest_pixel, paste_stamp
@@ -32,8 +36,14 @@ class VAEDeblender(btk.deblend.Deblender):
     """Detection by SEP, deblending and ellipticities by a trained :class:`Deblender`."""
 
     def __init__(self, model: Deblender, max_n_sources: int, detection_band: str = "i",
-                 thresh: float = 1.5, min_area: int = 5) -> None:
+                 thresh: float = 1.5, min_area: int = 5, map_prior: str | None = None,
+                 map_steps: int = 60) -> None:
         super().__init__(max_n_sources)
+        if map_prior not in (None, "normal", "flow"):
+            raise ValueError(f"map_prior must be None, 'normal' or 'flow', got {map_prior!r}")
+        if map_prior == "flow":
+            model.require_flow()
+        self.map_prior, self.map_steps = map_prior, map_steps
         if detection_band not in model.bands:
             raise ValueError(f"detection band '{detection_band}' is not a model band "
                              f"({' '.join(model.bands)})")
@@ -89,10 +99,10 @@ class VAEDeblender(btk.deblend.Deblender):
         e1 = [np.zeros(len(c), np.float32) for c in detections]
         e2 = [np.zeros(len(c), np.float32) for c in detections]
         if stamps:
-            prediction = self.model.predict(np.stack(stamps))
+            reconstructions, ellipticities = self._deblend_sources(blend_batch, indices,
+                                                                   detections, stamps)
             position = {ii: k for k, ii in enumerate(indices)}
-            for (ii, jj, x, y), recon, ell in zip(owners, prediction.reconstruction,
-                                                  prediction.ellipticity):
+            for (ii, jj, x, y), recon, ell in zip(owners, reconstructions, ellipticities):
                 k = position[ii]
                 paste_stamp(images[k, jj], recon, x, y)
                 e1[k][jj], e2[k][jj] = ell
@@ -103,3 +113,20 @@ class VAEDeblender(btk.deblend.Deblender):
             examples.append(DeblendExample(self.max_n_sources, catalog, n_bands, image_size,
                                            None, images[k]))
         return examples
+
+    def _deblend_sources(self, blend_batch: BlendBatch, indices: list[int],
+                         detections: list[Table], stamps: list[np.ndarray]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Reconstruction and (e1, e2) of every detected source, in detection order: the
+        encoder on each source's stamp, or MAP deblending of each whole blend."""
+        if self.map_prior is None:
+            prediction = self.model.predict(np.stack(stamps))
+            return prediction.reconstruction, prediction.ellipticity
+        survey = blend_batch.survey
+        sky = np.array([mean_sky_level(survey, survey.get_filter(b)).to_value("electron")
+                        for b in self.model.bands])
+        positions = [np.stack([np.asarray(c["x_peak"], float), np.asarray(c["y_peak"], float)],
+                              axis=1) for c in detections]
+        fitted = self.model.map_deblend(blend_batch.blend_images[indices], positions, sky,
+                                        prior=self.map_prior, steps=self.map_steps)
+        return fitted.reconstruction, fitted.ellipticity

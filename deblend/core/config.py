@@ -1,7 +1,8 @@
 """The one configuration system of deblend: YAML files over embedded defaults.
 
 A config is a YAML mapping with one section per part of the pipeline (``simulation``,
-``model``, ``training``, ``evaluation``, ``shear``, ``des``). Every key has an embedded
+``model``, ``training``, ``evaluation``, ``shear``, ``metacal``, ``map``, ``dense_fields``,
+``des``). Every key has an embedded
 default, so an empty file (or no file) is a valid config. Each section is a frozen pydantic
 dataclass: pydantic does the type checking (strictly: a bool or a string is not a number; an
 integer is accepted for a float and stored as a float; YAML lists become tuples), and each
@@ -173,11 +174,19 @@ class ModelConfig:
     latent_dim: StrictInt = 32
     regressor_hidden: tuple[StrictInt, ...] = (128, 64, 32)
     regressor_dropout: StrictFloat = 0.1
+    flow_transform: Literal["affine_coupling", "spline_coupling"] = "affine_coupling"
+    """The latent prior's bijection (pyro.distributions.transforms): coupling layers, whose
+    density and inverse are each one pass (:mod:`deblend.core.flow`)."""
+    flow_layers: StrictInt = 6
+    flow_hidden: tuple[StrictInt, ...] = (128, 128)
 
     @model_validator(mode="after")
     def _check_ranges(self) -> ModelConfig:
         _require([
             (self.latent_dim >= 1, "model.latent_dim", "must be >= 1"),
+            (1 <= self.flow_layers <= 32, "model.flow_layers", "must be in [1, 32]"),
+            (len(self.flow_hidden) >= 1 and all(h >= 1 for h in self.flow_hidden),
+             "model.flow_hidden", "must be a non-empty list of entries >= 1"),
             (all(h >= 1 for h in self.regressor_hidden), "model.regressor_hidden",
              "entries must be >= 1"),
             (0.0 <= self.regressor_dropout < 1.0, "model.regressor_dropout", "must be in [0, 1)"),
@@ -194,6 +203,7 @@ class TrainingConfig:
     stage1_epochs: StrictInt | None = None
     stage2_epochs: StrictInt | None = None
     stage3_epochs: StrictInt | None = None
+    flow_epochs: StrictInt | None = None
     learning_rate: StrictFloat = 1e-4
     beta_kl: StrictFloat = 1e-3
     min_target_e: StrictFloat = 0.0
@@ -215,6 +225,7 @@ class TrainingConfig:
             (self.epochs >= 1, "training.epochs", "must be >= 1"),
             *[(_at_least(getattr(self, f"stage{i}_epochs"), 1), f"training.stage{i}_epochs",
                "must be >= 1 or null") for i in (1, 2, 3)],
+            (_at_least(self.flow_epochs, 1), "training.flow_epochs", "must be >= 1 or null"),
             (self.learning_rate > 0, "training.learning_rate", "must be > 0"),
             (self.beta_kl >= 0, "training.beta_kl", "must be >= 0"),
             (0.0 <= self.min_target_e < 1.0, "training.min_target_e", "must be in [0, 1)"),
@@ -338,6 +349,71 @@ class MetacalConfig:
         return self
 
 
+@_section("map")
+class MapConfig:
+    """MAP deblending of whole scenes (:mod:`deblend.core.map_fit`) and its comparison report
+    (:mod:`evaluation.map_comparison`): every detected source's latent is fitted under the
+    pixel likelihood (sky + Poisson variance) plus the latent prior."""
+
+    enabled: StrictBool = False
+    """Run the comparison as a step of the main job (``RUN/map_deblending/``)."""
+    steps: StrictInt = 60
+    """Adam steps from the stage2 encoder's latents (MADNESS: about 60)."""
+    learning_rate: StrictFloat = 0.05
+    priors: tuple[Literal["normal", "flow"], ...] = ("normal", "flow")
+    detection_band: StrictStr = "i"
+    detection_threshold: StrictFloat = 1.5
+    """SEP threshold in units of the background rms (BTK's SepSingleBand)."""
+    max_sources: StrictInt = 20
+    n_blends: StrictInt = 200
+    """Validation blends of the comparison."""
+    posterior_samples: StrictInt = 200
+    """Laplace-approximation samples per source for the ellipticity intervals (0: none)."""
+    batch_size: StrictInt = 32
+    """Scenes fitted together."""
+    seed: StrictInt = 4000
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> MapConfig:
+        _require([
+            (self.steps >= 0, "map.steps", "must be >= 0"),
+            (self.learning_rate > 0, "map.learning_rate", "must be > 0"),
+            (len(self.priors) >= 1, "map.priors", "must name a prior"),
+            (self.detection_threshold > 0, "map.detection_threshold", "must be > 0"),
+            (self.max_sources >= 1, "map.max_sources", "must be >= 1"),
+            (self.n_blends >= 1, "map.n_blends", "must be >= 1"),
+            (self.posterior_samples == 0 or self.posterior_samples >= 2,
+             "map.posterior_samples", "must be 0 (no posterior) or >= 2"),
+            (self.batch_size >= 1, "map.batch_size", "must be >= 1"),
+        ])
+        return self
+
+
+@_section("dense_fields")
+class DenseFieldsConfig:
+    """BTK fields larger and denser than the training stamps (MADNESS's test scenes), deblended
+    whole (:mod:`simulation.dense_fields`)."""
+
+    field_arcsec: StrictFloat = 41.0
+    min_galaxies: StrictInt = 8
+    max_galaxies: StrictInt = 15
+    n_fields: StrictInt = 20
+    max_mag: StrictFloat = 25.3
+    """Faintest galaxy (ref band) placed in a field."""
+    seed: StrictInt = 5000
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> DenseFieldsConfig:
+        _require([
+            (5.0 <= self.field_arcsec <= 200.0, "dense_fields.field_arcsec",
+             "must be in [5, 200] arcsec"),
+            (1 <= self.min_galaxies <= self.max_galaxies, "dense_fields.min_galaxies",
+             "must be >= 1 and <= dense_fields.max_galaxies"),
+            (self.n_fields >= 1, "dense_fields.n_fields", "must be >= 1"),
+        ])
+        return self
+
+
 @_section("des")
 class DESConfig:
     """DES validation settings (SPEC section 7)."""
@@ -382,6 +458,8 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     shear: ShearConfig = field(default_factory=ShearConfig)
     metacal: MetacalConfig = field(default_factory=MetacalConfig)
+    map: MapConfig = field(default_factory=MapConfig)
+    dense_fields: DenseFieldsConfig = field(default_factory=DenseFieldsConfig)
     des: DESConfig = field(default_factory=DESConfig)
 
     def to_dict(self) -> dict[str, Any]:

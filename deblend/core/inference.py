@@ -36,6 +36,8 @@ from torch import Tensor
 
 from deblend.core.arguments import require_positive_int
 from deblend.core.device import resolve_device
+from deblend.core.flow import LatentFlow
+from deblend.core.map_deblend import MapPrediction, map_deblend
 from deblend.core.metacal import (
     DEFAULT_DELTA,
     MetacalOperator,
@@ -60,6 +62,8 @@ VIEW_COUNTS = (1, 2, 4, 8)
 """How many symmetric views the regressor may be averaged over (the first 1, 2, 4 or 8)."""
 FINAL_STAGE = "stage3"
 """The stage whose lineage makes the full deblender (stage3 -> stage2 -> stage1)."""
+FLOW_STAGE = "flow"
+"""The stage that fits the latent prior of the MAP deblender (on the same stage1)."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ class Deblender:
 
     def __init__(self, encoder: Encoder, decoder: Decoder, regressor: Regressor | None,
                  data: DataIdentity, device: torch.device | str = "cpu",
-                 response: Response | None = None) -> None:
+                 response: Response | None = None, flow: LatentFlow | None = None) -> None:
         if encoder.hparams() != decoder.hparams():
             raise ValueError(f"encoder {encoder.hparams()} and decoder {decoder.hparams()} differ")
         if len(data.bands) != encoder.n_bands or data.stamp_pixels != encoder.stamp_size:
@@ -140,6 +144,11 @@ class Deblender:
         """The dataset the networks were trained on (bands, stamp size, pixel scale, ...)."""
         self.response = response if regressor is not None else None
         """The regressor's response divided out of ``Prediction.ellipticity`` (None: raw)."""
+        if flow is not None and flow.latent_dim != encoder.latent_dim:
+            raise ValueError(f"the flow has latent size {flow.latent_dim}, the encoder "
+                             f"{encoder.latent_dim}")
+        self.flow = None if flow is None else flow.eval().to(self.device)
+        """The latent prior of :meth:`map_deblend` (None: the run has no trained flow)."""
         self._metacal: dict[tuple[str, float, int], MetacalOperator] = {}
 
     @classmethod
@@ -156,8 +165,8 @@ class Deblender:
         layout = RunLayout(Path(run))
         if not layout.root.is_dir():
             raise RunError(f"run directory not found: {layout.root}")
-        lineage = [payload for payload, _ in
-                   load_lineage(layout, stage, needed_by="Deblender.from_run").values()]
+        stages = load_lineage(layout, stage, needed_by="Deblender.from_run")
+        lineage = [payload for payload, _ in stages.values()]
         nearest: dict[str, dict] = {}
         for payload in lineage:
             for name, entry in payload["modules"].items():
@@ -174,11 +183,18 @@ class Deblender:
         return cls(build_module(nearest["encoder"]["entry"]),
                    build_module(nearest["decoder"]["entry"]), regressor,
                    DataIdentity.from_dict(nearest["encoder"]["payload"]["data"]),
-                   resolve_device(device), response)
+                   resolve_device(device), response, _lineage_flow(layout, stages))
 
     @property
     def bands(self) -> tuple[str, ...]:
         return self.data.bands
+
+    def require_flow(self) -> LatentFlow:
+        """The trained flow prior, or a RunError saying how to train it."""
+        if self.flow is None:
+            raise RunError("this deblender has no latent flow: train it with `python -m "
+                           "deblend.train flow --run RUN` (or use prior='normal')")
+        return self.flow
 
     @property
     def stamp_pixels(self) -> int:
@@ -217,14 +233,32 @@ class Deblender:
             wanted = f"{size}x{size}" + (" or larger by an even number, square" if margin else "")
             raise ValueError(f"images are {array.shape[2]}x{array.shape[3]} pixels, the model "
                              f"expects {wanted}; shape {array.shape}, expected {expected}")
-        array = array.astype(np.float32, copy=False)
-        bad = ~np.isfinite(array)
-        if bad.any():
-            n, band = np.argwhere(bad)[0][:2]
-            kind = "NaN" if np.isnan(array[n, band]).any() else "inf"
-            raise ValueError(f"images contain {int(bad.sum())} non-finite pixels ({kind} first "
-                             f"in image {n}, band {self.bands[band]})")
-        return array
+        return check_finite(array.astype(np.float32, copy=False), self.bands)
+
+    def check_scenes(self, scenes: np.ndarray) -> np.ndarray:
+        """Scenes of any size (N, bands, H, W) as float32, or a ValueError naming what is wrong
+        (type, bands, dimensions, non-finite pixels)."""
+        if isinstance(scenes, torch.Tensor):
+            raise ValueError("scenes must be a numpy array (use tensor.cpu().numpy())")
+        array = np.asarray(scenes)
+        if array.dtype.kind not in "fiu":
+            raise ValueError(f"scenes must be numeric, got dtype {array.dtype}")
+        if array.ndim != 4 or array.shape[1] != len(self.bands):
+            raise ValueError(f"scenes must have shape (N, {len(self.bands)}, H, W) (bands "
+                             f"{' '.join(self.bands)}), got shape {array.shape}")
+        return check_finite(array.astype(np.float32, copy=False), self.bands)
+
+    def map_deblend(self, scenes: np.ndarray, positions: list[np.ndarray],
+                    sky_levels: np.ndarray | None = None, *, prior: str = "flow",
+                    steps: int = 60, learning_rate: float = 0.05, batch_size: int = 32,
+                    posterior_samples: int = 0, seed: int = 0) -> MapPrediction:
+        """MAP latents of every source of raw scenes (N, bands, H, W) at ``positions`` (one
+        (K_i, 2) array of (x, y) pixels per scene), under the pixel likelihood and ``prior``
+        ("flow" or "normal"); see :mod:`deblend.core.map_deblend`. ``posterior_samples`` > 0
+        adds the Laplace posterior of each source's regressor (e1, e2), drawn from ``seed``."""
+        return map_deblend(self, scenes, positions, sky_levels, prior=prior, steps=steps,
+                           learning_rate=learning_rate, batch_size=batch_size,
+                           posterior_samples=posterior_samples, seed=seed)
 
     def symmetrized_ellipticity(self, x: Tensor, mu: Tensor, views: int = N_VIEWS) -> Tensor:
         """Raw regressor (e1, e2) of normalised stamps ``x``, averaged over ``views`` views.
@@ -336,6 +370,33 @@ class Deblender:
             {name: join_predictions(parts) for name, parts in outputs.items()}, operator.delta,
             {name: np.concatenate(parts) for name, parts in inputs.items()} if keep_inputs
             else None)
+
+
+def _lineage_flow(layout: RunLayout, stages: dict[str, tuple[dict, str]]) -> LatentFlow | None:
+    """The run's finished flow when it was fitted on the very stage1 of ``stages`` (a lineage
+    from :func:`load_lineage`), else None."""
+    if not layout.best(FLOW_STAGE).is_file():
+        return None
+    try:
+        flow_stages = load_lineage(layout, FLOW_STAGE, needed_by="Deblender.from_run")
+    except RunError:
+        return None
+    payload, _ = flow_stages[FLOW_STAGE]
+    parent = payload["parent"]["stage"]
+    if parent not in stages or stages[parent][1] != flow_stages[parent][1]:
+        return None
+    return build_module(payload["modules"]["flow"])
+
+
+def check_finite(array: np.ndarray, bands: tuple[str, ...]) -> np.ndarray:
+    """``array`` (N, bands, ...) itself, or a ValueError locating its first non-finite pixel."""
+    bad = ~np.isfinite(array)
+    if bad.any():
+        n, band = np.argwhere(bad)[0][:2]
+        kind = "NaN" if np.isnan(array[n, band]).any() else "inf"
+        raise ValueError(f"images contain {int(bad.sum())} non-finite pixels ({kind} first "
+                         f"in image {n}, band {bands[band]})")
+    return array
 
 
 def join_predictions(parts: list[Prediction]) -> Prediction:

@@ -18,7 +18,7 @@ A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=T
     total_epochs     epochs the config asked for
     finished         True once the stage needs no more epochs
     stop_reason      None, "epochs" or "early_stopping"
-    modules          {name: {"class": "Encoder"|"Decoder"|"Regressor", "hparams": {...},
+    modules          {name: {"class": "Encoder"|"Decoder"|"Regressor"|"LatentFlow", "hparams": {...},
                              "state_dict": {...}}}  -- the weights this stage trained
     optimizer        Adam state_dict
     config           Config.to_dict() the stage ran with
@@ -51,13 +51,14 @@ from torch import nn
 
 from deblend.core.atomic import atomic_output, write_json_atomic
 from deblend.core.config import Config, config_from_dict, load_config
+from deblend.core.flow import LatentFlow
 from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants
 
 CHECKPOINT_VERSION = 1
 RUN_FILE = "run.json"
 MODULE_CLASSES: dict[str, type[nn.Module]] = {
-    "Encoder": Encoder, "Decoder": Decoder, "Regressor": Regressor}
+    "Encoder": Encoder, "Decoder": Decoder, "Regressor": Regressor, "LatentFlow": LatentFlow}
 
 
 class RunError(ValueError):

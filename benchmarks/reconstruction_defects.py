@@ -1,0 +1,176 @@
+"""``python -m benchmarks.reconstruction_defects --run R [--n N] [--stage S] [--out DIR]``.
+
+The reconstruction's own defects (:mod:`evaluation.reconstruction_defects`) on N isolated
+galaxies drawn directly with GalSim (rotated-twin pairs, BTK-like noise): the additive and
+multiplicative bias of the reconstruction's moment ellipticity (uniform and Gaussian weights,
+r+i+z) against the noiseless truth, the same per symmetric view in the network's frame, and the
+flux residual in bins of i magnitude, for the plain reconstruction and for the average of the
+8 views' reconstructions. Prints the table; writes ``reconstruction_defects.json``,
+``flux_residual.png`` and ``report.md`` into ``--out`` (default ``RUN/reconstruction_defects``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from deblend.core.arguments import non_negative_int_arg, positive_int_arg
+from deblend.core.atomic import atomic_output, write_json_atomic, write_text_atomic
+from deblend.core.cli import fail_cleanly
+from deblend.core.inference import Deblender
+from deblend.core.outputs import mark, refuse_foreign
+from evaluation.reconstruction_defects import (
+    WEIGHTS,
+    draw_isolated_galaxies,
+    measure_defects,
+)
+
+KIND = "reconstruction-defects"
+RESULTS = "reconstruction_defects.json"
+FIGURE = "flux_residual.png"
+REPORT = "report.md"
+VARIANTS = {"plain": "reconstruction", "symmetrised": "8-view average"}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reconstruction_defects",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="training run directory")
+    parser.add_argument("--stage", default="stage3", help="stage whose networks are measured "
+                        "(stage1: the VAE's own encoder; default stage3: the full deblender)")
+    parser.add_argument("--n", type=positive_int_arg, default=2000,
+                        help="galaxies (an even number: rotated-twin pairs; default 2000)")
+    parser.add_argument("--seed", type=non_negative_int_arg, default=2024,
+                        help="population and noise seed (default 2024)")
+    parser.add_argument("--sigma", type=float, default=3.0,
+                        help="Gaussian weight sigma in pixels (default 3)")
+    parser.add_argument("--out", help="output directory (default: RUN/reconstruction_defects)")
+    parser.add_argument("--device", default="auto", help="torch device (default: auto)")
+    return parser.parse_args(argv)
+
+
+def _pm(entry: dict[str, Any], key: str, error: str, digits: int = 4) -> str:
+    value, err = entry[key], entry[error]
+    if not math.isfinite(value):
+        return "-"
+    return f"{value:+.{digits}f} ± {err:.{digits}f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown tables: the e bias (additive c over twin pairs, multiplicative m), then the
+    flux residual per magnitude bin, for each variant."""
+    lines = [(f"n = {result['n']} isolated GalSim galaxies ({result['n'] // 2} rotated-twin "
+              f"pairs), shapes from {'+'.join(result['shape_bands'])}; Gaussian weight sigma "
+              f"{result['gaussian_sigma_pixels']:g} px"), "",
+             "| variant | weight | c1 | c2 | m1 | m2 |", "|:---|:---|---:|---:|---:|---:|"]
+    for variant, label in VARIANTS.items():
+        if variant not in result:
+            continue
+        for weight, bias in result[variant]["bias"].items():
+            lines.append(f"| {label} | {weight} | {_pm(bias['e1'], 'additive', 'additive_error')} "
+                         f"| {_pm(bias['e2'], 'additive', 'additive_error')} "
+                         f"| {_pm(bias['e1'], 'multiplicative', 'multiplicative_error', 3)} "
+                         f"| {_pm(bias['e2'], 'multiplicative', 'multiplicative_error', 3)} |")
+    lines += ["", "flux(reconstruction) / flux(truth) - 1, r+i+z, by i magnitude:", ""]
+    variants = [v for v in VARIANTS if v in result]
+    bins = result[variants[0]]["flux"]["bins"]
+    lines.append("| i mag | n | " + " | ".join(VARIANTS[v] for v in variants) + " |")
+    lines.append("|:---|---:|" + "---:|" * len(variants))
+    for k, row in enumerate(bins):
+        cells = [_pm(result[v]["flux"]["bins"][k], "mean", "error", 3) for v in variants]
+        lines.append(f"| {row['lo']:g}-{row['hi']:g} | {row['n']} | " + " | ".join(cells) + " |")
+    cells = [_pm(result[v]["flux"]["slope"], "slope", "error", 3) for v in variants]
+    lines.append("| slope per mag | | " + " | ".join(cells) + " |")
+    if "view_biases" in result:
+        lines += ["", ("Residual e per symmetric view (uniform weight), in the stamp frame and "
+                       "in the network's frame (a fixed network-frame bias is constant in the "
+                       "latter):"),
+                  "", "| view | e1 | e2 | network e1 | network e2 |", "|---:|---:|---:|---:|---:|"]
+        for row in result["view_biases"][WEIGHTS[0]]:
+            lines.append(f"| {row['view']} | " + " | ".join(
+                _pm(row[k], "mean", "error") for k in ("e1", "e2", "network_e1", "network_e2"))
+                + " |")
+        for weight, bias in result["network_frame_bias"].items():
+            lines.append(f"\nfixed network-frame bias ({weight} weight, averaged over the 8 "
+                         f"views): e1 {_pm(bias['e1'], 'mean', 'error')}, "
+                         f"e2 {_pm(bias['e2'], 'mean', 'error')}")
+        lines.append(f"\nequivariance error (rms of view^-1 f(view x) - f(x), relative): "
+                     f"{result['equivariance_error']:.4f}")
+    return "\n".join(lines)
+
+
+def figure(result: dict[str, Any], path: Path) -> Path:
+    """Flux residual against i magnitude (each variant, with 1-sigma errors)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for offset, (variant, label) in zip((-0.05, 0.05), VARIANTS.items()):
+        if variant not in result:
+            continue
+        bins = result[variant]["flux"]["bins"]
+        x = [0.5 * (b["lo"] + b["hi"]) + offset for b in bins]
+        ax.errorbar(x, [b["mean"] for b in bins], yerr=[b["error"] for b in bins], marker="o",
+                    capsize=3, label=label)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("i magnitude (AB)")
+    ax.set_ylabel("flux(recon) / flux(truth) - 1  (r+i+z)")
+    ax.set_title(f"isolated GalSim galaxies, n = {result['n']}")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_output(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return path
+
+
+def run_benchmark(run: str | Path, out: str | Path | None = None, *, n: int = 2000,
+                  seed: int = 2024, stage: str = "stage3", sigma: float = 3.0,
+                  device: str = "auto") -> dict[str, Any]:
+    """Draw the population, measure, write the JSON, figure and report; return the results."""
+    if n % 2:
+        raise ValueError(f"--n must be even (rotated-twin pairs), got {n}")
+    run = Path(run)
+    out = Path(out) if out is not None else run / "reconstruction_defects"
+    refuse_foreign(out, KIND)
+    model = Deblender.from_run(run, stage=stage, device=device)
+    started = time.time()
+    galaxies = draw_isolated_galaxies(n, seed, model.data.survey, model.stamp_pixels)
+    result = measure_defects(model, galaxies, sigma=sigma)
+    result.update({"run": str(run), "stage": stage, "seed": seed,
+                   "population": "simulation.galsim_population.GalSimPopulation, "
+                                 "neighbours=False, BTK-like noise (add_btk_noise, 'all')",
+                   "seconds": time.time() - started})
+    print(write_outputs(result, out, f"{run} ({stage})"))
+    return result
+
+
+def write_outputs(result: dict[str, Any], out: Path, title: str) -> str:
+    """Write the JSON, the figure and the markdown report of ``result`` into ``out`` (marked as
+    deblend's); return the table."""
+    refuse_foreign(out, KIND)
+    out.mkdir(parents=True, exist_ok=True)
+    mark(out, KIND)
+    write_json_atomic(out / RESULTS, result)
+    figure(result, out / FIGURE)
+    text = table(result)
+    write_text_atomic(out / REPORT, f"# Reconstruction defects: {title}\n\n{text}\n\n"
+                      f"![flux residual]({FIGURE})\n")
+    return text
+
+
+@fail_cleanly
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_benchmark(args.run, args.out, n=args.n, seed=args.seed, stage=args.stage,
+                  sigma=args.sigma, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

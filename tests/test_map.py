@@ -1,0 +1,158 @@
+"""MAP deblending of scenes (deblend.core.map_fit, map_deblend), detection, Laplace posteriors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deblend import Deblender
+from deblend.core.detection import detect_sources, with_target
+from deblend.core.map_fit import SceneModel, SceneSources, fit_scenes, render_scene
+from deblend.core.posterior import (
+    EllipticityPosterior,
+    decoder_jacobian,
+    laplace_precision,
+    laplace_samples,
+    prior_hessian,
+)
+from deblend.core.stamps import paste_stamp
+from simulation.dataset import open_dataset
+
+
+def test_render_scene_pastes_every_stamp_like_paste_stamp() -> None:
+    rng = np.random.default_rng(0)
+    stamps = rng.normal(size=(2, 3, 2, 7, 7)).astype(np.float32)
+    positions = [np.array([[0.2, 0.4], [10.0, 5.6], [4.0, 4.0]]), np.array([[12.0, 1.0]])]
+    expected = np.zeros((2, 2, 13, 11), np.float32)
+    for i, p in enumerate(positions):
+        for k, (x, y) in enumerate(np.floor(p + 0.5).astype(int)):
+            paste_stamp(expected[i], stamps[i, k], x, y)
+    sources = SceneSources.from_lists([torch.from_numpy(p) for p in positions])
+    rendered = render_scene(torch.from_numpy(stamps), sources, 13, 11)
+    assert sources.mask.tolist() == [[True, True, True], [True, False, False]]
+    np.testing.assert_allclose(rendered.numpy(), expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model(trained_run: Path) -> Deblender:
+    return Deblender.from_run(trained_run, device="cpu")
+
+
+def test_map_recovers_the_latents_of_a_scene_drawn_by_the_decoder(model: Deblender,
+                                                                 tiny_dataset: Path) -> None:
+    """Two overlapping sources, 5 pixels apart, drawn by the decoder itself from known latents:
+    the fit from perturbed latents finds the scene and each source again."""
+    data = open_dataset(tiny_dataset)
+    clean = data.images("clean", data.split_indices("validation")[:2])
+    z_true = torch.from_numpy(model.predict(clean, views=1, reconstruct=False).mu)[None]
+    scene_model = SceneModel(model.decoder, model.normalization)
+    sources = SceneSources.from_lists([torch.tensor([[30.0, 30.0], [35.0, 33.0]])])
+    with torch.no_grad():
+        truth = scene_model.stamps(z_true)
+        scene = render_scene(truth, sources, 64, 64)
+    sky = torch.full((len(model.bands),), 1.0)
+    start = z_true + 0.5 * torch.randn(z_true.shape, generator=torch.Generator().manual_seed(0))
+    # a flat prior: the tiny run's latents lie far out (|z| ~ 30), where N(0, I) would pull
+    fit = fit_scenes(scene_model, scene, sources, start, sky,
+                     lambda z: z.new_zeros(z.shape[:-1]), steps=300, learning_rate=0.05)
+    assert fit.objective[-1, 0] < fit.objective[0, 0]
+
+    def error(stamps: torch.Tensor, k: int) -> float:
+        return float((stamps[:, k] - truth[:, k]).norm() / truth[:, k].norm())
+
+    with torch.no_grad():
+        start_stamps = scene_model.stamps(start)
+    # each source's own image is found again (a 5-pixel separation: they overlap heavily)
+    for k in (0, 1):
+        assert error(fit.stamps, k) < 0.02 < error(start_stamps, k)
+    assert float((fit.z - z_true).norm()) < 0.8 * float((start - z_true).norm())
+
+
+def test_map_deblend_on_blends_with_detections(model: Deblender, tiny_dataset: Path) -> None:
+    data = open_dataset(tiny_dataset)
+    indices = data.split_indices("validation")[:6]
+    blends = data.images("blend", indices)
+    found = detect_sources(blends, data.survey, data.bands)
+    positions = [with_target(p, (22, 22)) for p in found]
+    out = model.map_deblend(blends, positions, prior="normal", steps=15, posterior_samples=20,
+                            batch_size=4)  # two batches of scenes
+    n_sources = sum(len(p) for p in positions)
+    assert out.latent.shape == (n_sources, model.latent_dim) and out.scene.shape == (n_sources,)
+    assert out.reconstruction.shape == (n_sources, len(data.bands), 45, 45)
+    assert out.model.shape == blends.shape and out.flux.shape == (n_sources, len(data.bands))
+    first = np.cumsum([0] + [len(p) for p in positions])[:-1]
+    assert (out.x[first] == 22).all() and (out.y[first] == 22).all()
+    assert (out.objective[1] <= out.objective[0]).all()  # the fit never ends worse than it began
+    assert out.ellipticity.shape == (n_sources, 2) and np.abs(out.ellipticity).max() <= 1
+    low, high = out.posterior.intervals[0.68][..., 0], out.posterior.intervals[0.68][..., 1]
+    assert (low <= out.posterior.mean).all() and (out.posterior.mean <= high).all()
+    assert (out.posterior.intervals[0.95][..., 0] <= low + 1e-6).all()
+    # zero steps: the MAP latents are the stage2 encoder's on each source's stamp
+    start = model.map_deblend(blends, positions, prior="normal", steps=0)
+    np.testing.assert_allclose(start.latent, start.initial_latent)
+    np.testing.assert_allclose(start.latent[first], model.predict(blends, views=1).mu, atol=1e-5)
+
+
+def test_map_deblend_refuses_bad_input(model: Deblender) -> None:
+    scenes = np.zeros((2, len(model.bands), 50, 50), np.float32)
+    positions = [np.array([[25.0, 25.0]])] * 2
+    with pytest.raises(ValueError, match="bands"):
+        model.map_deblend(scenes[:, 1:], positions, prior="normal")
+    bad = scenes.copy()
+    bad[1, 2, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.map_deblend(bad, positions, prior="normal")
+    with pytest.raises(ValueError, match="one \\(K, 2\\) array per scene"):
+        model.map_deblend(scenes, positions[:1], prior="normal")
+    with pytest.raises(ValueError, match="sky_levels"):
+        model.map_deblend(scenes, positions, np.zeros(len(model.bands)), prior="normal")
+    with pytest.raises(ValueError, match="prior must be"):
+        model.map_deblend(scenes, positions, prior="student")
+
+
+def test_detection_finds_separated_sources(model: Deblender, tiny_dataset: Path) -> None:
+    data = open_dataset(tiny_dataset)
+    clean = data.images("clean", data.split_indices("validation")[:1])[0]
+    scene = np.zeros((1, len(data.bands), 80, 80), np.float32)
+    paste_stamp(scene[0], clean * 50, 20, 25)
+    paste_stamp(scene[0], clean * 50, 60, 55)
+    scene += np.random.default_rng(0).normal(0, 1.0, scene.shape).astype(np.float32)
+    found = detect_sources(scene, data.survey, data.bands)[0]
+    assert len(found) == 2
+    order = np.argsort(found[:, 0])
+    np.testing.assert_allclose(found[order], [[20, 25], [60, 55]], atol=1.5)
+    with pytest.raises(ValueError, match="detection band"):
+        detect_sources(scene, data.survey, data.bands, detection_band="Y")
+    np.testing.assert_allclose(with_target(found, (60.3, 55.2)), [[60.3, 55.2], found[order[0]]])
+
+
+def test_laplace_intervals_cover_a_known_gaussian_posterior() -> None:
+    """Linear decoder, Gaussian noise and N(0, I) prior: the posterior is exactly Gaussian, so
+    the 68% and 95% intervals of a linear read-out must cover the truth that often."""
+    generator = torch.Generator().manual_seed(0)
+    n, pixels, dim, sigma = 3000, 20, 3, 2.0
+    matrix = torch.randn(pixels, dim, generator=generator, dtype=torch.float64)
+    z_true = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    data = z_true @ matrix.T + sigma * torch.randn(n, pixels, generator=generator,
+                                                   dtype=torch.float64)
+    weights = torch.full((n, pixels), sigma ** -2, dtype=torch.float64)
+    jacobian = decoder_jacobian(lambda z: z @ matrix.T, torch.zeros(n, dim, dtype=torch.float64))
+    prior = prior_hessian(lambda z: -0.5 * z.pow(2).sum(-1), torch.zeros(n, dim,
+                                                                          dtype=torch.float64))
+    np.testing.assert_allclose(prior.numpy(), np.broadcast_to(np.eye(dim), (n, dim, dim)))
+    precision = laplace_precision(jacobian, weights, prior)
+    z_map = torch.linalg.solve(precision, (jacobian.transpose(1, 2)
+                                           @ (data * weights)[..., None]))[..., 0]
+    readout = torch.tensor([[1.0, 0.5], [0.0, 1.0], [-0.3, 0.2]], dtype=torch.float64)
+    samples = laplace_samples(z_map, precision, 400, generator) @ readout
+    coverage = EllipticityPosterior.from_samples(samples.numpy()).coverage(
+        (z_true @ readout).numpy())
+    np.testing.assert_allclose(coverage[0.68], 0.68, atol=0.03)
+    np.testing.assert_allclose(coverage[0.95], 0.95, atol=0.015)
+    # a posterior too narrow by 2x covers far less: the check can fail
+    narrow = laplace_samples(z_map, 4 * precision, 400, generator) @ readout
+    assert (EllipticityPosterior.from_samples(narrow.numpy()).coverage(
+        (z_true @ readout).numpy())[0.68] < 0.5).all()

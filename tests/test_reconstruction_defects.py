@@ -1,0 +1,196 @@
+"""Reconstruction defects (evaluation.reconstruction_defects): the measurements that expose a
+fixed preferred orientation and a brightness-dependent flux loss, and the 8-view symmetrised
+reconstruction that removes the orientation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import galsim
+import numpy as np
+import pytest
+import torch
+
+from deblend.core.inference import Deblender
+from deblend.core.networks import Decoder, Encoder
+from deblend.core.normalization import NormalizationConstants
+from deblend.core.runs import DataIdentity
+from deblend.core.symmetry import N_VIEWS, ellipticity_in_view, image_view
+from evaluation.reconstruction_defects import (
+    _inverse_view,
+    draw_isolated_galaxies,
+    ellipticities,
+    equivariance_error,
+    flux_residual_by_magnitude,
+    flux_slope,
+    measure_defects,
+    network_frame_bias,
+    orientation_bias,
+    reconstruct,
+    view_biases,
+    view_reconstructions,
+)
+
+STAMP = 25
+PIXEL = 0.2
+
+
+def _untrained_deblender(seed: int = 0) -> Deblender:
+    """A deblender with random (untrained) 6-band LSST-like networks: not equivariant."""
+    torch.manual_seed(seed)
+    bands = ("u", "g", "r", "i", "z", "y")
+    data = DataIdentity("/nonexistent", "test", "LSST", bands, 45, 0.2,
+                        NormalizationConstants(bands, (500.0, 6000.0, 25000.0, 21000.0, 16000.0,
+                                                       9500.0)))
+    return Deblender(Encoder(6, 45, 8), Decoder(6, 45, 8), None, data, "cpu")
+
+
+def test_symmetrised_reconstruction_is_exactly_equivariant() -> None:
+    """The 8-view average commutes with every symmetry of the stamp (up to float rounding),
+    which cancels any bias fixed in the networks' frame; one view does not."""
+    model = _untrained_deblender()
+    x = np.random.default_rng(0).gamma(2.0, 300.0, (3, 6, 45, 45)).astype(np.float32)
+    plain, sym = reconstruct(model, x, 1), reconstruct(model, x, 8)
+    scale = np.abs(sym).max()
+    for view in range(1, N_VIEWS):
+        seen = np.ascontiguousarray(image_view(torch.from_numpy(x), view).numpy())
+        expected = image_view(torch.from_numpy(sym), view).numpy()
+        assert np.abs(reconstruct(model, seen, 8) - expected).max() < 1e-4 * scale
+        plain_expected = image_view(torch.from_numpy(plain), view).numpy()
+        assert np.abs(reconstruct(model, seen, 1) - plain_expected).max() > 1e-3 * scale
+    views = view_reconstructions(model, x)
+    assert views.shape == (N_VIEWS, *x.shape)
+    np.testing.assert_allclose(views.mean(axis=0), sym, rtol=1e-5, atol=1e-6 * scale)
+    assert equivariance_error(views) > 1e-3
+    assert equivariance_error(np.repeat(sym[None], N_VIEWS, axis=0)) == 0.0
+    with pytest.raises(ValueError, match="views"):
+        reconstruct(model, x, 3)
+
+
+def test_inverse_view_undoes_each_view() -> None:
+    x = np.random.default_rng(0).normal(size=(2, 3, 7, 7)).astype(np.float32)
+    for view in range(N_VIEWS):
+        seen = image_view(torch.from_numpy(x), view).numpy()
+        np.testing.assert_array_equal(_inverse_view(seen, view), x)
+
+
+def _galaxies(n_pairs: int, extra_shear=(0.0, 0.0), seed: int = 1) -> tuple[np.ndarray, ...]:
+    """Twin pairs of elliptical exponentials (25x25, 0.2"/px): (images, true distortions
+    of the unsheared galaxies from GalSim)."""
+    rng = np.random.default_rng(seed)
+    images, truth = [], []
+    for _ in range(n_pairs):
+        g = rng.normal(0, 0.2, 2)
+        for sign in (1.0, -1.0):  # a 90-degree rotation flips the sign of both components
+            gal = galsim.Exponential(half_light_radius=0.5).shear(g1=sign * g[0], g2=sign * g[1])
+            image = gal.drawImage(nx=STAMP, ny=STAMP, scale=PIXEL).array
+            truth.append(ellipticities(image[None])[0])
+            if extra_shear != (0.0, 0.0):
+                gal = gal.shear(g1=extra_shear[0], g2=extra_shear[1])
+            images.append(gal.drawImage(nx=STAMP, ny=STAMP, scale=PIXEL).array)
+    return np.array(images), np.array(truth)
+
+
+def test_orientation_bias_detects_an_injected_fixed_orientation() -> None:
+    g = (0.01, -0.006)
+    images, truth = _galaxies(30, extra_shear=g)
+    bias = orientation_bias(ellipticities(images), truth)
+    assert bias["n"] == 60 and bias["n_pairs"] == 30
+    # a small shear g adds about 2 g (1 - e^2) to a distortion; |e| ~ 0.3 here
+    assert bias["e1"]["additive"] == pytest.approx(2 * g[0], abs=0.003)
+    assert bias["e2"]["additive"] == pytest.approx(2 * g[1], abs=0.003)
+    clean, truth = _galaxies(30)
+    null = orientation_bias(ellipticities(clean), truth)
+    assert abs(null["e1"]["additive"]) < 1e-6 and abs(null["e2"]["mean"]) < 1e-6
+
+
+def test_twin_pairs_separate_round_bias_from_additive_bias() -> None:
+    rng = np.random.default_rng(2)
+    e = rng.normal(0, 0.25, (500, 2))
+    truth = np.repeat(e, 2, axis=0) * np.tile([[1.0], [-1.0]], (500, 1))
+    rec = 0.9 * truth + np.array([0.004, -0.002]) + rng.normal(0, 0.01, truth.shape)
+    bias = orientation_bias(rec, truth)
+    for k, c in ((0, 0.004), (1, -0.002)):
+        entry = bias[("e1", "e2")[k]]
+        assert entry["additive"] == pytest.approx(c, abs=4 * entry["additive_error"] + 1e-4)
+        assert entry["multiplicative"] == pytest.approx(-0.1, abs=0.01)
+    with pytest.raises(ValueError, match="twin pairs"):
+        orientation_bias(rec[:-1], truth[:-1])
+
+
+def test_view_biases_find_a_bias_fixed_in_the_network_frame() -> None:
+    """Reconstructions that add the same shear in every view's own frame: constant residual in
+    the network frame, cancelling over views in the stamp frame."""
+    g = np.array([0.012, 0.008])
+    rng = np.random.default_rng(3)
+    gs = rng.normal(0, 0.1, (6, 2))  # nearly round: terms in e^2 g stay below 1e-3
+    clean = np.array([galsim.Exponential(half_light_radius=0.5).shear(g1=s * a, g2=s * b)
+                      .drawImage(nx=STAMP, ny=STAMP, scale=PIXEL).array
+                      for a, b in gs for s in (1.0, -1.0)])
+    recons = []
+    for view in range(N_VIEWS):
+        stamp_g = ellipticity_in_view(torch.from_numpy(g), view).numpy()  # the view's g, back
+        recons.append([galsim.Exponential(half_light_radius=0.5)
+                       .shear(g1=s * a, g2=s * b).shear(g1=stamp_g[0], g2=stamp_g[1])
+                       .drawImage(nx=STAMP, ny=STAMP, scale=PIXEL).array
+                       for a, b in gs for s in (1.0, -1.0)])
+    recons = np.array(recons)[:, :, None]  # (views, N, 1 band, S, S)
+    rows = view_biases(recons, clean[:, None], ("r",), ("r",))
+    network = np.array([[r["network_e1"]["mean"], r["network_e2"]["mean"]] for r in rows])
+    stamp = np.array([[r["e1"]["mean"], r["e2"]["mean"]] for r in rows])
+    assert np.all(network[:, 0] > 0.012) and np.all(network[:, 1] > 0.008)
+    assert np.ptp(network, axis=0).max() < 0.002
+    assert np.abs(stamp.mean(axis=0)).max() < 0.002
+    fixed = network_frame_bias(recons, clean[:, None], ("r",), ("r",))
+    assert fixed["n"] == 12
+    assert fixed["e1"]["mean"] == pytest.approx(network[:, 0].mean(), abs=1e-9)
+    assert fixed["e2"]["mean"] == pytest.approx(network[:, 1].mean(), abs=1e-9)
+    unbiased = network_frame_bias(np.repeat(clean[None, :, None], N_VIEWS, axis=0),
+                                  clean[:, None], ("r",), ("r",))
+    assert abs(unbiased["e1"]["mean"]) < 1e-9 and abs(unbiased["e2"]["mean"]) < 1e-9
+
+
+def test_flux_residual_by_magnitude_recovers_injected_deficits() -> None:
+    rng = np.random.default_rng(4)
+    mags = rng.uniform(20, 24, 400)
+    truth = rng.uniform(1, 2, (400, 3, 5, 5)).astype(np.float32)
+    deficit = -0.04 * (24 - mags)  # -16% at 20, 0 at 24
+    recon = truth * (1 + deficit)[:, None, None, None]
+    rows = flux_residual_by_magnitude(recon, truth, mags, (20, 22, 24))
+    assert [r["n"] for r in rows] == [int((mags < 22).sum()), int((mags >= 22).sum())]
+    assert rows[0]["mean"] == pytest.approx(-0.04 * 3, abs=0.01)
+    assert rows[1]["mean"] == pytest.approx(-0.04 * 1, abs=0.01)
+    slope = flux_slope(flux_residual_by_magnitude(recon, truth, mags))
+    assert slope["slope"] == pytest.approx(0.04, abs=0.005)
+    jittered = mags + rng.normal(0, 1e-3, 400)
+    flat = flux_slope(flux_residual_by_magnitude(truth * 0.95, truth, jittered))
+    assert abs(flat["slope"]) < 1e-3
+    with pytest.raises(ValueError, match="mags"):
+        flux_residual_by_magnitude(recon, truth, mags[:-1])
+
+
+def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path) -> None:
+    from benchmarks.reconstruction_defects import main, write_outputs
+
+    galaxies = draw_isolated_galaxies(4, seed=0)
+    assert galaxies.clean.shape == galaxies.noisy.shape == (4, 6, 45, 45)
+    assert np.all(galaxies.twin == [0, 1, 0, 1])
+    assert not np.allclose(galaxies.noisy, galaxies.clean)  # BTK-like noise was added
+    result = measure_defects(_untrained_deblender(), galaxies)
+    assert result["n"] == 4 and set(result["plain"]["bias"]) == {"uniform", "gaussian"}
+    assert len(result["view_biases"]["uniform"]) == N_VIEWS
+    assert result["network_frame_bias"]["gaussian"]["n"] == 4
+    out = tmp_path / "defects"
+    text = write_outputs(result, out, "untrained")
+    assert "8-view average" in text and "slope per mag" in text
+    assert json.loads((out / "reconstruction_defects.json").read_text())["n"] == 4
+    assert (out / "flux_residual.png").stat().st_size > 0
+    assert "untrained" in (out / "report.md").read_text()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        write_outputs(result, foreign, "untrained")
+    assert main(["--run", str(tmp_path / "no-run"), "--n", "3"]) == 2  # odd: no twin pairs
+    assert main(["--run", str(tmp_path / "no-run"), "--n", "4"]) == 2  # no such run
