@@ -191,10 +191,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
             for estimator in ("regressor", "recon_gauss"):
                 b = bias[estimator]
                 rows.append([name, estimator, str(bias["n_scenes"]),
-                             fmt_err(b["m"][0], b["m_err"][0], 4, True),
-                             fmt_err(b["m"][1], b["m_err"][1], 4, True),
-                             fmt_err(b["c"][0], b["c_err"][0], 5, True),
-                             fmt_err(b["c"][1], b["c_err"][1], 5, True)])
+                             *[fmt_err(b[k], b[f"{k}_err"], 4, True)
+                               for k in ("m1", "m2", "c1", "c2")]])
         lines += ["## Shear bias against the applied shear (metacal, isolated GalSim scenes)",
                   "", markdown_table(["method", "estimator", "scenes", "m1", "m2", "c1", "c2"],
                                      rows)]
