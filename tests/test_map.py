@@ -156,3 +156,23 @@ def test_laplace_intervals_cover_a_known_gaussian_posterior() -> None:
     narrow = laplace_samples(z_map, 4 * precision, 400, generator) @ readout
     assert (EllipticityPosterior.from_samples(narrow.numpy()).coverage(
         (z_true @ readout).numpy())[0.68] < 0.5).all()
+
+
+def test_map_report_with_shear_on_the_tiny_run(trained_run: Path, tiny_dataset: Path,
+                                              tiny_config: Path, tmp_path: Path) -> None:
+    """The comparison report end to end: blends, MAP's shear bias through metacal, PNG."""
+    from deblend.core.config import load_config
+    from evaluation.map_report import REPORT_FILE, run_map_comparison
+
+    config = load_config(tiny_config)
+    config = config.replace("map", steps=3, posterior_samples=4, batch_size=4).replace(
+        "metacal", bootstrap=4, margin_pixels=4)
+    metrics = run_map_comparison(trained_run, config, tmp_path, data=open_dataset(tiny_dataset),
+                                 n_blends=4, n_fields=0, shear_scenes=4, log=lambda _: None)
+    assert set(metrics["blends"]) == {"encoder", "map_normal", "map_flow"}
+    for name in ("map_normal", "map_flow"):
+        bias = metrics["shear"][name]["regressor"]
+        assert bias["n_scenes"] == 4 and np.isfinite([bias["m1"], bias["m1_err"]]).all()
+    report = (tmp_path / REPORT_FILE).read_text()
+    assert "Shear bias against the applied shear" in report and "map_flow" in report
+    assert (tmp_path / "flux_by_magnitude.png").read_bytes()[:4] == b"\x89PNG"

@@ -15,7 +15,7 @@ heavily blended pairs). A flow's Hessian need not be positive: eigenvalues of P 
 :data:`MIN_EIGENVALUE` are raised to it.
 
 Cost: J needs D forward-mode passes of the decoder (D = 32: about 32 decoder evaluations per
-source), then sampling is a Cholesky solve. Samples of z are pushed through the regressor (and
+source), then sampling is an eigendecomposition of each D x D precision. Samples of z are pushed through the regressor (and
 optionally the decoder's moments) to give e with intervals.
 """
 
@@ -55,7 +55,10 @@ def prior_hessian(log_prior: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
 def laplace_precision(jacobian: Tensor, inverse_variance: Tensor, prior_precision: Tensor
                       ) -> Tensor:
     """(M, D, D) precision J^T W J + H_prior from (M, P, D) Jacobians, (M, P) pixel weights and
-    (M, D, D) prior precisions, made positive definite (eigenvalues >= MIN_EIGENVALUE)."""
+    (M, D, D) prior precisions, made positive definite (eigenvalues >= MIN_EIGENVALUE).
+    Non-finite derivatives (a saturated decoder pixel) count as zero curvature."""
+    jacobian = torch.nan_to_num(jacobian, nan=0.0, posinf=0.0, neginf=0.0)
+    prior_precision = torch.nan_to_num(prior_precision, nan=0.0, posinf=0.0, neginf=0.0)
     weighted = jacobian * inverse_variance[..., None]
     precision = jacobian.transpose(1, 2) @ weighted + prior_precision
     precision = 0.5 * (precision + precision.transpose(1, 2))
@@ -66,15 +69,15 @@ def laplace_precision(jacobian: Tensor, inverse_variance: Tensor, prior_precisio
 
 def laplace_samples(z_map: Tensor, precision: Tensor, n: int,
                     generator: torch.Generator | None = None) -> Tensor:
-    """(n, M, D) draws from N(z_map, precision^-1): z_map + L^-T eps with P = L L^T."""
-    cholesky = torch.linalg.cholesky(precision)
+    """(n, M, D) draws from N(z_map, precision^-1): z_map + V diag(lambda^-1/2) eps with
+    precision = V diag(lambda) V^T (an eigendecomposition, robust to the huge dynamic range of
+    a bright source's curvature; eigenvalues below MIN_EIGENVALUE are raised to it)."""
+    values, vectors = torch.linalg.eigh(0.5 * (precision + precision.transpose(1, 2)))
+    scales = values.clamp(min=MIN_EIGENVALUE).rsqrt()
     eps = torch.randn((n, *z_map.shape), generator=generator, dtype=z_map.dtype,
                       device=z_map.device if generator is None else generator.device)
     eps = eps.to(z_map.device)
-    # solve L^T x = eps for every sample: x = L^-T eps has covariance (L L^T)^-1
-    upper = cholesky.transpose(1, 2)
-    steps = torch.linalg.solve_triangular(upper.expand(n, *upper.shape),
-                                          eps.unsqueeze(-1), upper=True)[..., 0]
+    steps = torch.einsum("mij,nmj->nmi", vectors, eps * scales)
     return z_map + steps
 
 
