@@ -43,9 +43,11 @@ from deblend.core.detection import detect_sources, with_target
 from deblend.core.inference import Deblender
 from deblend.core.map_deblend import MapPrediction
 from deblend.core.normalization import normalize
+from deblend.core.posterior import EllipticityPosterior
 from deblend.core.stamps import cut_stamp, nearest_pixel, paste_stamp
 from evaluation.ellipticity import component_stats, fit_line
 from evaluation.estimators import label_image, moments_estimator
+from evaluation.metacal_benchmark import drawing_simulation
 from evaluation.metacal_shear import (
     LABEL_BANDS,
     metacal_measurement,
@@ -153,7 +155,6 @@ def map_on_scenes(model: Deblender, scenes: np.ndarray, positions: list[np.ndarr
     rows = np.array([first[i] + k for i, ks in enumerate(measured) for k in ks], int)
     posterior = None
     if out.posterior is not None:
-        from deblend.core.posterior import EllipticityPosterior
         posterior = EllipticityPosterior(out.posterior.mean[rows], out.posterior.std[rows],
                                          {level: b[rows] for level, b in
                                           out.posterior.intervals.items()})
@@ -251,19 +252,16 @@ def map_shear_bias(model: Deblender, config: Config, prior: str, n_scenes: int,
     from simulation.shear_pairs import draw_shear_pairs
 
     settings, metacal = config.map, config.metacal
-    margin = metacal.margin_pixels
-    sim = config.simulation.__class__(**{**config.to_dict()["simulation"],
-                                         "stamp_pixels": model.stamp_pixels + 2 * margin})
     g = (metacal.g, metacal.g)
     pairs = draw_shear_pairs(population, n_scenes, settings.seed, g, neighbours=neighbours,
-                             sim=sim)
+                             sim=drawing_simulation(config))
+    centre = float(model.stamp_pixels // 2)
     measured = {}
     for sign, stamps in (("plus", pairs.plus), ("minus", pairs.minus)):
         mc = model.metacal(stamps, pairs.psfs, delta=metacal.delta, views=1, keep_inputs=True,
                            reconstruct=False)
         regressor, moments = {}, {}
         for name, images in mc.inputs.items():
-            centre = float(model.stamp_pixels // 2)
             positions = [with_target(p, (centre, centre)) for p in detect_sources(
                 images, config.simulation.survey, model.bands, settings.detection_band,
                 settings.detection_threshold, max_sources=settings.max_sources)]

@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from deblend.core.detection import with_target
 from deblend.core.stamps import cut_stamp
 from evaluation.estimators import moments_estimator
 
@@ -309,7 +310,5 @@ def target_and_neighbours(image: np.ndarray, target: tuple[float, float], thresh
                           min_area: int = 5, min_separation: float = 2.0) -> np.ndarray:
     """(K, 2) positions (x, y): the known ``target`` first, then every SEP detection of ``image``
     (one band, (H, W)) farther than ``min_separation`` pixels from it (the neighbours)."""
-    found = sep_positions(image, thresh, min_area)
-    far = np.hypot(found[:, 0] - target[0], found[:, 1] - target[1]) > min_separation
-    return np.concatenate([np.asarray([target], np.float64), found[far]])
+    return with_target(sep_positions(image, thresh, min_area), target, min_separation)
 
