@@ -36,7 +36,7 @@ KIND = "reconstruction-defects"
 RESULTS = "reconstruction_defects.json"
 FIGURE = "flux_residual.png"
 REPORT = "report.md"
-VARIANTS = {"plain": "reconstruction", "symmetrised": "8-view average"}
+VARIANTS = {"plain": "1 view (plain decoding)", "symmetrised": "8-view average (predict's default)"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

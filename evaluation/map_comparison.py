@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,8 @@ class MethodResult:
     posterior: Any = None
     """:class:`deblend.core.posterior.EllipticityPosterior` of the measured galaxies, or None."""
     ellipticity_raw: np.ndarray | None = None
+    ellipticity_deblended: np.ndarray | None = None
+    """(n, 2) MAP only: the regressor on each galaxy's MAP-deblended stamp (calibrated)."""
 
 
 def summarize(result: MethodResult, truth: Truth, model: Deblender,
@@ -116,6 +118,10 @@ def summarize(result: MethodResult, truth: Truth, model: Deblender,
     if result.ellipticity is not None:
         out["regressor"] = {c: component_stats(truth.e[:, j], result.ellipticity[:, j])
                             for j, c in enumerate(("e1", "e2"))}
+    if result.ellipticity_deblended is not None:
+        out["regressor_deblended"] = {
+            c: component_stats(truth.e[:, j], result.ellipticity_deblended[:, j])
+            for j, c in enumerate(("e1", "e2"))}
     if result.posterior is not None:
         out["coverage"] = {f"{level:g}": [float(v) for v in fraction] for level, fraction in
                            result.posterior.coverage(truth.e).items()}
@@ -159,7 +165,10 @@ def map_on_scenes(model: Deblender, scenes: np.ndarray, positions: list[np.ndarr
                                          {level: b[rows] for level, b in
                                           out.posterior.intervals.items()})
     e = None if out.ellipticity is None else out.ellipticity[rows]
-    return MethodResult(out.reconstruction[rows], e, seconds, len(out.latent), posterior), out
+    e_deblended = (None if out.ellipticity_deblended is None
+                   else out.ellipticity_deblended[rows])
+    return MethodResult(out.reconstruction[rows], e, seconds, len(out.latent), posterior,
+                        ellipticity_deblended=e_deblended), out
 
 
 # -- validation blends ----------------------------------------------------------------------------
@@ -238,8 +247,7 @@ def on_truth_grid(result: MethodResult, fields: Any, matches: list[tuple[int, in
         paste_stamp(canvas, result.reconstruction[j], centre + det[0] - tru[0],
                     centre + det[1] - tru[1])
         moved[j] = cut_stamp(canvas, centre, centre, stamp)
-    return MethodResult(moved, result.ellipticity, result.seconds, result.n_galaxies,
-                        result.posterior)
+    return replace(result, reconstruction=moved)
 
 
 # -- shear ----------------------------------------------------------------------------------------

@@ -40,7 +40,12 @@ import torch
 from deblend.core.inference import Deblender
 from deblend.core.normalization import NormalizationConstants, normalize
 from deblend.core.shapes import ellipticity_from_moments, second_moments
-from deblend.core.symmetry import N_VIEWS, ellipticity_in_view, image_view
+from deblend.core.symmetry import (
+    N_VIEWS,
+    ellipticity_in_view,
+    image_from_view,
+    image_view,
+)
 from simulation.galsim_population import GalSimPopulation, PopulationSpec
 from simulation.scenes import add_btk_noise
 
@@ -99,14 +104,6 @@ def draw_isolated_galaxies(n: int, seed: int = 0, survey: str = "LSST", stamp_pi
 
 # -- reconstruction --------------------------------------------------------------------------------
 
-def _inverse_view(images: np.ndarray, view: int) -> np.ndarray:
-    """Undo :func:`deblend.core.symmetry.image_view` (rotate back, then unflip)."""
-    out = torch.rot90(torch.from_numpy(np.ascontiguousarray(images)), -(view % 4), dims=(-2, -1))
-    if view >= 4:
-        out = torch.flip(out, dims=(-1,))
-    return out.numpy()
-
-
 def view_reconstructions(deblender: Deblender, images: np.ndarray,
                          views: Sequence[int] = range(N_VIEWS), batch_size: int = 256
                          ) -> np.ndarray:
@@ -116,8 +113,8 @@ def view_reconstructions(deblender: Deblender, images: np.ndarray,
     for view in views:
         seen = image_view(torch.from_numpy(np.ascontiguousarray(images, np.float32)), view).numpy()
         recon = deblender.predict(np.ascontiguousarray(seen), batch_size=batch_size,
-                                  views=1).reconstruction
-        out.append(_inverse_view(recon, view))
+                                  views=1, reconstruction_views=1).reconstruction
+        out.append(image_from_view(torch.from_numpy(recon), view).numpy())
     return np.stack(out)
 
 
@@ -125,11 +122,8 @@ def reconstruct(deblender: Deblender, images: np.ndarray, views: int = 1,
                 batch_size: int = 256) -> np.ndarray:
     """Raw-flux reconstructions (N, bands, S, S); with ``views`` = 2, 4 or 8 the average of
     the first ``views`` symmetric views' reconstructions mapped back (symmetrised decoding)."""
-    if views not in (1, 2, 4, 8):
-        raise ValueError(f"views must be 1, 2, 4 or 8, got {views!r}")
-    if views == 1:
-        return deblender.predict(images, batch_size=batch_size, views=1).reconstruction
-    return view_reconstructions(deblender, images, range(views), batch_size).mean(axis=0)
+    return deblender.predict(images, batch_size=batch_size, views=1,
+                             reconstruction_views=views).reconstruction
 
 
 # -- shapes ----------------------------------------------------------------------------------------

@@ -38,9 +38,19 @@ def test_round_trip_shapes_units_and_batching(deblender: Deblender, blends: np.n
     assert np.all(np.abs(out.regressor_output) <= 1)  # the Tanh output, averaged over views
     # raw flux: the decoder's [0, 1] output, denormalised with the run's constants
     assert out.reconstruction.min() >= 0
-    np.testing.assert_allclose(normalize(out.reconstruction, deblender.normalization),
+    plain = deblender.predict(blends, reconstruction_views=1).reconstruction
+    np.testing.assert_allclose(normalize(plain, deblender.normalization),
                                deblender.decoder(torch.from_numpy(out.mu)).detach().numpy(),
                                atol=1e-5)
+    # by default, the average in raw flux of the 8 views' decodings, each mapped back
+    from deblend.core.symmetry import image_from_view, image_view
+
+    views = [image_from_view(torch.from_numpy(deblender.predict(
+        np.ascontiguousarray(image_view(torch.from_numpy(blends), v).numpy()),
+        reconstruction_views=1).reconstruction), v).numpy() for v in range(8)]
+    scale = out.reconstruction.max()
+    np.testing.assert_allclose(out.reconstruction, np.mean(views, axis=0), atol=1e-5 * scale)
+    assert np.abs(out.reconstruction - plain).max() > 1e-3 * scale
     whole = deblender.predict(blends)
     np.testing.assert_allclose(whole.mu, out.mu, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(whole.ellipticity, out.ellipticity, rtol=1e-4, atol=1e-5)

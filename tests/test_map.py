@@ -87,6 +87,14 @@ def test_map_deblend_on_blends_with_detections(model: Deblender, tiny_dataset: P
     assert (out.x[first] == 22).all() and (out.y[first] == 22).all()
     assert (out.objective[1] <= out.objective[0]).all()  # the fit never ends worse than it began
     assert out.ellipticity.shape == (n_sources, 2) and np.abs(out.ellipticity).max() <= 1
+    # the target's MAP-deblended stamp is the blend minus every other source's fitted model
+    others = out.model - out.reconstruction[first]
+    np.testing.assert_allclose(out.deblended[first], blends - others, rtol=1e-5,
+                               atol=1e-5 * np.abs(blends).max())
+    assert out.deblended.shape == out.reconstruction.shape
+    np.testing.assert_allclose(out.ellipticity_deblended,
+                               model.predict(out.deblended, reconstruct=False).ellipticity)
+    assert np.abs(out.ellipticity_deblended - out.ellipticity).max() > 1e-3
     low, high = out.posterior.intervals[0.68][..., 0], out.posterior.intervals[0.68][..., 1]
     assert (low <= out.posterior.mean).all() and (out.posterior.mean <= high).all()
     assert (out.posterior.intervals[0.95][..., 0] <= low + 1e-6).all()

@@ -18,7 +18,6 @@ from deblend.core.normalization import NormalizationConstants
 from deblend.core.runs import DataIdentity
 from deblend.core.symmetry import N_VIEWS, ellipticity_in_view, image_view
 from evaluation.reconstruction_defects import (
-    _inverse_view,
     draw_isolated_galaxies,
     ellipticities,
     equivariance_error,
@@ -66,13 +65,6 @@ def test_symmetrised_reconstruction_is_exactly_equivariant() -> None:
     assert equivariance_error(np.repeat(sym[None], N_VIEWS, axis=0)) == 0.0
     with pytest.raises(ValueError, match="views"):
         reconstruct(model, x, 3)
-
-
-def test_inverse_view_undoes_each_view() -> None:
-    x = np.random.default_rng(0).normal(size=(2, 3, 7, 7)).astype(np.float32)
-    for view in range(N_VIEWS):
-        seen = image_view(torch.from_numpy(x), view).numpy()
-        np.testing.assert_array_equal(_inverse_view(seen, view), x)
 
 
 def _galaxies(n_pairs: int, extra_shear=(0.0, 0.0), seed: int = 1) -> tuple[np.ndarray, ...]:

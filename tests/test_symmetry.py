@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from deblend.core.shapes import moments_ellipticity
-from deblend.core.symmetry import N_VIEWS, ellipticity_in_view, image_view, random_views
+from deblend.core.symmetry import (
+    N_VIEWS,
+    ellipticity_in_view,
+    image_from_view,
+    image_view,
+    random_views,
+)
 
 
 def sheared_galaxy(e1: float, e2: float, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
@@ -37,6 +43,8 @@ def test_views_keep_the_centre_and_invert() -> None:
     for view in range(N_VIEWS):
         seen = image_view(x, view)
         assert torch.equal(seen[..., 22, 22], x[..., 22, 22])
+        assert torch.equal(image_from_view(seen, view), x)
+        assert torch.equal(image_view(image_from_view(x, view), view), x)
         back = ellipticity_in_view(ellipticity_in_view(torch.tensor([0.1, 0.2]), view), view)
         assert torch.equal(back, torch.tensor([0.1, 0.2]))
     assert {tuple(image_view(x, v)[0, 0, 0, :3].tolist()) for v in range(N_VIEWS)}.__len__() == 8

@@ -40,7 +40,7 @@ def calibrate_regressor(layout: RunLayout, dataset: StampData, device: str,
                            f"(simulation.calibration_fraction = 0)"}
     else:
         model = Deblender.from_run(layout.root, device=device)
-        raw = np.concatenate([model.predict(batch).regressor_output
+        raw = np.concatenate([model.predict(batch, reconstruct=False).regressor_output
                               for batch in dataset.iter_batches("blend", indices)])
         labels = dataset.labels()
         truth = np.stack([labels["e1"][indices], labels["e2"][indices]], axis=1)

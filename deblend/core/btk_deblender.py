@@ -13,9 +13,10 @@ edges), all stamps of the batch go through :meth:`deblend.Deblender.predict` tog
 reconstruction is pasted back at its detection in a full-size image. With ``map_prior``
 ("normal" or "flow") the sources of each blend are instead fitted together by MAP deblending
 (:mod:`deblend.core.map_deblend`, the survey's sky levels as the background variance), and
-``e1``/``e2`` are the regressor's reading of the MAP latents. The output catalog carries
-``ra``/``dec`` (arcsec, BTK's convention), ``x_peak``/``y_peak`` (pixels) and the regressor's
-``e1``/``e2`` (distortion, pixel frame).
+``e1``/``e2`` are the regressor's reading of each source's MAP-deblended stamp (the blend
+minus the other sources' MAP models; it reads shapes better than the MAP latent itself). The
+output catalog carries ``ra``/``dec`` (arcsec, BTK's convention), ``x_peak``/``y_peak``
+(pixels) and the regressor's ``e1``/``e2`` (distortion, pixel frame).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from btk.blend_batch import BlendBatch, DeblendBatch, DeblendExample
 from surveycodex.utilities import mean_sky_level
 
 from deblend.core.inference import Deblender
+from deblend.core.map_fit import DEFAULT_STEPS
 from deblend.core.stamps import cut_stamp, nearest_pixel, paste_stamp
 
 
@@ -37,7 +39,7 @@ class VAEDeblender(btk.deblend.Deblender):
 
     def __init__(self, model: Deblender, max_n_sources: int, detection_band: str = "i",
                  thresh: float = 1.5, min_area: int = 5, map_prior: str | None = None,
-                 map_steps: int = 60) -> None:
+                 map_steps: int = DEFAULT_STEPS) -> None:
         super().__init__(max_n_sources)
         if map_prior not in (None, "normal", "flow"):
             raise ValueError(f"map_prior must be None, 'normal' or 'flow', got {map_prior!r}")
@@ -129,4 +131,4 @@ class VAEDeblender(btk.deblend.Deblender):
                               axis=1) for c in detections]
         fitted = self.model.map_deblend(blend_batch.blend_images[indices], positions, sky,
                                         prior=self.map_prior, steps=self.map_steps)
-        return fitted.reconstruction, fitted.ellipticity
+        return fitted.reconstruction, fitted.ellipticity_deblended

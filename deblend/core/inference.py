@@ -3,7 +3,8 @@
     from deblend import Deblender
     model = Deblender.from_run("runs/quick/train")
     out = model.predict(stamps)      # stamps: (N, bands, 45, 45) raw flux (electrons), numpy
-    out.reconstruction               # (N, bands, 45, 45) central galaxy, raw flux, noiseless
+    out.reconstruction               # (N, bands, 45, 45) central galaxy, raw flux, noiseless,
+                                     # averaged over the stamp's 8 symmetric views
     out.mu, out.sigma                # (N, latent_dim) mean and standard deviation of q(z|x)
     out.ellipticity                  # (N, 2) regressor's (e1, e2): distortion, pixel frame
     out.ellipticity_raw              # (N, 2) the same before the response calibration
@@ -38,6 +39,7 @@ from deblend.core.arguments import require_positive_int
 from deblend.core.device import resolve_device
 from deblend.core.flow import LatentFlow
 from deblend.core.map_deblend import MapPrediction, map_deblend
+from deblend.core.map_fit import DEFAULT_LEARNING_RATE, DEFAULT_STEPS
 from deblend.core.metacal import (
     DEFAULT_DELTA,
     MetacalOperator,
@@ -54,7 +56,12 @@ from deblend.core.runs import (
     build_module,
     load_lineage,
 )
-from deblend.core.symmetry import N_VIEWS, ellipticity_in_view, image_view
+from deblend.core.symmetry import (
+    N_VIEWS,
+    ellipticity_in_view,
+    image_from_view,
+    image_view,
+)
 
 KEPT_OPERATORS = 3
 """Metacal operators a :class:`Deblender` keeps (one per set of PSFs)."""
@@ -250,7 +257,8 @@ class Deblender:
 
     def map_deblend(self, scenes: np.ndarray, positions: list[np.ndarray],
                     sky_levels: np.ndarray | None = None, *, prior: str = "flow",
-                    steps: int = 60, learning_rate: float = 0.05, batch_size: int = 32,
+                    steps: int = DEFAULT_STEPS,
+                    learning_rate: float = DEFAULT_LEARNING_RATE, batch_size: int = 32,
                     posterior_samples: int = 0, seed: int = 0) -> MapPrediction:
         """MAP latents of every source of raw scenes (N, bands, H, W) at ``positions`` (one
         (K_i, 2) array of (x, y) pixels per scene), under the pixel likelihood and ``prior``
@@ -260,54 +268,69 @@ class Deblender:
                            learning_rate=learning_rate, batch_size=batch_size,
                            posterior_samples=posterior_samples, seed=seed)
 
-    def symmetrized_ellipticity(self, x: Tensor, mu: Tensor, views: int = N_VIEWS) -> Tensor:
-        """Raw regressor (e1, e2) of normalised stamps ``x``, averaged over ``views`` views.
+    def view_latents(self, x: Tensor, mu: Tensor, views: int) -> list[Tensor]:
+        """Latent means of the first ``views`` symmetric views of normalised stamps ``x``
+        (:mod:`deblend.core.symmetry`); ``mu``, the latent mean of ``x`` itself (view 0), is
+        already computed by the caller."""
+        return [mu] + [self.encoder(image_view(x, view))[0] for view in range(1, views)]
 
-        Each view of the stamp (:mod:`deblend.core.symmetry`) is encoded and read by the regressor,
-        and its output is mapped back to the original frame before averaging; ``mu`` is the
-        latent mean of ``x`` itself (view 0), already computed by the caller. ``views`` is 1
-        (the stamp only), 2 (and its 90-degree rotation), 4 (the rotations) or 8 (all). float32.
-        """
+    def symmetrized_ellipticity(self, view_mu: list[Tensor]) -> Tensor:
+        """Raw regressor (e1, e2) averaged over the views whose latents are ``view_mu``
+        (:meth:`view_latents`), each output mapped back to the stamps' frame first. float32."""
         assert self.regressor is not None
-        if views not in VIEW_COUNTS:
-            raise ValueError(f"views must be one of {VIEW_COUNTS}, got {views!r}")
-        total = self.regressor(mu).float()
-        for view in range(1, views):
-            view_mu, _ = self.encoder(image_view(x, view))
-            total += ellipticity_in_view(self.regressor(view_mu).float(), view)
-        return total / views
+        total = self.regressor(view_mu[0]).float()
+        for view, view_mu_v in enumerate(view_mu[1:], start=1):
+            total += ellipticity_in_view(self.regressor(view_mu_v).float(), view)
+        return total / len(view_mu)
+
+    def symmetrized_reconstruction(self, view_mu: list[Tensor]) -> Tensor:
+        """Raw-flux reconstruction averaged over the views whose latents are ``view_mu``: each
+        view is decoded, denormalised and mapped back to the stamps' frame, then averaged in
+        raw flux. With all 8 views this removes the decoder's preferred orientation (it is fixed
+        in the networks' frame, so it averages out); float32."""
+        total = denormalize(self.decoder(view_mu[0]).float(), self.normalization)
+        for view, view_mu_v in enumerate(view_mu[1:], start=1):
+            total += image_from_view(
+                denormalize(self.decoder(view_mu_v).float(), self.normalization), view)
+        return total / len(view_mu)
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray, batch_size: int = 256, views: int = N_VIEWS,
-                reconstruct: bool = True) -> Prediction:
+                reconstruct: bool = True, reconstruction_views: int = N_VIEWS) -> Prediction:
         """Deblend raw-flux stamps (N, bands, H, W), ``batch_size`` stamps at a time.
 
-        z = mu is decoded (no sampling; ``reconstruct=False`` skips the decoder, which costs
-        about three encoders); the ellipticity is the regressor's average over ``views`` of the
-        stamp's symmetric views (:meth:`symmetrized_ellipticity`; default all 8), calibrated by
-        the run's response. See :class:`Prediction` for the outputs.
+        Each of the stamp's symmetric views (:mod:`deblend.core.symmetry`) is encoded once. The
+        ellipticity is the regressor's average over the first ``views`` of them (default all 8),
+        calibrated by the run's response. The reconstruction decodes z = mu (no sampling) of the
+        first ``reconstruction_views`` views and averages them mapped back, in raw flux (default
+        all 8, which removes the decoder's preferred orientation; 1 is the plain decoding of
+        the stamp). ``reconstruct=False`` skips the decoder, which costs about three encoders
+        per view. ``mu`` and ``sigma`` are those of the stamp itself. See :class:`Prediction`.
         """
         batch_size = require_positive_int(batch_size, "batch_size")
-        if views not in VIEW_COUNTS:
-            raise ValueError(f"views must be one of {VIEW_COUNTS}, got {views!r}")
+        for name, count in (("views", views), ("reconstruction_views", reconstruction_views)):
+            if count not in VIEW_COUNTS:
+                raise ValueError(f"{name} must be one of {VIEW_COUNTS}, got {count!r}")
         array = self.check_images(images)
         n = array.shape[0]
         reconstruction = np.empty_like(array) if reconstruct else None
         mu = np.empty((n, self.latent_dim), np.float32)
         sigma = np.empty_like(mu)
         ellipticity = None if self.regressor is None else np.empty((n, 2), np.float32)
+        n_views = max(views if ellipticity is not None else 1,
+                      reconstruction_views if reconstruct else 1)
         for start in range(0, n, batch_size):
             part = slice(start, start + batch_size)
             x = torch.from_numpy(normalize(array[part], self.normalization)).to(self.device)
             batch_mu, logvar = self.encoder(x)
+            view_mu = self.view_latents(x, batch_mu, n_views)
             if reconstruction is not None:
-                x_hat = self.decoder(batch_mu)
-                reconstruction[part] = denormalize(x_hat.float().cpu().numpy(),
-                                                   self.normalization)
+                reconstruction[part] = self.symmetrized_reconstruction(
+                    view_mu[:reconstruction_views]).cpu().numpy()
             mu[part] = batch_mu.float().cpu().numpy()
             sigma[part] = torch.exp(0.5 * logvar).float().cpu().numpy()
             if ellipticity is not None:
-                ellipticity[part] = self.symmetrized_ellipticity(x, batch_mu, views).cpu().numpy()
+                ellipticity[part] = self.symmetrized_ellipticity(view_mu[:views]).cpu().numpy()
         if ellipticity is None or self.response is None:
             return Prediction(reconstruction, mu, sigma, ellipticity)
         return Prediction(reconstruction, mu, sigma, self.response.calibrate(ellipticity),
@@ -333,7 +356,8 @@ class Deblender:
 
     def metacal(self, images: np.ndarray, psfs: np.ndarray, *, noise: np.ndarray | None = None,
                 delta: float = DEFAULT_DELTA, batch_size: int = 256, views: int = N_VIEWS,
-                keep_inputs: bool = False, reconstruct: bool = True) -> MetacalPrediction:
+                keep_inputs: bool = False, reconstruct: bool = True,
+                reconstruction_views: int = N_VIEWS) -> MetacalPrediction:
         """:meth:`predict` on the five metacalibration images of raw stamps (N, bands, H, W).
 
         ``psfs`` is each band's effective PSF image (bands, S, S), as datasets store it.
@@ -344,8 +368,9 @@ class Deblender:
         every estimator that reads the whole stamp at the 1% level. ``noise``, an independent
         noise field like the stamps' own, switches metacal's noise correction on (twice the
         noise, which the networks did not see in training). The regressor's response is then
-        measured on each stamp's own images. ``reconstruct=False`` skips the decoder (e and R
-        only, about twice as fast).
+        measured on each stamp's own images. ``views`` and ``reconstruction_views`` are
+        :meth:`predict`'s; ``reconstruct=False`` skips the decoder (e and R only, several times
+        faster).
         """
         array = self.check_images(images, margin=True)
         operator = self.metacal_operator(psfs, delta, array.shape[2])
@@ -363,7 +388,7 @@ class Deblender:
             for name, image in operator.apply(stamps, field).items():
                 image = image.float().cpu().numpy()
                 outputs.setdefault(name, []).append(
-                    self.predict(image, batch_size, views, reconstruct))
+                    self.predict(image, batch_size, views, reconstruct, reconstruction_views))
                 if keep_inputs:
                     inputs.setdefault(name, []).append(image)
         return MetacalPrediction(

@@ -4,6 +4,7 @@
     model = Deblender.from_run("runs/quick/train")        # loads the flow too when trained
     out = model.map_deblend(scenes, positions, sky_levels, prior="flow")
     out.latent, out.reconstruction, out.flux, out.ellipticity      # one row per source
+    out.ellipticity_deblended      # the regressor on the scene minus the other sources' models
     out.posterior.intervals[0.68]                         # with posterior_samples > 0
 
 ``scenes`` (N, bands, H, W) electrons, sky-subtracted (any H, W: stamps, or fields larger than
@@ -14,7 +15,10 @@ estimated from each scene's sigma-clipped pixels when None. Each source starts f
 encoder's latent of the model-sized stamp cut around it, then every latent of a scene is fitted
 together (:func:`deblend.core.map_fit.fit_scenes`). The ellipticity of a source is the
 regressor's reading of its MAP latent (response-calibrated like :meth:`Deblender.predict`);
-its posterior comes from the Laplace approximation (:mod:`deblend.core.posterior`).
+its posterior comes from the Laplace approximation (:mod:`deblend.core.posterior`). MAP moves
+latents off those the regressor was trained on, so :attr:`MapPrediction.ellipticity_deblended`
+also reads each source from its MAP-deblended stamp (the scene minus the other sources' MAP
+models) through :meth:`Deblender.predict`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from astropy.stats import sigma_clipped_stats
 
 from deblend.core.arguments import require_positive_int
 from deblend.core.map_fit import (
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_STEPS,
     LogPrior,
     SceneModel,
     SceneSources,
@@ -80,6 +86,13 @@ class MapPrediction:
     """(2, N) -log posterior of each scene (up to a constant) at the start and at the MAP."""
     posterior: EllipticityPosterior | None = None
     """Laplace posterior of the regressor's (e1, e2) (raw output) per source, when asked for."""
+    deblended: np.ndarray | None = None
+    """(M, bands, S, S) electrons: the source's MAP-deblended stamp, i.e. the scene minus every
+    other source's MAP model, cut around (x, y): the source with the scene's own noise."""
+    ellipticity_deblended: np.ndarray | None = None
+    """(M, 2) :meth:`Deblender.predict`'s ellipticity (8 views, calibrated like it) of
+    :attr:`deblended`: the regressor reading an image like those it was trained on, rather than
+    a latent it never saw (MAP moves latents off the encoder's). None without a regressor."""
 
     @property
     def flux(self) -> np.ndarray:
@@ -109,9 +122,10 @@ def check_positions(positions: list[np.ndarray], n_scenes: int) -> list[np.ndarr
 
 
 def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray],
-                sky_levels: np.ndarray | None = None, *, prior: str = "flow", steps: int = 60,
-                learning_rate: float = 0.05, batch_size: int = 32,
-                posterior_samples: int = 0, seed: int = 0) -> MapPrediction:
+                sky_levels: np.ndarray | None = None, *, prior: str = "flow",
+                steps: int = DEFAULT_STEPS, learning_rate: float = DEFAULT_LEARNING_RATE,
+                batch_size: int = 32, posterior_samples: int = 0, seed: int = 0
+                ) -> MapPrediction:
     """See the module docstring; :meth:`Deblender.map_deblend` calls it."""
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -121,7 +135,7 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
     n = array.shape[0]
     positions = check_positions(positions, n)
     sky = (estimate_sky_levels(array) if sky_levels is None
-           else np.broadcast_to(np.asarray(sky_levels, np.float64), (n, array.shape[1])))
+           else np.broadcast_to(np.asarray(sky_levels, np.float64), (n, array.shape[1])).copy())
     if not (np.isfinite(sky).all() and (sky > 0).all()):
         raise ValueError("sky_levels must be positive and finite (electrons^2 per pixel)")
     scene_model = SceneModel(model.decoder, model.normalization)
@@ -146,10 +160,27 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
     posterior = None
     if posterior_samples > 0 and raw is not None:
         posterior = EllipticityPosterior.from_samples(joined["samples"])
+    deblended = deblended_stamps(array - models, joined["scene"], joined["x"], joined["y"],
+                                 joined["reconstruction"])
+    e_deblended = None
+    if model.regressor is not None and len(deblended):
+        e_deblended = model.predict(deblended, batch_size=256, reconstruct=False).ellipticity
     return MapPrediction(joined["scene"], joined["x"], joined["y"], joined["latent"],
                          joined["initial_latent"], joined["reconstruction"], calibrated,
                          raw if model.response is not None else None, models, objective,
-                         posterior)
+                         posterior, deblended, e_deblended)
+
+
+def deblended_stamps(residuals: np.ndarray, scene: np.ndarray, x: np.ndarray, y: np.ndarray,
+                     reconstructions: np.ndarray) -> np.ndarray:
+    """(M, bands, S, S) each source's stamp of its scene's residual (scene minus the fitted
+    model of every source, (N, bands, H, W)) around its centre (x, y), plus its own
+    reconstruction: the scene as it would be without the other sources, noise included."""
+    size = reconstructions.shape[-1]
+    out = np.empty_like(reconstructions)
+    for j, (i, cx, cy) in enumerate(zip(scene, x, y)):
+        out[j] = cut_stamp(residuals[i], float(cx), float(cy), size) + reconstructions[j]
+    return out
 
 
 def _fit_batch(model: Deblender, scene_model: SceneModel, scenes: np.ndarray,

@@ -35,6 +35,16 @@ def image_view(images: Tensor, view: int) -> Tensor:
     return torch.rot90(images, view % 4, dims=(-2, -1))
 
 
+def image_from_view(images: Tensor, view: int) -> Tensor:
+    """The inverse of :func:`image_view`: stamps ``(..., H, W)`` seen in ``view`` back in the
+    stamps' own frame (rotate back, then unflip)."""
+    _check_view(view)
+    images = torch.rot90(images, -(view % 4), dims=(-2, -1))
+    if view >= 4:
+        images = torch.flip(images, dims=(-1,))
+    return images
+
+
 def ellipticity_in_view(e: Tensor, view: int) -> Tensor:
     """Distortions ``(..., 2)`` (pixel frame) mapped into ``view``, or back out of it."""
     _check_view(view)
