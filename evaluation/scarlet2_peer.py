@@ -66,7 +66,6 @@ from typing import Any
 
 import numpy as np
 
-from deblend.core.detection import with_target
 from deblend.core.stamps import cut_stamp
 from evaluation.estimators import moments_estimator
 
@@ -291,24 +290,3 @@ def model_ellipticity(models: np.ndarray, bands: Sequence[str], label_bands: Seq
     """Uniform-weight moment distortion (e1, e2) of reconvolved models (N, bands, H, W) summed
     over ``label_bands``, pixel frame: the labels' and ``recon_moments``' estimator."""
     return moments_estimator(np.asarray(models), bands, label_bands)
-
-
-# -- detections and PSFs -----------------------------------------------------------------------
-def sep_positions(image: np.ndarray, thresh: float = 1.5, min_area: int = 5) -> np.ndarray:
-    """(K, 2) SEP peak positions (x, y) in one band's image (H, W), with the calls and defaults of
-    ``btk.deblend.SepSingleBand``: ``sep.Background`` then ``sep.extract(thresh * globalrms,
-    minarea=min_area)``."""
-    import sep
-
-    image = np.ascontiguousarray(image, dtype=np.float64)
-    background = sep.Background(image)
-    catalog = sep.extract(image, thresh, err=background.globalrms, minarea=min_area)
-    return np.stack([catalog["x"], catalog["y"]], axis=1) if len(catalog) else np.empty((0, 2))
-
-
-def target_and_neighbours(image: np.ndarray, target: tuple[float, float], thresh: float = 1.5,
-                          min_area: int = 5, min_separation: float = 2.0) -> np.ndarray:
-    """(K, 2) positions (x, y): the known ``target`` first, then every SEP detection of ``image``
-    (one band, (H, W)) farther than ``min_separation`` pixels from it (the neighbours)."""
-    return with_target(sep_positions(image, thresh, min_area), target, min_separation)
-

@@ -12,11 +12,7 @@ import galsim
 import numpy as np
 
 from deblend.core.shapes import moments_ellipticity
-from evaluation.scarlet2_peer import (
-    model_ellipticity,
-    scarlet2_deblend,
-    target_and_neighbours,
-)
+from evaluation.scarlet2_peer import model_ellipticity, scarlet2_deblend
 from simulation.scenes import add_btk_noise
 
 SCALE = 0.2  # arcsec per pixel
@@ -95,13 +91,6 @@ def test_models_are_deblended_and_keep_their_shapes(scene: dict) -> None:
     # galaxy 0 is elongated along x (e1 > 0), galaxy 1 along the diagonal y = -x (e2 < 0)
     assert model_ellipticity(result.sources[0].model[None], BANDS, BANDS)[0][0] > 0.05
     assert model_ellipticity(result.sources[1].model[None], BANDS, BANDS)[1][0] < -0.03
-
-
-def test_target_and_neighbours_finds_the_other_galaxy(scene: dict) -> None:
-    positions = target_and_neighbours(scene["noisy"][1], (GALAXIES[0]["x"], GALAXIES[0]["y"]))
-    assert tuple(positions[0]) == (GALAXIES[0]["x"], GALAXIES[0]["y"])
-    assert len(positions) == 2
-    assert np.hypot(*(positions[1] - (GALAXIES[1]["x"], GALAXIES[1]["y"]))) < 1.5
 
 
 def test_bad_input_is_refused() -> None:

@@ -35,11 +35,11 @@ from deblend.core.map_fit import (
     DEFAULT_LEARNING_RATE,
     DEFAULT_STEPS,
     LogPrior,
+    MapFit,
     SceneModel,
     SceneSources,
     fit_scenes,
     normal_log_prior,
-    pixel_variance,
     render_scene,
     stamp_indices,
 )
@@ -215,24 +215,23 @@ def _fit_batch(model: Deblender, scene_model: SceneModel, scenes: np.ndarray,
         if model.regressor is not None:
             out["ellipticity_raw"] = model.regressor(fit.z[mask]).float().cpu().numpy()
     if posterior_samples > 0 and model.regressor is not None:
-        out["samples"] = _posterior_samples(model, scene_model, images, sources, fit.z, sky_t,
-                                            log_prior, posterior_samples, generator)
+        out["samples"] = _posterior_samples(model, scene_model, fit, sources, log_prior,
+                                            posterior_samples, generator)
     return out
 
 
-def _posterior_samples(model: Deblender, scene_model: SceneModel, images: torch.Tensor,
-                       sources: SceneSources, z_map: torch.Tensor, sky: torch.Tensor,
-                       log_prior: LogPrior, n_samples: int, generator: torch.Generator
-                       ) -> np.ndarray:
-    """(n_samples, M, 2) regressor outputs of Laplace draws around each source's MAP latent."""
+def _posterior_samples(model: Deblender, scene_model: SceneModel, fit: MapFit,
+                       sources: SceneSources, log_prior: LogPrior, n_samples: int,
+                       generator: torch.Generator) -> np.ndarray:
+    """(n_samples, M, 2) regressor outputs of Laplace draws around each source's MAP latent,
+    under the fit's own pixel weights."""
     mask = sources.mask
-    z = z_map[mask].detach()
+    z = fit.z[mask].detach()
     size = model.stamp_pixels
-    inverse_variance = 1.0 / pixel_variance(images, sky)  # (N, B, H, W)
     half = size // 2
-    padded = torch.nn.functional.pad(inverse_variance, (half, half, half, half))  # 0 outside
-    index = stamp_indices(sources.positions, size, images.shape[-1])  # (N, K, S*S)
-    n, bands = images.shape[:2]
+    padded = torch.nn.functional.pad(fit.inverse_variance, (half, half, half, half))  # 0 outside
+    index = stamp_indices(sources.positions, size, fit.inverse_variance.shape[-1])  # (N, K, S*S)
+    n, bands = fit.inverse_variance.shape[:2]
     flat = padded.reshape(n, bands, -1)
     weights = torch.stack([flat.gather(2, index[:, k, None, :].expand(n, bands, -1))
                            for k in range(index.shape[1])], dim=1)  # (N, K, B, S*S)

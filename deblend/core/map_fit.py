@@ -140,6 +140,8 @@ class MapFit:
     objective: Tensor
     """(steps + 1, N) -log posterior of each scene (up to a constant) before each step and at
     the end."""
+    inverse_variance: Tensor
+    """(N, B, H, W) the pixel weights of the fit's likelihood, 1 / :func:`pixel_variance`."""
 
 
 DEFAULT_STEPS = 40
@@ -189,4 +191,4 @@ def fit_scenes(model: SceneModel, images: Tensor, sources: SceneSources, z0: Ten
         optimizer.step()
     with torch.no_grad():
         stamps = model.stamps(best_z, sources.mask)
-    return MapFit(best_z, stamps, torch.stack(history))
+    return MapFit(best_z, stamps, torch.stack(history), inverse_variance)
