@@ -67,7 +67,7 @@ def untrained_deblender(stamps: np.ndarray, device: str):
     identity = DataIdentity("<benchmark>", "<benchmark>", "LSST", bands, 45, 0.2, norm)
     torch.manual_seed(0)
     encoder = Encoder(len(bands), 45, model.latent_dim)
-    decoder = Decoder(len(bands), 45, model.latent_dim)
+    decoder = Decoder(len(bands), 45, model.latent_dim, model.decoder_output)
     regressor = Regressor(model.latent_dim, model.regressor_hidden, model.regressor_dropout)
     return Deblender(encoder, decoder, regressor, identity, device)
 

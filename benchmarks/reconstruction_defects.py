@@ -1,11 +1,13 @@
-"""``python -m benchmarks.reconstruction_defects --run R [--n N] [--stage S] [--out DIR]``.
+"""``python -m benchmarks.reconstruction_defects --run R [--n N] [--stage S] [--map PRIOR]
+[--out DIR]``.
 
 The reconstruction's own defects (:mod:`evaluation.reconstruction_defects`) on N isolated
 galaxies drawn directly with GalSim (rotated-twin pairs, BTK-like noise): the additive and
 multiplicative bias of the reconstruction's moment ellipticity (uniform and Gaussian weights,
 r+i+z) against the noiseless truth, the same per symmetric view in the network's frame, and the
 flux residual in bins of i magnitude, for the plain reconstruction and for the average of the
-8 views' reconstructions. Prints the table; writes ``reconstruction_defects.json``,
+8 views' reconstructions (and, with ``--map PRIOR``, for MAP deblending's reconstructions
+under that prior). Prints the table; writes ``reconstruction_defects.json``,
 ``flux_residual.png`` and ``report.md`` into ``--out`` (default ``RUN/reconstruction_defects``).
 """
 
@@ -25,6 +27,7 @@ from deblend.core.arguments import non_negative_int_arg, positive_int_arg
 from deblend.core.atomic import atomic_output, write_json_atomic, write_text_atomic
 from deblend.core.cli import fail_cleanly
 from deblend.core.inference import Deblender
+from deblend.core.map_deblend import PRIORS
 from deblend.core.outputs import mark, refuse_foreign
 from evaluation.reconstruction_defects import (
     WEIGHTS,
@@ -36,7 +39,8 @@ KIND = "reconstruction-defects"
 RESULTS = "reconstruction_defects.json"
 FIGURE = "flux_residual.png"
 REPORT = "report.md"
-VARIANTS = {"plain": "1 view (plain decoding)", "symmetrised": "8-view average (predict's default)"}
+VARIANTS = {"plain": "1 view (plain decoding)", "symmetrised": "8-view average (predict's default)",
+            "map": "MAP"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -52,6 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="population and noise seed (default 2024)")
     parser.add_argument("--sigma", type=float, default=3.0,
                         help="Gaussian weight sigma in pixels (default 3)")
+    parser.add_argument("--map", choices=PRIORS, dest="map_prior",
+                        help="also measure MAP deblending's reconstructions under this prior")
     parser.add_argument("--out", help="output directory (default: RUN/reconstruction_defects)")
     parser.add_argument("--device", default="auto", help="torch device (default: auto)")
     return parser.parse_args(argv)
@@ -64,6 +70,12 @@ def _pm(entry: dict[str, Any], key: str, error: str, digits: int = 4) -> str:
     return f"{value:+.{digits}f} ± {err:.{digits}f}"
 
 
+def _label(result: dict[str, Any], variant: str) -> str:
+    if variant == "map":
+        return f"MAP ({result['map_prior']} prior)"
+    return VARIANTS[variant]
+
+
 def table(result: dict[str, Any]) -> str:
     """Markdown tables: the e bias (additive c over twin pairs, multiplicative m), then the
     flux residual per magnitude bin, for each variant."""
@@ -71,18 +83,19 @@ def table(result: dict[str, Any]) -> str:
               f"pairs), shapes from {'+'.join(result['shape_bands'])}; Gaussian weight sigma "
               f"{result['gaussian_sigma_pixels']:g} px"), "",
              "| variant | weight | c1 | c2 | m1 | m2 |", "|:---|:---|---:|---:|---:|---:|"]
-    for variant, label in VARIANTS.items():
+    for variant in VARIANTS:
         if variant not in result:
             continue
         for weight, bias in result[variant]["bias"].items():
-            lines.append(f"| {label} | {weight} | {_pm(bias['e1'], 'additive', 'additive_error')} "
+            lines.append(f"| {_label(result, variant)} | {weight} "
+                         f"| {_pm(bias['e1'], 'additive', 'additive_error')} "
                          f"| {_pm(bias['e2'], 'additive', 'additive_error')} "
                          f"| {_pm(bias['e1'], 'multiplicative', 'multiplicative_error', 3)} "
                          f"| {_pm(bias['e2'], 'multiplicative', 'multiplicative_error', 3)} |")
     lines += ["", "flux(reconstruction) / flux(truth) - 1, r+i+z, by i magnitude:", ""]
     variants = [v for v in VARIANTS if v in result]
     bins = result[variants[0]]["flux"]["bins"]
-    lines.append("| i mag | n | " + " | ".join(VARIANTS[v] for v in variants) + " |")
+    lines.append("| i mag | n | " + " | ".join(_label(result, v) for v in variants) + " |")
     lines.append("|:---|---:|" + "---:|" * len(variants))
     for k, row in enumerate(bins):
         cells = [_pm(result[v]["flux"]["bins"][k], "mean", "error", 3) for v in variants]
@@ -110,9 +123,10 @@ def table(result: dict[str, Any]) -> str:
 def figure(result: dict[str, Any], path: Path) -> Path:
     """Flux residual against i magnitude (each variant, with 1-sigma errors)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for offset, (variant, label) in zip((-0.05, 0.05), VARIANTS.items()):
+    for offset, variant in zip((-0.05, 0.0, 0.05), VARIANTS):
         if variant not in result:
             continue
+        label = _label(result, variant)
         bins = result[variant]["flux"]["bins"]
         x = [0.5 * (b["lo"] + b["hi"]) + offset for b in bins]
         ax.errorbar(x, [b["mean"] for b in bins], yerr=[b["error"] for b in bins], marker="o",
@@ -131,7 +145,7 @@ def figure(result: dict[str, Any], path: Path) -> Path:
 
 def run_benchmark(run: str | Path, out: str | Path | None = None, *, n: int = 2000,
                   seed: int = 2024, stage: str = "stage3", sigma: float = 3.0,
-                  device: str = "auto") -> dict[str, Any]:
+                  device: str = "auto", map_prior: str | None = None) -> dict[str, Any]:
     """Draw the population, measure, write the JSON, figure and report; return the results."""
     if n % 2:
         raise ValueError(f"--n must be even (rotated-twin pairs), got {n}")
@@ -141,7 +155,7 @@ def run_benchmark(run: str | Path, out: str | Path | None = None, *, n: int = 20
     model = Deblender.from_run(run, stage=stage, device=device)
     started = time.time()
     galaxies = draw_isolated_galaxies(n, seed, model.data.survey, model.stamp_pixels)
-    result = measure_defects(model, galaxies, sigma=sigma)
+    result = measure_defects(model, galaxies, sigma=sigma, map_prior=map_prior)
     result.update({"run": str(run), "stage": stage, "seed": seed,
                    "population": "simulation.galsim_population.GalSimPopulation, "
                                  "neighbours=False, BTK-like noise (add_btk_noise, 'all')",
@@ -168,7 +182,7 @@ def write_outputs(result: dict[str, Any], out: Path, title: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     run_benchmark(args.run, args.out, n=args.n, seed=args.seed, stage=args.stage,
-                  sigma=args.sigma, device=args.device)
+                  sigma=args.sigma, device=args.device, map_prior=args.map_prior)
     return 0
 
 

@@ -3,8 +3,9 @@
 Population: :class:`simulation.galsim_population.GalSimPopulation` without neighbours (GalSim
 bulge+disk galaxies, in rotated-twin pairs: row 2k+1 is row 2k turned by 90 degrees), each band
 noised like BTK (:func:`simulation.scenes.add_btk_noise`: Poisson on the galaxy plus Poisson sky
-of the survey's mean sky level, sky-subtracted). The deblender reconstructs each noisy stamp; the
-truth is the same galaxy drawn without noise.
+of the survey's mean sky level, sky-subtracted). The deblender reconstructs each noisy stamp
+(``predict``, and optionally MAP deblending: :func:`map_reconstructions`); the truth is the same
+galaxy drawn without noise.
 
 Conventions: images are (N, bands, H, W) electrons per pixel; shapes are read from the sum of
 ``shape_bands`` (r, i, z: the labels' bands) as distortions e = (a^2 - b^2)/(a^2 + b^2) in the
@@ -124,6 +125,17 @@ def reconstruct(deblender: Deblender, images: np.ndarray, views: int = 1,
     the first ``views`` symmetric views' reconstructions mapped back (symmetrised decoding)."""
     return deblender.predict(images, batch_size=batch_size, views=1,
                              reconstruction_views=views).reconstruction
+
+
+def map_reconstructions(deblender: Deblender, galaxies: IsolatedGalaxies, prior: str,
+                        batch_size: int = 32) -> np.ndarray:
+    """(N, bands, S, S) raw-flux MAP reconstructions (:meth:`Deblender.map_deblend`, defaults)
+    of the isolated ``galaxies``: one source at each stamp's centre, the population's sky
+    levels as the background variance."""
+    centre = float(deblender.stamp_pixels // 2)
+    positions = [np.array([[centre, centre]])] * len(galaxies)
+    return deblender.map_deblend(galaxies.noisy, positions, galaxies.sky_levels, prior=prior,
+                                 batch_size=batch_size).reconstruction
 
 
 # -- shapes ----------------------------------------------------------------------------------------
@@ -375,14 +387,15 @@ def measure_reconstruction(recon: np.ndarray, galaxies: IsolatedGalaxies,
 def measure_defects(deblender: Deblender, galaxies: IsolatedGalaxies, *,
                     symmetrised: bool = True, weights: Sequence[str] = WEIGHTS,
                     sigma: float = 3.0, shape_bands: Sequence[str] = SHAPE_BANDS,
-                    mag_edges: Sequence[float] = MAG_EDGES, batch_size: int = 256
-                    ) -> dict[str, Any]:
+                    mag_edges: Sequence[float] = MAG_EDGES, batch_size: int = 256,
+                    map_prior: str | None = None) -> dict[str, Any]:
     """Every measurement of this module for one deblender on one population (plain dicts).
 
     ``"plain"``: the deblender's reconstruction; with ``symmetrised`` (8 decodings per stamp)
     also ``"symmetrised"`` (the 8 views' reconstructions mapped back and averaged),
     ``"view_biases"`` (per view, per weight), ``"network_frame_bias"`` (per weight) and
-    ``"equivariance_error"``.
+    ``"equivariance_error"``; with ``map_prior`` ("flow" or "normal") also ``"map"``, the MAP
+    reconstructions (:func:`map_reconstructions`) under that prior.
     """
     if tuple(galaxies.bands) != tuple(deblender.bands):
         raise ValueError(f"the galaxies' bands {galaxies.bands} are not the model's "
@@ -391,6 +404,10 @@ def measure_defects(deblender: Deblender, galaxies: IsolatedGalaxies, *,
                "mag_edges": mag_edges}
     result: dict[str, Any] = {"n": len(galaxies), "shape_bands": list(shape_bands),
                               "gaussian_sigma_pixels": sigma}
+    if map_prior is not None:
+        result["map"] = measure_reconstruction(map_reconstructions(deblender, galaxies, map_prior),
+                                               galaxies, deblender.normalization, **options)
+        result["map_prior"] = map_prior
     if not symmetrised:
         recon = reconstruct(deblender, galaxies.noisy, 1, batch_size)
         result["plain"] = measure_reconstruction(recon, galaxies, deblender.normalization,

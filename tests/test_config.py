@@ -85,6 +85,7 @@ def test_types_are_converted_like_the_annotations():
     ({"simulation": {"label_bands": "riz"}}, "'simulation.label_bands' must be a list"),
     ({"evaluation": {"mag_edges": [22, "x"]}}, "'evaluation.mag_edges[1]' must be a number"),
     ({"simulation": {"noise": "loud"}}, "'simulation.noise' must be one of"),
+    ({"model": {"decoder_output": "linear"}}, "'model.decoder_output' must be one of"),
     ({"simulation": [1, 2]}, "config section 'simulation' must be a mapping"),
     # ranges
     ({"simulation": {"stamp_pixels": 7}}, "'simulation.stamp_pixels' must be >= 9"),

@@ -19,6 +19,12 @@ from deblend.core.posterior import (
     prior_hessian,
 )
 from deblend.core.stamps import paste_stamp
+from deblend.core.symmetry import (
+    ellipticity_in_view,
+    image_from_view,
+    image_view,
+    position_from_view,
+)
 from simulation.dataset import open_dataset
 
 
@@ -98,10 +104,46 @@ def test_map_deblend_on_blends_with_detections(model: Deblender, tiny_dataset: P
     low, high = out.posterior.intervals[0.68][..., 0], out.posterior.intervals[0.68][..., 1]
     assert (low <= out.posterior.mean).all() and (out.posterior.mean <= high).all()
     assert (out.posterior.intervals[0.95][..., 0] <= low + 1e-6).all()
-    # zero steps: the MAP latents are the stage2 encoder's on each source's stamp
+    # zero steps: the MAP latents are the stage2 encoder's on each source's stamp, as seen in
+    # the view its scene is fitted in (scene i in view i)
     start = model.map_deblend(blends, positions, prior="normal", steps=0)
+    assert start.view.tolist() == list(range(6))
     np.testing.assert_allclose(start.latent, start.initial_latent)
-    np.testing.assert_allclose(start.latent[first], model.predict(blends, views=1).mu, atol=1e-5)
+    viewed = np.stack([image_view(torch.from_numpy(b), v).numpy()
+                       for b, v in zip(blends, start.view)])
+    np.testing.assert_allclose(start.latent[first], model.predict(viewed, views=1).mu, atol=1e-5)
+
+
+def test_each_scene_is_fitted_in_its_view_and_mapped_back(model: Deblender,
+                                                         tiny_dataset: Path) -> None:
+    """Scene 0 is fitted as it is, scene v in view v: giving as scene v the image whose view v is
+    scene 0 must give scene 0's fit, mapped back into scene v's frame (a 51 x 51 scene with
+    two sources off-centre, so a wrong position or orientation anywhere shows)."""
+    data = open_dataset(tiny_dataset)
+    blend = data.images("blend", data.split_indices("validation")[:1])[0]
+    scene = np.zeros((len(model.bands), 51, 51), np.float32)
+    scene[:, 2:47, 5:50] = blend
+    xy = np.array([[27.0, 24.0], [20.0, 30.0]])  # the blend's centre, and a second source
+    views = range(4)
+    scenes = [scene] + [image_from_view(torch.from_numpy(scene), v).numpy() for v in views[1:]]
+    positions = [xy] + [position_from_view(xy, v, 51, 51) for v in views[1:]]
+    out = model.map_deblend(np.stack(scenes), positions, prior="normal", steps=10)
+    assert out.view.tolist() == list(views)
+    raw = out.ellipticity if out.ellipticity_raw is None else out.ellipticity_raw
+    for v in views[1:]:
+        rows = out.scene == v
+        np.testing.assert_allclose(out.latent[rows], out.latent[out.scene == 0], atol=2e-4)
+        back = image_from_view(torch.from_numpy(out.reconstruction[out.scene == 0]), v).numpy()
+        np.testing.assert_allclose(out.reconstruction[rows], back, rtol=1e-3,
+                                   atol=1e-3 * np.abs(back).max())
+        np.testing.assert_allclose(
+            out.model[v], image_from_view(torch.from_numpy(out.model[0]), v).numpy(),
+            rtol=1e-3, atol=1e-3 * np.abs(out.model[0]).max())
+        assert np.stack([out.x[rows], out.y[rows]], 1).tolist() == positions[v].tolist()
+        e0 = torch.from_numpy(raw[out.scene == 0])
+        np.testing.assert_allclose(raw[rows], ellipticity_in_view(e0, v).numpy(), atol=1e-4)
+    # a quarter turn changes the sign of e: the mapping is real
+    assert np.abs(raw[out.scene == 1] - raw[out.scene == 0]).max() > 1e-3
 
 
 def test_map_deblend_refuses_bad_input(model: Deblender) -> None:

@@ -13,9 +13,12 @@ from torch.distributions import kl_divergence as torch_kl
 
 from deblend.core.losses import LossTerms, beta_vae_loss, kl_divergence, regression_loss
 from deblend.core.networks import (
+    DECODER_OUTPUTS,
+    SIGMOID_FLOOR,
     VAE,
     Decoder,
     Encoder,
+    FlooredSigmoid,
     Regressor,
     VAEOutput,
     encoder_spatial_sizes,
@@ -66,11 +69,46 @@ def test_other_stamp_sizes(stamp_size: int) -> None:
     assert out.x_hat.shape == (2, 4, stamp_size, stamp_size)
 
 
-def test_decoder_output_in_unit_interval() -> None:
-    dec = Decoder(6)
+@pytest.mark.parametrize("output", DECODER_OUTPUTS)
+def test_decoder_output_in_unit_interval(output: str) -> None:
+    dec = Decoder(6, output=output)
     x_hat = dec(10.0 * torch.randn(8, 32))  # large latents push the sigmoid to its tails
     assert x_hat.min() >= 0.0
     assert x_hat.max() <= 1.0
+
+
+def test_floored_sigmoid_reaches_the_sky_with_a_finite_slope() -> None:
+    """SPEC's sigmoid has slope ~its own value near 0 (the pedestal's cause); the floored one
+    is exactly 0 below a finite input, rises from there with slope ~SIGMOID_FLOOR, and
+    approaches 1 only asymptotically."""
+    y = torch.linspace(-30.0, 30.0, 60001, requires_grad=True)
+    out = FlooredSigmoid()(y)
+    out.sum().backward()
+    first = int(torch.nonzero(out > 0)[0])
+    assert -6.0 < y[first].item() < -4.0  # sigmoid(y) = a / (1 + a), y ~ -4.6
+    assert torch.equal(out[:first].detach(), torch.zeros(first))
+    assert y.grad[first].item() == pytest.approx(SIGMOID_FLOOR, rel=0.05)
+    assert torch.all(torch.diff(out.detach()[first:]) >= 0)
+    assert out.max().item() <= 1.0  # 1 only where float32 rounds sigmoid to 1, as for SPEC's
+    floor_seen = torch.sigmoid(torch.tensor(-8.0))  # 3.4e-4: where SPEC's decoders settle
+    assert y.grad[first].item() > 25 * (floor_seen * (1 - floor_seen)).item()
+
+
+@pytest.mark.parametrize("output", DECODER_OUTPUTS)
+def test_decoder_output_layer_and_checkpoint_parameters(output: str) -> None:
+    dec = Decoder(6, output=output)
+    expected = nn.Sigmoid if output == "sigmoid" else FlooredSigmoid
+    assert isinstance(list(dec.deconv)[-1], expected)
+    params = dec.hparams()
+    # SPEC's sigmoid stores no 'output', so checkpoints from before the option still load.
+    assert ("output" in params) == (output != "sigmoid")
+    rebuilt = Decoder(**params)
+    rebuilt.load_state_dict(dec.state_dict())
+    z = torch.randn(3, 32)
+    assert torch.equal(dec.eval()(z), rebuilt.eval()(z))
+    assert VAE(6, decoder_output=output).decoder.output == output
+    with pytest.raises(ValueError, match="decoder output"):
+        Decoder(6, output="linear")
 
 
 def test_regressor_output_in_range() -> None:

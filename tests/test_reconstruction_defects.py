@@ -169,13 +169,17 @@ def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path) -> None:
     assert galaxies.clean.shape == galaxies.noisy.shape == (4, 6, 45, 45)
     assert np.all(galaxies.twin == [0, 1, 0, 1])
     assert not np.allclose(galaxies.noisy, galaxies.clean)  # BTK-like noise was added
-    result = measure_defects(_untrained_deblender(), galaxies)
+    result = measure_defects(_untrained_deblender(), galaxies, map_prior="normal")
     assert result["n"] == 4 and set(result["plain"]["bias"]) == {"uniform", "gaussian"}
+    # MAP's reconstructions are fitted to the pixels: not the encoder's decoding
+    map_flux = [b["mean"] for b in result["map"]["flux"]["bins"] if b["n"]]
+    plain_flux = [b["mean"] for b in result["plain"]["flux"]["bins"] if b["n"]]
+    assert result["map_prior"] == "normal" and map_flux != plain_flux
     assert len(result["view_biases"]["uniform"]) == N_VIEWS
     assert result["network_frame_bias"]["gaussian"]["n"] == 4
     out = tmp_path / "defects"
     text = write_outputs(result, out, "untrained")
-    assert "8-view average" in text and "slope per mag" in text
+    assert "8-view average" in text and "slope per mag" in text and "MAP (normal prior)" in text
     assert json.loads((out / "reconstruction_defects.json").read_text())["n"] == 4
     assert (out / "flux_residual.png").stat().st_size > 0
     assert "untrained" in (out / "report.md").read_text()

@@ -13,6 +13,8 @@ from deblend.core.symmetry import (
     ellipticity_in_view,
     image_from_view,
     image_view,
+    position_from_view,
+    position_in_view,
     random_views,
 )
 
@@ -50,6 +52,25 @@ def test_views_keep_the_centre_and_invert() -> None:
     assert {tuple(image_view(x, v)[0, 0, 0, :3].tolist()) for v in range(N_VIEWS)}.__len__() == 8
     with pytest.raises(ValueError, match="0..7"):
         image_view(x, 8)
+
+
+@pytest.mark.parametrize("shape", [(13, 13), (9, 14)])
+def test_positions_follow_the_pixels_into_each_view_and_back(shape: tuple[int, int]) -> None:
+    height, width = shape
+    xy = np.array([[0.0, 0.0], [width - 1.0, 2.0], [3.0, height - 1.0], [5.0, 4.0]])
+    for view in range(N_VIEWS):
+        moved = position_in_view(xy, view, height, width)
+        for (x, y), (vx, vy) in zip(xy.astype(int), moved):
+            image = torch.zeros(height, width)
+            image[y, x] = 1.0
+            seen = image_view(image, view)
+            row, col = np.unravel_index(int(seen.argmax()), tuple(seen.shape))
+            assert (vx, vy) == (col, row)
+        np.testing.assert_allclose(position_from_view(moved, view, height, width), xy)
+    # sub-pixel positions move like the pixel grid (the transforms are affine)
+    inner = np.array([[2.25, 3.5]])
+    np.testing.assert_allclose(
+        position_from_view(position_in_view(inner, 5, height, width), 5, height, width), inner)
 
 
 def test_random_views_transform_inputs_and_targets_together() -> None:

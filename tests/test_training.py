@@ -13,7 +13,9 @@ import pytest
 import torch
 import yaml
 
-from deblend.core.config import config_from_dict, load_config
+from deblend import Deblender
+from deblend.core.config import Config, config_from_dict, load_config
+from deblend.core.networks import FlooredSigmoid
 from deblend.core.runs import (
     DataIdentity,
     RunLayout,
@@ -148,6 +150,11 @@ def test_checkpoints_hold_what_later_stages_need(trained_run: Path, tiny_dataset
         assert load_checkpoint(layout.best(stage))["parent"] == {
             "stage": parent, "sha256": file_sha256(layout.best(parent))}
     assert load_checkpoint(layout.best("stage2"))["init"] == "stage1"
+    # the decoder records its configured output layer, and the Deblender rebuilds it
+    decoder = load_checkpoint(layout.best("stage1"))["modules"]["decoder"]
+    assert decoder["hparams"]["output"] == Config().model.decoder_output == "floored_sigmoid"
+    assert isinstance(list(Deblender.from_run(trained_run, device="cpu").decoder.deconv)[-1],
+                      FlooredSigmoid)
 
 
 def test_frozen_parts_stay_frozen(trained_run: Path, tmp_path: Path) -> None:

@@ -122,7 +122,8 @@ class VAEStage(Stage):
 
     @classmethod
     def build(cls, config, data, parent, parent_record) -> "VAEStage":
-        return cls(VAE(len(data.bands), data.stamp_pixels, config.model.latent_dim),
+        return cls(VAE(len(data.bands), data.stamp_pixels, config.model.latent_dim,
+                       config.model.decoder_output),
                    config.training.beta_kl)
 
     def saved_modules(self) -> dict[str, nn.Module]:

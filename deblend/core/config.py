@@ -172,6 +172,10 @@ class ModelConfig:
     """Network hyper-parameters (SPEC section 4)."""
 
     latent_dim: StrictInt = 32
+    decoder_output: Literal["floored_sigmoid", "sigmoid"] = "floored_sigmoid"
+    """The decoder's last layer (:class:`deblend.core.networks.Decoder`): ``sigmoid`` is
+    SPEC's, whose floor leaves a pedestal of about 3 electrons per pixel; ``floored_sigmoid``
+    reaches the sky (0) exactly, with a finite slope."""
     regressor_hidden: tuple[StrictInt, ...] = (128, 64, 32)
     regressor_dropout: StrictFloat = 0.1
     flow_transform: Literal["affine_coupling", "spline_coupling"] = "affine_coupling"

@@ -139,7 +139,8 @@ class Deblender:
     def __init__(self, encoder: Encoder, decoder: Decoder, regressor: Regressor | None,
                  data: DataIdentity, device: torch.device | str = "cpu",
                  response: Response | None = None, flow: LatentFlow | None = None) -> None:
-        if encoder.hparams() != decoder.hparams():
+        shared = {key: decoder.hparams()[key] for key in encoder.hparams()}
+        if encoder.hparams() != shared:
             raise ValueError(f"encoder {encoder.hparams()} and decoder {decoder.hparams()} differ")
         if len(data.bands) != encoder.n_bands or data.stamp_pixels != encoder.stamp_size:
             raise ValueError("the data identity does not match the networks' bands or stamp size")

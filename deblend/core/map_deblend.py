@@ -15,6 +15,10 @@ estimated from each scene's sigma-clipped pixels when None. Each source starts f
 encoder's latent of the model-sized stamp cut around it, then every latent of a scene is fitted
 together (:func:`deblend.core.map_fit.fit_scenes`). The ellipticity of a source is the
 regressor's reading of its MAP latent (response-calibrated like :meth:`Deblender.predict`);
+the decoder has an orientation fixed in its own frame (:mod:`deblend.core.symmetry`), so each
+scene is fitted in one of the symmetric views, cycling with its index (:func:`scene_views`), and
+everything is mapped back: over a catalogue the orientation averages out, as ``predict``'s
+8-view average does within each stamp (MAP cannot afford 8 fits per scene);
 its posterior comes from the Laplace approximation (:mod:`deblend.core.posterior`). MAP moves
 latents off those the regressor was trained on, so :attr:`MapPrediction.ellipticity_deblended`
 also reads each source from its MAP-deblended stamp (the scene minus the other sources' MAP
@@ -51,6 +55,14 @@ from deblend.core.posterior import (
     prior_hessian,
 )
 from deblend.core.stamps import cut_stamp
+from deblend.core.symmetry import (
+    N_VIEWS,
+    ellipticity_in_view,
+    image_from_view,
+    image_view,
+    position_from_view,
+    position_in_view,
+)
 
 if TYPE_CHECKING:
     from deblend.core.inference import Deblender
@@ -70,9 +82,9 @@ class MapPrediction:
     y: np.ndarray
     """(M,) pixel row."""
     latent: np.ndarray
-    """(M, D) MAP latent."""
+    """(M, D) MAP latent, of the source as seen in its scene's :attr:`view`."""
     initial_latent: np.ndarray
-    """(M, D) the stage2 encoder's latent the fit started from."""
+    """(M, D) the stage2 encoder's latent the fit started from (in the same view)."""
     reconstruction: np.ndarray
     """(M, bands, S, S) the decoded source at its MAP latent, electrons, centred on (x, y)."""
     ellipticity: np.ndarray | None
@@ -84,6 +96,9 @@ class MapPrediction:
     """(N, bands, H, W) sum of every source's reconstruction: the fitted scene."""
     objective: np.ndarray
     """(2, N) -log posterior of each scene (up to a constant) at the start and at the MAP."""
+    view: np.ndarray
+    """(N,) the symmetric view each scene was fitted in (:func:`scene_views`); every other
+    field is mapped back to the scene's own frame, except the latents."""
     posterior: EllipticityPosterior | None = None
     """Laplace posterior of the regressor's (e1, e2) (raw output) per source, when asked for."""
     deblended: np.ndarray | None = None
@@ -121,6 +136,25 @@ def check_positions(positions: list[np.ndarray], n_scenes: int) -> list[np.ndarr
     return checked
 
 
+def scene_views(n: int, height: int, width: int) -> np.ndarray:
+    """(n,) the view of :mod:`deblend.core.symmetry` each of ``n`` scenes is fitted in: the 8
+    views in turn for square scenes, the 4 that keep a non-square scene's shape (flips and
+    half-turns) otherwise."""
+    cycle = np.arange(N_VIEWS) if height == width else np.arange(0, N_VIEWS, 2)
+    return cycle[np.arange(n) % len(cycle)]
+
+
+def _in_views(arrays: np.ndarray, views: np.ndarray, transform) -> np.ndarray:
+    """``transform(tensor, view)`` applied to the rows of ``arrays`` (axis 0) fitted in each
+    view; float32 numpy out."""
+    out = np.array(arrays, copy=True)
+    for view in np.unique(views):
+        rows = views == view
+        out[rows] = transform(torch.from_numpy(np.ascontiguousarray(arrays[rows])),
+                              int(view)).numpy()
+    return out
+
+
 def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray],
                 sky_levels: np.ndarray | None = None, *, prior: str = "flow",
                 steps: int = DEFAULT_STEPS, learning_rate: float = DEFAULT_LEARNING_RATE,
@@ -138,6 +172,11 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
            else np.broadcast_to(np.asarray(sky_levels, np.float64), (n, array.shape[1])).copy())
     if not (np.isfinite(sky).all() and (sky > 0).all()):
         raise ValueError("sky_levels must be positive and finite (electrons^2 per pixel)")
+    height, width = array.shape[-2:]
+    views = scene_views(n, height, width)
+    viewed = _in_views(array, views, image_view)
+    in_view = [position_in_view(np.floor(p + 0.5), int(v), height, width)
+               for p, v in zip(positions, views)]
     scene_model = SceneModel(model.decoder, model.normalization)
     generator = torch.Generator().manual_seed(seed)
     parts: list[dict[str, np.ndarray]] = []
@@ -145,7 +184,7 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
     objective = np.zeros((2, n), np.float32)
     for start in range(0, n, batch_size):
         part = slice(start, start + batch_size)
-        fitted = _fit_batch(model, scene_model, array[part], positions[part], sky[part],
+        fitted = _fit_batch(model, scene_model, viewed[part], in_view[part], sky[part],
                             log_prior, steps, learning_rate, posterior_samples, generator)
         fitted["scene"] += start
         models[part] = fitted.pop("model")
@@ -153,6 +192,20 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
         parts.append(fitted)
     joined = {key: np.concatenate([p[key] for p in parts], axis=1 if key == "samples" else 0)
               for key in parts[0]}
+    models = _in_views(models, views, image_from_view)
+    source_views = views[joined["scene"]]
+    joined["reconstruction"] = _in_views(joined["reconstruction"], source_views, image_from_view)
+    xy = np.stack([joined["x"], joined["y"]], axis=1)
+    for view in np.unique(source_views):
+        rows = source_views == view
+        xy[rows] = np.rint(position_from_view(xy[rows], int(view), height, width))
+    joined["x"], joined["y"] = xy[:, 0], xy[:, 1]
+    if "ellipticity_raw" in joined:
+        joined["ellipticity_raw"] = _in_views(joined["ellipticity_raw"], source_views,
+                                              ellipticity_in_view)
+    if "samples" in joined:
+        joined["samples"] = _in_views(joined["samples"].transpose(1, 0, 2), source_views,
+                                      ellipticity_in_view).transpose(1, 0, 2)
     raw = joined.get("ellipticity_raw")
     calibrated = raw
     if raw is not None and model.response is not None:
@@ -168,7 +221,7 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
     return MapPrediction(joined["scene"], joined["x"], joined["y"], joined["latent"],
                          joined["initial_latent"], joined["reconstruction"], calibrated,
                          raw if model.response is not None else None, models, objective,
-                         posterior, deblended, e_deblended)
+                         views, posterior, deblended, e_deblended)
 
 
 def deblended_stamps(residuals: np.ndarray, scene: np.ndarray, x: np.ndarray, y: np.ndarray,

@@ -11,11 +11,13 @@ View ``v`` in 0..7 flips first when ``v >= 4``, then rotates ``v % 4`` times. Ev
 sign change, hence its own inverse: :func:`ellipticity_in_view` takes an ellipticity to the view's
 frame *and* back. Training uses random views as exact augmentation; the deblender averages its
 regressor over all eight views (after mapping each back), which makes the estimate equivariant
-under the group and averages down the encoder's orientation-dependent errors.
+under the group and averages down the encoder's orientation-dependent errors. MAP deblending
+fits each scene in one view (:func:`position_in_view` moves its sources there).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,6 +45,32 @@ def image_from_view(images: Tensor, view: int) -> Tensor:
     if view >= 4:
         images = torch.flip(images, dims=(-1,))
     return images
+
+
+def position_in_view(xy: np.ndarray, view: int, height: int, width: int) -> np.ndarray:
+    """(K, 2) pixel positions (x = column, y = row) in an image of ``height`` x ``width``
+    moved to where :func:`image_view` puts those pixels; float64."""
+    _check_view(view)
+    x, y = np.asarray(xy, np.float64)[:, 0], np.asarray(xy, np.float64)[:, 1]
+    if view >= 4:
+        x = width - 1 - x
+    for _ in range(view % 4):  # one rot90: (x, y) -> (y, W - 1 - x), and H, W swap
+        x, y = y, width - 1 - x
+        height, width = width, height
+    return np.stack([x, y], axis=1)
+
+
+def position_from_view(xy: np.ndarray, view: int, height: int, width: int) -> np.ndarray:
+    """The inverse of :func:`position_in_view`: positions in ``view`` of an image that is
+    ``height`` x ``width`` in its own frame, back in that frame; float64."""
+    _check_view(view)
+    widths = [width if i % 2 == 0 else height for i in range(view % 4)]
+    x, y = np.asarray(xy, np.float64)[:, 0], np.asarray(xy, np.float64)[:, 1]
+    for w in reversed(widths):  # undo each rot90, last first, with the width before it
+        x, y = w - 1 - y, x
+    if view >= 4:
+        x = width - 1 - x
+    return np.stack([x, y], axis=1)
 
 
 def ellipticity_in_view(e: Tensor, view: int) -> Tensor:
