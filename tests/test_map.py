@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,33 @@ def test_each_scene_is_fitted_in_its_view_and_mapped_back(model: Deblender,
         np.testing.assert_allclose(raw[rows], ellipticity_in_view(e0, v).numpy(), atol=1e-4)
     # a quarter turn changes the sign of e: the mapping is real
     assert np.abs(raw[out.scene == 1] - raw[out.scene == 0]).max() > 1e-3
+
+
+def test_non_finite_gradients_are_not_followed_and_are_reported(model: Deblender,
+                                                                tiny_dataset: Path,
+                                                                monkeypatch) -> None:
+    """A prior whose gradient is infinite at 0 (sqrt|z|): the scene starting there keeps its
+    start and is flagged, the other one is fitted; map_deblend warns when a prior misbehaves."""
+    data = open_dataset(tiny_dataset)
+    clean = data.images("clean", data.split_indices("validation")[:1])
+    scene_model = SceneModel(model.decoder, model.normalization)
+    sources = SceneSources.from_lists([torch.tensor([[22.0, 22.0]])] * 2)
+    images = torch.from_numpy(np.concatenate([clean, clean]))
+    z0 = torch.from_numpy(model.predict(clean, views=1, reconstruct=False).mu)[None].repeat(2, 1, 1)
+    z0[1] = 0.0
+    fit = fit_scenes(scene_model, images, sources, z0, torch.full((len(model.bands),), 1.0),
+                     lambda z: -z.abs().sqrt().sum(-1), steps=5, learning_rate=0.05)
+    assert fit.nonfinite_gradient.tolist() == [False, True]
+    assert torch.equal(fit.z[1], z0[1]) and not torch.equal(fit.z[0], z0[0])
+    blends = data.images("blend", data.split_indices("validation")[:3])
+    positions = [np.array([[22.0, 22.0]])] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a well-behaved prior: no warning
+        model.map_deblend(blends, positions, prior="normal", steps=3)
+    monkeypatch.setattr(model.require_flow(), "log_prob", lambda z: z.sum(-1) * float("inf"))
+    with pytest.warns(RuntimeWarning, match="3 of 3 scenes had a non-finite"):
+        out = model.map_deblend(blends, positions, prior="flow", steps=3)
+    np.testing.assert_allclose(out.latent, out.initial_latent)
 
 
 def test_map_deblend_refuses_bad_input(model: Deblender) -> None:

@@ -27,6 +27,7 @@ models) through :meth:`Deblender.predict`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -182,6 +183,7 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
     parts: list[dict[str, np.ndarray]] = []
     models = np.zeros_like(array)
     objective = np.zeros((2, n), np.float32)
+    nonfinite = np.zeros(n, bool)
     for start in range(0, n, batch_size):
         part = slice(start, start + batch_size)
         fitted = _fit_batch(model, scene_model, viewed[part], in_view[part], sky[part],
@@ -189,7 +191,15 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
         fitted["scene"] += start
         models[part] = fitted.pop("model")
         objective[:, part] = fitted.pop("objective")
+        nonfinite[part] = fitted.pop("nonfinite")
         parts.append(fitted)
+    if nonfinite.any():
+        warnings.warn(f"MAP: {int(nonfinite.sum())} of {n} scenes had a non-finite objective or "
+                      f"gradient "
+                      f"({prior} prior): latents the decoder or the prior cannot handle, such as "
+                      "a flow evaluated far from the latents it was trained on. Those steps were "
+                      "not followed; the scenes may have kept their starting latents.",
+                      RuntimeWarning, stacklevel=3)
     joined = {key: np.concatenate([p[key] for p in parts], axis=1 if key == "samples" else 0)
               for key in parts[0]}
     models = _in_views(models, views, image_from_view)
@@ -261,6 +271,7 @@ def _fit_batch(model: Deblender, scene_model: SceneModel, scenes: np.ndarray,
         "initial_latent": z0[mask].float().cpu().numpy(),
         "reconstruction": fit.stamps[mask].float().cpu().numpy(),
         "objective": fit.objective[[0, -1]].float().cpu().numpy(),
+        "nonfinite": fit.nonfinite_gradient.cpu().numpy(),
     }
     with torch.no_grad():
         out["model"] = render_scene(fit.stamps, sources, scenes.shape[-2],

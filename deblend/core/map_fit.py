@@ -142,6 +142,11 @@ class MapFit:
     the end."""
     inverse_variance: Tensor
     """(N, B, H, W) the pixel weights of the fit's likelihood, 1 / :func:`pixel_variance`."""
+    nonfinite_gradient: Tensor
+    """(N,) bool: the scene's objective or gradient was not finite at some step (a latent the
+    decoder or the prior cannot handle: e.g. a flow evaluated far from the latents it was
+    trained on); such steps were not followed, so the scene may have kept its starting
+    latents."""
 
 
 DEFAULT_STEPS = 40
@@ -168,6 +173,7 @@ def fit_scenes(model: SceneModel, images: Tensor, sources: SceneSources, z0: Ten
     z = z0.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=learning_rate)
     best_z, best = z.detach().clone(), None
+    nonfinite = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
     history = []
     for step in range(steps + 1):
         objective = model.neg_log_posterior(z, images, inverse_variance, sources, log_prior)
@@ -183,12 +189,14 @@ def fit_scenes(model: SceneModel, images: Tensor, sources: SceneSources, z0: Ten
             break
         optimizer.zero_grad(set_to_none=True)
         finite = torch.isfinite(values)
+        nonfinite |= ~finite
         if not finite.any():
             break
         objective[finite].sum().backward()
         # a non-finite gradient (a latent the decoder or prior cannot handle) is not followed
+        nonfinite |= ~torch.isfinite(z.grad).flatten(start_dim=1).all(dim=1)
         z.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         optimizer.step()
     with torch.no_grad():
         stamps = model.stamps(best_z, sources.mask)
-    return MapFit(best_z, stamps, torch.stack(history), inverse_variance)
+    return MapFit(best_z, stamps, torch.stack(history), inverse_variance, nonfinite)
