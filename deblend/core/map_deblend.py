@@ -15,19 +15,21 @@ estimated from each scene's sigma-clipped pixels when None. Each source starts f
 encoder's latent of the model-sized stamp cut around it, then every latent of a scene is fitted
 together (:func:`deblend.core.map_fit.fit_scenes`). The ellipticity of a source is the
 regressor's reading of its MAP latent (response-calibrated like :meth:`Deblender.predict`);
-the decoder has an orientation fixed in its own frame (:mod:`deblend.core.symmetry`), so each
-scene is fitted in one of the symmetric views, cycling with its index (:func:`scene_views`), and
-everything is mapped back: over a catalogue the orientation averages out, as ``predict``'s
-8-view average does within each stamp (MAP cannot afford 8 fits per scene);
 its posterior comes from the Laplace approximation (:mod:`deblend.core.posterior`). MAP moves
 latents off those the regressor was trained on, so :attr:`MapPrediction.ellipticity_deblended`
 also reads each source from its MAP-deblended stamp (the scene minus the other sources' MAP
 models) through :meth:`Deblender.predict`.
+
+The decoder has an orientation fixed in its own frame (:mod:`deblend.core.symmetry`), so each
+scene is fitted in one of the symmetric views, cycling with its index (:func:`scene_views`), and
+everything but the latents is mapped back: over a catalogue the orientation averages out, as
+``predict``'s 8-view average does within each stamp (MAP cannot afford 8 fits per scene).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -145,9 +147,9 @@ def scene_views(n: int, height: int, width: int) -> np.ndarray:
     return cycle[np.arange(n) % len(cycle)]
 
 
-def _in_views(arrays: np.ndarray, views: np.ndarray, transform) -> np.ndarray:
-    """``transform(tensor, view)`` applied to the rows of ``arrays`` (axis 0) fitted in each
-    view; float32 numpy out."""
+def _in_views(arrays: np.ndarray, views: np.ndarray,
+              transform: Callable[[torch.Tensor, int], torch.Tensor]) -> np.ndarray:
+    """A copy of ``arrays`` whose rows (axis 0) in each view v are ``transform(rows, v)``."""
     out = np.array(arrays, copy=True)
     for view in np.unique(views):
         rows = views == view
@@ -195,10 +197,10 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
         parts.append(fitted)
     if nonfinite.any():
         warnings.warn(f"MAP: {int(nonfinite.sum())} of {n} scenes had a non-finite objective or "
-                      f"gradient "
-                      f"({prior} prior): latents the decoder or the prior cannot handle, such as "
-                      "a flow evaluated far from the latents it was trained on. Those steps were "
-                      "not followed; the scenes may have kept their starting latents.",
+                      f"gradient ({prior} prior): latents the decoder or the prior cannot "
+                      "handle, such as a flow evaluated far from the latents it was trained on. "
+                      "Those steps were not followed; the scenes may have kept their starting "
+                      "latents.",
                       RuntimeWarning, stacklevel=3)
     joined = {key: np.concatenate([p[key] for p in parts], axis=1 if key == "samples" else 0)
               for key in parts[0]}
