@@ -40,7 +40,8 @@ RESULTS = "reconstruction_defects.json"
 FIGURE = "flux_residual.png"
 REPORT = "report.md"
 VARIANTS = {"plain": "1 view (plain decoding)", "symmetrised": "8-view average (predict's default)",
-            "map": "MAP"}
+            "map": "MAP ({map_prior} prior)"}
+"""Measured variants and their labels (formatted with the result's keys)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -71,9 +72,7 @@ def _pm(entry: dict[str, Any], key: str, error: str, digits: int = 4) -> str:
 
 
 def _label(result: dict[str, Any], variant: str) -> str:
-    if variant == "map":
-        return f"MAP ({result['map_prior']} prior)"
-    return VARIANTS[variant]
+    return VARIANTS[variant].format(**result)
 
 
 def table(result: dict[str, Any]) -> str:

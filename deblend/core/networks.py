@@ -23,10 +23,11 @@ Architecture (see the spec):
   map ``(256, s, s)``, then 4 ConvTranspose2d(3x3, stride 2, padding 1)
   256 -> 128 -> 64 -> 32 -> n_bands with PReLU between (none after the last),
   then the output: SPEC's Sigmoid (``output="sigmoid"``), or a sigmoid that reaches
-  0 exactly (``output="floored_sigmoid"``: see :class:`Decoder`).  The transposed convolutions' ``output_padding`` is chosen per
-  layer so that they retrace the encoder's sizes exactly (3 -> 6 -> 12 -> 23 ->
-  45), which makes the spec's final bilinear interpolation to ``stamp_size`` an
-  identity for every stamp size: it is therefore not applied.
+  0 exactly (``output="floored_sigmoid"``: see :class:`Decoder`).  The transposed
+  convolutions' ``output_padding`` is chosen per layer so that they retrace the
+  encoder's sizes exactly (3 -> 6 -> 12 -> 23 -> 45), which makes the spec's
+  final bilinear interpolation to ``stamp_size`` an identity for every stamp size:
+  it is therefore not applied.
 * Regressor: [Linear + PReLU + Dropout] x (128, 64, 32), then Linear(2) + Tanh.
 
 PReLU layers have one learnable slope per channel (conv) / per unit (dense).

@@ -15,8 +15,8 @@ heavily blended pairs). A flow's Hessian need not be positive: eigenvalues of P 
 :data:`MIN_EIGENVALUE` are raised to it.
 
 Cost: J needs D forward-mode passes of the decoder (D = 32: about 32 decoder evaluations per
-source), then sampling is an eigendecomposition of each D x D precision. Samples of z are pushed through the regressor (and
-optionally the decoder's moments) to give e with intervals.
+source), then sampling is an eigendecomposition of each D x D precision. Samples of z are
+pushed through the regressor (and optionally the decoder's moments) to give e with intervals.
 """
 
 from __future__ import annotations
