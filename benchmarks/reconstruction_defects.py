@@ -5,10 +5,12 @@ The reconstruction's own defects (:mod:`evaluation.reconstruction_defects`) on N
 galaxies drawn directly with GalSim (rotated-twin pairs, BTK-like noise): the additive and
 multiplicative bias of the reconstruction's moment ellipticity (uniform and Gaussian weights,
 r+i+z) against the noiseless truth, the same per symmetric view in the network's frame, and the
-flux residual in bins of i magnitude, for the plain reconstruction and for the average of the
-8 views' reconstructions (and, with ``--map PRIOR``, for MAP deblending's reconstructions
-under that prior). Prints the table; writes ``reconstruction_defects.json``,
-``flux_residual.png`` and ``report.md`` into ``--out`` (default ``RUN/reconstruction_defects``).
+flux residual in bins of i magnitude, and where in the profile the defects live (light kept
+per annulus, slope of the uniform-weight e inside apertures of growing radius), for the plain
+reconstruction and for the average of the 8 views' reconstructions (and, with ``--map PRIOR``,
+for MAP deblending's reconstructions under that prior). Prints the tables; writes
+``reconstruction_defects.json``, ``flux_residual.png``, ``radial_profile.png`` and
+``report.md`` into ``--out`` (default ``RUN/reconstruction_defects``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from evaluation.reconstruction_defects import (
 KIND = "reconstruction-defects"
 RESULTS = "reconstruction_defects.json"
 FIGURE = "flux_residual.png"
+PROFILE_FIGURE = "radial_profile.png"
 REPORT = "report.md"
 VARIANTS = {"plain": "1 view (plain decoding)", "symmetrised": "8-view average (predict's default)",
             "map": "MAP ({map_prior} prior)"}
@@ -64,11 +67,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _pm(entry: dict[str, Any], key: str, error: str, digits: int = 4) -> str:
+def _pm(entry: dict[str, Any], key: str, error: str, digits: int = 4, sign: str = "+") -> str:
     value, err = entry[key], entry[error]
     if not math.isfinite(value):
         return "-"
-    return f"{value:+.{digits}f} ± {err:.{digits}f}"
+    return f"{value:{sign}.{digits}f} ± {err:.{digits}f}"
 
 
 def _label(result: dict[str, Any], variant: str) -> str:
@@ -101,6 +104,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {row['lo']:g}-{row['hi']:g} | {row['n']} | " + " | ".join(cells) + " |")
     cells = [_pm(result[v]["flux"]["slope"], "slope", "error", 3) for v in variants]
     lines.append("| slope per mag | | " + " | ".join(cells) + " |")
+    lines += _profile_tables(result, variants)
     if "view_biases" in result:
         lines += ["", ("Residual e per symmetric view (uniform weight), in the stamp frame and "
                        "in the network's frame (a fixed network-frame bias is constant in the "
@@ -117,6 +121,54 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"\nequivariance error (rms of view^-1 f(view x) - f(x), relative): "
                      f"{result['equivariance_error']:.4f}")
     return "\n".join(lines)
+
+
+def _profile_tables(result: dict[str, Any], variants: list[str]) -> list[str]:
+    """Light kept per annulus and the uniform-weight e slope inside apertures (r+i+z)."""
+    header = " | ".join(_label(result, v) for v in variants)
+    lines = ["", "light kept per annulus, flux(reconstruction) / flux(truth), r+i+z:", "",
+             f"| radius (px) | truth (e/px) | {header} |", "|:---|---:|" + "---:|" * len(variants)]
+    for k, ring in enumerate(result[variants[0]]["light_by_radius"]):
+        cells = [_pm(result[v]["light_by_radius"][k], "kept", "error", 3, "") for v in variants]
+        lines.append(f"| {ring['lo']:g}-{ring['hi']:g} | {ring['truth_per_pixel']:.1f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "slope of e(reconstruction) against e(truth), uniform weight inside a circular "
+              "aperture, e1 / e2:", "", f"| aperture radius (px) | {header} |",
+              "|:---|" + "---:|" * len(variants)]
+    for k, row in enumerate(result[variants[0]]["slope_by_aperture"]):
+        cells = [" / ".join(f"{result[v]['slope_by_aperture'][k][c]['slope']:.3f}"
+                            for c in ("e1", "e2")) for v in variants]
+        lines.append(f"| < {row['radius']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def profile_figure(result: dict[str, Any], path: Path) -> Path:
+    """Light kept against annulus radius, and the e slope against aperture radius."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for colour, variant in enumerate(v for v in VARIANTS if v in result):
+        label = _label(result, variant)
+        rings = result[variant]["light_by_radius"]
+        left.errorbar([0.5 * (r["lo"] + r["hi"]) for r in rings], [r["kept"] for r in rings],
+                      yerr=[r["error"] for r in rings], marker="o", capsize=3, label=label,
+                      color=f"C{colour}")
+        rows = result[variant]["slope_by_aperture"]
+        for component, style in (("e1", "-"), ("e2", "--")):
+            right.plot([r["radius"] for r in rows], [r[component]["slope"] for r in rows],
+                       style, marker="o", color=f"C{colour}", label=f"{label}, {component}")
+    left.axhline(1.0, color="black", lw=0.8)
+    left.set_xlabel("annulus centre (pixels from the stamp centre)")
+    left.set_ylabel("flux(recon) / flux(truth) in the annulus")
+    right.axhline(1.0, color="black", lw=0.8)
+    right.set_xlabel("aperture radius (pixels)")
+    right.set_ylabel("slope of e(recon) vs e(truth), uniform weight")
+    left.legend(fontsize=8)
+    right.legend(fontsize=7)
+    fig.suptitle(f"isolated GalSim galaxies, n = {result['n']}, r+i+z")
+    fig.tight_layout()
+    with atomic_output(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return path
 
 
 def figure(result: dict[str, Any], path: Path) -> Path:
@@ -171,9 +223,11 @@ def write_outputs(result: dict[str, Any], out: Path, title: str) -> str:
     mark(out, KIND)
     write_json_atomic(out / RESULTS, result)
     figure(result, out / FIGURE)
+    profile_figure(result, out / PROFILE_FIGURE)
     text = table(result)
     write_text_atomic(out / REPORT, f"# Reconstruction defects: {title}\n\n{text}\n\n"
-                      f"![flux residual]({FIGURE})\n")
+                      f"![flux residual]({FIGURE})\n\n![light and shape by radius]"
+                      f"({PROFILE_FIGURE})\n")
     return text
 
 

@@ -26,6 +26,11 @@ What is measured:
 * :func:`flux_residual_by_magnitude`: flux(reconstruction) / flux(truth) - 1 over the stamp in
   bins of the reference-band magnitude, and :func:`flux_residual_by_level`, the same per pixel
   level of the normalised truth (where the normalisation saturates, SPEC 3).
+* :func:`light_by_radius`: the light the reconstruction keeps in circular annuli about the
+  stamp centre, flux(reconstruction) / flux(truth) per annulus, and
+  :func:`slope_by_aperture`, the slope of the reconstruction's uniform-weight e against the
+  truth's inside circular apertures of growing radius: together they show whether a shape or
+  flux defect lives in the core or in the faint outskirts.
 """
 
 from __future__ import annotations
@@ -57,6 +62,11 @@ MAG_EDGES: tuple[float, ...] = (20.0, 21.0, 22.0, 23.0, 24.0)
 LEVEL_EDGES: tuple[float, ...] = (-1.0, 0.05, 0.2, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
 """Bins of the normalised truth pixel value tanh(asinh(beta x / <max>)) (SPEC 3)."""
 WEIGHTS = ("uniform", "gaussian")
+RADIUS_EDGES: tuple[float, ...] = (0.0, 3.0, 6.0, 10.0, 15.0, 23.0, 32.0)
+"""Annuli (pixels from the stamp centre) of :func:`light_by_radius`; 32 covers a 45-pixel
+stamp's corners."""
+APERTURE_RADII: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0, 23.0)
+"""Aperture radii (pixels) of :func:`slope_by_aperture`; 23 holds a 45-pixel stamp's disc."""
 
 
 @dataclass(frozen=True)
@@ -148,12 +158,17 @@ def band_indices(bands: Sequence[str], chosen: Sequence[str]) -> list[int]:
     return [list(bands).index(b) for b in chosen]
 
 
+def radius_map(stamp_pixels: int) -> np.ndarray:
+    """(S, S) distance in pixels of each pixel centre from the stamp centre ((S-1)/2, (S-1)/2)."""
+    y, x = np.mgrid[0:stamp_pixels, 0:stamp_pixels] - (stamp_pixels - 1) / 2.0
+    return np.hypot(x, y)
+
+
 def gaussian_weight(stamp_pixels: int, sigma: float) -> np.ndarray:
     """(S, S) circular Gaussian of ``sigma`` pixels centred on pixel ((S-1)/2, (S-1)/2)."""
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0 pixels, got {sigma!r}")
-    y, x = np.mgrid[0:stamp_pixels, 0:stamp_pixels] - (stamp_pixels - 1) / 2.0
-    return np.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
+    return np.exp(-radius_map(stamp_pixels) ** 2 / (2.0 * sigma * sigma))
 
 
 def ellipticities(images: np.ndarray, weight: str = "uniform", sigma: float = 3.0) -> np.ndarray:
@@ -354,6 +369,55 @@ def flux_residual_by_level(recon: np.ndarray, truth: np.ndarray,
     return rows
 
 
+# -- where in the profile ----------------------------------------------------------------------
+
+def light_by_radius(recon: np.ndarray, truth: np.ndarray,
+                    edges: Sequence[float] = RADIUS_EDGES) -> list[dict[str, Any]]:
+    """Light kept per annulus [lo, hi) of single-band images (N, S, S).
+
+    Per annulus: ``n_pixels``, ``truth_per_pixel`` (mean true electrons per pixel),
+    ``kept`` = sum recon / sum truth over all galaxies (1: no defect) and its 1-sigma
+    ``error`` (delta method over galaxies; galaxies are independent, pixels are not).
+    """
+    recon, truth = np.asarray(recon, np.float64), np.asarray(truth, np.float64)
+    if recon.shape != truth.shape or recon.ndim != 3:
+        raise ValueError(f"recon and truth must both be (N, S, S), got {recon.shape} and "
+                         f"{truth.shape}")
+    radius = radius_map(truth.shape[-1])
+    rows = []
+    for lo, hi in itertools.pairwise(edges):
+        ring = (radius >= lo) & (radius < hi)
+        t, r = truth[:, ring].sum(axis=1), recon[:, ring].sum(axis=1)
+        kept = error = float("nan")
+        if t.size >= 2 and t.sum() > 0:
+            kept = float(r.sum() / t.sum())
+            error = float(np.std(r - kept * t, ddof=1) * np.sqrt(t.size) / t.sum())
+        rows.append({"lo": float(lo), "hi": float(hi), "n_pixels": int(ring.sum()),
+                     "truth_per_pixel": float(truth[:, ring].mean()) if ring.any()
+                     else float("nan"), "kept": kept, "error": error})
+    return rows
+
+
+def slope_by_aperture(recon: np.ndarray, truth: np.ndarray,
+                      radii: Sequence[float] = APERTURE_RADII) -> list[dict[str, Any]]:
+    """Slope of e(recon) against e(truth), per component, from uniform-weight moments inside a
+    circular aperture of each radius (pixels; the same aperture for both) of single-band images
+    (N, S, S); 1 at every radius for a reconstruction with the truth's shape."""
+    radius = radius_map(np.asarray(truth).shape[-1])
+    rows = []
+    for r in radii:
+        aperture = (radius < r).astype(np.float64)
+        e_true = np.stack(ellipticity_from_moments(second_moments(truth, aperture)), axis=-1)
+        e_rec = np.stack(ellipticity_from_moments(second_moments(recon, aperture)), axis=-1)
+        ok = np.all(np.isfinite(e_true) & np.isfinite(e_rec), axis=1)
+        row: dict[str, Any] = {"radius": float(r), "n": int(ok.sum())}
+        for k, name in enumerate(("e1", "e2")):
+            slope, _, error, _ = _line_fit(e_true[ok, k], e_rec[ok, k])
+            row[name] = {"slope": slope, "error": error}
+        rows.append(row)
+    return rows
+
+
 # -- everything at once ----------------------------------------------------------------------------
 
 def measure_reconstruction(recon: np.ndarray, galaxies: IsolatedGalaxies,
@@ -361,9 +425,9 @@ def measure_reconstruction(recon: np.ndarray, galaxies: IsolatedGalaxies,
                            weights: Sequence[str] = WEIGHTS, sigma: float = 3.0,
                            shape_bands: Sequence[str] = SHAPE_BANDS,
                            mag_edges: Sequence[float] = MAG_EDGES) -> dict[str, Any]:
-    """Shape bias (summed ``shape_bands`` and per band, for each weight) and flux residuals
-    (by magnitude, per band, by normalised pixel level) of raw-flux reconstructions of
-    ``galaxies`` (N, bands, S, S)."""
+    """Shape bias (summed ``shape_bands`` and per band, for each weight), flux residuals
+    (by magnitude, per band, by normalised pixel level) and the light and shape slope by
+    radius (summed ``shape_bands``) of raw-flux reconstructions of ``galaxies`` (N, bands, S, S)."""
     idx = band_indices(galaxies.bands, shape_bands)
     truth_img = shape_image(galaxies.clean, galaxies.bands, shape_bands)
     recon_img = shape_image(recon, galaxies.bands, shape_bands)
@@ -381,6 +445,8 @@ def measure_reconstruction(recon: np.ndarray, galaxies: IsolatedGalaxies,
         band: flux_residual_by_magnitude(recon, galaxies.clean, galaxies.ref_mag, mag_edges, [b])
         for b, band in enumerate(galaxies.bands)}
     result["flux_by_level"] = flux_residual_by_level(recon, galaxies.clean, normalization, idx)
+    result["light_by_radius"] = light_by_radius(recon_img, truth_img)
+    result["slope_by_aperture"] = slope_by_aperture(recon_img, truth_img)
     return result
 
 

@@ -23,10 +23,13 @@ from evaluation.reconstruction_defects import (
     equivariance_error,
     flux_residual_by_magnitude,
     flux_slope,
+    light_by_radius,
     measure_defects,
     network_frame_bias,
     orientation_bias,
+    radius_map,
     reconstruct,
+    slope_by_aperture,
     view_biases,
     view_reconstructions,
 )
@@ -162,6 +165,40 @@ def test_flux_residual_by_magnitude_recovers_injected_deficits() -> None:
         flux_residual_by_magnitude(recon, truth, mags[:-1])
 
 
+def _elliptical_exponentials(n: int, seed: int, stamp: int = 45) -> np.ndarray:
+    """(n, S, S) GalSim exponential profiles, half-light radius 0.8", |e| up to ~0.5."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, stamp, stamp))
+    for i in range(n):
+        g1, g2 = rng.uniform(-0.3, 0.3, 2)
+        profile = galsim.Exponential(half_light_radius=0.8, flux=1e4).shear(g1=g1, g2=g2)
+        images[i] = profile.drawImage(nx=stamp, ny=stamp, scale=PIXEL).array
+    return images
+
+
+def test_light_and_shape_by_radius_locate_a_defect_in_the_outskirts() -> None:
+    truth = _elliptical_exponentials(40, seed=6)
+    wings = radius_map(45) >= 10.0
+    recon = np.where(wings, 0.5 * truth, truth)  # half the light beyond 10 px, core intact
+    rings = light_by_radius(recon, truth, (0.0, 5.0, 10.0, 20.0, 32.0))
+    assert [r["kept"] for r in rings] == pytest.approx([1.0, 1.0, 0.5, 0.5], abs=1e-12)
+    assert rings[0]["truth_per_pixel"] > rings[2]["truth_per_pixel"] > 0
+    assert sum(r["n_pixels"] for r in rings) == 45 * 45
+    rows = slope_by_aperture(recon, truth, (6.0, 10.0, 20.0))
+    for row in rows[:2]:  # apertures inside the intact core: the truth's own shapes
+        assert row["e1"]["slope"] == pytest.approx(1.0, abs=1e-9)
+        assert row["e2"]["slope"] == pytest.approx(1.0, abs=1e-9)
+    assert abs(rows[2]["e1"]["slope"] - 1.0) > 0.01 and abs(rows[2]["e2"]["slope"] - 1.0) > 0.01
+    # galaxy-to-galaxy scatter of 10% in the light kept: the error follows it
+    factors = np.random.default_rng(1).normal(1.0, 0.1, 40)
+    scattered = light_by_radius(truth * factors[:, None, None], truth)
+    for ring in scattered[:3]:
+        assert abs(ring["kept"] - 1.0) < 4 * ring["error"]
+        assert 0.3 * 0.1 / np.sqrt(40) < ring["error"] < 3 * 0.1 / np.sqrt(40)
+    with pytest.raises(ValueError, match="N, S, S"):
+        light_by_radius(recon[None], truth[None])
+
+
 def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path) -> None:
     from benchmarks.reconstruction_defects import main, write_outputs
 
@@ -180,8 +217,12 @@ def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path) -> None:
     out = tmp_path / "defects"
     text = write_outputs(result, out, "untrained")
     assert "8-view average" in text and "slope per mag" in text and "MAP (normal prior)" in text
+    assert "light kept per annulus" in text and "inside a circular aperture" in text
+    assert len(result["map"]["light_by_radius"]) == 6
+    assert len(result["plain"]["slope_by_aperture"]) == 5
     assert json.loads((out / "reconstruction_defects.json").read_text())["n"] == 4
     assert (out / "flux_residual.png").stat().st_size > 0
+    assert (out / "radial_profile.png").stat().st_size > 0
     assert "untrained" in (out / "report.md").read_text()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
