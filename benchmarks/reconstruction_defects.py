@@ -4,10 +4,10 @@
 The reconstruction's own defects (:mod:`evaluation.reconstruction_defects`) on N isolated
 galaxies drawn directly with GalSim (rotated-twin pairs, BTK-like noise): the additive and
 multiplicative bias of the reconstruction's moment ellipticity (uniform and Gaussian weights,
-r+i+z) against the noiseless truth, the same per symmetric view in the network's frame, and the
-flux residual in bins of i magnitude, and where in the profile the defects live (light kept
-per annulus, slope of the uniform-weight e inside apertures of growing radius), for the plain
-reconstruction and for the average of the 8 views' reconstructions (and, with ``--map PRIOR``,
+r+i+z) against the noiseless truth, the same per symmetric view in the network's frame, the
+flux residual in bins of i magnitude (and of magnitude and true size), and where in the profile
+the defects live (light kept per annulus, slope of the uniform-weight e inside apertures of
+growing radius), for the plain reconstruction and for the average of the 8 views' reconstructions (and, with ``--map PRIOR``,
 for MAP deblending's reconstructions under that prior). Prints the tables; writes
 ``reconstruction_defects.json``, ``flux_residual.png``, ``radial_profile.png`` and
 ``report.md`` into ``--out`` (default ``RUN/reconstruction_defects``).
@@ -104,6 +104,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {row['lo']:g}-{row['hi']:g} | {row['n']} | " + " | ".join(cells) + " |")
     cells = [_pm(result[v]["flux"]["slope"], "slope", "error", 3) for v in variants]
     lines.append("| slope per mag | | " + " | ".join(cells) + " |")
+    lines += _size_table(result, variants)
     lines += _profile_tables(result, variants)
     if "view_biases" in result:
         lines += ["", ("Residual e per symmetric view (uniform weight), in the stamp frame and "
@@ -121,6 +122,24 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"\nequivariance error (rms of view^-1 f(view x) - f(x), relative): "
                      f"{result['equivariance_error']:.4f}")
     return "\n".join(lines)
+
+
+def _size_table(result: dict[str, Any], variants: list[str]) -> list[str]:
+    """The flux residual by i magnitude (rows) within bins of the true half-light radius."""
+    lines = ["", "the same by i magnitude and true half-light radius (at a fixed magnitude a "
+             "larger galaxy has a fainter surface brightness):", "",
+             "| variant | i mag | " + " | ".join(
+                 f"hlr {e['hlr_lo']:g}-{e['hlr_hi']:g}\"" for e in
+                 result[variants[0]]["flux_by_size"]) + " |",
+             "|:---|:---|" + "---:|" * len(result[variants[0]]["flux_by_size"])]
+    for v in variants:
+        sizes = result[v]["flux_by_size"]
+        for k, row in enumerate(sizes[0]["bins"]):
+            cells = [f"{_pm(e['bins'][k], 'mean', 'error', 3)} ({e['bins'][k]['n']})"
+                     for e in sizes]
+            lines.append(f"| {_label(result, v)} | {row['lo']:g}-{row['hi']:g} | "
+                         + " | ".join(cells) + " |")
+    return lines
 
 
 def _profile_tables(result: dict[str, Any], variants: list[str]) -> list[str]:

@@ -25,7 +25,11 @@ What is measured:
   zero over the views in the first; :func:`network_frame_bias` isolates it on any population.
 * :func:`flux_residual_by_magnitude`: flux(reconstruction) / flux(truth) - 1 over the stamp in
   bins of the reference-band magnitude, and :func:`flux_residual_by_level`, the same per pixel
-  level of the normalised truth (where the normalisation saturates, SPEC 3).
+  level of the normalised truth (where the normalisation saturates, SPEC 3), and
+  :func:`flux_residual_by_size`, by magnitude within bins of the true half-light radius: at a
+  fixed magnitude a larger galaxy has a lower surface brightness, so a deficit that grows with
+  size there comes from faint outskirts the estimator does not see (its training population's
+  sizes acting as a prior), not from the brightness itself.
 * :func:`light_by_radius`: the light the reconstruction keeps in circular annuli about the
   stamp centre, flux(reconstruction) / flux(truth) per annulus, and
   :func:`slope_by_aperture`, the slope of the reconstruction's uniform-weight e against the
@@ -59,6 +63,11 @@ SHAPE_BANDS: tuple[str, ...] = ("r", "i", "z")
 """Bands summed for shapes and fluxes (the dataset labels' bands)."""
 MAG_EDGES: tuple[float, ...] = (20.0, 21.0, 22.0, 23.0, 24.0)
 """Reference-band (i) magnitude bins of the flux residual; the GalSim targets span 20-24."""
+SIZE_MAG_EDGES: tuple[float, ...] = (20.0, 22.0, 23.0, 24.0)
+"""Coarser magnitude bins of :func:`flux_residual_by_size`."""
+HLR_EDGES: tuple[float, ...] = (0.3, 0.45, 0.7, 1.2)
+"""Half-light radius bins (arcsec) of :func:`flux_residual_by_size`; the GalSim population's
+radii are log-uniform in 0.3-1.2", so each bin holds about a third of it."""
 LEVEL_EDGES: tuple[float, ...] = (-1.0, 0.05, 0.2, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
 """Bins of the normalised truth pixel value tanh(asinh(beta x / <max>)) (SPEC 3)."""
 WEIGHTS = ("uniform", "gaussian")
@@ -79,6 +88,8 @@ class IsolatedGalaxies:
     """(N, bands, S, S) float32 the same with BTK-like noise (sky-subtracted)"""
     ref_mag: np.ndarray
     """(N,) AB magnitude in the population's reference band (i)"""
+    hlr: np.ndarray
+    """(N,) half-light radius of the galaxy, arcsec (bulge and disk share it)"""
     twin: np.ndarray
     """(N,) 1 for the 90-degree-rotated twin of the previous row"""
     bands: tuple[str, ...]
@@ -109,6 +120,7 @@ def draw_isolated_galaxies(n: int, seed: int = 0, survey: str = "LSST", stamp_pi
         noisy[:, b] = add_btk_noise(clean[:, b], float(sky), band_seed, noise)
     ref = population.bands.index(population.spec.ref_band)
     return IsolatedGalaxies(clean, noisy, np.array([s.mags[0, ref] for s in scenes]),
+                            np.array([s.hlr[0] for s in scenes]),
                             np.array([s.twin for s in scenes]), population.bands,
                             population.sky_levels.copy())
 
@@ -327,6 +339,26 @@ def flux_residual_by_magnitude(recon: np.ndarray, truth: np.ndarray, mags: np.nd
     return rows
 
 
+def flux_residual_by_size(recon: np.ndarray, truth: np.ndarray, mags: np.ndarray,
+                          hlr: np.ndarray, mag_edges: Sequence[float] = SIZE_MAG_EDGES,
+                          hlr_edges: Sequence[float] = HLR_EDGES,
+                          band_index: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """:func:`flux_residual_by_magnitude` within each bin [lo, hi] of the true half-light
+    radius ``hlr`` (arcsec; the last bin includes its upper edge): one entry per size bin with
+    ``hlr_lo``, ``hlr_hi`` and ``bins``, that function's rows."""
+    hlr = np.asarray(hlr, np.float64)
+    if hlr.shape != (np.asarray(recon).shape[0],):
+        raise ValueError(f"hlr must be (N,) for {np.asarray(recon).shape[0]} galaxies, got "
+                         f"{hlr.shape}")
+    entries = []
+    for k, (lo, hi) in enumerate(itertools.pairwise(hlr_edges)):
+        inside = (hlr >= lo) & ((hlr <= hi) if k == len(hlr_edges) - 2 else (hlr < hi))
+        entries.append({"hlr_lo": float(lo), "hlr_hi": float(hi), "bins":
+                        flux_residual_by_magnitude(recon[inside], truth[inside], mags[inside],
+                                                   mag_edges, band_index)})
+    return entries
+
+
 def flux_slope(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Weighted linear fit of the binned flux residual against bin-centre magnitude:
     ``slope`` (per magnitude) and its ``error``; 0 for a residual flat with brightness."""
@@ -426,8 +458,9 @@ def measure_reconstruction(recon: np.ndarray, galaxies: IsolatedGalaxies,
                            shape_bands: Sequence[str] = SHAPE_BANDS,
                            mag_edges: Sequence[float] = MAG_EDGES) -> dict[str, Any]:
     """Shape bias (summed ``shape_bands`` and per band, for each weight), flux residuals
-    (by magnitude, per band, by normalised pixel level) and the light and shape slope by
-    radius (summed ``shape_bands``) of raw-flux reconstructions of ``galaxies`` (N, bands, S, S)."""
+    (by magnitude, per band, by normalised pixel level, by magnitude and size) and the light and
+    shape slope by radius (summed ``shape_bands``) of raw-flux reconstructions of ``galaxies``
+    (N, bands, S, S)."""
     idx = band_indices(galaxies.bands, shape_bands)
     truth_img = shape_image(galaxies.clean, galaxies.bands, shape_bands)
     recon_img = shape_image(recon, galaxies.bands, shape_bands)
@@ -445,6 +478,8 @@ def measure_reconstruction(recon: np.ndarray, galaxies: IsolatedGalaxies,
         band: flux_residual_by_magnitude(recon, galaxies.clean, galaxies.ref_mag, mag_edges, [b])
         for b, band in enumerate(galaxies.bands)}
     result["flux_by_level"] = flux_residual_by_level(recon, galaxies.clean, normalization, idx)
+    result["flux_by_size"] = flux_residual_by_size(recon, galaxies.clean, galaxies.ref_mag,
+                                                   galaxies.hlr, band_index=idx)
     result["light_by_radius"] = light_by_radius(recon_img, truth_img)
     result["slope_by_aperture"] = slope_by_aperture(recon_img, truth_img)
     return result

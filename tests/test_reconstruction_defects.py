@@ -22,6 +22,7 @@ from evaluation.reconstruction_defects import (
     ellipticities,
     equivariance_error,
     flux_residual_by_magnitude,
+    flux_residual_by_size,
     flux_slope,
     light_by_radius,
     measure_defects,
@@ -165,6 +166,27 @@ def test_flux_residual_by_magnitude_recovers_injected_deficits() -> None:
         flux_residual_by_magnitude(recon, truth, mags[:-1])
 
 
+def test_flux_residual_by_size_separates_a_size_dependent_deficit() -> None:
+    # a deficit that depends on size only: flat in magnitude within each size bin
+    rng = np.random.default_rng(8)
+    mags = rng.uniform(20, 24, 600)
+    hlr = np.exp(rng.uniform(np.log(0.3), np.log(1.2), 600))
+    hlr[:2] = (0.3, 1.2)  # both outer edges belong to a bin
+    truth = rng.uniform(1, 2, (600, 3, 5, 5))
+    deficit = np.where(hlr < 0.45, -0.02, np.where(hlr < 0.7, -0.08, -0.20))
+    recon = truth * (1 + deficit)[:, None, None, None]
+    sizes = flux_residual_by_size(recon, truth, mags, hlr)
+    assert [(e["hlr_lo"], e["hlr_hi"]) for e in sizes] == [(0.3, 0.45), (0.45, 0.7), (0.7, 1.2)]
+    assert sum(row["n"] for e in sizes for row in e["bins"]) == 600
+    for entry, expected in zip(sizes, (-0.02, -0.08, -0.20)):
+        assert [row["mean"] for row in entry["bins"]] == pytest.approx([expected] * 3, abs=1e-9)
+    # pooled over sizes, each magnitude bin averages the three deficits
+    pooled = flux_residual_by_magnitude(recon, truth, mags, (20, 22, 23, 24))
+    assert all(-0.20 < row["mean"] < -0.02 for row in pooled)
+    with pytest.raises(ValueError, match="hlr"):
+        flux_residual_by_size(recon, truth, mags, hlr[:-1])
+
+
 def _elliptical_exponentials(n: int, seed: int, stamp: int = 45) -> np.ndarray:
     """(n, S, S) GalSim exponential profiles, half-light radius 0.8", |e| up to ~0.5."""
     rng = np.random.default_rng(seed)
@@ -204,6 +226,8 @@ def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path) -> None:
 
     galaxies = draw_isolated_galaxies(4, seed=0)
     assert galaxies.clean.shape == galaxies.noisy.shape == (4, 6, 45, 45)
+    assert np.all((galaxies.hlr >= 0.3) & (galaxies.hlr <= 1.2))
+    assert galaxies.hlr[0] == galaxies.hlr[1]  # the twin is the same galaxy turned
     assert np.all(galaxies.twin == [0, 1, 0, 1])
     assert not np.allclose(galaxies.noisy, galaxies.clean)  # BTK-like noise was added
     result = measure_defects(_untrained_deblender(), galaxies, map_prior="normal")
@@ -218,6 +242,7 @@ def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path) -> None:
     text = write_outputs(result, out, "untrained")
     assert "8-view average" in text and "slope per mag" in text and "MAP (normal prior)" in text
     assert "light kept per annulus" in text and "inside a circular aperture" in text
+    assert "true half-light radius" in text and len(result["plain"]["flux_by_size"]) == 3
     assert len(result["map"]["light_by_radius"]) == 6
     assert len(result["plain"]["slope_by_aperture"]) == 5
     assert json.loads((out / "reconstruction_defects.json").read_text())["n"] == 4
