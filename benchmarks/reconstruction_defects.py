@@ -9,9 +9,9 @@ flux residual in bins of i magnitude (and of magnitude and true size), and where
 the defects live (light kept per annulus, slope of the uniform-weight e inside apertures of
 growing radius), for the plain reconstruction and for the average of the 8 views'
 reconstructions (and, with ``--map PRIOR``, for MAP deblending's reconstructions under that
-prior). Prints the tables; writes
-``reconstruction_defects.json``, ``flux_residual.png``, ``radial_profile.png`` and
-``report.md`` into ``--out`` (default ``RUN/reconstruction_defects``).
+prior). Prints the tables; writes ``reconstruction_defects.json``, ``flux_residual.png``,
+``radial_profile.png`` and ``report.md`` into ``--out`` (default
+``RUN/reconstruction_defects``).
 """
 
 from __future__ import annotations
