@@ -34,7 +34,12 @@ import numpy as np
 
 from deblend.core.inference import Deblender
 from deblend.core.metacal import METACAL_SHEARS, metacal_response
-from deblend.core.shapes import ellipticity_from_moments, hsm_shapes, second_moments
+from deblend.core.shapes import (
+    ellipticity_from_moments,
+    gaussian_weight,
+    hsm_shapes,
+    second_moments,
+)
 from evaluation.anacal_peer import anacal_shapes
 from evaluation.estimators import label_image
 
@@ -61,13 +66,6 @@ class Measured:
     e: np.ndarray
     response: np.ndarray
     kept: dict[str, np.ndarray]
-
-
-def gaussian_weight(size: int, sigma: float = WEIGHT_SIGMA) -> np.ndarray:
-    """A round Gaussian weight (size, size) centred on the stamp's central pixel."""
-    centre = (size - 1) / 2.0
-    y, x = np.mgrid[0:size, 0:size] - centre
-    return np.exp(-0.5 * (x ** 2 + y ** 2) / sigma ** 2)
 
 
 def weighted_ellipticity(images: np.ndarray, sigma: float = WEIGHT_SIGMA) -> np.ndarray:

@@ -49,7 +49,11 @@ import torch
 
 from deblend.core.inference import Deblender
 from deblend.core.normalization import NormalizationConstants, normalize
-from deblend.core.shapes import ellipticity_from_moments, second_moments
+from deblend.core.shapes import (
+    ellipticity_from_moments,
+    gaussian_weight,
+    second_moments,
+)
 from deblend.core.symmetry import (
     N_VIEWS,
     ellipticity_in_view,
@@ -174,13 +178,6 @@ def radius_map(stamp_pixels: int) -> np.ndarray:
     """(S, S) distance in pixels of each pixel centre from the stamp centre ((S-1)/2, (S-1)/2)."""
     y, x = np.mgrid[0:stamp_pixels, 0:stamp_pixels] - (stamp_pixels - 1) / 2.0
     return np.hypot(x, y)
-
-
-def gaussian_weight(stamp_pixels: int, sigma: float) -> np.ndarray:
-    """(S, S) circular Gaussian of ``sigma`` pixels centred on pixel ((S-1)/2, (S-1)/2)."""
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0 pixels, got {sigma!r}")
-    return np.exp(-radius_map(stamp_pixels) ** 2 / (2.0 * sigma * sigma))
 
 
 def ellipticities(images: np.ndarray, weight: str = "uniform", sigma: float = 3.0) -> np.ndarray:

@@ -187,6 +187,16 @@ def test_flux_residual_by_size_separates_a_size_dependent_deficit() -> None:
         flux_residual_by_size(recon, truth, mags, hlr[:-1])
 
 
+def test_gaussian_weight_is_centred_round_and_refuses_a_bad_sigma() -> None:
+    from deblend.core.shapes import gaussian_weight
+
+    weight = gaussian_weight(45, 3.0)
+    assert weight[22, 22] == 1.0 and np.array_equal(weight, weight.T)
+    assert weight[22, 25] == pytest.approx(np.exp(-0.5))  # one sigma from the centre
+    with pytest.raises(ValueError, match="sigma"):
+        ellipticities(np.ones((2, 45, 45)), "gaussian", sigma=0.0)
+
+
 def _elliptical_exponentials(n: int, seed: int, stamp: int = 45) -> np.ndarray:
     """(n, S, S) GalSim exponential profiles, half-light radius 0.8", |e| up to ~0.5."""
     rng = np.random.default_rng(seed)

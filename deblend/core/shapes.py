@@ -52,6 +52,16 @@ def second_moments(images: np.ndarray, weight: np.ndarray | None = None) -> Mome
     return Moments(x0 * nan, y0 * nan, qxx * nan, qyy * nan, qxy * nan)
 
 
+def gaussian_weight(size: int, sigma: float) -> np.ndarray:
+    """A round Gaussian weight (size, size) of ``sigma`` pixels centred on the stamp's central
+    pixel ((size-1)/2, (size-1)/2), for :func:`second_moments`."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0 pixels, got {sigma!r}")
+    centre = (size - 1) / 2.0
+    y, x = np.mgrid[0:size, 0:size] - centre
+    return np.exp(-0.5 * (x ** 2 + y ** 2) / sigma ** 2)
+
+
 def ellipticity_from_moments(moments: Moments) -> tuple[np.ndarray, np.ndarray]:
     """Distortion (e1, e2) = ((Qxx - Qyy), 2 Qxy) / (Qxx + Qyy)."""
     trace = moments.qxx + moments.qyy

@@ -64,13 +64,10 @@ def position_from_view(xy: np.ndarray, view: int, height: int, width: int) -> np
     """The inverse of :func:`position_in_view`: positions in ``view`` of an image that is
     ``height`` x ``width`` in its own frame, back in that frame; float64."""
     _check_view(view)
-    widths = [width if i % 2 == 0 else height for i in range(view % 4)]
-    x, y = np.asarray(xy, np.float64)[:, 0], np.asarray(xy, np.float64)[:, 1]
-    for w in reversed(widths):  # undo each rot90, last first, with the width before it
-        x, y = w - 1 - y, x
-    if view >= 4:
-        x = width - 1 - x
-    return np.stack([x, y], axis=1)
+    # rotations are undone by the opposite rotation; a flip then a rotation is its own inverse
+    inverse = view if view >= 4 else (4 - view) % 4
+    in_view = (width, height) if view % 2 else (height, width)  # odd views swap H and W
+    return position_in_view(xy, inverse, *in_view)
 
 
 def ellipticity_in_view(e: Tensor, view: int) -> Tensor:
