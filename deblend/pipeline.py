@@ -4,7 +4,8 @@
 
     RUN/config.yaml          the config the run was started with (a different one is refused)
     RUN/data/                LSST dataset (simulation.generate)
-    RUN/train/               training run: stage1, stage2, stage3, flow (deblend.train)
+    RUN/train/               training run: stage1, stage2, flow, amortize (with
+                             training.amortized_map), stage3 (deblend.train)
     RUN/evaluation/          report.md, metrics.json, PNGs, shear calibration (evaluation.*)
     RUN/metacal_shear/       metacalibrated shear vs the applied shear, on populations no
                              network saw (evaluation.metacal_benchmark; the headline)
@@ -180,6 +181,8 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
          lambda: build_dataset(config.simulation, paths.data, jobs=jobs, progress=progress,
                                log=log))
     for stage in STAGES:
+        if not STAGES[stage].enabled(config):
+            continue
         status = stage_status(paths.train, stage)
         first = STAGES[stage].parent is None
         step(stage, status == "done",

@@ -2,9 +2,12 @@
 
     python -m deblend.train stage1 --config C --data D --run R   VAE: noisy isolated -> clean
     python -m deblend.train stage2 --run R                       encoder on blends, frozen decoder
+    python -m deblend.train flow --run R                         latent prior (stage1 latents)
+    python -m deblend.train amortize --run R                     encoder -> flow-MAP latents
+                                                                 (with training.amortized_map)
     python -m deblend.train stage3 --run R                       regressor on mu -> (e1, e2)
 
-stage2/stage3 take the config and dataset recorded in R/run.json unless --config/--data are
+Later stages take the config and dataset recorded in R/run.json unless --config/--data are
 given. A stage whose results exist refuses to start without --resume (continue from its last
 finished epoch) or --force (train it again from scratch). Under
 ``torchrun --nproc_per_node N -m deblend.train STAGE --run-dir R ...`` the stage runs with DDP

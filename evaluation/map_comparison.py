@@ -131,7 +131,7 @@ def summarize(result: MethodResult, truth: Truth, model: Deblender,
 # -- the methods ----------------------------------------------------------------------------------
 def encoder_on_stamps(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray],
                       measured: list[np.ndarray]) -> MethodResult:
-    """The stage2 encoder + decoder on the model-sized stamp cut around every source;
+    """The deblender's encoder (amortize's or stage2's) + decoder on the model-sized stamp cut around every source;
     ``measured[i]`` indexes the sources of scene i that are compared with truth."""
     started = time.perf_counter()
     stamps, owners = [], []

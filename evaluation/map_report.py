@@ -4,7 +4,7 @@
 
 writes ``report.md``, ``metrics.json`` and ``flux_by_magnitude.png`` into the output directory
 (the main job does the same as its ``map_deblending`` step when ``map.enabled``). Methods:
-``encoder`` (stage2 encoder + decoder on each source's stamp), ``map_normal`` and ``map_flow``
+``encoder`` (the deblender's encoder + decoder on each source's stamp), ``map_normal`` and ``map_flow``
 (:mod:`deblend.core.map_deblend` under each prior of ``map.priors``; ``map_flow`` needs the
 run's flow stage) and ``scarlet2`` (:mod:`evaluation.scarlet2_peer`, when installed and
 ``scarlet2_blends`` > 0, on that many of the blends only). Metrics: :mod:`evaluation.
@@ -166,7 +166,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     """The report: one table per kind of scene, the shear biases, the flux trend."""
     s = metrics["settings"]
     intro = (f"Run: `{metrics['run']}`. MAP: {s['steps']} Adam steps (lr "
-             f"{s['learning_rate']}) from the stage2 encoder's latents, sky + Poisson "
+             f"{s['learning_rate']}) from the deblender encoder's latents, sky + Poisson "
              f"likelihood; Laplace posterior ({s['posterior_samples']} samples). For MAP, "
              "'regressor' reads the MAP latent; the MAP-deblended stamp is the scene minus "
              "the other sources' MAP models, read by the encoder and regressor. Truth: the "

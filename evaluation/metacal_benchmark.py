@@ -29,11 +29,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deblend.core.atomic import atomic_output, write_text_atomic
+from deblend.core.chunk_cache import chunk_key, join_chunks, read_chunk, write_chunk
 from deblend.core.config import Config
 from deblend.core.inference import FINAL_STAGE, Deblender
 from deblend.core.outputs import mark, refuse_foreign
 from deblend.core.runs import RunLayout, lineage_identity
-from evaluation.chunk_cache import chunk_key, join_chunks, read_chunk, write_chunk
 from evaluation.metacal_shear import (
     METACAL_ESTIMATORS,
     measure_metacal,

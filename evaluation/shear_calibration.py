@@ -30,12 +30,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deblend.core.atomic import write_text_atomic
+from deblend.core.chunk_cache import chunk_key, join_chunks, read_chunk, write_chunk
 from deblend.core.config import Config
 from deblend.core.inference import FINAL_STAGE, Deblender
 from deblend.core.outputs import mark
 from deblend.core.runs import RunLayout, lineage_identity
 from evaluation import plots
-from evaluation.chunk_cache import chunk_key, join_chunks, read_chunk, write_chunk
 from evaluation.estimators import (
     ESTIMATORS,
     REFERENCES,

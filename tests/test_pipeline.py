@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from deblend.pipeline import STEPS, run_pipeline
@@ -17,7 +18,8 @@ def tiny_job_config(tmp_path_factory, sample_catalog):
         "name": "tiny-job",
         "simulation": {"catalog": str(sample_catalog), "n_samples": 96, "shard_size": 48,
                        "btk_batch_size": 16, "val_fraction": 0.25},
-        "training": {"batch_size": 16, "epochs": 2, "learning_rate": 1e-3, "device": "cpu"},
+        "training": {"batch_size": 16, "epochs": 2, "learning_rate": 1e-3, "device": "cpu",
+                     "amortized_map": True},
         "evaluation": {"gallery_size": 4, "mag_edges": [23.0]},
         "shear": {"n_scenes": 8, "chunk_scenes": 8, "bootstrap": 20},
         "metacal": {"populations": ["btk"], "neighbours": [True], "n_scenes": 4,
@@ -58,8 +60,10 @@ def test_every_step_runs_and_index_links_existing_files(finished_job):
     assert "Shear bias against the applied shear" in index
     saved = json.loads((out / "headline.json").read_text())
     assert saved["slopes"]["regressor"]["e1"]["slope"] == headline["slopes"]["regressor"]["e1"]["slope"]
-    for stage in ("stage1", "stage2", "stage3", "flow"):
+    for stage in ("stage1", "stage2", "flow", "amortize", "stage3"):
         assert stage_status(out / "train", stage) == "done"
+    stage3 = torch.load(out / "train" / "stage3" / "best.pt", weights_only=True)
+    assert stage3["parent"]["stage"] == "amortize"
     map_methods = headline["map_deblending"]["blends"]
     assert {"encoder", "map_normal", "map_flow"} <= set(map_methods)
     assert "map_deblending/report.md" in index

@@ -32,6 +32,9 @@ from training.history import history_columns, read_history
 from training.runner import run_stage
 from training.stages import STAGES
 
+TRAINED = ("stage1", "stage2", "stage3", "flow")
+"""The stages of the tiny run (amortize is off in its config: tests/test_amortize.py)."""
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,7 +120,8 @@ def test_min_target_e_cut(tiny_dataset: Path) -> None:
 def test_each_stage_writes_its_files_and_its_loss_falls(trained_run: Path) -> None:
     layout = RunLayout(trained_run)
     assert layout.run_file.is_file()
-    for stage in STAGES:
+    assert not layout.stage_dir("amortize").exists()  # off in the tiny config
+    for stage in TRAINED:
         for path in (layout.last(stage), layout.best(stage), layout.history(stage),
                      layout.plot(stage)):
             assert path.is_file(), path
@@ -136,7 +140,7 @@ def test_checkpoints_hold_what_later_stages_need(trained_run: Path, tiny_dataset
     data = open_dataset(tiny_dataset)
     expected_modules = {"stage1": {"encoder", "decoder"}, "stage2": {"encoder"},
                         "stage3": {"regressor"}, "flow": {"flow"}}
-    for stage in STAGES:
+    for stage in TRAINED:
         last = load_checkpoint(layout.last(stage))
         assert last["stage"] == stage and last["finished"] and last["epoch"] == TINY_EPOCHS
         assert set(last["modules"]) == expected_modules[stage]
@@ -149,6 +153,7 @@ def test_checkpoints_hold_what_later_stages_need(trained_run: Path, tiny_dataset
     for stage, parent in (("stage2", "stage1"), ("stage3", "stage2"), ("flow", "stage1")):
         assert load_checkpoint(layout.best(stage))["parent"] == {
             "stage": parent, "sha256": file_sha256(layout.best(parent))}
+        assert load_checkpoint(layout.best(stage))["uses"] == []
     assert load_checkpoint(layout.best("stage2"))["init"] == "stage1"
     # the decoder records its configured output layer, and the Deblender rebuilds it
     decoder = load_checkpoint(layout.best("stage1"))["modules"]["decoder"]
@@ -370,14 +375,23 @@ def test_each_stage_declares_its_data_parent_epochs_and_last_step():
     from deblend.core.config import Config
 
     names = list(STAGES)
+    configs = [Config(), Config().replace("training", amortized_map=True)]
     for name, stage in STAGES.items():
         assert stage.name == name
-        assert stage.parent is None or names.index(stage.parent) < names.index(name)
-    training = Config().replace("training", epochs=7, stage2_epochs=3).training
-    assert [STAGES[n].epochs(training) for n in names] == [7, 3, 7, 7]
+        for config in configs:
+            parent = stage.parent_of(config)
+            assert parent is None or names.index(parent) < names.index(name)
+        assert all(names.index(used) < names.index(name) for used in stage.uses)
+    assert [[n for n in names if STAGES[n].enabled(c)] for c in configs] == [
+        ["stage1", "stage2", "flow", "stage3"], names]
+    assert [STAGES["stage3"].parent_of(c) for c in configs] == ["stage2", "amortize"]
+    training = Config().replace("training", epochs=7, stage2_epochs=3, amortize_epochs=2,
+                                amortize_learning_rate=3e-4).training
+    assert [STAGES[n].epochs(training) for n in names] == [7, 3, 7, 2, 7]
+    assert [STAGES[n].learning_rate(training) for n in names] == [1e-4, 1e-4, 1e-4, 3e-4, 1e-4]
     assert [(s.input_set, s.target) for s in STAGES.values()] == [
-        ("noisy", "clean"), ("blend", "clean"), ("blend", "ellipticity"),
-        ("noisy", "ellipticity")]
+        ("noisy", "clean"), ("blend", "clean"), ("noisy", "ellipticity"), ("blend", "map_latent"),
+        ("blend", "ellipticity")]
     assert STAGES["flow"].parent == "stage1"
     assert STAGES["stage1"].is_complete({}) and not STAGES["stage3"].is_complete({})
     assert STAGES["stage3"].is_complete({"response": {"status": "uncalibrated"}})

@@ -24,10 +24,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deblend.core.normalization import normalize
+from deblend.core.symmetry import image_view, in_views
 from simulation.dataset import StampData, open_dataset
+from training.map_targets import LatentTargets
 
-TARGETS = ("clean", "ellipticity")
-"""What a stage's loss compares with: the clean isolated target, or its labels (e1, e2)."""
+TARGETS = ("clean", "ellipticity", "map_latent")
+"""What a stage's loss compares with: the clean isolated target, its labels (e1, e2), or the
+MAP latent of its target (:mod:`training.map_targets`)."""
 
 
 def select_indices(data: StampData, split: str, min_target_e: float) -> np.ndarray:
@@ -49,16 +52,22 @@ class BatchReader(Dataset):
     """``reader[indices]`` -> (inputs, targets): normalised float32 tensors of a whole batch.
 
     Inputs are the ``input_set`` images ``(n, bands, H, W)``; targets the normalised clean
-    images (``target="clean"``) or the labels (e1, e2) ``(n, 2)`` (``target="ellipticity"``).
-    The dataset is opened lazily in each process, so the reader pickles cheaply.
+    images (``target="clean"``), the labels (e1, e2) ``(n, 2)`` (``target="ellipticity"``), or
+    the MAP latents ``(n, D)`` of ``latent_targets`` (``target="map_latent"``), each input then
+    shown in the view its latent was fitted in. The dataset is opened lazily in each process,
+    so the reader pickles cheaply.
     """
 
-    def __init__(self, root: str | Path, input_set: str, target: str) -> None:
+    def __init__(self, root: str | Path, input_set: str, target: str,
+                 latent_targets: LatentTargets | None = None) -> None:
         if target not in TARGETS:
             raise ValueError(f"unknown target '{target}' (one of {TARGETS})")
+        if (target == "map_latent") != (latent_targets is not None):
+            raise ValueError("latent_targets are needed by, and only by, target 'map_latent'")
         self.root = Path(root)
         self.input_set = input_set
         self.target = target
+        self.latent_targets = latent_targets
         self._data: StampData | None = None
         self._ellipticity: np.ndarray | None = None
 
@@ -78,6 +87,9 @@ class BatchReader(Dataset):
         inputs = normalize(data.images(self.input_set, indices), data.normalization)
         if self.target == "clean":
             targets = normalize(data.images("clean", indices), data.normalization)
+        elif self.latent_targets is not None:
+            inputs = in_views(inputs, self.latent_targets.view[indices], image_view)
+            targets = self.latent_targets.latent[indices]
         else:
             assert self._ellipticity is not None
             targets = self._ellipticity[indices]
@@ -88,11 +100,13 @@ def first_non_finite(reader: BatchReader, indices: np.ndarray, chunk: int = 512)
     """Where ``reader``'s inputs or targets over ``indices`` first hold a NaN or an infinity
     (e.g. "sample 1234 (blend images)"), or None when all are finite. Reads the split once."""
     data = reader.data
-    labels = None if reader.target == "clean" else ellipticity_targets(data)
+    labels = ellipticity_targets(data) if reader.target == "ellipticity" else None
     for start in range(0, len(indices), chunk):
         part = np.asarray(indices[start:start + chunk])
         sets = [(f"{reader.input_set} images", data.images(reader.input_set, part))]
-        if labels is None:
+        if reader.latent_targets is not None:
+            sets.append(("MAP target latents", reader.latent_targets.latent[part]))
+        elif labels is None:
             sets.append(("clean images", data.images("clean", part)))
         else:
             sets.append(("ellipticity labels", labels[part]))
@@ -156,7 +170,8 @@ class BlockBatchSampler(Sampler[np.ndarray]):
 def make_loader(data_dir: str | Path, *, input_set: str, target: str, split: str,
                 batch_size: int,
                 epoch: int = 0, seed: int = 0, min_target_e: float = 0.0, num_workers: int = 0,
-                pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+                pin_memory: bool = False, rank: int = 0, world_size: int = 1,
+                latent_targets: LatentTargets | None = None) -> DataLoader:
     """DataLoader of (``input_set`` images, ``target``) batches over ``split`` of a dataset.
 
     The training split is shuffled by blocks (``loader.sampler.set_epoch`` picks the epoch) and
@@ -172,7 +187,8 @@ def make_loader(data_dir: str | Path, *, input_set: str, target: str, split: str
                                 world_size=world_size, equal_shards=shuffle)
     sampler.set_epoch(epoch)
     # an own generator: iterating must not draw from the global torch RNG (reproducible resume)
-    return DataLoader(BatchReader(data_dir, input_set, target), sampler=sampler, batch_size=None,
+    return DataLoader(BatchReader(data_dir, input_set, target, latent_targets), sampler=sampler,
+                      batch_size=None,
                       generator=torch.Generator().manual_seed(seed),
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0,

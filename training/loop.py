@@ -81,7 +81,7 @@ class StageLoop:
                       batch_size=training.batch_size, seed=training.seed,
                       min_target_e=training.min_target_e, num_workers=training.num_workers,
                       pin_memory=device.type == "cuda", rank=context.rank,
-                      world_size=context.world_size)
+                      world_size=context.world_size, latent_targets=task.latent_targets)
         self.train_loader = make_loader(dataset.root, split="train", **common)
         self.val_loader = make_loader(dataset.root, split="validation", **common)
         self.train_sampler: BlockBatchSampler = self.train_loader.sampler
@@ -89,7 +89,8 @@ class StageLoop:
         task.to(device)
         self.wrapped = context.wrap(task.model, device)
         self.optimizer = torch.optim.Adam(
-            [p for p in task.model.parameters() if p.requires_grad], lr=training.learning_rate)
+            [p for p in task.model.parameters() if p.requires_grad],
+            lr=task.learning_rate(training))
 
     # -- resume ---------------------------------------------------------------------------------
     def restore(self, payload: dict[str, Any]) -> LoopState:
@@ -222,6 +223,7 @@ class StageLoop:
             "config": self.config.to_dict(),
             "data": self.data.to_dict(),
             "parent": self.task.parent_record,
+            "uses": self.task.used_records,
             "init": self.task.init,
             "history": state.history,
             "best": {"epoch": state.best_epoch, "val_total": state.best_val},

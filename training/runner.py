@@ -35,9 +35,10 @@ from training.loop import LoopState, StageLoop, count_trainable
 from training.stages import STAGES, Stage
 
 RESUMABLE_CHANGES = frozenset({"epochs", "stage1_epochs", "stage2_epochs", "stage3_epochs",
-                               "flow_epochs",
+                               "flow_epochs", "amortize_epochs", "amortized_map",
                                "num_workers", "device", "early_stopping_patience"})
-"""training.* keys that may differ between a checkpoint and the config that resumes it."""
+"""training.* keys that may differ between a checkpoint and the config that resumes it
+(``amortized_map`` changes stage3's parent, which the parent record then checks)."""
 
 
 @dataclass
@@ -128,11 +129,12 @@ def stage_class(name: str) -> type[Stage]:
 def build_stage(stage: type[Stage], config: Config, layout: RunLayout,
                 data: DataIdentity) -> Stage:
     """``stage``'s networks, seeded from ``training.seed`` and, for a stage with a parent, loaded
-    from the run's finished parent after checking that ``data`` and the config suit them."""
+    from the run's finished parent (and the stages it :attr:`~Stage.uses`) after checking that
+    ``data`` and the config suit them."""
     torch.manual_seed(config.training.seed)
-    if stage.parent is None:
-        return stage.build(config, data, None, None)
-    parent_name = stage.parent
+    parent_name = stage.parent_of(config)
+    if parent_name is None:
+        return stage.build(config, data, None, None, {})
     parent, sha = load_lineage(layout, parent_name, needed_by=stage.name)[parent_name]
     DataIdentity.from_dict(parent["data"]).check_compatible(
         data, f"{parent_name} ({layout.best(parent_name)})")
@@ -140,7 +142,11 @@ def build_stage(stage: type[Stage], config: Config, layout: RunLayout,
     if latent_dim != config.model.latent_dim:
         raise RunError(f"config key 'model.latent_dim' is {config.model.latent_dim} but "
                        f"{parent_name} in {layout.root} was trained with {latent_dim}")
-    return stage.build(config, data, parent, {"stage": parent_name, "sha256": sha})
+    used = {name: load_lineage(layout, name, needed_by=stage.name)[name] for name in stage.uses}
+    task = stage.build(config, data, parent, {"stage": parent_name, "sha256": sha},
+                       {name: payload for name, (payload, _) in used.items()})
+    task.used_records = [{"stage": name, "sha256": digest} for name, (_, digest) in used.items()]
+    return task
 
 
 StageStatus = Literal["done", "interrupted", "todo"]
@@ -183,6 +189,9 @@ def run_stage(name: str, run_dir: str | Path, *, data_dir: str | Path | None = N
     layout = RunLayout(Path(run_dir))
     checkpoint = _existing_checkpoint(layout, name, resume, force)
     config, data_dir = _inputs(layout, stage, checkpoint, config, data_dir)
+    if not stage.enabled(config):
+        raise RunError(f"{name} is off in this config (training.amortized_map: false): pass a "
+                       f"--config that turns it on")
     dataset = open_dataset(data_dir)
     identity = DataIdentity.of(dataset)
     if checkpoint is not None and checkpoint["data"]["dataset_id"] != identity.dataset_id:
@@ -198,6 +207,14 @@ def run_stage(name: str, run_dir: str | Path, *, data_dir: str | Path | None = N
         if checkpoint is not None and checkpoint["parent"] != task.parent_record:
             raise RunError(f"cannot resume {name}: {checkpoint['parent']['stage']} was "
                            f"re-trained since it started; train {name} again with --force")
+        if checkpoint is not None and checkpoint.get("uses", []) != task.used_records:
+            raise RunError(f"cannot resume {name}: one of {', '.join(stage.uses)} was "
+                           f"re-trained since it started; train {name} again with --force")
+        if context.is_main:
+            task.prepare(layout, dataset, str(torch_device), progress, log)
+        context.barrier()
+        if not context.is_main:  # reads back what the main process computed
+            task.prepare(layout, dataset, str(torch_device), False, lambda message: None)
         loop = StageLoop(task, config, dataset, layout, context, torch_device, progress, log)
         state = loop.restore(checkpoint) if checkpoint is not None else LoopState()
         first_epoch = state.epoch

@@ -12,12 +12,17 @@ format (:mod:`deblend.core.runs`) are the same for all.
 * stage2: a new encoder (from the stage1 encoder, or from scratch with
   ``training.stage2_init: scratch``) under the stage1 decoder, frozen; noisy blend -> clean
   isolated; beta-VAE loss.
-* stage3: the regressor on mu of the stage2 encoder, frozen; noisy blend -> label (e1, e2); MSE;
-  then its response on the calibration split (:mod:`training.calibration`).
+* stage3: the regressor on mu of the stage2 encoder (of the amortize encoder with
+  ``training.amortized_map``), frozen; noisy blend -> label (e1, e2); MSE; then its response on
+  the calibration split (:mod:`training.calibration`).
 * flow: the latent prior of the MAP deblender (:mod:`deblend.core.flow`), a normalising flow on
   the stage1 encoder's latent means of the noisy isolated galaxies, frozen encoder; negative
   log-likelihood per latent dimension (nats), logged next to that of the N(0, I) prior the VAE
   was trained with.
+* amortize (only with ``training.amortized_map``): a new encoder, from the stage2 encoder, that
+  outputs the flow-MAP latent of the blend's target (:mod:`training.map_targets`, fitted once
+  before the first epoch with the stage2 encoder, the stage1 decoder and the flow); noisy blend
+  -> MAP latent; squared latent distance, logged next to the stage2 encoder's.
 
 Frozen modules have ``requires_grad=False`` and stay in eval mode, so they never change.
 Images are normalised (SPEC 3); reconstruction losses are therefore in normalised units.
@@ -28,17 +33,21 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from deblend.core.config import Config, TrainingConfig
 from deblend.core.flow import LatentFlow, standard_normal_log_prob
+from deblend.core.inference import Deblender
 from deblend.core.losses import beta_vae_loss, regression_loss
 from deblend.core.networks import VAE, Decoder, Encoder, Regressor
-from deblend.core.runs import DataIdentity, RunLayout, build_module
+from deblend.core.runs import DataIdentity, RunLayout, build_module, lineage_identity
 from deblend.core.symmetry import random_views
 from simulation.dataset import StampData
 from training.calibration import calibrate_regressor
+from training.data import select_indices
+from training.map_targets import LatentTargets, fit_map_targets
 
 VAE_TERMS = ("total", "reconstruction", "kl")
 
@@ -52,7 +61,11 @@ class Stage(ABC):
 
     name: ClassVar[str]
     parent: ClassVar[str | None]
-    """The stage whose ``best.pt`` this one builds on (None: the first stage)."""
+    """The stage whose ``best.pt`` this one builds on (None: the first stage); see
+    :meth:`parent_of`."""
+    uses: ClassVar[tuple[str, ...]] = ()
+    """Other finished stages whose ``best.pt`` this one reads: recorded by SHA-256 in its
+    checkpoint (``uses``), so that re-training one of them makes this stage out of date."""
     input_set: ClassVar[str]
     """Image set fed to the networks: "noisy" (isolated) or "blend" (simulation.dataset)."""
     target: ClassVar[str]
@@ -67,15 +80,31 @@ class Stage(ABC):
         self.parent_record = parent_record
         """{"stage", "sha256"} of the parent best.pt, None for a first stage."""
         self.init = init
+        self.used_records: list[dict[str, str]] = []
+        """{"stage", "sha256"} of each stage of :attr:`uses` (set by the runner's build)."""
+        self.latent_targets: LatentTargets | None = None
+        """The targets of ``target="map_latent"`` (set by :meth:`prepare`)."""
         for module in frozen.values():
             module.requires_grad_(False).eval()
 
     @classmethod
     @abstractmethod
     def build(cls, config: Config, data: DataIdentity, parent: dict[str, Any] | None,
-              parent_record: dict[str, Any] | None) -> "Stage":
+              parent_record: dict[str, Any] | None, used: dict[str, dict[str, Any]]
+              ) -> "Stage":
         """The stage's networks: new ones seeded by the caller, or the parent's (``parent`` is
-        its ``best.pt`` payload, already checked to suit ``data``)."""
+        its ``best.pt`` payload, already checked to suit ``data``; ``used`` the payloads of
+        :attr:`uses`)."""
+
+    @classmethod
+    def parent_of(cls, config: Config) -> str | None:
+        """The parent stage under ``config`` (:attr:`parent` unless the config chooses)."""
+        return cls.parent
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        """Whether ``config`` trains this stage."""
+        return True
 
     @abstractmethod
     def saved_modules(self) -> dict[str, nn.Module]:
@@ -91,10 +120,22 @@ class Stage(ABC):
         specific = getattr(training, f"{cls.name}_epochs", None)
         return training.epochs if specific is None else specific
 
+    @classmethod
+    def learning_rate(cls, training: TrainingConfig) -> float:
+        """``training.<name>_learning_rate`` when there is one and it is set, else
+        ``training.learning_rate``."""
+        specific = getattr(training, f"{cls.name}_learning_rate", None)
+        return training.learning_rate if specific is None else specific
+
     def augment(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Each sample in a random one of the stamp's 8 views; image targets and (e1, e2) labels
         follow exactly (:func:`deblend.core.symmetry.random_views`)."""
         return random_views(x, y, targets_are_images=self.target == "clean")
+
+    def prepare(self, layout: RunLayout, dataset: StampData, device: str, progress: bool,
+                log: Callable[[str], None]) -> None:
+        """What the stage computes before its first epoch (nothing by default); it must resume
+        when interrupted, as a resumed stage repeats it."""
 
     def finish(self, layout: RunLayout, dataset: StampData, device: str,
                log: Callable[[str], None]) -> None:
@@ -121,7 +162,7 @@ class VAEStage(Stage):
         self.beta_kl = beta_kl
 
     @classmethod
-    def build(cls, config, data, parent, parent_record) -> "VAEStage":
+    def build(cls, config, data, parent, parent_record, used) -> "VAEStage":
         return cls(VAE(len(data.bands), data.stamp_pixels, config.model.latent_dim,
                        config.model.decoder_output),
                    config.training.beta_kl)
@@ -143,7 +184,7 @@ class DeblendStage(Stage):
         self.beta_kl = beta_kl
 
     @classmethod
-    def build(cls, config, data, parent, parent_record) -> "DeblendStage":
+    def build(cls, config, data, parent, parent_record, used) -> "DeblendStage":
         decoder = build_module(parent["modules"]["decoder"])
         encoder_entry = parent["modules"]["encoder"]
         if config.training.stage2_init == "stage1":
@@ -172,7 +213,11 @@ class RegressionStage(Stage):
         super().__init__(regressor, {"encoder": encoder}, parent_record, "random")
 
     @classmethod
-    def build(cls, config, data, parent, parent_record) -> "RegressionStage":
+    def parent_of(cls, config: Config) -> str | None:
+        return AmortizeStage.name if AmortizeStage.enabled(config) else cls.parent
+
+    @classmethod
+    def build(cls, config, data, parent, parent_record, used) -> "RegressionStage":
         encoder_entry = parent["modules"]["encoder"]
         model = config.model
         regressor = Regressor(encoder_entry["hparams"]["latent_dim"], model.regressor_hidden,
@@ -186,6 +231,11 @@ class RegressionStage(Stage):
         with torch.no_grad():
             mu, _ = self.frozen["encoder"](x)
         return (regression_loss(model(mu), y),)
+
+    def prepare(self, layout: RunLayout, dataset: StampData, device: str, progress: bool,
+                log: Callable[[str], None]) -> None:
+        """What the stage computes before its first epoch (nothing by default); it must resume
+        when interrupted, as a resumed stage repeats it."""
 
     def finish(self, layout: RunLayout, dataset: StampData, device: str,
                log: Callable[[str], None]) -> None:
@@ -212,7 +262,7 @@ class FlowStage(Stage):
         super().__init__(flow, {"encoder": encoder}, parent_record, "random")
 
     @classmethod
-    def build(cls, config, data, parent, parent_record) -> "FlowStage":
+    def build(cls, config, data, parent, parent_record, used) -> "FlowStage":
         encoder_entry = parent["modules"]["encoder"]
         model = config.model
         flow = LatentFlow(encoder_entry["hparams"]["latent_dim"], model.flow_layers,
@@ -230,6 +280,68 @@ class FlowStage(Stage):
         return (-model(mu).mean() / dim, -standard_normal_log_prob(mu).mean() / dim)
 
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (VAEStage, DeblendStage,
-                                                            RegressionStage, FlowStage)}
-"""Every stage, by name, in training order (each after its parent)."""
+class AmortizeStage(Stage):
+    """Amortised MAP: an encoder trained to output the flow-MAP latent of its input's target.
+
+    The targets (:mod:`training.map_targets`) are fitted by :meth:`prepare` with the parent
+    stage2 encoder, the stage1 decoder and the flow; the encoder starts from stage2's. Each blend
+    is shown in the view its target was fitted in, so there is no random-view augmentation (a
+    latent has no known transformation under the views). Loss terms, squared latent distance
+    to the target summed over dimensions: ``total`` (trained) and ``stage2`` (the stage2
+    encoder's, only logged: the gain over the encoder it replaces)."""
+
+    name, parent, input_set, target, loss_names = ("amortize", "stage2", "blend", "map_latent",
+                                                   ("total", "stage2"))
+    uses = ("stage1", "flow")
+
+    def __init__(self, encoder: Encoder, frozen: dict[str, nn.Module], config: Config,
+                 data: DataIdentity, parent_record: dict[str, Any]) -> None:
+        super().__init__(encoder, frozen, parent_record, "stage2")
+        self.config, self.data = config, data
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return config.training.amortized_map
+
+    @classmethod
+    def build(cls, config, data, parent, parent_record, used) -> "AmortizeStage":
+        encoder_entry = parent["modules"]["encoder"]
+        frozen = {"stage2_encoder": build_module(encoder_entry),
+                  "decoder": build_module(used["stage1"]["modules"]["decoder"]),
+                  "flow": build_module(used["flow"]["modules"]["flow"])}
+        return cls(build_module(encoder_entry), frozen, config, data, parent_record)
+
+    def saved_modules(self) -> dict[str, nn.Module]:
+        return {"encoder": self.model}
+
+    def augment(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """No augmentation: each blend is already in its target's view."""
+        return x, y
+
+    def prepare(self, layout: RunLayout, dataset: StampData, device: str, progress: bool,
+                log: Callable[[str], None]) -> None:
+        """Fit (or read back) the MAP targets of the training and validation blends."""
+        config = self.config
+        indices = np.concatenate([select_indices(dataset, split, config.training.min_target_e)
+                                  for split in ("train", "validation")])
+        model = Deblender(self.frozen["stage2_encoder"], self.frozen["decoder"], None,
+                          self.data, device, flow=self.frozen["flow"])
+        identity = {"stage2": lineage_identity(layout, "stage2"),
+                    "uses": [record["sha256"] for record in self.used_records]}
+        self.latent_targets = fit_map_targets(
+            model, dataset, indices, config.map, layout.stage_dir(self.name) / "map_targets",
+            identity, progress=progress, log=log)
+        self.latent_targets.check_fitted(indices)
+        for module in self.frozen.values():  # Deblender put them in eval mode already
+            module.requires_grad_(False)
+
+    def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        mu, _ = model(x)
+        with torch.no_grad():
+            base, _ = self.frozen["stage2_encoder"](x)
+        return ((mu.float() - y).pow(2).sum(1).mean(), (base.float() - y).pow(2).sum(1).mean())
+
+
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (VAEStage, DeblendStage, FlowStage,
+                                                            AmortizeStage, RegressionStage)}
+"""Every stage, by name, in training order (each after its parent under any config)."""

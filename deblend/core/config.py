@@ -208,7 +208,13 @@ class TrainingConfig:
     stage2_epochs: StrictInt | None = None
     stage3_epochs: StrictInt | None = None
     flow_epochs: StrictInt | None = None
+    amortize_epochs: StrictInt | None = None
+    amortized_map: StrictBool = False
+    """Train the ``amortize`` stage (an encoder that outputs the flow-MAP latent of its input,
+    :mod:`training.map_targets`) and the regressor on its latents instead of stage2's."""
     learning_rate: StrictFloat = 1e-4
+    amortize_learning_rate: StrictFloat | None = None
+    """The amortize stage's (it fine-tunes the trained stage2 encoder); null: learning_rate."""
     beta_kl: StrictFloat = 1e-3
     min_target_e: StrictFloat = 0.0
     """Train only on targets whose label |e| exceeds this (the report used 0.1)."""
@@ -230,7 +236,11 @@ class TrainingConfig:
             *[(_at_least(getattr(self, f"stage{i}_epochs"), 1), f"training.stage{i}_epochs",
                "must be >= 1 or null") for i in (1, 2, 3)],
             (_at_least(self.flow_epochs, 1), "training.flow_epochs", "must be >= 1 or null"),
+            (_at_least(self.amortize_epochs, 1), "training.amortize_epochs",
+             "must be >= 1 or null"),
             (self.learning_rate > 0, "training.learning_rate", "must be > 0"),
+            (self.amortize_learning_rate is None or self.amortize_learning_rate > 0,
+             "training.amortize_learning_rate", "must be > 0 or null"),
             (self.beta_kl >= 0, "training.beta_kl", "must be >= 0"),
             (0.0 <= self.min_target_e < 1.0, "training.min_target_e", "must be in [0, 1)"),
             (_at_least(self.early_stopping_patience, 1), "training.early_stopping_patience",
@@ -362,7 +372,7 @@ class MapConfig:
     enabled: StrictBool = False
     """Run the comparison as a step of the main job (``RUN/map_deblending/``)."""
     steps: StrictInt = 40
-    """Adam steps from the stage2 encoder's latents (:data:`deblend.core.map_fit.DEFAULT_STEPS`;
+    """Adam steps from the deblender's encoder's latents (:data:`deblend.core.map_fit.DEFAULT_STEPS`;
     on quick validation blends 40 give what 60 give, MADNESS's choice, at two thirds of the
     cost)."""
     learning_rate: StrictFloat = 0.05

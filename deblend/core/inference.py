@@ -165,8 +165,9 @@ class Deblender:
         """Load the networks of ``stage`` of a training run and of its ancestors.
 
         Each network (encoder, decoder, regressor) is taken from the nearest stage of the
-        lineage that trained one: for ``stage3`` (the default) the stage2 encoder, the stage1
-        decoder and the stage3 regressor; ``stage="stage1"`` gives the stage1 VAE alone (no
+        lineage that trained one: for ``stage3`` (the default) the amortize encoder when the run
+        trained one (``training.amortized_map``), else the stage2 encoder, the stage1 decoder and
+        the stage3 regressor; ``stage="stage1"`` gives the stage1 VAE alone (no
         regressor, so ``ellipticity`` is None). Refuses stages that are missing, unfinished, or
         were trained on another version of their parent stage.
         """

@@ -11,7 +11,7 @@
 the model's stamps); ``positions`` one (K_i, 2) array of (x, y) pixel positions per scene
 (x = column, y = row; e.g. from :func:`deblend.core.detection.detect_sources`); ``sky_levels``
 (bands,) the background variance in electrons^2 per pixel (the sky level for Poisson sky),
-estimated from each scene's sigma-clipped pixels when None. Each source starts from the stage2
+estimated from each scene's sigma-clipped pixels when None. Each source starts from the deblender
 encoder's latent of the model-sized stamp cut around it, then every latent of a scene is fitted
 together (:func:`deblend.core.map_fit.fit_scenes`). The ellipticity of a source is the
 regressor's reading of its MAP latent (response-calibrated like :meth:`Deblender.predict`);
@@ -29,7 +29,6 @@ everything but the latents is mapped back: over a catalogue the orientation aver
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,6 +62,7 @@ from deblend.core.symmetry import (
     ellipticity_in_view,
     image_from_view,
     image_view,
+    in_views,
     position_from_view,
     position_in_view,
 )
@@ -87,7 +87,7 @@ class MapPrediction:
     latent: np.ndarray
     """(M, D) MAP latent, of the source as seen in its scene's :attr:`view`."""
     initial_latent: np.ndarray
-    """(M, D) the stage2 encoder's latent the fit started from (in the same view)."""
+    """(M, D) the deblender encoder's latent the fit started from (in the same view)."""
     reconstruction: np.ndarray
     """(M, bands, S, S) the decoded source at its MAP latent, electrons, centred on (x, y)."""
     ellipticity: np.ndarray | None
@@ -147,17 +147,6 @@ def scene_views(n: int, height: int, width: int) -> np.ndarray:
     return cycle[np.arange(n) % len(cycle)]
 
 
-def _in_views(arrays: np.ndarray, views: np.ndarray,
-              transform: Callable[[torch.Tensor, int], torch.Tensor]) -> np.ndarray:
-    """A copy of ``arrays`` whose rows (axis 0) in each view v are ``transform(rows, v)``."""
-    out = np.array(arrays, copy=True)
-    for view in np.unique(views):
-        rows = views == view
-        out[rows] = transform(torch.from_numpy(np.ascontiguousarray(arrays[rows])),
-                              int(view)).numpy()
-    return out
-
-
 def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray],
                 sky_levels: np.ndarray | None = None, *, prior: str = "flow",
                 steps: int = DEFAULT_STEPS, learning_rate: float = DEFAULT_LEARNING_RATE,
@@ -177,7 +166,7 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
         raise ValueError("sky_levels must be positive and finite (electrons^2 per pixel)")
     height, width = array.shape[-2:]
     views = scene_views(n, height, width)
-    viewed = _in_views(array, views, image_view)
+    viewed = in_views(array, views, image_view)
     in_view = [position_in_view(np.floor(p + 0.5), int(v), height, width)
                for p, v in zip(positions, views)]
     scene_model = SceneModel(model.decoder, model.normalization)
@@ -204,19 +193,19 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
                       RuntimeWarning, stacklevel=3)
     joined = {key: np.concatenate([p[key] for p in parts], axis=1 if key == "samples" else 0)
               for key in parts[0]}
-    models = _in_views(models, views, image_from_view)
+    models = in_views(models, views, image_from_view)
     source_views = views[joined["scene"]]
-    joined["reconstruction"] = _in_views(joined["reconstruction"], source_views, image_from_view)
+    joined["reconstruction"] = in_views(joined["reconstruction"], source_views, image_from_view)
     xy = np.stack([joined["x"], joined["y"]], axis=1)
     for view in np.unique(source_views):
         rows = source_views == view
         xy[rows] = np.rint(position_from_view(xy[rows], int(view), height, width))
     joined["x"], joined["y"] = xy[:, 0], xy[:, 1]
     if "ellipticity_raw" in joined:
-        joined["ellipticity_raw"] = _in_views(joined["ellipticity_raw"], source_views,
+        joined["ellipticity_raw"] = in_views(joined["ellipticity_raw"], source_views,
                                               ellipticity_in_view)
     if "samples" in joined:
-        joined["samples"] = _in_views(joined["samples"].transpose(1, 0, 2), source_views,
+        joined["samples"] = in_views(joined["samples"].transpose(1, 0, 2), source_views,
                                       ellipticity_in_view).transpose(1, 0, 2)
     raw = joined.get("ellipticity_raw")
     calibrated = raw

@@ -12,7 +12,7 @@ The latents maximise
 with var = sky level + max(image, 0) per pixel and band (background plus the source's Poisson
 variance, estimated from the image itself so the likelihood is a fixed weighted least squares,
 as MADNESS does), and the prior p either N(0, I) (the VAE's own) or the flow
-(:mod:`deblend.core.flow`). The fit is Adam in latent space from the stage2 encoder's latents,
+(:mod:`deblend.core.flow`). The fit is Adam in latent space from the deblender encoder's latents,
 batched over scenes (padded to the largest source count; a mask drops the padding), on whatever
 device the decoder is on. Scenes are independent: the batch's objective is the sum of theirs,
 and Adam's per-coordinate steps keep each scene's fit what it would be alone.

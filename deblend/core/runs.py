@@ -24,6 +24,8 @@ A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=T
     config           Config.to_dict() the stage ran with
     data             DataIdentity.to_dict()
     parent           None, or {"stage", "sha256"} of the parent stage's best.pt it was built on
+    uses             [{"stage", "sha256"}] of the other stages' best.pt it read (the amortize
+                     stage reads stage1's decoder and the flow)
     init             how the trained modules started ("random", or stage2's training.stage2_init)
     history          list of per-epoch rows (see training.history)
     best             {"epoch", "val_total"} of the best epoch so far
@@ -32,9 +34,10 @@ A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=T
                      the calibration split (training.calibration, deblend.core.response)
 
 The lineage of a stage is the chain of ``parent`` records from its ``best.pt`` back to a stage
-without a parent; :func:`load_lineage` follows it and refuses a chain whose parent was re-trained
-after its child (the recorded SHA-256 no longer matches). No RNG state is stored: every epoch
-reseeds from (training.seed, epoch, rank), so a resumed stage reproduces the uninterrupted one.
+without a parent; :func:`load_lineage` follows it and refuses a chain whose parent, or a stage
+one of them ``uses``, was re-trained after it (the recorded SHA-256 no longer matches). No RNG
+state is stored: every epoch reseeds from (training.seed, epoch, rank), so a resumed stage
+reproduces the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -283,8 +286,8 @@ def load_lineage(layout: RunLayout, stage: str, needed_by: str
                  ) -> dict[str, tuple[dict[str, Any], str]]:
     """(``best.pt`` payload, SHA-256) of ``stage`` and of every ancestor, ``stage`` first.
 
-    Each stage must be finished, and each recorded parent SHA-256 must be that of the parent's
-    ``best.pt`` now in the run (else the parent was re-trained after its child).
+    Each stage must be finished, and each recorded parent (and ``uses``) SHA-256 must be that of
+    the ``best.pt`` now in the run (else that stage was re-trained after its child).
     """
     lineage: dict[str, tuple[dict[str, Any], str]] = {}
     child: str | None = None
@@ -298,6 +301,13 @@ def load_lineage(layout: RunLayout, stage: str, needed_by: str
                 raise RunError(f"{child} in {layout.root} was trained on another {stage} result "
                                f"than the one now in {layout.best(stage)} ({stage} was "
                                f"re-trained since): train {child} again with --force")
+        for record in payload.get("uses") or []:
+            used = layout.best(record["stage"])
+            if not used.is_file() or file_sha256(used) != record["sha256"]:
+                raise RunError(f"{stage} in {layout.root} was trained with another "
+                               f"{record['stage']} result than the one now in {used} "
+                               f"({record['stage']} was re-trained or removed since): train "
+                               f"{stage} again with --force")
         lineage[stage] = (payload, sha)
         child, stage = stage, (payload.get("parent") or {}).get("stage")
     return lineage

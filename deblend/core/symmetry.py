@@ -17,6 +17,8 @@ fits each scene in one view (:func:`position_in_view` moves its sources there).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -45,6 +47,18 @@ def image_from_view(images: Tensor, view: int) -> Tensor:
     if view >= 4:
         images = torch.flip(images, dims=(-1,))
     return images
+
+
+def in_views(arrays: np.ndarray, views: np.ndarray,
+             transform: Callable[[Tensor, int], Tensor]) -> np.ndarray:
+    """A copy of ``arrays`` whose rows (axis 0) in each view v are ``transform(rows, v)``: e.g.
+    ``in_views(stamps, views, image_view)`` shows stamp i in ``views[i]``."""
+    out = np.array(arrays, copy=True)
+    for view in np.unique(views):
+        rows = views == view
+        out[rows] = transform(torch.from_numpy(np.ascontiguousarray(arrays[rows])),
+                              int(view)).numpy()
+    return out
 
 
 def position_in_view(xy: np.ndarray, view: int, height: int, width: int) -> np.ndarray:
