@@ -33,9 +33,6 @@ from deblend.core.detection import detect_sources, with_target
 from deblend.core.inference import Deblender
 from simulation.dataset import StampData
 
-CHUNK_SAMPLES = 500
-"""Blends fitted and cached together (about 25 s on 2 CPU cores)."""
-
 
 @dataclass(frozen=True)
 class LatentTargets:
@@ -56,16 +53,17 @@ class LatentTargets:
 
 def fit_map_targets(model: Deblender, dataset: StampData, indices: np.ndarray,
                     settings: MapConfig, directory: Path, identity: dict[str, Any], *,
-                    chunk: int | None = None, progress: bool = True,
+                    chunk: int = 500, share: tuple[int, int] = (0, 1), progress: bool = True,
                     log: Callable[[str], None] = print) -> LatentTargets:
     """The flow-MAP latent of the target of every blend in ``indices`` (see the module doc).
 
     ``model`` holds the stage2 encoder (the starting latents), the decoder and the flow;
     ``identity`` names what the targets depend on (the networks' SHA-256s), and goes with the
-    MAP settings and the chunk's indices into each chunk's key; ``chunk`` blends (default
-    :data:`CHUNK_SAMPLES`) are fitted and cached together."""
+    MAP settings and the chunk's indices into each chunk's key; ``chunk`` blends are fitted and
+    cached together. With ``share`` = (k, n) only the chunks numbered k, k + n, ... are read or
+    fitted (process k of n; the others stay NaN)."""
     model.require_flow()
-    chunk = chunk or CHUNK_SAMPLES
+    part_of_share = share[1] > 1
     indices = np.asarray(indices, np.int64)
     latent = np.full((dataset.n_samples, model.latent_dim), np.nan, np.float32)
     view = np.full(dataset.n_samples, -1, np.int64)
@@ -77,6 +75,9 @@ def fit_map_targets(model: Deblender, dataset: StampData, indices: np.ndarray,
     bar = tqdm(total=len(indices), unit="blend", desc="MAP targets", disable=not progress)
     fitted = 0
     for number, part in enumerate(parts):
+        if number % share[1] != share[0]:
+            bar.update(len(part))
+            continue
         path = directory / f"chunk_{number:05d}.npz"
         key = chunk_key({**identity, **setting, "indices": part.tolist()})
         arrays = read_chunk(path, key)
@@ -89,8 +90,11 @@ def fit_map_targets(model: Deblender, dataset: StampData, indices: np.ndarray,
         if not progress and number + 1 < len(parts):
             log(f"MAP targets: {number * chunk + len(part)}/{len(indices)} blends")
     bar.close()
-    log(f"MAP targets: {len(indices)} blends ({fitted} fitted now, "
-        f"{len(indices) - fitted} from {directory})")
+    if part_of_share:
+        log(f"MAP targets: {fitted} blends fitted by process {share[0]} of {share[1]}")
+    else:
+        log(f"MAP targets: {len(indices)} blends ({fitted} fitted now, "
+            f"{len(indices) - fitted} from {directory})")
     return LatentTargets(latent, view)
 
 

@@ -210,11 +210,7 @@ def run_stage(name: str, run_dir: str | Path, *, data_dir: str | Path | None = N
         if checkpoint is not None and checkpoint.get("uses", []) != task.used_records:
             raise RunError(f"cannot resume {name}: one of {', '.join(stage.uses)} was "
                            f"re-trained since it started; train {name} again with --force")
-        if context.is_main:
-            task.prepare(layout, dataset, str(torch_device), progress, log)
-        context.barrier()
-        if not context.is_main:  # reads back what the main process computed
-            task.prepare(layout, dataset, str(torch_device), False, lambda message: None)
+        task.prepare(layout, dataset, str(torch_device), context, progress, log)
         loop = StageLoop(task, config, dataset, layout, context, torch_device, progress, log)
         state = loop.restore(checkpoint) if checkpoint is not None else LoopState()
         first_epoch = state.epoch

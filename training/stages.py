@@ -31,6 +31,7 @@ Images are normalised (SPEC 3); reconstruction losses are therefore in normalise
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import partial
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -47,6 +48,7 @@ from deblend.core.symmetry import random_views
 from simulation.dataset import StampData
 from training.calibration import calibrate_regressor
 from training.data import select_indices
+from training.distributed import DistContext
 from training.map_targets import LatentTargets, fit_map_targets
 
 VAE_TERMS = ("total", "reconstruction", "kl")
@@ -132,10 +134,10 @@ class Stage(ABC):
         follow exactly (:func:`deblend.core.symmetry.random_views`)."""
         return random_views(x, y, targets_are_images=self.target == "clean")
 
-    def prepare(self, layout: RunLayout, dataset: StampData, device: str, progress: bool,
-                log: Callable[[str], None]) -> None:
-        """What the stage computes before its first epoch (nothing by default); it must resume
-        when interrupted, as a resumed stage repeats it."""
+    def prepare(self, layout: RunLayout, dataset: StampData, device: str,
+                context: DistContext, progress: bool, log: Callable[[str], None]) -> None:
+        """What the stage computes before its first epoch (nothing by default), called in every
+        process; it must resume when interrupted, as a resumed stage repeats it."""
 
     def finish(self, layout: RunLayout, dataset: StampData, device: str,
                log: Callable[[str], None]) -> None:
@@ -232,11 +234,6 @@ class RegressionStage(Stage):
             mu, _ = self.frozen["encoder"](x)
         return (regression_loss(model(mu), y),)
 
-    def prepare(self, layout: RunLayout, dataset: StampData, device: str, progress: bool,
-                log: Callable[[str], None]) -> None:
-        """What the stage computes before its first epoch (nothing by default); it must resume
-        when interrupted, as a resumed stage repeats it."""
-
     def finish(self, layout: RunLayout, dataset: StampData, device: str,
                log: Callable[[str], None]) -> None:
         """Measure the regressor's response on the calibration split (once)."""
@@ -286,7 +283,8 @@ class AmortizeStage(Stage):
     The targets (:mod:`training.map_targets`) are fitted by :meth:`prepare` with the parent
     stage2 encoder, the stage1 decoder and the flow; the encoder starts from stage2's. Each blend
     is shown in the view its target was fitted in, so there is no random-view augmentation (a
-    latent has no known transformation under the views). Loss terms, squared latent distance
+    latent has no known transformation under the views). Only mu is trained: the encoder's
+    sigma head stays stage2's. Loss terms, squared latent distance
     to the target summed over dimensions: ``total`` (trained) and ``stage2`` (the stage2
     encoder's, only logged: the gain over the encoder it replaces)."""
 
@@ -309,7 +307,11 @@ class AmortizeStage(Stage):
         frozen = {"stage2_encoder": build_module(encoder_entry),
                   "decoder": build_module(used["stage1"]["modules"]["decoder"]),
                   "flow": build_module(used["flow"]["modules"]["flow"])}
-        return cls(build_module(encoder_entry), frozen, config, data, parent_record)
+        encoder = build_module(encoder_entry)
+        # the loss reads mu only: sigma stays stage2's (and DDP needs every trained parameter
+        # to get a gradient)
+        encoder.fc_logvar.requires_grad_(False)
+        return cls(encoder, frozen, config, data, parent_record)
 
     def saved_modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.model}
@@ -318,9 +320,10 @@ class AmortizeStage(Stage):
         """No augmentation: each blend is already in its target's view."""
         return x, y
 
-    def prepare(self, layout: RunLayout, dataset: StampData, device: str, progress: bool,
-                log: Callable[[str], None]) -> None:
-        """Fit (or read back) the MAP targets of the training and validation blends."""
+    def prepare(self, layout: RunLayout, dataset: StampData, device: str,
+                context: DistContext, progress: bool, log: Callable[[str], None]) -> None:
+        """Fit (or read back) the MAP targets of the training and validation blends; under DDP
+        each process fits its share of the chunks, then every process reads them all."""
         config = self.config
         indices = np.concatenate([select_indices(dataset, split, config.training.min_target_e)
                                   for split in ("train", "validation")])
@@ -328,9 +331,15 @@ class AmortizeStage(Stage):
                           self.data, device, flow=self.frozen["flow"])
         identity = {"stage2": lineage_identity(layout, "stage2"),
                     "uses": [record["sha256"] for record in self.used_records]}
-        self.latent_targets = fit_map_targets(
-            model, dataset, indices, config.map, layout.stage_dir(self.name) / "map_targets",
-            identity, progress=progress, log=log)
+        fit = partial(fit_map_targets, model, dataset, indices, config.map,
+                      layout.stage_dir(self.name) / "map_targets", identity,
+                      chunk=config.training.amortize_chunk,
+                      progress=progress and context.is_main,
+                      log=log if context.is_main else (lambda message: None))
+        if context.is_distributed:
+            fit(share=(context.rank, context.world_size))
+            context.barrier()
+        self.latent_targets = fit()
         self.latent_targets.check_fitted(indices)
         for module in self.frozen.values():  # Deblender put them in eval mode already
             module.requires_grad_(False)
