@@ -254,3 +254,21 @@ def test_map_report_with_shear_on_the_tiny_run(trained_run: Path, tiny_dataset: 
     report = (tmp_path / REPORT_FILE).read_text()
     assert "Shear bias against the applied shear" in report and "map_flow" in report
     assert (tmp_path / "flux_by_magnitude.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_posterior_samples_carry_the_regressor_scatter_and_its_calibration() -> None:
+    from deblend.core.map_deblend import calibrated_samples
+    from deblend.core.response import Response
+
+    matrix, offset = np.array([[0.5, 0.0], [0.0, 0.8]]), np.array([0.02, -0.01])
+    response = Response(matrix, offset, np.zeros((2, 2)), 1000, np.array([0.04, 0.08]))
+    raw = np.broadcast_to(np.array([0.12, -0.09]), (4000, 3, 2))  # a latent posterior of width 0
+    generator = torch.Generator().manual_seed(0)
+    samples = calibrated_samples(raw, response, generator)
+    assert samples.shape == raw.shape
+    # centred on the calibrated value, as wide as the scatter in calibrated units
+    np.testing.assert_allclose(samples.mean(axis=0), [[0.2, -0.1]] * 3, atol=0.006)
+    np.testing.assert_allclose(samples.std(axis=0), [[0.08, 0.1]] * 3, rtol=0.05)
+    # without a measured scatter: the calibrated draws themselves
+    bare = calibrated_samples(raw, Response(matrix, offset, np.zeros((2, 2)), 1000), generator)
+    np.testing.assert_allclose(bare, np.broadcast_to([0.2, -0.1], raw.shape), atol=1e-6)

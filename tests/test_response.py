@@ -34,6 +34,8 @@ def test_fit_recovers_a_known_response_within_its_errors() -> None:
     assert np.all(np.abs(response.matrix - matrix) < 4 * response.matrix_err)
     assert np.all(response.matrix_err < 0.005)
     assert np.allclose(response.offset, offset, atol=0.002)
+    # the regressor's own error: the scatter about the response line
+    np.testing.assert_allclose(response.scatter, [0.05, 0.05], rtol=0.03)
 
 
 def test_calibrated_estimator_has_unit_slope_on_fresh_objects() -> None:
@@ -57,6 +59,10 @@ def test_noise_free_response_inverts_exactly_and_round_trips() -> None:
     assert np.allclose(response.calibrate(e_raw), e_true, atol=1e-6)
     again = Response.from_dict(response.to_dict())
     assert np.array_equal(again.calibrate(e_raw), response.calibrate(e_raw))
+    assert np.array_equal(again.scatter, response.scatter)
+    # a response stored before the scatter was measured still loads, without one
+    older = {k: v for k, v in response.to_dict().items() if k != "scatter"}
+    assert Response.from_dict(older).scatter is None
 
 
 def test_unusable_responses_are_refused() -> None:

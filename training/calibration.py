@@ -23,8 +23,8 @@ def calibrate_regressor(layout: RunLayout, dataset: StampData, device: str,
                         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit and store the response of ``layout``'s stage3 regressor; returns the stored entry.
 
-    The entry is ``{"status": "calibrated", "matrix", "offset", "matrix_err", "n", "split",
-    "dataset_id"}``, or ``{"status": "uncalibrated", "reason"}`` when the dataset has no
+    The entry is ``{"status": "calibrated", "matrix", "offset", "matrix_err", "n", "scatter",
+    "split", "dataset_id"}``, or ``{"status": "uncalibrated", "reason"}`` when the dataset has no
     calibration split or the response is too small to invert (the regressor's raw output is
     then used as it is, and the reason is logged).
     """
@@ -54,7 +54,9 @@ def calibrate_regressor(layout: RunLayout, dataset: StampData, device: str,
         (r11, r12), (r21, r22) = entry["matrix"]
         log(f"stage3 regressor response on {entry['n']} calibration samples: R = "
             f"[[{r11:.3f}, {r12:.3f}], [{r21:.3f}, {r22:.3f}]], c = "
-            f"({entry['offset'][0]:+.4f}, {entry['offset'][1]:+.4f}); predictions are divided by it")
+            f"({entry['offset'][0]:+.4f}, {entry['offset'][1]:+.4f}), scatter "
+            f"({entry['scatter'][0]:.4f}, {entry['scatter'][1]:.4f}); predictions are divided "
+            f"by it")
     else:
         log(f"WARNING: the stage3 regressor stays uncalibrated: {entry['reason']}")
     payload["response"] = entry

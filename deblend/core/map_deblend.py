@@ -15,10 +15,11 @@ estimated from each scene's sigma-clipped pixels when None. Each source starts f
 encoder's latent of the model-sized stamp cut around it, then every latent of a scene is fitted
 together (:func:`deblend.core.map_fit.fit_scenes`). The ellipticity of a source is the
 regressor's reading of its MAP latent (response-calibrated like :meth:`Deblender.predict`);
-its posterior comes from the Laplace approximation (:mod:`deblend.core.posterior`). MAP moves
-latents off those the regressor was trained on, so :attr:`MapPrediction.ellipticity_deblended`
-also reads each source from its MAP-deblended stamp (the scene minus the other sources' MAP
-models) through :meth:`Deblender.predict`.
+its posterior comes from the Laplace approximation (:mod:`deblend.core.posterior`) pushed
+through the regressor, plus the regressor's own scatter, and is calibrated the same way. MAP
+moves latents off those the regressor was trained on, so
+:attr:`MapPrediction.ellipticity_deblended` also reads each source from its MAP-deblended stamp
+(the scene minus the other sources' MAP models) through :meth:`Deblender.predict`.
 
 The decoder has an orientation fixed in its own frame (:mod:`deblend.core.symmetry`), so each
 scene is fitted in one of the symmetric views, cycling with its index (:func:`scene_views`), and
@@ -56,6 +57,7 @@ from deblend.core.posterior import (
     laplace_samples,
     prior_hessian,
 )
+from deblend.core.response import Response
 from deblend.core.stamps import cut_stamp
 from deblend.core.symmetry import (
     N_VIEWS,
@@ -103,7 +105,9 @@ class MapPrediction:
     """(N,) the symmetric view each scene was fitted in (:func:`scene_views`); every other
     field is mapped back to the scene's own frame, except the latents."""
     posterior: EllipticityPosterior | None = None
-    """Laplace posterior of the regressor's (e1, e2) (raw output) per source, when asked for."""
+    """Posterior of each source's (e1, e2), when asked for: Laplace draws of the latent through
+    the regressor, plus the regressor's own scatter, calibrated like :attr:`ellipticity` (raw
+    draws when the run has no response)."""
     deblended: np.ndarray | None = None
     """(M, bands, S, S) electrons: the source's MAP-deblended stamp, i.e. the scene minus every
     other source's MAP model, cut around (x, y): the source with the scene's own noise."""
@@ -213,7 +217,10 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
         calibrated = model.response.calibrate(raw)
     posterior = None
     if posterior_samples > 0 and raw is not None:
-        posterior = EllipticityPosterior.from_samples(joined["samples"])
+        samples = joined["samples"]
+        if model.response is not None:
+            samples = calibrated_samples(samples, model.response, generator)
+        posterior = EllipticityPosterior.from_samples(samples)
     deblended = deblended_stamps(array - models, joined["scene"], joined["x"], joined["y"],
                                  joined["reconstruction"])
     e_deblended = None
@@ -223,6 +230,21 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
                          joined["initial_latent"], joined["reconstruction"], calibrated,
                          raw if model.response is not None else None, models, objective,
                          views, posterior, deblended, e_deblended)
+
+
+def calibrated_samples(samples: np.ndarray, response: Response,
+                       generator: torch.Generator) -> np.ndarray:
+    """(n, M, 2) regressor samples as calibrated ellipticities, with the regressor's own error.
+
+    Each raw sample gets a draw of the regressor's scatter about its response line (measured on
+    the calibration split, :attr:`Response.scatter`; the latent's posterior alone leaves it out)
+    and is then calibrated like :attr:`MapPrediction.ellipticity`."""
+    n, m, _ = samples.shape
+    raw = np.asarray(samples, np.float64).reshape(n * m, 2)
+    if response.scatter is not None:
+        noise = torch.randn(n * m, 2, generator=generator, dtype=torch.float64).numpy()
+        raw = raw + noise * response.scatter
+    return response.calibrate(raw).reshape(n, m, 2)
 
 
 def deblended_stamps(residuals: np.ndarray, scene: np.ndarray, x: np.ndarray, y: np.ndarray,

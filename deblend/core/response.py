@@ -43,6 +43,10 @@ class Response:
     """(2, 2) standard errors of R (ordinary least squares)."""
     n: int
     """Number of objects the fit used."""
+    scatter: np.ndarray | None = None
+    """(2,) standard deviation of ``e_raw`` about ``R e_true + c`` per component (raw units): the
+    regressor's own error, which a posterior of its output adds (None in responses stored
+    before it was measured)."""
 
     def calibrate(self, e_raw: np.ndarray) -> np.ndarray:
         """``R^-1 (e_raw - c)`` for ``e_raw`` of shape (N, 2); float32."""
@@ -53,13 +57,18 @@ class Response:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and ints (for checkpoints and metrics JSON)."""
-        return {"matrix": self.matrix.tolist(), "offset": self.offset.tolist(),
-                "matrix_err": self.matrix_err.tolist(), "n": self.n}
+        out = {"matrix": self.matrix.tolist(), "offset": self.offset.tolist(),
+               "matrix_err": self.matrix_err.tolist(), "n": self.n}
+        if self.scatter is not None:
+            out["scatter"] = self.scatter.tolist()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Response":
+        scatter = d.get("scatter")
         return cls(np.asarray(d["matrix"], np.float64), np.asarray(d["offset"], np.float64),
-                   np.asarray(d["matrix_err"], np.float64), int(d["n"]))
+                   np.asarray(d["matrix_err"], np.float64), int(d["n"]),
+                   None if scatter is None else np.asarray(scatter, np.float64))
 
 
 def fit_response(e_raw: np.ndarray, e_true: np.ndarray) -> Response:
@@ -86,7 +95,7 @@ def fit_response(e_raw: np.ndarray, e_true: np.ndarray) -> Response:
     unscaled = np.linalg.inv(design.T @ design)
     matrix = coef[:2].T                                          # R[i, j]: output i, truth j
     matrix_err = np.sqrt(np.outer(sigma2, np.diag(unscaled)[:2]))
-    response = Response(matrix, coef[2].copy(), matrix_err, n)
+    response = Response(matrix, coef[2].copy(), matrix_err, n, np.sqrt(sigma2))
     diagonal = np.diag(matrix)
     if (diagonal < MIN_RESPONSE).any():
         raise ResponseError(f"response R11 = {diagonal[0]:.3f}, R22 = {diagonal[1]:.3f} is below "
