@@ -39,9 +39,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from deblend.core.config import Config, MapConfig
-from deblend.core.detection import detect_sources, with_target
+from deblend.core.detection import detect_around_target, detect_sources
 from deblend.core.inference import Deblender
-from deblend.core.map_deblend import MapPrediction
+from deblend.core.map_deblend import MapPrediction, first_sources
 from deblend.core.normalization import normalize
 from deblend.core.posterior import EllipticityPosterior
 from deblend.core.stamps import cut_stamp, nearest_pixel, paste_stamp
@@ -131,8 +131,9 @@ def summarize(result: MethodResult, truth: Truth, model: Deblender,
 # -- the methods ----------------------------------------------------------------------------------
 def encoder_on_stamps(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray],
                       measured: list[np.ndarray]) -> MethodResult:
-    """The deblender's encoder (amortize's or stage2's) + decoder on the model-sized stamp cut around every source;
-    ``measured[i]`` indexes the sources of scene i that are compared with truth."""
+    """The deblender's encoder (amortize's or stage2's) + decoder on the model-sized stamp cut
+    around every source; ``measured[i]`` indexes the sources of scene i that are compared with
+    truth."""
     started = time.perf_counter()
     stamps, owners = [], []
     for i, (scene, pos) in enumerate(zip(scenes, positions)):
@@ -157,7 +158,7 @@ def map_on_scenes(model: Deblender, scenes: np.ndarray, positions: list[np.ndarr
                             batch_size=settings.batch_size,
                             posterior_samples=settings.posterior_samples, seed=settings.seed)
     seconds = time.perf_counter() - started
-    first = np.cumsum([0] + [len(p) for p in positions])[:-1]
+    first = first_sources(positions)
     rows = np.array([first[i] + k for i, ks in enumerate(measured) for k in ks], int)
     posterior = None
     if out.posterior is not None:
@@ -187,9 +188,9 @@ def blend_scenes(model: Deblender, dataset: Any, n: int, settings: MapConfig,
         positions = [np.concatenate([[[centre, centre]], centre + o[np.isfinite(o).all(axis=1)]])
                      for o in offsets]
     else:
-        found = detect_sources(blends, dataset.survey, dataset.bands, settings.detection_band,
-                               settings.detection_threshold, max_sources=settings.max_sources)
-        positions = [with_target(p, (centre, centre)) for p in found]
+        positions = detect_around_target(blends, dataset.survey, dataset.bands, (centre, centre),
+                                         settings.detection_band, settings.detection_threshold,
+                                         settings.max_sources)
     truth = Truth(dataset.images("clean", indices),
                   np.stack([labels["e1"][indices], labels["e2"][indices]], axis=1),
                   labels[f"mag_{dataset_ref_band(dataset)}"][indices])
@@ -270,13 +271,13 @@ def map_shear_bias(model: Deblender, config: Config, prior: str, n_scenes: int,
                            reconstruct=False)
         regressor, moments = {}, {}
         for name, images in mc.inputs.items():
-            positions = [with_target(p, (centre, centre)) for p in detect_sources(
-                images, config.simulation.survey, model.bands, settings.detection_band,
-                settings.detection_threshold, max_sources=settings.max_sources)]
+            positions = detect_around_target(images, config.simulation.survey, model.bands,
+                                             (centre, centre), settings.detection_band,
+                                             settings.detection_threshold, settings.max_sources)
             out = model.map_deblend(images, positions, pairs.sky_variance, prior=prior,
                                     steps=settings.steps, learning_rate=settings.learning_rate,
                                     batch_size=settings.batch_size)
-            first = np.cumsum([0] + [len(p) for p in positions])[:-1]
+            first = first_sources(positions)
             raw = out.ellipticity_raw if out.ellipticity_raw is not None else out.ellipticity
             regressor[name] = raw[first]
             moments[name] = weighted_ellipticity(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deblend import Deblender
-from deblend.core.detection import detect_sources, with_target
+from deblend.core.detection import detect_around_target, detect_sources, with_target
 from deblend.core.map_fit import SceneModel, SceneSources, fit_scenes, render_scene
 from deblend.core.posterior import (
     EllipticityPosterior,
@@ -205,6 +205,10 @@ def test_detection_finds_separated_sources(model: Deblender, tiny_dataset: Path)
     with pytest.raises(ValueError, match="detection band"):
         detect_sources(scene, data.survey, data.bands, detection_band="Y")
     np.testing.assert_allclose(with_target(found, (60.3, 55.2)), [[60.3, 55.2], found[order[0]]])
+    # the known target first, in place of its own detection, then the other source
+    around = detect_around_target(scene, data.survey, data.bands, (60.3, 55.2))
+    assert len(around) == 1
+    np.testing.assert_allclose(around[0], [[60.3, 55.2], found[order[0]]])
 
 
 def test_laplace_intervals_cover_a_known_gaussian_posterior() -> None:

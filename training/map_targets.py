@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from deblend.core.chunk_cache import chunk_key, read_chunk, write_chunk
 from deblend.core.config import MapConfig
-from deblend.core.detection import detect_sources, with_target
+from deblend.core.detection import detect_around_target
 from deblend.core.inference import Deblender
+from deblend.core.map_deblend import first_sources
 from simulation.dataset import StampData
 
 
@@ -102,13 +103,13 @@ def _fit_chunk(model: Deblender, dataset: StampData, part: np.ndarray, settings:
                centre: float) -> dict[str, np.ndarray]:
     """MAP latents (and views) of the targets of the blends ``part``: one chunk."""
     blends = dataset.images("blend", part)
-    found = detect_sources(blends, dataset.survey, dataset.bands, settings.detection_band,
-                           settings.detection_threshold, max_sources=settings.max_sources)
-    positions = [with_target(p, (centre, centre)) for p in found]
+    positions = detect_around_target(blends, dataset.survey, dataset.bands, (centre, centre),
+                                     settings.detection_band, settings.detection_threshold,
+                                     settings.max_sources)
     out = model.map_deblend(blends, positions, None, prior="flow", steps=settings.steps,
                             learning_rate=settings.learning_rate,
                             batch_size=settings.batch_size)
-    first = np.searchsorted(out.scene, np.arange(len(part)))
+    first = first_sources(positions)
     if not (np.array_equal(out.scene[first], np.arange(len(part)))
             and np.allclose(out.x[first], centre) and np.allclose(out.y[first], centre)):
         raise RuntimeError("MAP returned the sources of a scene out of order: the target is not "

@@ -341,8 +341,6 @@ class AmortizeStage(Stage):
             context.barrier()
         self.latent_targets = fit()
         self.latent_targets.check_fitted(indices)
-        for module in self.frozen.values():  # Deblender put them in eval mode already
-            module.requires_grad_(False)
 
     def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
         mu, _ = model(x)

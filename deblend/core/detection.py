@@ -58,3 +58,12 @@ def with_target(detections: np.ndarray, target: tuple[float, float], radius: flo
     detections = np.asarray(detections, np.float64).reshape(-1, 2)
     far = np.hypot(*(detections - np.asarray(target)).T) > radius
     return np.concatenate([np.asarray(target, np.float64)[None], detections[far]])
+
+
+def detect_around_target(scenes: np.ndarray, survey: str, bands: tuple[str, ...],
+                         target: tuple[float, float], detection_band: str = "i",
+                         threshold: float = 1.5, max_sources: int = 20) -> list[np.ndarray]:
+    """Per scene, the known ``target`` (x, y) first and then SEP's other detections
+    (:func:`detect_sources`, then :func:`with_target`): the positions MAP fits a stamp with."""
+    return [with_target(found, target) for found in detect_sources(
+        scenes, survey, bands, detection_band, threshold, max_sources=max_sources)]

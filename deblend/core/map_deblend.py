@@ -151,6 +151,12 @@ def scene_views(n: int, height: int, width: int) -> np.ndarray:
     return cycle[np.arange(n) % len(cycle)]
 
 
+def first_sources(positions: list[np.ndarray]) -> np.ndarray:
+    """(N,) the row of each scene's first source (its first position) in a
+    :class:`MapPrediction` of those ``positions``: sources come scene by scene, in order."""
+    return np.cumsum([0] + [len(p) for p in positions])[:-1]
+
+
 def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray],
                 sky_levels: np.ndarray | None = None, *, prior: str = "flow",
                 steps: int = DEFAULT_STEPS, learning_rate: float = DEFAULT_LEARNING_RATE,
