@@ -28,18 +28,23 @@ populations, so shear uses the metacal response measured on each stamp's own ima
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from astropy.table import Table
 from torch import Tensor
 
 from deblend.core.arguments import require_positive_int
+from deblend.core.cell_measure import measure_cells
+from deblend.core.cells import CellImage
 from deblend.core.device import resolve_device
 from deblend.core.flow import LatentFlow
 from deblend.core.map_deblend import MapPrediction, map_deblend
 from deblend.core.map_fit import DEFAULT_LEARNING_RATE, DEFAULT_STEPS
+from deblend.core.metadetect import MetadetectSettings
 from deblend.core.metacal import (
     DEFAULT_DELTA,
     MetacalOperator,
@@ -397,6 +402,18 @@ class Deblender:
             {name: join_predictions(parts) for name, parts in outputs.items()}, operator.delta,
             {name: np.concatenate(parts) for name, parts in inputs.items()} if keep_inputs
             else None)
+
+
+    def measure_cells(self, cells: Iterable[CellImage], settings: MetadetectSettings | None = None,
+                      *, seed: int = 0, views: int = 1, per_object: bool = True,
+                      batch_size: int = 256) -> Table:
+        """Metadetection catalogues of survey cells (:class:`~deblend.core.cells.CellImage`,
+        in this model's units and bands): detection on each of the five metacal images, the
+        regressor on stamps around each detection, cuts, one row per kept detection and image.
+        See :func:`deblend.core.cell_measure.measure_cells`; the population shear of the
+        result is :func:`deblend.core.metadetect.metadetect_shear`."""
+        return measure_cells(self, cells, settings, seed=seed, views=views,
+                             per_object=per_object, batch_size=batch_size)
 
 
 def _lineage_flow(layout: RunLayout, stages: dict[str, tuple[dict, str]]) -> LatentFlow | None:

@@ -1,0 +1,250 @@
+"""Metadetection of whole cells (Sheldon et al. 2020, 2023): shear from pixels, not from truth.
+
+The walk, the same for every cell and every estimator (SPEC 6, "Metadetection recipe"):
+
+1. **metacal** the whole padded cell (:class:`~deblend.core.fourier_metacal.FourierMetacal`),
+   with the noise correction drawn from the cell's own variance;
+2. **detect** on each of the five images independently (:func:`detect_cell`): SEP on the
+   inverse-variance weighted sum of the ``detection_bands`` (default r + i + z), threshold in
+   units of the noshear detection image's noise (the same absolute threshold on all five),
+   windowed centroids (``sep.winpos``);
+3. **stamps**: the model's stamp cut from the same image around each detection's nearest pixel;
+4. **estimators** (the deblender's regressor, or any peer) on the stamps;
+5. **cuts**, the same on every image: S/N of the detection image in a Gaussian aperture,
+   stamps inside the cell, and the cell's ownership (each object is measured by the one cell
+   whose owned square holds its detection);
+6. **catalogue**: one row per kept detection per image (``mdet_step``), so that the population
+   response ``R_ij = (<e_i>_{+j} - <e_i>_{-j}) / (2 delta)`` and ``g = R^-1 <e>_noshear``
+   (:func:`metadetect_shear`) hold the detection, centroid and selection responses.
+
+Conventions: pixel frame, x = column (axis 1), y = row (axis 0), pixel centres at integers;
+ellipticities are whatever the estimator returns (the deblender's raw regressor: distortion,
+pixel frame); the shear is reduced shear g. Masked pixels (infinite variance) are set to zero
+before metacal and flag the detections whose stamp holds one (:data:`FLAGS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import sep
+from astropy.table import Table, vstack
+
+from deblend.core.arguments import POSITIVE_FLOAT, require_positive_int
+from deblend.core.cells import CellImage
+from deblend.core.fourier_metacal import FourierMetacal
+from deblend.core.metacal import DEFAULT_DELTA, METACAL_SHEARS, check_delta
+from deblend.core.stamps import cut_stamp, nearest_pixel
+
+Estimator = Callable[[np.ndarray], np.ndarray]
+"""Stamps (N, bands, S, S) raw flux -> (N, 2) ellipticities (NaN where it fails)."""
+
+FLAGS = {
+    1: "EDGE: the model's stamp around the detection overhangs the cell",
+    2: "MASKED: the stamp holds masked pixels (set to zero)",
+    4: "LOW_SNR: Gaussian-aperture S/N of the detection image below min_snr",
+    8: "FAILED: an estimator returned a non-finite ellipticity",
+}
+"""Bits of the catalogue's ``flags`` column; rows with ``flags == 0`` enter the shear."""
+EDGE, MASKED, LOW_SNR, FAILED = 1, 2, 4, 8
+SNR_SIGMA = 2.0
+"""Sigma (pixels) of the Gaussian aperture of the S/N cut."""
+
+
+@dataclass(frozen=True)
+class MetadetectSettings:
+    """The choices of the walk. ``threshold`` is SEP's, in units of the noshear detection
+    image's noise per pixel; ``min_snr`` the S/N cut; ``stamp_pixels`` the estimators' stamp."""
+
+    stamp_pixels: int = 45
+    delta: float = DEFAULT_DELTA
+    detection_bands: tuple[str, ...] = ("r", "i", "z")
+    threshold: float = 1.5
+    min_area: int = 5
+    min_snr: float = 10.0
+    deblend_contrast: float = 0.005
+    noise_correction: bool = True
+
+    def __post_init__(self) -> None:
+        require_positive_int(self.stamp_pixels, "stamp_pixels")
+        check_delta(self.delta)
+        POSITIVE_FLOAT.require(self.threshold, "threshold")
+        require_positive_int(self.min_area, "min_area")
+        if not self.detection_bands:
+            raise ValueError("detection_bands must name at least one band")
+
+
+def detection_image(images: np.ndarray, variance: np.ndarray, bands: tuple[str, ...],
+                    detection_bands: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse-variance weighted mean of the detection bands of (bands, H, W) images, and
+    the per-band weights (each band's weight 1 / its median finite variance, normalised)."""
+    missing = [b for b in detection_bands if b not in bands]
+    if missing:
+        raise ValueError(f"detection band(s) {' '.join(missing)} not among the cell's bands "
+                         f"{' '.join(bands)}")
+    index = [bands.index(b) for b in detection_bands]
+    level = np.array([np.median(v[np.isfinite(v)]) if np.isfinite(v).any() else np.inf
+                      for v in variance[index]])
+    weights = np.where(np.isfinite(level) & (level > 0), 1.0 / level, 0.0)
+    if weights.sum() <= 0:
+        raise ValueError("no detection band has a finite positive variance")
+    weights = weights / weights.sum()
+    return np.tensordot(weights, images[index], axes=1), weights
+
+
+def noise_sigma(variance: np.ndarray, weights: np.ndarray, gain: np.ndarray) -> float:
+    """Per-pixel noise of the weighted detection image of metacal images: the median input
+    variance of each detection band times its metacal ``gain``
+    (:meth:`~deblend.core.fourier_metacal.FourierMetacal.noise_gain`), weighted."""
+    level = np.array([np.median(v[np.isfinite(v)]) for v in variance])
+    return float(np.sqrt(np.sum(weights ** 2 * gain * level)))
+
+
+def detect_cell(image: np.ndarray, sigma: float, threshold: float, min_area: int,
+                deblend_contrast: float) -> np.ndarray:
+    """(K, 2) SEP detections (x, y) of a (H, W) detection image of per-pixel noise ``sigma``:
+    threshold ``threshold * sigma``, ``min_area`` pixels, windowed centroids (``sep.winpos``
+    with SExtractor's XWIN sigma, 2 r_half / 2.35)."""
+    data = np.ascontiguousarray(image, dtype=np.float64)
+    objects = sep.extract(data, threshold, err=sigma, minarea=min_area,
+                          deblend_cont=deblend_contrast)
+    if len(objects) == 0:
+        return np.zeros((0, 2))
+    radius, _ = sep.flux_radius(data, objects["x"], objects["y"], 6.0 * objects["a"], 0.5,
+                                normflux=objects["flux"], subpix=5)
+    win_sigma = np.clip(2.0 * np.nan_to_num(radius, nan=1.0) / 2.35, 0.5, None)
+    x, y, flag = sep.winpos(data, objects["x"], objects["y"], win_sigma)
+    moved = flag != 0
+    x, y = np.where(moved, objects["x"], x), np.where(moved, objects["y"], y)
+    return np.stack([x, y], axis=1)
+
+
+def aperture_snr(image: np.ndarray, positions: np.ndarray, sigma: float,
+                 aperture: float = SNR_SIGMA) -> np.ndarray:
+    """S/N of a (H, W) image of per-pixel noise ``sigma`` in a Gaussian aperture at each
+    position's nearest pixel: sum(W I) / (sigma sqrt(sum W^2))."""
+    size = int(2 * np.ceil(4 * aperture) + 1)
+    axis = np.arange(size) - size // 2
+    weight = np.exp(-0.5 * (axis[None, :] ** 2 + axis[:, None] ** 2) / aperture ** 2)
+    out = np.empty(len(positions))
+    for k, (x, y) in enumerate(positions):
+        out[k] = (cut_stamp(image, x, y, size) * weight).sum()
+    return out / (sigma * np.sqrt((weight ** 2).sum()))
+
+
+def stamp_inside(positions: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
+    """Whether the stamp of ``size`` around each position's nearest pixel lies in the cell."""
+    half = size // 2
+    ok = np.empty(len(positions), bool)
+    for k, (x, y) in enumerate(positions):
+        cx, cy = nearest_pixel(x, y)
+        ok[k] = half <= cx < shape[1] - half and half <= cy < shape[0] - half
+    return ok
+
+
+def correction_noise(variance: np.ndarray, seed: int) -> np.ndarray:
+    """An independent Gaussian noise field of the cell's per-pixel variance (0 where masked)."""
+    sigma = np.sqrt(np.where(np.isfinite(variance), variance, 0.0))
+    return np.random.default_rng(seed).normal(size=variance.shape) * sigma
+
+
+def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[str, Estimator],
+                 settings: MetadetectSettings = MetadetectSettings(), *, seed: int = 0,
+                 operator: FourierMetacal | None = None,
+                 extra: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
+                 ) -> Table:
+    """The metadetection catalogue of one cell (module docstring): one row per owned detection
+    and metacal image, columns ``mdet_step``, ``x``, ``y`` (this cell's pixels), ``snr``,
+    ``flags`` and ``<name>_e1``, ``<name>_e2`` per estimator. ``seed`` draws the correction
+    noise; ``operator`` may be reused across cells with the same PSFs and delta. ``extra``
+    maps the noshear detections' (K, 2) positions to more columns of the noshear rows (NaN on
+    the other images' rows).
+    """
+    if not estimators:
+        raise ValueError("give at least one estimator")
+    images = np.asarray(cell.images, np.float64)
+    variance = np.asarray(cell.variance, np.float64)
+    if len(bands) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} image bands for {len(bands)} band names")
+    masked = ~np.isfinite(variance)
+    if (~np.isfinite(images) & ~masked).any():
+        raise ValueError("cell images hold non-finite pixels that are not masked "
+                         "(give them infinite variance)")
+    images = np.where(masked, 0.0, images)
+    if operator is None:
+        operator = FourierMetacal(cell.psfs, settings.delta)
+    noise = correction_noise(variance, seed) if settings.noise_correction else None
+    metacal = {name: image.double().numpy() for name, image in operator.apply(
+        images, noise).items()}
+    index = [bands.index(b) for b in settings.detection_bands if b in bands]  # checked below
+    _, weights = detection_image(images, variance, bands, settings.detection_bands)
+    gain = operator.noise_gain(cell.shape)[index] * (2.0 if noise is not None else 1.0)
+    sigma = noise_sigma(variance[index], weights, gain)
+    partly = ~masked.all(axis=(1, 2))  # a band missing from the whole cell flags nothing
+    any_masked = masked[partly].any(axis=0).astype(np.float64)
+    rows = []
+    for step in METACAL_SHEARS:
+        det = np.tensordot(weights, metacal[step][index], axes=1)
+        positions = detect_cell(det, sigma, settings.threshold, settings.min_area,
+                                settings.deblend_contrast)
+        positions = positions[cell.owns(positions[:, 0], positions[:, 1])] if len(
+            positions) else positions
+        table = Table({"mdet_step": np.full(len(positions), step, dtype="U7"),
+                       "x": positions[:, 0], "y": positions[:, 1]})
+        flags = np.zeros(len(positions), np.int32)
+        flags[~stamp_inside(positions, cell.shape, settings.stamp_pixels)] |= EDGE
+        stamps = np.stack([cut_stamp(metacal[step], x, y, settings.stamp_pixels)
+                           for x, y in positions]) if len(positions) else np.zeros(
+            (0, len(bands), settings.stamp_pixels, settings.stamp_pixels))
+        if any_masked.any():
+            flags[[bool(cut_stamp(any_masked, x, y, settings.stamp_pixels).any())
+                   for x, y in positions]] |= MASKED
+        table["snr"] = aperture_snr(det, positions, sigma)
+        flags[~(table["snr"] >= settings.min_snr)] |= LOW_SNR
+        for name, estimator in estimators.items():
+            e = np.asarray(estimator(stamps), np.float64).reshape(len(positions), 2)
+            flags[~np.isfinite(e).all(axis=1)] |= FAILED
+            table[f"{name}_e1"], table[f"{name}_e2"] = e[:, 0], e[:, 1]
+        if extra is not None and step == "noshear":
+            for key, value in extra(positions).items():
+                table[key] = np.asarray(value, np.float64)
+        table["flags"] = flags
+        rows.append(table)
+    catalogue = vstack(rows, metadata_conflicts="silent")
+    for key in catalogue.colnames:
+        if hasattr(catalogue[key], "mask"):  # columns only the noshear rows have
+            catalogue[key] = catalogue[key].filled(np.nan)
+    return catalogue
+
+
+def metadetect_shear(catalogue: Table, estimator: str, delta: float = DEFAULT_DELTA
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(g_hat (2,), R (2, 2)) of a metadetection catalogue for one estimator: means over each
+    image's own rows with ``flags == 0``; R_ij = (<e_i>_{+j} - <e_i>_{-j}) / (2 delta),
+    g_hat = R^-1 <e>_noshear."""
+    means = step_means(catalogue, estimator)
+    response = np.stack([(means[f"{j}p"] - means[f"{j}m"]) / (2.0 * delta) for j in (1, 2)],
+                        axis=1)
+    return np.linalg.solve(response, means["noshear"]), response
+
+
+def step_sums(catalogue: Table, estimator: str) -> dict[str, np.ndarray]:
+    """Per metacal image: (sum e1, sum e2, count) over the rows with ``flags == 0``."""
+    out = {}
+    for step in METACAL_SHEARS:
+        rows = (catalogue["mdet_step"] == step) & (catalogue["flags"] == 0)
+        e = np.stack([np.asarray(catalogue[f"{estimator}_e{i}"])[rows] for i in (1, 2)], 1)
+        out[step] = np.array([e[:, 0].sum(), e[:, 1].sum(), float(rows.sum())])
+    return out
+
+
+def step_means(catalogue: Table, estimator: str) -> dict[str, np.ndarray]:
+    """Per metacal image, the mean (e1, e2) of its kept rows (ValueError when none)."""
+    means = {}
+    for step, (s1, s2, n) in step_sums(catalogue, estimator).items():
+        if n == 0:
+            raise ValueError(f"no kept detection on the {step} image")
+        means[step] = np.array([s1, s2]) / n
+    return means
