@@ -1,15 +1,24 @@
 """``python -m deblend run --config configs/quick.yaml --out RUN``: the whole pipeline.
+``python -m deblend measure --run RUN --image IMAGES.fits --weight WEIGHTS.fits --psf PSFS.fits
+--zeropoint-model i=30 ... --out CATALOGUE.fits``: a metadetection shape catalogue of survey
+images.
 
-See :mod:`deblend.pipeline` for the steps and the layout of RUN.
+See :mod:`deblend.pipeline` for the steps and the layout of RUN, and
+:mod:`deblend.core.survey_measure` for the catalogue.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from deblend.core.arguments import positive_int_arg
+from deblend.core.arguments import non_negative_int_arg, positive_int_arg
 from deblend.core.cli import fail_cleanly
+from deblend.core.survey_input import PSF_AT, band_float_arg, band_path_arg
+
+PACKAGED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+"""The run ``measure`` uses without ``--run``, when the package ships one."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,14 +32,70 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--force", action="store_true",
                      help="start again in an --out that was started with another config")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_measure(commands)
     return parser.parse_args(argv)
+
+
+def add_measure(commands: argparse._SubParsersAction) -> None:
+    """The ``measure`` subcommand's arguments."""
+    packaged = PACKAGED_WEIGHTS if PACKAGED_WEIGHTS.is_dir() else None
+    measure = commands.add_parser(
+        "measure", help="metadetection shape catalogue of survey FITS images",
+        description="Each of --image, --weight, --mask, --psf is one multi-extension FITS file "
+                    "(EXTNAME = band) or BAND=FILE repeated for every band.")
+    measure.add_argument("--run", default=packaged, required=packaged is None,
+                         help="training run directory" + (" (default: the packaged weights)"
+                                                          if packaged else ""))
+    files = (("--image", True, "images, sky-subtracted, header MAGZERO and WCS"),
+             ("--weight", True, "inverse-variance planes (0 = no data)"),
+             ("--mask", False, "mask planes (nonzero = bad)"),
+             ("--psf", True, "PSF images (odd squares, pixel included) or PSFEx files"))
+    for option, required, text in files:
+        measure.add_argument(option, action="append", type=band_path_arg, required=required,
+                             metavar="[BAND=]FITS", help=text)
+    measure.add_argument("--zeropoint", action="append", type=band_float_arg, default=[],
+                         metavar="BAND=ZP", help="image zero point (overrides MAGZERO)")
+    measure.add_argument("--zeropoint-model", action="append", type=band_float_arg, default=[],
+                         metavar="BAND=ZP", help="AB magnitude of one model unit (electron)")
+    measure.add_argument("--missing-band", action="append", default=[], metavar="BAND",
+                         help="a model band the images lack: zeros, infinite variance")
+    measure.add_argument("--psf-at", choices=PSF_AT, default="cell",
+                         help="where PSFEx models are drawn (default: each cell's centre)")
+    measure.add_argument("--out", required=True, help="output FITS catalogue")
+    measure.add_argument("--cell", type=positive_int_arg, default=200, help="cell size, pixels")
+    measure.add_argument("--margin", type=non_negative_int_arg, default=40,
+                         help="pixels read around each cell")
+    measure.add_argument("--jobs", type=positive_int_arg, default=1, help="worker processes")
+    measure.add_argument("--seed", type=non_negative_int_arg, default=0)
+    measure.add_argument("--views", type=int, choices=(1, 2, 4, 8), default=1,
+                         help="symmetric views the regressor is averaged over")
+    measure.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    measure.add_argument("--force", action="store_true", help="replace an existing --out")
+    measure.add_argument("--no-resume", action="store_true",
+                         help="measure every cell again, ignoring cached ones")
+    measure.add_argument("--no-object-response", action="store_true",
+                         help="leave out the per-object response columns r11 r12 r21 r22 "
+                              "(their operator takes about a minute per PSF set on a CPU)")
+    measure.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 @fail_cleanly
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "measure":
+        from deblend.core.survey_input import SurveyInputs
+        from deblend.core.survey_measure import measure_survey
+
+        inputs = SurveyInputs(args.image, args.weight, args.psf, args.mask, args.zeropoint,
+                              args.zeropoint_model, tuple(args.missing_band), args.psf_at)
+        measure_survey(args.run, inputs, args.out, cell=args.cell, margin=args.margin,
+                       jobs=args.jobs, progress=not args.no_progress,
+                       resume=not args.no_resume, seed=args.seed, views=args.views,
+                       force=args.force, per_object=not args.no_object_response,
+                       device=args.device)
+        return 0
     from deblend.pipeline import run_pipeline
 
-    args = parse_args(argv)
     run_pipeline(args.config, args.out, jobs=args.jobs, force=args.force,
                  progress=not args.no_progress)
     return 0

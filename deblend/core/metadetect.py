@@ -61,7 +61,7 @@ class MetadetectSettings:
     stamp_pixels: int = 45
     delta: float = DEFAULT_DELTA
     detection_bands: tuple[str, ...] = ("r", "i", "z")
-    threshold: float = 1.5
+    threshold: float = 3.0
     min_area: int = 5
     min_snr: float = 10.0
     deblend_contrast: float = 0.005

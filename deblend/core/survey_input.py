@@ -1,0 +1,526 @@
+"""Survey images in: FITS planes of each band, validated and converted to the model's units.
+
+What is read (:class:`SurveyInputs`), for each band the model has:
+
+- **image**, **weight** (inverse variance, 0 = no data) and optionally **mask** (nonzero = bad)
+  planes, either one multi-extension FITS file per kind with one image HDU per band (EXTNAME =
+  the band's name, e.g. ``i``; matched exactly, else ignoring case) or one file per band (its
+  first HDU holding a 2-D image);
+- a **PSF** per band, the same two layouts: an image (odd square, any normalisation: it is
+  normalised here; the *effective* PSF, pixel included) or a PSFEx file (recognised by its
+  ``PSF_MASK`` table, read with ``galsim.des.DES_PSFEx`` in image coordinates and drawn at a
+  position on the image's own pixel grid, ``method="no_pixel"`` since PSFEx models hold the
+  pixel);
+- the **WCS** of each band's image header (astropy.wcs); all bands must share one pixel grid
+  and its pixel scale must be the model's (both within :data:`WCS_TOLERANCE_PIXELS` and
+  :data:`PIXEL_SCALE_TOLERANCE`).
+
+Units. Pixel values are multiplied by ``10**(0.4 * (zp_model - zp_image))`` (variance by its
+square): ``zp_image`` is the header's ``MAGZERO`` (the band's HDU, else the file's primary
+header) unless ``zeropoints`` gives it; ``zp_model`` is the AB magnitude of one model unit
+(one electron of the model's simulated survey), from the model when it stores it, else from
+``model_zeropoints`` (training runs do not store zero points yet, so give it).
+
+Masking. A pixel is masked where the mask is nonzero or the weight is 0: it gets image 0 and
+infinite variance (:class:`~deblend.core.cells.CellImage`'s convention). NaN pixels are fine
+there; anywhere else a non-finite image or weight, or a negative weight, is refused.
+
+A band the model has and the images lack is refused, unless it is named in ``missing_bands``:
+it is then filled with zeros and infinite variance (and the first present band's PSF); the
+metadetection then flags every detection MASKED, as it does any masked pixel in a stamp.
+
+Every problem is a ValueError naming the file, HDU, band or argument. Conventions: arrays are
+(bands, H, W) in the model's band order, pixel (x, y) = column x, row y, 0-based; FITS and
+PSFEx positions are 1-based and converted here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import galsim
+import galsim.des
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+WCS_TOLERANCE_PIXELS = 0.01
+"""Largest offset (pixels) between two bands' WCS at the image corners and centre."""
+PIXEL_SCALE_TOLERANCE = 0.005
+"""Largest relative difference between the image's and the model's pixel scale."""
+PSF_AT = ("cell", "centre")
+"""Where a PSFEx model is drawn: at each cell's centre, or once at the image centre."""
+ZEROPOINT_KEYWORD = "MAGZERO"
+_BAND = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
+
+Layout = Union[Path, dict[str, Path]]
+"""One multi-extension FITS file (EXTNAME = band), or one FITS file per band."""
+
+
+# -- command-line values -------------------------------------------------------------------------
+def band_path_arg(text: str) -> tuple[str | None, str]:
+    """argparse type of ``[BAND=]PATH``: (band, path), band None for a multi-extension file."""
+    band, sep, path = text.partition("=")
+    if sep and _BAND.match(band):
+        if not path:
+            raise argparse.ArgumentTypeError(f"no file after '{band}=' in {text!r}")
+        return band, path
+    return None, text
+
+
+def band_float_arg(text: str) -> tuple[str, float]:
+    """argparse type of ``BAND=VALUE`` with a finite number VALUE."""
+    band, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not _BAND.match(band) or not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be BAND=NUMBER (e.g. i=30.0), got {text!r}")
+    return band, number
+
+
+# -- what the user named -------------------------------------------------------------------------
+def _layout(value: Any, option: str) -> Layout:
+    """A :data:`Layout` from a path, a {band: path} mapping or (band | None, path) pairs."""
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    pairs = list(value.items()) if isinstance(value, Mapping) else list(value)
+    if not pairs:
+        raise ValueError(f"{option}: no file given")
+    if len(pairs) == 1 and pairs[0][0] is None:
+        return Path(pairs[0][1])
+    out: dict[str, Path] = {}
+    for band, path in pairs:
+        if band is None:
+            raise ValueError(f"{option}: give either one multi-extension file or BAND=FILE for "
+                             f"every band, not both ({path})")
+        if band in out:
+            raise ValueError(f"{option}: band {band} is given twice ({out[band]}, {path})")
+        out[band] = Path(path)
+    return out
+
+
+def _band_values(value: Any, option: str) -> dict[str, float]:
+    """{band: number} from a mapping or (band, number) pairs; a band given twice is refused."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else list(value or ())
+    out: dict[str, float] = {}
+    for band, number in pairs:
+        if band in out:
+            raise ValueError(f"{option}: band {band} is given twice")
+        out[band] = float(number)
+    return out
+
+
+@dataclass(frozen=True)
+class SurveyInputs:
+    """The files and numbers of one survey image (module docstring). ``images``, ``weights``,
+    ``masks`` and ``psfs`` are each a multi-extension FITS path or {band: path} (or the
+    command line's (band | None, path) pairs); ``zeropoints`` override the images' MAGZERO;
+    ``model_zeropoints`` give the model's; ``missing_bands`` are filled with zeros and infinite
+    variance; ``psf_at`` is where PSFEx models are drawn (:data:`PSF_AT`)."""
+
+    images: Any
+    weights: Any
+    psfs: Any
+    masks: Any = None
+    zeropoints: Any = field(default_factory=dict)
+    model_zeropoints: Any = field(default_factory=dict)
+    missing_bands: tuple[str, ...] = ()
+    psf_at: str = "cell"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "images", _layout(self.images, "--image"))
+        set_(self, "weights", _layout(self.weights, "--weight"))
+        set_(self, "psfs", _layout(self.psfs, "--psf"))
+        set_(self, "masks", None if self.masks is None or (
+            not isinstance(self.masks, (str, Path)) and not list(self.masks))
+            else _layout(self.masks, "--mask"))
+        set_(self, "zeropoints", _band_values(self.zeropoints, "--zeropoint"))
+        set_(self, "model_zeropoints", _band_values(self.model_zeropoints, "--zeropoint-model"))
+        set_(self, "missing_bands", tuple(self.missing_bands or ()))
+        if self.psf_at not in PSF_AT:
+            raise ValueError(f"psf_at must be one of {' '.join(PSF_AT)}, got {self.psf_at!r}")
+
+
+# -- FITS planes ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plane:
+    """One band's 2-D array read from a FITS file, its header, and where it came from."""
+
+    data: np.ndarray
+    header: fits.Header
+    primary: fits.Header
+    where: str
+    """``path[EXTNAME]`` or ``path[HDU n]``: how messages name it."""
+
+
+def read_hdus(path: Path, what: str) -> list[tuple[fits.Header, Any, str]]:
+    """(header, data, label) of every HDU of a FITS file, read in full; a ValueError naming the
+    file when it is missing, corrupt or truncated."""
+    if not Path(path).is_file():
+        raise ValueError(f"{what} file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(path, memmap=False) as hdus:
+                out = []
+                for n, hdu in enumerate(hdus):
+                    name = str(hdu.header.get("EXTNAME", "")).strip()
+                    out.append((hdu.header.copy(), hdu.data if hdu.data is None else
+                                hdu.data.copy(), f"{path}[{name or f'HDU {n}'}]"))
+                return out
+    except Exception as exc:  # astropy raises OSError, ValueError, TypeError... on bad files
+        raise ValueError(f"cannot read {what} file {path} (corrupt or truncated FITS?): "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _is_image(data: Any) -> bool:
+    return isinstance(data, np.ndarray) and data.dtype.names is None and data.ndim == 2
+
+
+def _band_plane(hdus: list[tuple[fits.Header, Any, str]], band: str, path: Path, what: str
+                ) -> Plane | None:
+    """The image HDU of ``band`` (EXTNAME) in a multi-extension file, or None."""
+    images = [(h, d, w) for h, d, w in hdus if _is_image(d)]
+    for same in (lambda name: name == band, lambda name: name.lower() == band.lower()):
+        found = [(h, d, w) for h, d, w in images if same(str(h.get("EXTNAME", "")).strip())]
+        if len(found) > 1:
+            raise ValueError(f"{what} file {path} has {len(found)} image HDUs named {band}")
+        if found:
+            return Plane(found[0][1], found[0][0], hdus[0][0], found[0][2])
+    return None
+
+
+def _first_plane(hdus: list[tuple[fits.Header, Any, str]], path: Path, what: str) -> Plane:
+    """The first 2-D image HDU of a single-band file."""
+    for header, data, where in hdus:
+        if _is_image(data):
+            return Plane(data, header, hdus[0][0], where)
+    raise ValueError(f"{what} file {path} holds no 2-D image HDU")
+
+
+def read_planes(layout: Layout, bands: Sequence[str], what: str) -> dict[str, Plane]:
+    """The plane of each of ``bands`` present in ``layout`` (absent bands are left out: the
+    caller decides whether that is allowed)."""
+    if isinstance(layout, Path):
+        hdus = read_hdus(layout, what)
+        planes = {b: _band_plane(hdus, b, layout, what) for b in bands}
+        return {b: p for b, p in planes.items() if p is not None}
+    return {b: _first_plane(read_hdus(layout[b], what), layout[b], what)
+            for b in bands if b in layout}
+
+
+def _hdu_names(layout: Layout) -> str:
+    """The EXTNAMEs of a multi-extension file's image HDUs (for messages)."""
+    names = [str(h.get("EXTNAME", "")).strip() for h, d, _ in read_hdus(layout, "image")
+             if _is_image(d)] if isinstance(layout, Path) else sorted(layout)
+    return " ".join(n for n in names if n) or "none"
+
+
+# -- PSFs ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PsfSource:
+    """One band's PSF: a normalised odd square image, or a PSFEx model drawn where asked."""
+
+    where: str
+    image: np.ndarray | None = None
+    psfex: Any = None
+    pixels: int = 0
+
+    def at(self, x: float, y: float) -> np.ndarray:
+        """The unit-sum effective PSF image at parent pixel (x, y) (0-based)."""
+        if self.image is not None:
+            return self.image
+        profile = self.psfex.getPSF(galsim.PositionD(x + 1.0, y + 1.0))
+        array = profile.drawImage(nx=self.pixels, ny=self.pixels, scale=1.0,
+                                  method="no_pixel").array.astype(np.float64)
+        total = array.sum()
+        if not np.isfinite(array).all() or total <= 0:
+            raise ValueError(f"the PSFEx model {self.where} draws a non-finite or non-positive "
+                             f"PSF at pixel ({x:.1f}, {y:.1f})")
+        return array / total
+
+
+def check_psf_image(data: np.ndarray, where: str, shape: tuple[int, int]) -> np.ndarray:
+    """A PSF image as float64 with unit sum; ValueError naming ``where`` unless it is an odd
+    square no larger than the image of ``shape``, finite, with a positive sum."""
+    array = np.asarray(data, np.float64)
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] % 2 == 0:
+        raise ValueError(f"PSF {where} must be an odd square image (centred on its central "
+                         f"pixel), got shape {array.shape}")
+    if array.shape[0] > min(shape):
+        raise ValueError(f"PSF {where} is {array.shape[0]} pixels wide, larger than the "
+                         f"{shape[0]}x{shape[1]} image")
+    if not np.isfinite(array).all() or array.sum() <= 0:
+        raise ValueError(f"PSF {where} has non-finite pixels or a non-positive sum")
+    return array / array.sum()
+
+
+def _psfex(path: Path, where: str, pixels: int) -> PsfSource:
+    try:
+        model = galsim.des.DES_PSFEx(str(path))
+    except Exception as exc:  # galsim raises OSError, KeyError... on malformed files
+        raise ValueError(f"cannot read the PSFEx file {where}: {type(exc).__name__}: "
+                         f"{exc}") from exc
+    return PsfSource(where, psfex=model, pixels=pixels)
+
+
+def read_psf(layout: Layout, band: str, shape: tuple[int, int], psfex_pixels: int
+             ) -> PsfSource | None:
+    """The PSF of ``band`` (None when the layout lacks it)."""
+    path = layout if isinstance(layout, Path) else layout.get(band)
+    if path is None:
+        return None
+    hdus = read_hdus(path, "PSF")
+    if any(isinstance(d, fits.FITS_rec) and "PSF_MASK" in (d.names or ())
+           for _, d, _ in hdus):
+        if isinstance(layout, Path):
+            raise ValueError(f"--psf: {path} is a PSFEx file; give one per band (--psf "
+                             f"{band}={path})")
+        return _psfex(path, f"{path} (band {band})", psfex_pixels)
+    plane = _band_plane(hdus, band, path, "PSF") if isinstance(layout, Path) else \
+        _first_plane(hdus, path, "PSF")
+    if plane is None:
+        return None
+    return PsfSource(plane.where, image=check_psf_image(plane.data, plane.where, shape))
+
+
+def pad_square(image: np.ndarray, size: int) -> np.ndarray:
+    """An odd square ``image`` zero-padded to odd ``size``, centre kept."""
+    pad = (size - image.shape[0]) // 2
+    return np.pad(image, pad) if pad else image
+
+
+# -- the validated survey image ------------------------------------------------------------------
+@dataclass(frozen=True)
+class SurveyImage:
+    """A survey image in the model's units and band order (module docstring)."""
+
+    bands: tuple[str, ...]
+    images: np.ndarray
+    """(bands, H, W) float64, model units, 0 where masked."""
+    variance: np.ndarray
+    """(bands, H, W) float64, model units squared, inf where masked."""
+    wcs: WCS
+    """The celestial WCS of the images (all bands share it)."""
+    psf_sources: tuple[PsfSource | None, ...]
+    """Per band; None for a missing band (it borrows the first present band's PSF)."""
+    zeropoints: dict[str, tuple[float, float]]
+    """{band: (image zero point, model zero point)} of the present bands."""
+    missing: tuple[str, ...]
+    sources: dict[str, str]
+    """{band: where its image came from}."""
+    pixel_scale: float
+    """arcsec per pixel, measured from the WCS."""
+    psf_at: str = "cell"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def psf_varies(self) -> bool:
+        """Whether the PSF is drawn anew for each cell (a PSFEx model, ``psf_at="cell"``)."""
+        return self.psf_at == "cell" and any(s is not None and s.psfex is not None
+                                             for s in self.psf_sources)
+
+    def psfs_at(self, x: float, y: float) -> np.ndarray:
+        """(bands, S, S) unit-sum PSF images at parent pixel (x, y) (0-based); the image
+        centre when ``psf_at`` is "centre"; each zero-padded to the largest."""
+        if self.psf_at == "centre":
+            x, y = (self.shape[1] - 1) / 2.0, (self.shape[0] - 1) / 2.0
+        drawn = [None if s is None else s.at(x, y) for s in self.psf_sources]
+        first = next(d for d in drawn if d is not None)
+        drawn = [first if d is None else d for d in drawn]
+        size = max(d.shape[0] for d in drawn)
+        return np.stack([pad_square(d, size) for d in drawn])
+
+
+def _wcs_of(plane: Plane) -> WCS:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(plane.header, naxis=2)
+        except Exception as exc:  # astropy.wcs raises several types on malformed headers
+            raise ValueError(f"the WCS of {plane.where} is unreadable: {exc}") from exc
+    if not wcs.has_celestial:
+        raise ValueError(f"{plane.where} has no celestial WCS (CTYPE1/2, CRVAL, CRPIX, CD)")
+    return wcs.celestial
+
+
+def check_same_grid(reference: WCS, ref_where: str, other: WCS, where: str,
+                    shape: tuple[int, int]) -> None:
+    """Refuse ``other`` unless it maps the corners and centre of an image of ``shape`` to the
+    same sky positions as ``reference``, within :data:`WCS_TOLERANCE_PIXELS`."""
+    height, width = shape
+    x = np.array([0, width - 1, 0, width - 1, (width - 1) / 2])
+    y = np.array([0, 0, height - 1, height - 1, (height - 1) / 2])
+    ra, dec = reference.all_pix2world(x, y, 0)
+    x2, y2 = other.all_world2pix(ra, dec, 0)
+    offset = float(np.nanmax(np.hypot(x2 - x, y2 - y)))
+    if not np.isfinite(offset) or offset > WCS_TOLERANCE_PIXELS:
+        def describe(w: WCS) -> str:
+            def fmt(values: np.ndarray) -> str:
+                return "(" + ", ".join(f"{float(v):.10g}" for v in np.ravel(values)) + ")"
+            return (f"CRVAL {fmt(w.wcs.crval)}, CRPIX {fmt(w.wcs.crpix)}, "
+                    f"CD {fmt(w.pixel_scale_matrix)}")
+        raise ValueError(f"the WCS of {where} ({describe(other)}) differs from that of "
+                         f"{ref_where} ({describe(reference)}) by {offset:.3g} pixels: all "
+                         f"bands must share one pixel grid")
+
+
+def pixel_scale_of(wcs: WCS, where: str, model_scale: float) -> float:
+    """The WCS's pixel scale (arcsec), refused unless square and equal to ``model_scale``."""
+    scales = proj_plane_pixel_scales(wcs) * 3600.0
+    scale = float(np.mean(scales))
+    if abs(scales[0] / scales[1] - 1) > PIXEL_SCALE_TOLERANCE or \
+            abs(scale / model_scale - 1) > PIXEL_SCALE_TOLERANCE:
+        raise ValueError(f"the pixel scale of {where} is {scales[0]:.5g} x {scales[1]:.5g} "
+                         f"arcsec, the model's is {model_scale:.5g} arcsec: resample the image "
+                         f"to the model's pixel scale")
+    return scale
+
+
+def image_zeropoint(band: str, plane: Plane, given: Mapping[str, float]) -> float:
+    """The image's zero point: ``given`` (--zeropoint), else MAGZERO of the HDU or primary."""
+    if band in given:
+        return float(given[band])
+    for header in (plane.header, plane.primary):
+        if ZEROPOINT_KEYWORD in header:
+            value = header[ZEROPOINT_KEYWORD]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value):
+                raise ValueError(f"{ZEROPOINT_KEYWORD} of {plane.where} is not a finite "
+                                 f"number: {value!r}")
+            return float(value)
+    raise ValueError(f"no zero point for band {band}: {plane.where} has no "
+                     f"{ZEROPOINT_KEYWORD} keyword; pass --zeropoint {band}=VALUE")
+
+
+def masked_planes(image: Plane, weight: Plane, mask: Plane | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, weight, masked) float64/bool arrays of one band, validated (module docstring)."""
+    data = np.asarray(image.data, np.float64)
+    w = np.asarray(weight.data, np.float64)
+    if w.shape != data.shape:
+        raise ValueError(f"weight {weight.where} has shape {w.shape}, its image {image.where} "
+                         f"{data.shape}")
+    masked = w == 0
+    if mask is not None:
+        m = np.asarray(mask.data)
+        if m.shape != data.shape:
+            raise ValueError(f"mask {mask.where} has shape {m.shape}, its image {image.where} "
+                             f"{data.shape}")
+        masked |= m != 0  # NaN counts as nonzero: masked
+    bad_weight = ~masked & ~(np.isfinite(w) & (w > 0))
+    if bad_weight.any():
+        y, x = np.argwhere(bad_weight)[0]
+        raise ValueError(f"weight {weight.where} has {int(bad_weight.sum())} negative or "
+                         f"non-finite unmasked pixels (first at x={x}, y={y})")
+    if masked.all():
+        raise ValueError(f"weight {weight.where} is zero (or masked) everywhere: no pixel of "
+                         f"{image.where} can be measured")
+    bad = ~masked & ~np.isfinite(data)
+    if bad.any():
+        y, x = np.argwhere(bad)[0]
+        raise ValueError(f"image {image.where} has {int(bad.sum())} NaN or infinite pixels "
+                         f"that are not masked (first at x={x}, y={y}): give them weight 0 or "
+                         f"a nonzero mask")
+    return data, w, masked
+
+
+def _check_bands(inputs: SurveyInputs, bands: tuple[str, ...]) -> None:
+    """Band names the arguments give must be the model's."""
+    for option, names in (("--zeropoint", inputs.zeropoints), ("--zeropoint-model",
+                          inputs.model_zeropoints), ("--missing-band", inputs.missing_bands)):
+        unknown = [b for b in names if b not in bands]
+        if unknown:
+            raise ValueError(f"{option}: band {unknown[0]} is not one of the model's bands "
+                             f"({' '.join(bands)})")
+
+
+def read_survey(inputs: SurveyInputs, bands: Sequence[str], pixel_scale: float, *,
+                model_zeropoints: Mapping[str, float] | None = None, psfex_pixels: int = 45
+                ) -> SurveyImage:
+    """Read and validate a survey image for a model of ``bands`` and ``pixel_scale`` (arcsec);
+    ``model_zeropoints`` (the model's own, when it stores them) come before the inputs'.
+    PSFEx models are drawn on ``psfex_pixels`` squares. ValueError on any problem."""
+    bands = tuple(bands)
+    _check_bands(inputs, bands)
+    images = read_planes(inputs.images, bands, "image")
+    absent = [b for b in bands if b not in images]
+    refused = [b for b in absent if b not in inputs.missing_bands]
+    if refused:
+        where = (f"{inputs.images} has no image HDU with EXTNAME {refused[0]} (image HDUs: "
+                 f"{_hdu_names(inputs.images)})" if isinstance(inputs.images, Path) else
+                 f"no --image {refused[0]}=FILE is given")
+        raise ValueError(f"the model needs band(s) {' '.join(refused)}: {where}; pass "
+                         f"--missing-band {refused[0]} to fill it with zeros and infinite "
+                         f"variance")
+    given = [b for b in inputs.missing_bands if b in images]
+    if given:
+        raise ValueError(f"--missing-band {given[0]}: the images have band {given[0]}")
+    present = [b for b in bands if b in images]
+    if not present:
+        raise ValueError("no band of the model is among the images")
+    weights = read_planes(inputs.weights, present, "weight")
+    masks = {} if inputs.masks is None else read_planes(inputs.masks, present, "mask")
+    for band in present:
+        for kind, planes, layout in (("weight", weights, inputs.weights),
+                                     ("mask", masks, inputs.masks)):
+            if layout is not None and band not in planes:
+                raise ValueError(f"no {kind} plane for band {band}: " + (
+                    f"{layout} has no image HDU with EXTNAME {band}" if isinstance(layout, Path)
+                    else f"give --{kind} {band}=FILE"))
+    first = images[present[0]]
+    shape = first.data.shape
+    reference = _wcs_of(first)
+    scale = pixel_scale_of(reference, first.where, pixel_scale)
+    model_zp = {**inputs.model_zeropoints, **dict(model_zeropoints or {})}
+    cube = np.zeros((len(bands),) + shape)
+    variance = np.full((len(bands),) + shape, np.inf)
+    zeropoints, psf_sources, sources = {}, [], {}
+    for k, band in enumerate(bands):
+        if band not in images:
+            psf_sources.append(None)
+            continue
+        plane = images[band]
+        if plane.data.shape != shape:
+            raise ValueError(f"image {plane.where} has shape {plane.data.shape}, image "
+                             f"{first.where} {shape}: all bands must share one pixel grid")
+        if band != present[0]:
+            check_same_grid(reference, first.where, _wcs_of(plane), plane.where, shape)
+        data, weight, masked = masked_planes(plane, weights[band], masks.get(band))
+        zp_image = image_zeropoint(band, plane, inputs.zeropoints)
+        if band not in model_zp:
+            raise ValueError(f"the model's zero point of band {band} is unknown (training runs "
+                             f"do not store it): pass --zeropoint-model {band}=VALUE, the AB "
+                             f"magnitude of one model unit (electron)")
+        factor = 10.0 ** (0.4 * (model_zp[band] - zp_image))
+        cube[k] = np.where(masked, 0.0, data * factor)
+        with np.errstate(divide="ignore"):
+            variance[k] = np.where(masked, np.inf, factor ** 2 / np.where(masked, 1.0, weight))
+        psf = read_psf(inputs.psfs, band, shape, psfex_pixels)
+        if psf is None:
+            raise ValueError(f"no PSF for band {band}: " + (
+                f"{inputs.psfs} has no image HDU with EXTNAME {band}" if isinstance(
+                    inputs.psfs, Path) else f"give --psf {band}=FILE"))
+        psf.at((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)  # a PSFEx model that cannot draw
+        zeropoints[band] = (zp_image, float(model_zp[band]))
+        psf_sources.append(psf)
+        sources[band] = plane.where
+    notes = tuple(f"band {b} is missing: filled with zeros and infinite variance (every "
+                  f"detection's stamp then counts as masked: flag MASKED)" for b in absent)
+    return SurveyImage(bands, cube, variance, reference, tuple(psf_sources), zeropoints,
+                       tuple(absent), sources, scale, inputs.psf_at, notes)

@@ -1,0 +1,61 @@
+"""The sheared-field benchmark runs end to end on a small field, resumes from its cache, and its
+command line prints the table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluation.field_shear import ESTIMATORS, FieldSettings, bias, run_field_benchmark
+
+
+def test_bias_of_exact_sums_is_the_applied_shear():
+    """Sums built from a known response and shear give m = 0, c = 0 (and m = 0.1 when the
+    estimate is 10% high): the arithmetic of m, c and the jackknife."""
+    def image(sign: int, scale: float) -> dict:
+        e = scale * 0.5 * np.array([0.02 * sign, 0.0]) + np.array([1e-4, 0.0])
+        steps = np.array([[*(e * 10), 10.0], [*(e * 10 + [0.05, 0]), 10.0],
+                          [*(e * 10 - [0.05, 0]), 10.0], [*(e * 10 + [0, 0.05]), 10.0],
+                          [*(e * 10 - [0, 0.05]), 10.0]])
+        return {"deblend": steps}
+    for scale, expected in ((1.0, 0.0), (1.1, 0.1)):
+        sets = [{k: image(s, scale) for k, s in (("plus", 1), ("minus", -1), ("plus_rot", 1),
+                                                 ("minus_rot", -1))} for _ in range(3)]
+        result = bias(sets, "deblend", (0.02, 0.0), 0.01)
+        assert result["m1"] == pytest.approx(expected, abs=1e-9)
+        assert result["c1"] == pytest.approx(2e-4 * scale ** 0, rel=1e-6)
+        assert result["m1_err"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_field_benchmark_runs_and_resumes(trained_run, tmp_path):
+    from deblend.core.inference import Deblender
+
+    model = Deblender.from_run(trained_run, device="cpu")
+    logs = []
+    kwargs = dict(populations=("galsim",), n_fields=1, field_pixels=120, log=logs.append,
+                  settings=FieldSettings(cell=60, margin=35))
+    results = run_field_benchmark(model, "tiny", tmp_path, **kwargs)
+    row = results["galsim"]
+    assert set(row) == set(ESTIMATORS)
+    for name in ESTIMATORS:
+        assert np.isfinite([row[name]["m1"], row[name]["m2"], row[name]["c1"],
+                            row[name]["c2"]]).all(), name
+    assert row["deblend"]["objects_per_image"] > 0
+    assert len(logs) == 2  # one field set per component
+    logs.clear()
+    again = run_field_benchmark(model, "tiny", tmp_path, **kwargs)
+    assert logs == [] and again["galsim"]["deblend"]["m1"] == row["deblend"]["m1"]
+
+
+@pytest.mark.slow
+def test_fields_command_prints_the_table(trained_run, tmp_path, capsys):
+    from benchmarks.fields import main
+
+    assert main(["--run", str(trained_run), "--out", str(tmp_path), "--n-fields", "1",
+                 "--population", "galsim", "--field-pixels", "100", "--cell", "50",
+                 "--no-anacal"]) == 0
+    text = capsys.readouterr().out
+    assert "| galsim | deblend |" in text and "| galsim | hsm |" in text
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "fields.md").is_file()
+    assert main(["--run", str(trained_run), "--g", "0.5"]) == 2
