@@ -7,7 +7,10 @@ Runs, one after the other on this machine:
 - ``benchmarks.memory``: peak anonymous memory of generating and of streaming a dataset for
   training, at N, 2N and 4N samples, carried to 200,000 samples (rules in its docstring);
 - ``benchmarks.metacal_speed``: galaxies/s of metacal + regressor (e and R per galaxy) against
-  bare ``predict`` and against AnaCal on the same stamps (2 processes = 2 cores).
+  bare ``predict`` and against AnaCal on the same stamps (2 processes = 2 cores);
+- ``benchmarks.cell_speed``: galaxies/s of the whole metadetection path on 300-pixel fields cut
+  into cells (cell metacal, five detections, stamps, regressor, catalogue) against AnaCal with
+  its own detection on the same cells.
 Every ratio compares two measurements of the same run; the table says which target each meets.
 """
 
@@ -27,25 +30,27 @@ TARGETS = {
     ("training", "predict_over_networks"): (None, "predict / bare networks it runs (8 views)"),
     ("metacal_speed", "metacal_over_anacal_2_cores"): (1.0, "metacal+regressor / AnaCal, 2 cores"),
     ("metacal_speed", "metacal_over_predict"): (None, "metacal+regressor / predict (1 view)"),
+    ("cell_speed", "deblend_over_anacal"): (1.0, "cell metadetection / AnaCal with detection"),
 }
 
 
 def run_all(quick: bool = False) -> dict[str, Any]:
     """Run the four benchmarks; ``quick`` uses smaller sizes."""
-    from benchmarks import memory, metacal_speed, simulation, training
+    from benchmarks import cell_speed, memory, metacal_speed, simulation, training
 
     return {
         "simulation": simulation.run(200 if quick else 1000),
         "training": training.run(n=640 if quick else 1280),
         "memory": memory.run(250 if quick else 1000),
         "metacal_speed": metacal_speed.run(256 if quick else 1024),
+        "cell_speed": cell_speed.run(1 if quick else 4),
     }
 
 
 def format_table(results: dict[str, Any]) -> str:
     """One table: the measured figures, then the ratios against their targets."""
     sim, train, mem = results["simulation"], results["training"], results["memory"]
-    speed = results["metacal_speed"]
+    speed, cells = results["metacal_speed"], results["cell_speed"]
     rows = [
         ("bare BTK, 1 worker", sim["bare_btk_1_worker"], "scenes/s"),
         ("our generator, 1 worker", sim["ours_1_worker"], "scenes/s"),
@@ -58,6 +63,11 @@ def format_table(results: dict[str, Any]) -> str:
         ("metacal + regressor, 1 view (e and R)", speed["metacal_regressor_1_view"],
          "galaxies/s"),
         ("AnaCal r+i+z, 2 processes", speed["anacal_2_processes"], "galaxies/s"),
+        ("cell metadetection, deblender (1 view)", cells["deblend_population_galaxies_per_s"],
+         "galaxies/s"),
+        ("  with per-object responses", cells["deblend_with_object_response_galaxies_per_s"],
+         "galaxies/s"),
+        ("AnaCal with detection, same cells", cells["anacal_galaxies_per_s"], "galaxies/s"),
         ("peak memory generating N / 2N / 4N", "/".join(
             f"{mem[f'generate_{k}_peak_mib']:.0f}" for k in ("n", "2n", "4n")), "MiB"),
         ("peak memory streaming N / 2N / 4N", "/".join(

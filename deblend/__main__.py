@@ -17,8 +17,9 @@ from deblend.core.arguments import non_negative_int_arg, positive_int_arg
 from deblend.core.cli import fail_cleanly
 from deblend.core.survey_input import PSF_AT, band_float_arg, band_path_arg
 
-PACKAGED_WEIGHTS = Path(__file__).resolve().parent / "weights"
-"""The run ``measure`` uses without ``--run``, when the package ships one."""
+PACKAGED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "quick"
+"""The run ``measure`` uses without ``--run``: the quick job's networks, exported with
+``python -m deblend export`` (:mod:`deblend.core.export`)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,6 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="start again in an --out that was started with another config")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_measure(commands)
+    export = commands.add_parser("export", help="a run's weights alone, for inference "
+                                 "(Deblender.from_run and measure take the copy)")
+    export.add_argument("--run", required=True, help="training run directory")
+    export.add_argument("--out", required=True, help="new directory for the copy")
     return parser.parse_args(argv)
 
 
@@ -75,13 +80,19 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
                          help="measure every cell again, ignoring cached ones")
     measure.add_argument("--no-object-response", action="store_true",
                          help="leave out the per-object response columns r11 r12 r21 r22 "
-                              "(their operator takes about a minute per PSF set on a CPU)")
+                              "(five more metacal images and networks per object)")
     measure.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 @fail_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "export":
+        from deblend.core.export import export_inference
+
+        stages = export_inference(args.run, args.out)
+        print(f"exported {' '.join(stages)} of {args.run} to {args.out}")
+        return 0
     if args.command == "measure":
         from deblend.core.survey_input import SurveyInputs
         from deblend.core.survey_measure import measure_survey

@@ -35,6 +35,7 @@ from deblend.core.config import Config, load_config
 from deblend.core.outputs import MARKER, is_ours, mark
 from des_validation.standin_cutouts import standin_is_complete, write_standin
 from des_validation.validation import validate_des, validation_is_complete
+from evaluation.field_shear import field_report_is_complete, field_table, run_field_report
 from evaluation.map_report import REPORT_FILE, run_map_comparison
 from evaluation.metacal_benchmark import (
     benchmark_is_complete,
@@ -50,7 +51,7 @@ from simulation.dataset import dataset_is_complete, open_dataset
 from training.runner import run_stage, stage_status
 from training.stages import STAGES
 
-STEPS = ("simulate", *STAGES, "report", "shear", "metacal_shear", "map_deblending",
+STEPS = ("simulate", *STAGES, "report", "shear", "metacal_shear", "fields", "map_deblending",
          "des_standin", "des_validation", "index")
 COMMAND = "python -m deblend run"
 """How the reports written by the main job name the command that produced them."""
@@ -83,6 +84,10 @@ class RunPaths:
         return self.root / "metacal_shear"
 
     @property
+    def fields(self) -> Path:
+        return self.root / "fields"
+
+    @property
     def map_deblending(self) -> Path:
         return self.root / "map_deblending"
 
@@ -106,7 +111,7 @@ class RunPaths:
         """Everything the main job writes in its run directory (with the ``.tmp`` siblings
         that directories are built in)."""
         directories = [self.data, self.train, self.evaluation, self.metacal_shear,
-                       self.map_deblending, self.des_standin, self.des_validation]
+                       self.fields, self.map_deblending, self.des_standin, self.des_validation]
         return ([self.config, self.index, self.headline] + directories
                 + [d.with_name(d.name + ".tmp") for d in directories])
 
@@ -200,6 +205,9 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
     step("metacal_shear", benchmark_is_complete(paths.metacal_shear),
          lambda: run_metacal_benchmark(paths.train, config, paths.metacal_shear,
                                        progress=progress, log=log))
+    if config.fields.enabled:
+        step("fields", field_report_is_complete(paths.fields),
+             lambda: run_field_report(paths.train, config, paths.fields, log=log))
     if config.map.enabled:
         step("map_deblending", (paths.map_deblending / REPORT_FILE).is_file(),
              lambda: run_map_comparison(paths.train, config, paths.map_deblending,
@@ -241,6 +249,13 @@ def headline_numbers(paths: RunPaths) -> dict[str, Any]:
                                         "c2_err", "n_scenes")}
                 for est, r in v["estimators"].items()}} for name, v in metacal["variants"].items()},
         }
+    fields = read_metrics(paths.fields).get("fields")
+    if fields is not None:
+        headline["fields"] = {
+            "applied_g": fields["applied_g"], "field_pixels": fields["field_pixels"],
+            "results": {population: {name: {k: v for k, v in r.items()}
+                                     for name, r in row.items()}
+                        for population, row in fields["results"].items()}}
     map_metrics = read_metrics(paths.map_deblending)
     if map_metrics:
         headline["map_deblending"] = {
@@ -292,6 +307,14 @@ def write_index(paths: RunPaths, headline: dict[str, Any]) -> None:
                   f"(+-{g[0]:g}, +-{g[1]:g}) with the same noise; m = g_hat / g - 1. Details: "
                   "[metacal_shear/report.md](metacal_shear/report.md).", "",
                   shear_table(metacal), ""]
+    fields = read_metrics(paths.fields).get("fields")
+    if fields is not None:
+        lines += ["## Shear from pixels: metadetection on sheared fields", "",
+                  "Detection on every metacal image, the population response holding the "
+                  "detection and selection terms; populations no network saw fields of. "
+                  "Details: [fields/report.md](fields/report.md); a measured cell: "
+                  "[fields/cell.png](fields/cell.png).", "",
+                  field_table(fields["results"]), ""]
     lines += ["## Image fidelity (noisy-blend validation set)", "",
               "| model | SSIM | cosine |", "|---|---|---|"]
     for stage, v in headline["fidelity"].items():

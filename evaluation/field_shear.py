@@ -15,9 +15,10 @@ measure_cells`. Estimators, all on the same field images:
   (:func:`evaluation.anacal_peer.anacal_cell_catalogue`).
 
 Each field image reduces to sums (per estimator: sum of e and of R, counts), so any number of
-fields combine exactly. Shear: g_hat(+-) = R(+-)^-1 <e>(+-) over the +g (resp. -g) images and
-their twins; m = (g_hat(+) - g_hat(-)) / (2 g) - 1 and c = (g_hat(+) + g_hat(-)) / 2 on the
-sheared component, c on the other one too; 1-sigma errors by jackknife over field sets.
+fields combine exactly. Shear: g_hat(+-) = R^-1 <e>(+-) over the +g (resp. -g) images and
+their twins, R the mean of the two signs' responses; m = (g_hat(+) - g_hat(-)) / (2 g) - 1 and
+c = (g_hat(+) + g_hat(-)) / 2 on the sheared component, c on the other one too; 1-sigma errors
+by jackknife over field sets.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
+from astropy.table import Table
 
 from deblend.core.cell_measure import ESTIMATOR, measure_cells
 from deblend.core.cells import CellImage, tile
@@ -68,6 +70,21 @@ def hsm_estimator(bands: tuple[str, ...]):
     return estimate
 
 
+def anacal_cell(cell: CellImage, pixel_scale: float, bands: tuple[str, ...]) -> Table | None:
+    """AnaCal's catalogue of a cell with its own detection: the owned square is clipped to
+    AnaCal's detectable region (:func:`evaluation.anacal_peer.detection_margin` from every
+    edge) and the cell to even sides (AnaCal's rule); None when nothing is left to own."""
+    edge = detection_margin(pixel_scale)
+    (x0, x1, y0, y1), (height, width) = cell.owned_box, cell.shape
+    height, width = height - height % 2, width - width % 2
+    owned = (max(x0, edge), min(x1, width - edge), max(y0, edge), min(y1, height - edge))
+    if owned[0] >= owned[1] or owned[2] >= owned[3]:
+        return None
+    return anacal_cell_catalogue(cell.images[:, :height, :width],
+                                 cell.variance[:, :height, :width], cell.psfs, pixel_scale,
+                                 bands=bands, owned=owned)
+
+
 def field_cells(field: ShearedField, settings: FieldSettings) -> list[CellImage]:
     """The cells of a field image, each owning its square."""
     variance = np.broadcast_to(np.asarray(field.variance, np.float64)[:, None, None],
@@ -94,17 +111,8 @@ def image_sums(model: Deblender, field: ShearedField, settings: FieldSettings,
         [np.sum(rows[f"{ESTIMATOR}_e1"]), np.sum(rows[f"{ESTIMATOR}_e2"]),
          *(np.sum(rows[f"r{i}{j}"]) for i in (1, 2) for j in (1, 2)), float(len(rows))])
     if settings.anacal:
-        edge = detection_margin(field.pixel_scale)  # AnaCal cannot detect nearer the edge
-        catalogues = []
-        for c in cells:
-            (x0, x1, y0, y1), (height, width) = c.owned_box, c.shape
-            height, width = height - height % 2, width - width % 2  # AnaCal's cells are even
-            owned = (max(x0, edge), min(x1, width - edge), max(y0, edge), min(y1, height - edge))
-            if owned[0] < owned[1] and owned[2] < owned[3]:
-                catalogues.append(anacal_cell_catalogue(
-                    c.images[:, :height, :width], c.variance[:, :height, :width], c.psfs,
-                    field.pixel_scale, bands=field.bands, owned=owned))
-        sum_we, sum_rw, n = anacal_shear_sums(catalogues)
+        catalogues = [anacal_cell(c, field.pixel_scale, field.bands) for c in cells]
+        sum_we, sum_rw, n = anacal_shear_sums([c for c in catalogues if c is not None])
         out["anacal"] = np.array([*sum_we, *sum_rw, float(n)])
     return out
 
@@ -118,32 +126,37 @@ def measure_field_set(model: Deblender, population: str, seed: int, index: int,
             for k, key in enumerate(SIGNS)}
 
 
-def shear_estimate(sums: Sequence[dict[str, np.ndarray]], estimator: str, delta: float
-                   ) -> np.ndarray:
-    """g_hat (2,) of one estimator from the sums of several field images of one sign."""
+def mean_and_response(sums: Sequence[dict[str, np.ndarray]], estimator: str, delta: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(<e> (2,), R (2, 2)) of one estimator from the sums of several field images: for the
+    population estimators each metacal image's own kept detections; for ``deblend_object`` the
+    mean per-object response; for ``anacal`` its weighted sums (R diagonal)."""
     total = np.sum([s[estimator] for s in sums], axis=0)
     if estimator in (ESTIMATOR, "hsm"):
         means = {step: total[i, :2] / total[i, 2] for i, step in enumerate(METACAL_SHEARS)}
         response = np.stack([(means[f"{j}p"] - means[f"{j}m"]) / (2 * delta) for j in (1, 2)],
                             axis=1)
-        return np.linalg.solve(response, means["noshear"])
+        return means["noshear"], response
     if estimator == "deblend_object":
         n = total[-1]
-        return np.linalg.solve(total[2:6].reshape(2, 2) / n, total[:2] / n)
-    return total[:2] / total[2:4]  # anacal: sum w e / sum (w R + e dw/dg)
+        return total[:2] / n, total[2:6].reshape(2, 2) / n
+    return total[:2], np.diag(total[2:4])  # anacal: sum w e and sum (w R + e dw/dg)
 
 
 def bias(sets: Sequence[dict[str, dict]], estimator: str, g: tuple[float, float],
          delta: float) -> dict[str, float]:
     """m and c on the sheared component (and c on the other) with jackknife errors over the
-    field sets."""
+    field sets. The +g and -g images share one response, the mean of theirs (the response's
+    own noise then cancels in the difference): g_hat(+-) = R^-1 <e>(+-)."""
     component = int(np.argmax(np.abs(g)))
 
     def estimate(chosen: Sequence[dict[str, dict]]) -> np.ndarray:
-        plus = shear_estimate([s[k] for s in chosen for k in SIGNS if SIGNS[k] > 0],
-                              estimator, delta)
-        minus = shear_estimate([s[k] for s in chosen for k in SIGNS if SIGNS[k] < 0],
-                               estimator, delta)
+        e_plus, r_plus = mean_and_response([s[k] for s in chosen for k in SIGNS if SIGNS[k] > 0],
+                                           estimator, delta)
+        e_minus, r_minus = mean_and_response(
+            [s[k] for s in chosen for k in SIGNS if SIGNS[k] < 0], estimator, delta)
+        response = 0.5 * (r_plus + r_minus)
+        plus, minus = np.linalg.solve(response, e_plus), np.linalg.solve(response, e_minus)
         m = (plus[component] - minus[component]) / (2 * g[component]) - 1
         c = (plus + minus) / 2
         return np.array([m, c[component], c[1 - component]])
@@ -186,7 +199,7 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
                         g: float = 0.02, field_pixels: int = 300, seed: int = 0,
                         settings: FieldSettings = FieldSettings(),
                         walk: MetadetectSettings | None = None,
-                        log=print) -> dict[str, dict]:
+                        log=print, timing: dict | None = None) -> dict[str, dict]:
     """m, c of every estimator (:data:`ESTIMATORS`) on ``n_fields`` field sets per population
     and sheared component (g along e1, then along e2); each field set is cached under
     ``out/cache`` (an interrupted run resumes; a changed setting measures again)."""
@@ -209,8 +222,13 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
                 path = Path(out) / "cache" / f"{population}-g{component + 1}-{index:04d}.npz"
                 cached = read_chunk(path, key)
                 if cached is None:
+                    t0 = time.perf_counter()
                     sums = measure_field_set(model, population, seed, index, shear, settings,
                                              walk, field_pixels)
+                    if timing is not None:
+                        timing["seconds"] = timing.get("seconds", 0.0) + time.perf_counter() - t0
+                        timing["objects"] = timing.get("objects", 0.0) + sum(
+                            s[ESTIMATOR][0, 2] for s in sums.values())
                     path.parent.mkdir(parents=True, exist_ok=True)
                     write_chunk(path, key, flatten(sums))
                     log(f"[fields] {population} g{component + 1} field set {index + 1}/"
@@ -228,15 +246,9 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
     return results
 
 
-def report_markdown(results: dict[str, dict], g: float, field_pixels: int, pixel_scale: float
-                    ) -> str:
-    """The benchmark's table: m1, m2, c1, c2 with 1-sigma jackknife errors."""
-    arcmin = field_pixels * pixel_scale / 60
-    lines = [f"# Shear from sheared fields by metadetection\n",
-             f"Applied |g| = {g} on each component in turn; fields of {field_pixels} px "
-             f"({arcmin:.2f} arcmin) at 40 galaxies/arcmin^2 (i < 25.3), four images per field "
-             f"set (+g, -g with the same noise, and their 90-degree twins).\n",
-             "| population | estimator | m1 | m2 | c1 | c2 | field sets | kept per image |",
+def field_table(results: dict[str, dict]) -> str:
+    """m1, m2, c1, c2 with 1-sigma jackknife errors, per population and estimator."""
+    lines = ["| population | estimator | m1 | m2 | c1 | c2 | field sets | kept per image |",
              "|---|---|---|---|---|---|---|---|"]
     for population, row in results.items():
         for name, r in row.items():
@@ -245,3 +257,110 @@ def report_markdown(results: dict[str, dict], g: float, field_pixels: int, pixel
             lines.append(f"| {population} | {name} | {f('m1')} | {f('m2')} | {f('c1')} | "
                          f"{f('c2')} | {r['n_field_sets']} | {r['objects_per_image']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def report_markdown(results: dict[str, dict], g: float, field_pixels: int, pixel_scale: float
+                    ) -> str:
+    """The report: what was measured, and :func:`field_table`."""
+    arcmin = field_pixels * pixel_scale / 60
+    return "\n".join([
+        "# Shear from sheared fields by metadetection\n",
+        f"Applied |g| = {g} on each component in turn; fields of {field_pixels} px "
+        f"({arcmin:.2f} arcmin) at 40 galaxies/arcmin^2 (i < 25.3), four images per field set "
+        f"(+g, -g with the same noise, and their 90-degree twins). m = g_hat / g - 1; "
+        f"1-sigma errors by jackknife over field sets. Estimators: `deblend` (population "
+        f"response: detection, centroid and selection inside R), `deblend_object` (the same "
+        f"detections and e, per-object stamp responses only), `hsm` (blend HSM on the same "
+        f"detections, population response), `anacal` (its own detection, analytic responses).\n",
+        field_table(results)])
+
+
+# -- the main job's step ------------------------------------------------------------------------
+METRICS_KEY = "fields"
+
+
+def field_report_is_complete(out: str | Path) -> bool:
+    """Whether ``out`` holds a finished field report."""
+    from evaluation.report_io import read_metrics
+
+    return (Path(out) / "report.md").is_file() and METRICS_KEY in read_metrics(out)
+
+
+def run_field_report(run: str | Path, config, out: str | Path, *, device: str = "cpu",
+                     log=print) -> dict:
+    """The field benchmark of a trained run with the ``fields`` section of ``config``
+    (:class:`deblend.core.config.FieldsConfig`): ``out/metrics.json``, ``out/report.md`` and
+    ``out/cell.png`` (one measured cell: detections and their e sticks). Resumable."""
+    import hashlib
+    import time
+
+    from deblend.core.atomic import write_json_atomic, write_text_atomic
+    from deblend.core.runs import RunLayout
+
+    fields = config.fields
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = Deblender.from_run(run, device=device)
+    model_id = hashlib.sha256(RunLayout(Path(run)).best("stage3").read_bytes()).hexdigest()[:16]
+    settings = FieldSettings(cell=fields.cell, margin=fields.margin, views=fields.views,
+                             anacal=fields.anacal)
+    timing: dict = {}
+    start = time.perf_counter()
+    results = run_field_benchmark(model, model_id, out, populations=fields.populations,
+                                  n_fields=fields.n_fields, g=fields.g,
+                                  field_pixels=fields.field_pixels, seed=fields.seed,
+                                  settings=settings, log=log, timing=timing)
+    pixel_scale = draw_field_set(fields.populations[0], fields.seed, 0, (fields.g, 0.0),
+                                 field_pixels=64)["plus"].pixel_scale
+    metrics = {"applied_g": fields.g, "field_pixels": fields.field_pixels,
+               "pixel_scale": pixel_scale, "density_per_arcmin2": 40.0, "max_mag_i": 25.3,
+               "cell": fields.cell, "margin": fields.margin, "views": fields.views,
+               "results": results, "seconds": round(time.perf_counter() - start, 1),
+               "measured_seconds": round(timing.get("seconds", 0.0), 1),
+               "kept_detections_measured": timing.get("objects", 0.0)}
+    figure = cell_figure(model, fields, settings, out / "cell.png")
+    text = report_markdown(results, fields.g, fields.field_pixels, pixel_scale)
+    text += (f"\nOne measured cell (noshear detections kept, with the regressor's e sticks): "
+             f"[{figure.name}]({figure.name}).\n")
+    write_text_atomic(out / "report.md", text)
+    write_json_atomic(out / "metrics.json", {METRICS_KEY: metrics})
+    return metrics
+
+
+def cell_figure(model: Deblender, fields, settings: FieldSettings, path: Path) -> Path:
+    """PNG of the first cell-sized region of the galsim (or first) population's +g field: the
+    r+i+z image, every kept noshear detection and a stick of length 40 |e| pixels along the
+    regressor's position angle (pixel frame)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    population = "galsim" if "galsim" in fields.populations else fields.populations[0]
+    size = min(fields.field_pixels, 2 * fields.cell + 2 * fields.margin)
+    field = draw_field_set(population, fields.seed, 0, (fields.g, 0.0),
+                           field_pixels=size)["plus"]
+    catalogue = measure_cells(model, field_cells(field, settings),
+                              MetadetectSettings(stamp_pixels=model.stamp_pixels),
+                              seed=fields.seed, views=settings.views, per_object=False)
+    rows = catalogue[(catalogue["mdet_step"] == "noshear") & (catalogue["flags"] == 0)]
+    index = [model.bands.index(b) for b in HSM_BANDS]
+    image = field.images[index].sum(axis=0)
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.imshow(np.arcsinh(image / (3 * np.sqrt(field.variance[index].sum()))), origin="lower",
+              cmap="gray_r")
+    e1, e2 = np.asarray(rows[f"{ESTIMATOR}_e1"]), np.asarray(rows[f"{ESTIMATOR}_e2"])
+    angle, length = 0.5 * np.arctan2(e2, e1), 40 * np.hypot(e1, e2)
+    for x, y, a, n in zip(rows["x"], rows["y"], angle, length):
+        ax.plot([x - 0.5 * n * np.cos(a), x + 0.5 * n * np.cos(a)],
+                [y - 0.5 * n * np.sin(a), y + 0.5 * n * np.sin(a)], color="tab:red", lw=2)
+    ax.scatter(field.truth["x"], field.truth["y"], s=12, facecolors="none",
+               edgecolors="tab:blue", label="truth (sheared positions)")
+    ax.scatter(rows["x"], rows["y"], s=8, color="tab:red", label="kept detections, e sticks")
+    ax.set_xlim(-0.5, size - 0.5)
+    ax.set_ylim(-0.5, size - 0.5)
+    ax.set_title(f"{population} field, g = ({fields.g}, 0): metadetection, noshear image")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -60,10 +60,10 @@ population, not by g): one standard-normal field z of shape (bands, H, W) per fi
 
 - ``plus`` and ``minus``: image + sqrt(sky) z with the SAME z, so plus - minus is exactly the
   noiseless difference (up to float32 rounding);
-- ``plus_rot`` and ``minus_rot``: the same z ROTATED with the sky (``np.rot90(z, -1)``, the
-  map (dx, dy) -> (-dy, dx)), so at g = 0 the twin is exactly the 90-degree rotation of ``plus``,
-  noise included, and to first order the noise-induced ellipticities cancel in twin sums as
-  the intrinsic ones do;
+- ``plus_rot`` and ``minus_rot``: a second, independent field z' (shared by the two twins).
+  Rotating z with the sky would make ``plus_rot`` exactly the 90-degree rotation of ``minus``
+  (a rotation by 90 degrees turns g into -g): the twins would add no information and the
+  additive bias c of any rotation-equivariant estimator would be zero by construction;
 - ``galaxy_noise=True`` uses :func:`simulation.shear_pairs.add_noise` instead (the galaxies'
   Poisson term too, variance sky + image): then plus - minus is noise-free only where the sky
   dominates.
@@ -557,8 +557,8 @@ class ShearedFieldSimulator:
             placements[name] = (rows, x, y, ix, iy, dx, dy)
         stamps = self.sky.draw_many(jobs)
 
-        z = noise_fields(_noise_seed(seed), self.population, index,
-                         (len(self.bands), side, side))[0] if noise else None
+        z, z_twin = noise_fields(_noise_seed(seed), self.population, index,
+                                 (len(self.bands), side, side)) if noise else (None, None)
         out = {}
         for (name, (shear, rotated)), drawn in zip(shears.items(), stamps):
             rows, x, y, ix, iy, dx, dy = placements[name]
@@ -566,7 +566,7 @@ class ShearedFieldSimulator:
             for k, stamp in zip(rows, drawn):
                 _paste(image, stamp, int(ix[k]), int(iy[k]))
             if z is not None:
-                zz = np.rot90(z, -1, axes=(1, 2)) if rotated else z
+                zz = z_twin if rotated else z
                 image = (add_noise(image, self.sky.sky_levels, zz) if galaxy_noise else
                          image + np.sqrt(self.sky.sky_levels)[:, None, None] * zz)
             truth = self._truth(skies[rotated], rows, (x, y, ix, iy, dx, dy), drawn, sizes, shear,

@@ -46,7 +46,8 @@ def test_defaults_round_trip():
     assert config_from_dict(config.to_dict()) == config == load_config(None)
     assert hash(config_from_dict({})) == hash(config)
     assert list(config.to_dict()) == ["name", "simulation", "model", "training", "evaluation",
-                                      "shear", "metacal", "map", "dense_fields", "des"]
+                                      "shear", "metacal", "map", "dense_fields", "fields",
+                                      "des"]
     assert config.to_dict()["simulation"]["neighbour_shift"] == [1.0, 4.0]
 
 

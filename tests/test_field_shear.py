@@ -57,5 +57,6 @@ def test_fields_command_prints_the_table(trained_run, tmp_path, capsys):
                  "--no-anacal"]) == 0
     text = capsys.readouterr().out
     assert "| galsim | deblend |" in text and "| galsim | hsm |" in text
-    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "fields.md").is_file()
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "report.md").is_file()
+    assert (tmp_path / "cell.png").stat().st_size > 1000
     assert main(["--run", str(trained_run), "--g", "0.5"]) == 2

@@ -188,8 +188,13 @@ def test_resume_reuses_cells_and_recomputes_a_damaged_one(trained_run, inputs, t
     assert "reusing 3 of 4 measured cells" in said.out
     assert all(c.stat().st_mtime_ns == t for c, t in mtimes.items())
     again = Table.read(out, hdu="MDET", character_as_bytes=False)
-    for name in first.colnames:
-        np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(first[name]))
+    for name in first.colnames:  # the recomputed cell ran in this process, the first in a
+        # worker (--jobs 2): float32 networks under other thread counts round differently
+        if np.asarray(first[name]).dtype.kind == "f":
+            np.testing.assert_allclose(np.asarray(again[name]), np.asarray(first[name]),
+                                       rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(first[name]))
     # another seed: no cached cell is reused
     assert main(arguments(trained_run, inputs, out, *tiled, "--seed", "5", "--force")) == 0
     said = capsys.readouterr().out

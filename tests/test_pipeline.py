@@ -28,6 +28,7 @@ def tiny_job_config(tmp_path_factory, sample_catalog):
                 "batch_size": 4},
         "dense_fields": {"n_fields": 1, "field_arcsec": 16.0, "min_galaxies": 2,
                          "max_galaxies": 3},
+        "fields": {"populations": ["galsim"], "n_fields": 1, "field_pixels": 100, "cell": 50},
         "des": {"n_standin": 12},
     }
     path = tmp_path_factory.mktemp("job") / "job.yaml"
@@ -58,6 +59,9 @@ def test_every_step_runs_and_index_links_existing_files(finished_job):
     metacal = headline["metacal_shear"]["variants"]["btk_blended"]["estimators"]
     assert {"regressor", "anacal", "blend_hsm"} <= set(metacal)
     assert "Shear bias against the applied shear" in index
+    fields = headline["fields"]["results"]["galsim"]
+    assert {"deblend", "deblend_object", "hsm", "anacal"} <= set(fields)
+    assert "fields/cell.png" in index and "metadetection on sheared fields" in index
     saved = json.loads((out / "headline.json").read_text())
     assert saved["slopes"]["regressor"]["e1"]["slope"] == headline["slopes"]["regressor"]["e1"]["slope"]
     for stage in ("stage1", "stage2", "flow", "amortize", "stage3"):

@@ -434,6 +434,44 @@ class DenseFieldsConfig:
         return self
 
 
+@_section("fields")
+class FieldsConfig:
+    """Shear from pixels: metadetection on constant-shear fields at LSST density, cut into
+    cells (:mod:`evaluation.field_shear`; ``python -m benchmarks.fields``)."""
+
+    enabled: StrictBool = True
+    """Run it as a step of the main job (``RUN/fields/``)."""
+    populations: tuple[Literal["btk", "galsim"], ...] = ("btk", "galsim")
+    n_fields: StrictInt = 20
+    """Field sets (+g, -g and their twins) per population and sheared component."""
+    field_pixels: StrictInt = 300
+    """Side of a field (300 LSST pixels = 1 arcmin)."""
+    cell: StrictInt = 100
+    """Owned square of a cell, pixels."""
+    margin: StrictInt = 40
+    """Pixels read around each cell (>= half the model's stamp, and AnaCal's 16)."""
+    g: StrictFloat = 0.02
+    views: Literal[1, 2, 4, 8] = 2
+    """Symmetric views of the regressor: with 1, its preferred orientation is an additive bias
+    (c2 = -0.024 +- 0.007 on 4 BTK field sets of the quick model; 2 views cancel it)."""
+    anacal: StrictBool = True
+    """Measure AnaCal with its own detection on the same fields."""
+    seed: StrictInt = 6000
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> FieldsConfig:
+        _require([
+            (len(self.populations) >= 1, "fields.populations", "must name a population"),
+            (self.n_fields >= 1, "fields.n_fields", "must be >= 1"),
+            (self.field_pixels >= 64, "fields.field_pixels", "must be >= 64"),
+            (self.cell >= 16, "fields.cell", "must be >= 16"),
+            (self.margin >= 16, "fields.margin", "must be >= 16"),
+            (0 < self.g < 0.2, "fields.g", "must be in (0, 0.2)"),
+            (self.seed >= 0, "fields.seed", "must be >= 0"),
+        ])
+        return self
+
+
 @_section("des")
 class DESConfig:
     """DES validation settings (SPEC section 7)."""
@@ -480,6 +518,7 @@ class Config:
     metacal: MetacalConfig = field(default_factory=MetacalConfig)
     map: MapConfig = field(default_factory=MapConfig)
     dense_fields: DenseFieldsConfig = field(default_factory=DenseFieldsConfig)
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
     des: DESConfig = field(default_factory=DESConfig)
 
     def to_dict(self) -> dict[str, Any]:
