@@ -18,12 +18,12 @@ default on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks import emit
 
 
 def run(n_fields: int = 2, device: str = "cpu", run_dir: str | None = None) -> dict[str, Any]:
@@ -78,10 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.fields < 1:
         parser.error("--fields must be >= 1")
     result = run(args.fields, args.device, args.run)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

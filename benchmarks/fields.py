@@ -18,7 +18,6 @@ from pathlib import Path
 
 from deblend.core.arguments import positive_int_arg
 from deblend.core.cli import fail_cleanly
-from deblend.core.config import load_config
 from deblend.core.runs import run_config
 from evaluation.field_shear import run_field_report
 
@@ -44,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @fail_cleanly
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    config = load_config(args.config) if args.config else run_config(args.run)
+    config = run_config(args.run, args.config)
     changes = {key: value for key, value in (
         ("n_fields", args.n_fields), ("populations", args.population),
         ("field_pixels", args.field_pixels), ("cell", args.cell), ("g", args.g)) if value is not None}

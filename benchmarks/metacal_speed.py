@@ -19,15 +19,15 @@ same run. The operator is built once beforehand (its build time is reported apar
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from benchmarks import emit
 
 
 def stamps_and_psfs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     result = run(args.n, args.device, args.repeats)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

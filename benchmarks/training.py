@@ -21,7 +21,6 @@ is generated in a temporary directory first (embedded catalog model).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import emit
 from deblend.core.config import Config, config_from_dict
 from deblend.core.normalization import normalize
 from deblend.core.symmetry import N_VIEWS, image_view
@@ -181,10 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     result = run(args.data, args.n, batch_size=args.batch_size, workers=args.workers,
                  repeats=args.repeats)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

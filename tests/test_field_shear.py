@@ -60,3 +60,15 @@ def test_fields_command_prints_the_table(trained_run, tmp_path, capsys):
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "report.md").is_file()
     assert (tmp_path / "cell.png").stat().st_size > 1000
     assert main(["--run", str(trained_run), "--g", "0.5"]) == 2
+
+
+@pytest.mark.slow
+def test_cell_speed_benchmark_measures_every_path(capsys):
+    """``python -m benchmarks.cell_speed --fields 1`` (untrained networks) prints every rate."""
+    from benchmarks.cell_speed import main
+
+    result = main(["--fields", "1"])
+    text = capsys.readouterr().out
+    for key in ("deblend_population", "deblend_with_object_response", "anacal"):
+        assert result[f"{key}_galaxies_per_s"] > 0 and key in text
+    assert result["galaxies"] > 10 and result["cells"] == 9
