@@ -46,6 +46,27 @@ STAMP_PAD = 12
 """FFT zero padding of those stamps (their margin keeps the wrapped tails out of the crop)."""
 
 
+KEPT_OPERATORS = 4
+"""(cell, stamp) operator pairs kept between calls, most recently used last (an operator keeps
+its Fourier filters per image shape; building one costs ~0.2 s per band set on a CPU)."""
+_OPERATORS: dict[tuple, tuple[FourierMetacal, FourierMetacal]] = {}
+
+
+def cell_operators(psfs: np.ndarray, delta: float, device) -> tuple[FourierMetacal,
+                                                                      FourierMetacal]:
+    """The FFT metacal operators of cells and of per-object stamps for these PSF images,
+    reused across calls (the last :data:`KEPT_OPERATORS` sets of PSFs)."""
+    key = (FourierMetacal.digest(psfs, delta), str(device))
+    pair = _OPERATORS.pop(key, None)
+    if pair is None:
+        pair = (FourierMetacal(psfs, delta, device=device),
+                FourierMetacal(psfs, delta, pad=STAMP_PAD, device=device))
+    _OPERATORS[key] = pair
+    while len(_OPERATORS) > KEPT_OPERATORS:
+        _OPERATORS.pop(next(iter(_OPERATORS)))
+    return pair
+
+
 def cell_stamps(images: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
     """(K, bands, size, size) stamps of (bands, H, W) ``images`` around each position."""
     if len(positions) == 0:
@@ -72,18 +93,12 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
         out = model.predict(stamps.astype(np.float32), batch_size, views, reconstruct=False)
         return out.ellipticity if out.ellipticity_raw is None else out.ellipticity_raw
 
-    operators: dict[str, tuple[FourierMetacal, FourierMetacal]] = {}
     parts = []
     for k, cell in enumerate(cells):
         if len(cell.images) != len(bands):
             raise ValueError(f"cell {k} has {len(cell.images)} bands, the model "
                              f"{len(bands)} ({' '.join(bands)})")
-        key = FourierMetacal.digest(cell.psfs, settings.delta)
-        if key not in operators:
-            operators[key] = (FourierMetacal(cell.psfs, settings.delta, device=model.device),
-                              FourierMetacal(cell.psfs, settings.delta, pad=STAMP_PAD,
-                                             device=model.device))
-        operator, stamp_operator = operators[key]
+        operator, stamp_operator = cell_operators(cell.psfs, settings.delta, model.device)
         images = np.where(np.isfinite(cell.variance), cell.images, 0.0)
         noise = correction_noise(np.asarray(cell.variance), seed + k + 1)
 
