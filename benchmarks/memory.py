@@ -64,9 +64,11 @@ def peak_memory(work: Callable[[], object], interval: float = 0.02) -> float:
 def stream_one_epoch(data_dir: Path, batch_size: int = 64) -> int:
     """Read every training batch of a dataset the way stage 1 does (noisy -> clean)."""
     from training.data import make_loader
+    from training.stages import STAGES
 
-    loader = make_loader(data_dir, stage="stage1", split="train", batch_size=batch_size,
-                         epoch=0, seed=0)
+    stage = STAGES["stage1"]
+    loader = make_loader(data_dir, input_set=stage.input_set, target=stage.target,
+                         split="train", batch_size=batch_size, epoch=0, seed=0)
     return sum(1 for _ in loader)
 
 

@@ -72,3 +72,13 @@ def test_cell_speed_benchmark_measures_every_path(capsys):
     for key in ("deblend_population", "deblend_with_object_response", "anacal"):
         assert result[f"{key}_galaxies_per_s"] > 0 and key in text
     assert result["galaxies"] > 10 and result["cells"] == 9
+
+
+def test_memory_benchmark_streams_a_dataset_as_stage1_reads_it(tiny_dataset):
+    """The memory benchmark's streaming child reads through today's data loader (it called it
+    with arguments the loader no longer takes, and ``python -m benchmarks`` crashed)."""
+    from benchmarks.memory import stream_one_epoch
+    from simulation.dataset import open_dataset
+
+    n = len(open_dataset(tiny_dataset).split_indices("train"))
+    assert stream_one_epoch(tiny_dataset, batch_size=16) == -(-n // 16)
