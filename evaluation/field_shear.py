@@ -146,7 +146,7 @@ def mean_and_response(sums: Sequence[dict[str, np.ndarray]], estimator: str, del
 def bias(sets: Sequence[dict[str, dict]], estimator: str, g: tuple[float, float],
          delta: float) -> dict[str, float]:
     """m and c on the sheared component (and c on the other) with jackknife errors over the
-    field sets. The +g and -g images share one response, the mean of theirs (the response's
+    field sets (NaN with one field set). The +g and -g images share one response, the mean of theirs (the response's
     own noise then cancels in the difference): g_hat(+-) = R^-1 <e>(+-)."""
     component = int(np.argmax(np.abs(g)))
 
@@ -163,7 +163,7 @@ def bias(sets: Sequence[dict[str, dict]], estimator: str, g: tuple[float, float]
 
     value = estimate(sets)
     n = len(sets)
-    if n > 2:
+    if n >= 2:
         jack = np.array([estimate([s for j, s in enumerate(sets) if j != i]) for i in range(n)])
         error = np.sqrt((n - 1) / n * ((jack - jack.mean(axis=0)) ** 2).sum(axis=0))
     else:

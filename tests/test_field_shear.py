@@ -25,6 +25,8 @@ def test_bias_of_exact_sums_is_the_applied_shear():
         assert result["m1"] == pytest.approx(expected, abs=1e-9)
         assert result["c1"] == pytest.approx(2e-4 * scale ** 0, rel=1e-6)
         assert result["m1_err"] == pytest.approx(0.0, abs=1e-12)
+        two = bias(sets[:2], "deblend", (0.02, 0.0), 0.01)
+        assert two["m1_err"] == pytest.approx(0.0, abs=1e-12)  # a jackknife of two sets
 
 
 @pytest.mark.slow
