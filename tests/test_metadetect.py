@@ -156,6 +156,11 @@ def test_measure_cell_flags_and_ownership():
     flagged = measure_cell(CellImage(image, masked, psfs), BANDS, {"toy": toy_estimator},
                            settings)
     assert (flagged["flags"] & 2).any() and 2 in FLAGS
+    missing = variance.copy()
+    missing[1] = np.inf  # the i band missing from the whole cell: detected on r alone
+    alone = measure_cell(CellImage(image, missing, psfs), BANDS, {"toy": toy_estimator},
+                         settings)
+    assert ((alone["mdet_step"] == "noshear") & (alone["flags"] == 0)).sum() == 2
     with pytest.raises(ValueError, match="detection band"):
         measure_cell(CellImage(image, variance, psfs), ("g", "u"), {"toy": toy_estimator},
                      settings)

@@ -5,9 +5,10 @@ The walk, the same for every cell and every estimator (SPEC 6, "Metadetection re
 1. **metacal** the whole padded cell (:class:`~deblend.core.fourier_metacal.FourierMetacal`),
    with the noise correction drawn from the cell's own variance;
 2. **detect** on each of the five images independently (:func:`detect_cell`): SEP on the
-   inverse-variance weighted sum of the ``detection_bands`` (default r + i + z), threshold in
-   units of the noshear detection image's noise (the same absolute threshold on all five),
-   windowed centroids (``sep.winpos``);
+   inverse-variance weighted sum of the ``detection_bands`` (default r + i + z,
+   :func:`detection_weights`; a band missing from the cell gets weight 0), threshold in units
+   of that image's per-pixel noise (:func:`noise_sigma`; the same absolute threshold on all
+   five), windowed centroids (``sep.winpos``);
 3. **stamps**: the model's stamp cut from the same image around each detection's nearest pixel;
 4. **estimators** (the deblender's regressor, or any peer) on the stamps;
 5. **cuts**, the same on every image: S/N of the detection image in a Gaussian aperture,
@@ -76,10 +77,10 @@ class MetadetectSettings:
             raise ValueError("detection_bands must name at least one band")
 
 
-def detection_image(images: np.ndarray, variance: np.ndarray, bands: tuple[str, ...],
-                    detection_bands: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The inverse-variance weighted mean of the detection bands of (bands, H, W) images, and
-    the per-band weights (each band's weight 1 / its median finite variance, normalised)."""
+def detection_weights(variance: np.ndarray, bands: tuple[str, ...],
+                      detection_bands: tuple[str, ...]) -> tuple[list[int], np.ndarray]:
+    """The detection bands' indices and weights: the inverse of each band's median finite
+    variance, normalised (0 for a band with no finite variance: missing from the cell)."""
     missing = [b for b in detection_bands if b not in bands]
     if missing:
         raise ValueError(f"detection band(s) {' '.join(missing)} not among the cell's bands "
@@ -90,16 +91,17 @@ def detection_image(images: np.ndarray, variance: np.ndarray, bands: tuple[str, 
     weights = np.where(np.isfinite(level) & (level > 0), 1.0 / level, 0.0)
     if weights.sum() <= 0:
         raise ValueError("no detection band has a finite positive variance")
-    weights = weights / weights.sum()
-    return np.tensordot(weights, images[index], axes=1), weights
+    return index, weights / weights.sum()
 
 
 def noise_sigma(variance: np.ndarray, weights: np.ndarray, gain: np.ndarray) -> float:
     """Per-pixel noise of the weighted detection image of metacal images: the median input
     variance of each detection band times its metacal ``gain``
-    (:meth:`~deblend.core.fourier_metacal.FourierMetacal.noise_gain`), weighted."""
-    level = np.array([np.median(v[np.isfinite(v)]) for v in variance])
-    return float(np.sqrt(np.sum(weights ** 2 * gain * level)))
+    (:meth:`~deblend.core.fourier_metacal.FourierMetacal.noise_gain`), weighted; bands of
+    weight 0 (missing) do not count."""
+    used = weights > 0
+    level = np.array([np.median(v[np.isfinite(v)]) for v in variance[used]])
+    return float(np.sqrt(np.sum(weights[used] ** 2 * gain[used] * level)))
 
 
 def detect_cell(image: np.ndarray, sigma: float, threshold: float, min_area: int,
@@ -178,8 +180,7 @@ def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     noise = correction_noise(variance, seed) if settings.noise_correction else None
     metacal = {name: image.double().numpy() for name, image in operator.apply(
         images, noise).items()}
-    index = [bands.index(b) for b in settings.detection_bands if b in bands]  # checked below
-    _, weights = detection_image(images, variance, bands, settings.detection_bands)
+    index, weights = detection_weights(variance, bands, settings.detection_bands)
     gain = operator.noise_gain(cell.shape)[index] * (2.0 if noise is not None else 1.0)
     sigma = noise_sigma(variance[index], weights, gain)
     partly = ~masked.all(axis=(1, 2))  # a band missing from the whole cell flags nothing
