@@ -311,7 +311,8 @@ def write_index(paths: RunPaths, headline: dict[str, Any]) -> None:
     if fields is not None:
         lines += ["## Shear from pixels: metadetection on sheared fields", "",
                   "Detection on every metacal image, the population response holding the "
-                  "detection and selection terms; populations no network saw fields of. "
+                  "detection and selection terms, on whole sheared fields of the training "
+                  "catalog (btk) and of the GalSim population. "
                   "Details: [fields/report.md](fields/report.md); a measured cell: "
                   "[fields/cell.png](fields/cell.png).", "",
                   field_table(fields["results"]), ""]
