@@ -23,24 +23,30 @@ by jackknife over field sets.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 from astropy.table import Table
 
+from deblend.core.atomic import write_json_atomic, write_text_atomic
 from deblend.core.cell_measure import ESTIMATOR, measure_cells
 from deblend.core.cells import CellImage, tile
+from deblend.core.chunk_cache import chunk_key, read_chunk, write_chunk
 from deblend.core.inference import Deblender
 from deblend.core.metacal import METACAL_SHEARS
 from deblend.core.metadetect import MetadetectSettings, step_sums
+from deblend.core.runs import RunLayout, lineage_identity
 from deblend.core.shapes import hsm_shapes
 from evaluation.anacal_peer import (
     anacal_cell_catalogue,
     anacal_shear_sums,
     detection_margin,
 )
+from evaluation.report_io import read_metrics
 from simulation.sheared_fields import ShearedField, draw_field_set
 
 ESTIMATORS = ("deblend", "deblend_object", "hsm", "anacal")
@@ -203,10 +209,6 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
     """m, c of every estimator (:data:`ESTIMATORS`) on ``n_fields`` field sets per population
     and sheared component (g along e1, then along e2); each field set is cached under
     ``out/cache`` (an interrupted run resumes; a changed setting measures again)."""
-    import time
-
-    from deblend.core.chunk_cache import chunk_key, read_chunk, write_chunk
-
     walk = walk or MetadetectSettings(stamp_pixels=model.stamp_pixels)
     estimators = [e for e in ESTIMATORS if settings.anacal or e != "anacal"]
     results: dict[str, dict] = {}
@@ -281,8 +283,6 @@ METRICS_KEY = "fields"
 
 def field_report_is_complete(out: str | Path) -> bool:
     """Whether ``out`` holds a finished field report."""
-    from evaluation.report_io import read_metrics
-
     return (Path(out) / "report.md").is_file() and METRICS_KEY in read_metrics(out)
 
 
@@ -291,17 +291,11 @@ def run_field_report(run: str | Path, config, out: str | Path, *, device: str = 
     """The field benchmark of a trained run with the ``fields`` section of ``config``
     (:class:`deblend.core.config.FieldsConfig`): ``out/metrics.json``, ``out/report.md`` and
     ``out/cell.png`` (one measured cell: detections and their e sticks). Resumable."""
-    import hashlib
-    import time
-
-    from deblend.core.atomic import write_json_atomic, write_text_atomic
-    from deblend.core.runs import RunLayout
-
     fields = config.fields
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = Deblender.from_run(run, device=device)
-    model_id = hashlib.sha256(RunLayout(Path(run)).best("stage3").read_bytes()).hexdigest()[:16]
+    model_id = lineage_identity(RunLayout(Path(run)), "stage3")
     settings = FieldSettings(cell=fields.cell, margin=fields.margin, views=fields.views,
                              anacal=fields.anacal)
     timing: dict = {}
@@ -310,8 +304,7 @@ def run_field_report(run: str | Path, config, out: str | Path, *, device: str = 
                                   n_fields=fields.n_fields, g=fields.g,
                                   field_pixels=fields.field_pixels, seed=fields.seed,
                                   settings=settings, log=log, timing=timing)
-    pixel_scale = draw_field_set(fields.populations[0], fields.seed, 0, (fields.g, 0.0),
-                                 field_pixels=64)["plus"].pixel_scale
+    pixel_scale = model.data.pixel_scale
     metrics = {"applied_g": fields.g, "field_pixels": fields.field_pixels,
                "pixel_scale": pixel_scale, "density_per_arcmin2": 40.0, "max_mag_i": 25.3,
                "cell": fields.cell, "margin": fields.margin, "views": fields.views,
@@ -331,11 +324,6 @@ def cell_figure(model: Deblender, fields, settings: FieldSettings, path: Path) -
     """PNG of the first cell-sized region of the galsim (or first) population's +g field: the
     r+i+z image, every kept noshear detection and a stick of length 40 |e| pixels along the
     regressor's position angle (pixel frame)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     population = "galsim" if "galsim" in fields.populations else fields.populations[0]
     size = min(fields.field_pixels, 2 * fields.cell + 2 * fields.margin)
     field = draw_field_set(population, fields.seed, 0, (fields.g, 0.0),

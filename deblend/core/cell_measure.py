@@ -33,7 +33,7 @@ from deblend.core.metadetect import (
     correction_noise,
     measure_cell,
 )
-from deblend.core.stamps import cut_stamp
+from deblend.core.stamps import cut_stamps
 
 if TYPE_CHECKING:
     from deblend.core.inference import Deblender
@@ -68,10 +68,8 @@ def cell_operators(psfs: np.ndarray, delta: float, device) -> tuple[FourierMetac
 
 
 def cell_stamps(images: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
-    """(K, bands, size, size) stamps of (bands, H, W) ``images`` around each position."""
-    if len(positions) == 0:
-        return np.zeros((0, images.shape[0], size, size), np.float32)
-    return np.stack([cut_stamp(images, x, y, size) for x, y in positions]).astype(np.float32)
+    """float32 (K, bands, size, size) stamps of (bands, H, W) ``images`` (the networks' input)."""
+    return cut_stamps(images, positions, size).astype(np.float32)
 
 
 def measure_cells(model: Deblender, cells: Iterable[CellImage],

@@ -37,7 +37,7 @@ from deblend.core.arguments import POSITIVE_FLOAT, require_positive_int
 from deblend.core.cells import CellImage
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import DEFAULT_DELTA, METACAL_SHEARS, check_delta
-from deblend.core.stamps import cut_stamp, nearest_pixel
+from deblend.core.stamps import cut_stamp, cut_stamps, nearest_pixel
 
 Estimator = Callable[[np.ndarray], np.ndarray]
 """Stamps (N, bands, S, S) raw flux -> (N, 2) ellipticities (NaN where it fails)."""
@@ -196,9 +196,7 @@ def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
                        "x": positions[:, 0], "y": positions[:, 1]})
         flags = np.zeros(len(positions), np.int32)
         flags[~stamp_inside(positions, cell.shape, settings.stamp_pixels)] |= EDGE
-        stamps = np.stack([cut_stamp(metacal[step], x, y, settings.stamp_pixels)
-                           for x, y in positions]) if len(positions) else np.zeros(
-            (0, len(bands), settings.stamp_pixels, settings.stamp_pixels))
+        stamps = cut_stamps(metacal[step], positions, settings.stamp_pixels)
         if any_masked.any():
             flags[[bool(cut_stamp(any_masked, x, y, settings.stamp_pixels).any())
                    for x, y in positions]] |= MASKED

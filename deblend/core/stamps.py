@@ -28,6 +28,15 @@ def cut_stamp(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
     return stamp
 
 
+def cut_stamps(image: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
+    """(K, ..., size, size) stamps of (..., H, W) ``image`` around each of the (K, 2) (x, y)
+    ``positions`` (:func:`cut_stamp`); an empty (0, ..., size, size) array for no position."""
+    positions = np.asarray(positions, np.float64).reshape(-1, 2)
+    if len(positions) == 0:
+        return np.zeros((0,) + image.shape[:-2] + (size, size), image.dtype)
+    return np.stack([cut_stamp(image, x, y, size) for x, y in positions])
+
+
 def paste_stamp(canvas: np.ndarray, stamp: np.ndarray, cx: int, cy: int) -> None:
     """Add a (..., size, size) stamp centred on pixel (cx, cy) into ``canvas`` (cropped)."""
     half = stamp.shape[-1] // 2
