@@ -99,7 +99,7 @@ def test_types_are_converted_like_the_annotations():
     ({"training": {"early_stopping_patience": 0}}, "'training.early_stopping_patience' must be"),
     ({"training": {"num_workers": -1}}, "'training.num_workers' must be >= 0"),
     ({"training": {"min_target_e": 1.0}}, "'training.min_target_e' must be in [0, 1)"),
-    ({"evaluation": {"batch_size": 0}}, "'evaluation.batch_size' must be >= 1"),
+    ({"evaluation": {"batch_size": 0}}, "'evaluation.batch_size' must be a positive integer"),
     ({"evaluation": {"max_samples": 0}}, "'evaluation.max_samples' must be >= 1 or null"),
     ({"evaluation": {"gallery_size": -1}}, "'evaluation.gallery_size' must be >= 0"),
     ({"evaluation": {"mag_edges": [23, 22]}}, "'evaluation.mag_edges' must increase strictly"),

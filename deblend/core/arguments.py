@@ -53,7 +53,22 @@ POSITIVE_INT = NumberRule(int, lambda v: v >= 1, "a positive integer")
 NON_NEGATIVE_INT = NumberRule(int, lambda v: v >= 0, "an integer >= 0")
 """Indices, retries, seeds."""
 POSITIVE_FLOAT = NumberRule(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-"""Pixel scales, sizes in arcsec, time-outs."""
+"""Pixel scales, sizes in arcsec, time-outs, learning rates, detection thresholds."""
+NON_NEGATIVE_FLOAT = NumberRule(float, lambda v: math.isfinite(v) and v >= 0,
+                                "a finite number >= 0")
+"""Cuts that may be switched off with 0 (a minimum S/N)."""
+FRACTION = NumberRule(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+"""Contrasts and fractions."""
+VIEW_COUNTS = (1, 2, 4, 8)
+"""How many symmetric views the regressor may be averaged over (the first 1, 2, 4 or 8)."""
+VIEWS = NumberRule(int, lambda v: v in VIEW_COUNTS, "one of 1, 2, 4 or 8")
+"""Symmetric views (``views``, ``reconstruction_views``; config ``metacal.views``,
+``fields.views``)."""
+POSTERIOR_SAMPLES = NumberRule(int, lambda v: v == 0 or v >= 2,
+                               "0 (no posterior) or an integer >= 2")
+"""Laplace posterior draws per source (``map.posterior_samples``)."""
+METACAL_DELTA = NumberRule(float, lambda v: 0 < v < 0.1, "a number in (0, 0.1)")
+"""The metacal shear step (``metacal.delta``)."""
 
 
 def require_positive_int(value: Any, name: str) -> int:

@@ -17,6 +17,14 @@ reconstruction is pasted back at its detection in a full-size image. With ``map_
 minus the other sources' MAP models; it reads shapes better than the MAP latent itself). The
 output catalog carries ``ra``/``dec`` (arcsec, BTK's convention), ``x_peak``/``y_peak``
 (pixels) and the regressor's ``e1``/``e2`` (distortion, pixel frame).
+
+Edges: SEP's detections lie in the blend; a source near its edge is deblended from a stamp that
+is zero outside the blend, and its reconstruction is cropped to the blend
+(:mod:`deblend.core.stamps`). The arguments obey the rules of the ``map`` config keys they mirror
+(``max_n_sources``: ``map.max_sources``, ``thresh``: ``map.detection_threshold``,
+``map_steps``: ``map.steps``; ``min_area`` >= 1); ``map_steps`` is refused without a
+``map_prior`` (it would have no effect). A batch of no blend, or blends without detections, give
+empty catalogs and images of the usual shape.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from astropy.table import Table
 from btk.blend_batch import BlendBatch, DeblendBatch, DeblendExample
 from surveycodex.utilities import mean_sky_level
 
+from deblend.core.arguments import NON_NEGATIVE_INT, POSITIVE_FLOAT, require_positive_int
 from deblend.core.inference import Deblender
 from deblend.core.map_fit import DEFAULT_STEPS
 from deblend.core.stamps import cut_stamp, nearest_pixel, paste_stamp
@@ -39,13 +48,22 @@ class VAEDeblender(btk.deblend.Deblender):
 
     def __init__(self, model: Deblender, max_n_sources: int, detection_band: str = "i",
                  thresh: float = 1.5, min_area: int = 5, map_prior: str | None = None,
-                 map_steps: int = DEFAULT_STEPS) -> None:
+                 map_steps: int | None = None) -> None:
+        """``map_steps``: Adam steps of the MAP mode (default :data:`DEFAULT_STEPS`); only with
+        a ``map_prior``."""
+        max_n_sources = require_positive_int(max_n_sources, "max_n_sources")
+        thresh = POSITIVE_FLOAT.require(thresh, "thresh")
+        min_area = require_positive_int(min_area, "min_area")
         super().__init__(max_n_sources)
         if map_prior not in (None, "normal", "flow"):
             raise ValueError(f"map_prior must be None, 'normal' or 'flow', got {map_prior!r}")
+        if map_prior is None and map_steps is not None:
+            raise ValueError("map_steps has no effect without a map_prior ('normal' or 'flow')")
         if map_prior == "flow":
             model.require_flow()
-        self.map_prior, self.map_steps = map_prior, map_steps
+        self.map_prior = map_prior
+        self.map_steps = DEFAULT_STEPS if map_steps is None else NON_NEGATIVE_INT.require(
+            map_steps, "map_steps")
         if detection_band not in model.bands:
             raise ValueError(f"detection band '{detection_band}' is not a model band "
                              f"({' '.join(model.bands)})")
@@ -81,10 +99,12 @@ class VAEDeblender(btk.deblend.Deblender):
         indices = list(range(blend_batch.batch_size))
         detections = [self.detector.deblend(ii, blend_batch).catalog for ii in indices]
         examples = self._examples(blend_batch, indices, detections)
+        n_bands, size = len(self.model.bands), blend_batch.image_size
+        images = np.zeros((0, self.max_n_sources, n_bands, size, size), np.float32)
         return DeblendBatch(blend_batch.batch_size, self.max_n_sources,
-                            [example.catalog for example in examples], len(self.model.bands),
-                            blend_batch.image_size, None,
-                            np.array([example.deblended_images for example in examples]))
+                            [example.catalog for example in examples], n_bands, size, None,
+                            np.array([example.deblended_images for example in examples])
+                            if examples else images)
 
     def _examples(self, blend_batch: BlendBatch, indices: list[int],
                   detections: list[Table]) -> list[DeblendExample]:

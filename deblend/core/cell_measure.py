@@ -13,7 +13,10 @@ regressor as the estimator (raw regressor output, distortion, pixel frame, avera
   reported).
 
 Positions in the returned catalogue are in the parent image's pixels (the cell's ``origin``
-added) and ``cell`` names the cell that owns the row.
+added) and ``cell`` names the cell that owns the row. Every detection lies in its cell (it is
+owned); a stamp that overhangs the cell is zero outside it and its rows carry the EDGE flag
+(:data:`deblend.core.metadetect.FLAGS`). ``views``, ``batch_size`` and ``seed`` obey the rules of
+:meth:`Deblender.predict` and ``fields.seed``; no cell gives an empty catalogue with every column.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from astropy.table import Table, vstack
 
+from deblend.core.arguments import NON_NEGATIVE_INT, VIEWS, require_positive_int
 from deblend.core.cells import CellImage
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import metacal_response
@@ -79,6 +83,9 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
     """The metadetection catalogue of every cell (module docstring), stacked; cell ``k`` draws
     its correction noise from ``seed + k``. ``peers``: more estimators measured on the same
     detections and stamps (columns ``<name>_e1``, ``<name>_e2``)."""
+    seed = NON_NEGATIVE_INT.require(seed, "seed")
+    views = VIEWS.require(views, "views")
+    batch_size = require_positive_int(batch_size, "batch_size")
     settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels)
     if settings.stamp_pixels != model.stamp_pixels:
         raise ValueError(f"settings.stamp_pixels is {settings.stamp_pixels}, the model's stamps "
@@ -114,8 +121,18 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
         table["cell"] = np.full(len(table), k, np.int32)
         parts.append(table)
     if not parts:
-        raise ValueError("no cell to measure")
+        return empty_catalogue(bands, [ESTIMATOR, *(peers or {})], per_object)
     return vstack(parts, metadata_conflicts="silent")
+
+
+def empty_catalogue(bands: tuple[str, ...], estimators: list[str], per_object: bool) -> Table:
+    """The catalogue of no cell: no row, the columns (and dtypes) of :func:`measure_cells`."""
+    float_columns = ["x", "y", "snr", *[f"{name}_e{i}" for name in estimators for i in (1, 2)],
+                     *[f"flux_{band}" for band in bands],
+                     *([f"r{i}{j}" for i in (1, 2) for j in (1, 2)] if per_object else [])]
+    return Table({"mdet_step": np.zeros(0, "U7"),
+                  **{key: np.zeros(0, np.float64) for key in float_columns},
+                  "flags": np.zeros(0, np.int32), "cell": np.zeros(0, np.int32)})
 
 
 def object_columns(model: Deblender, images: np.ndarray, noise: np.ndarray,

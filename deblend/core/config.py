@@ -37,6 +37,16 @@ from pydantic import (
     model_validator,
 )
 
+from deblend.core.arguments import (
+    METACAL_DELTA,
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    POSTERIOR_SAMPLES,
+    VIEWS,
+    NumberRule,
+)
+
 
 class ConfigError(ValueError):
     """A config file or value is unreadable, unknown or malformed; the message names the key."""
@@ -78,6 +88,12 @@ def _require(checks: list[tuple[bool, str, str]]) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {message}")
+
+
+def _obeys(rule: NumberRule, value: Any, key: str) -> tuple[bool, str, str]:
+    """A :func:`_require` check by the library's own rule (:mod:`deblend.core.arguments`), for
+    the keys that a public function's argument mirrors: one rule for both."""
+    return rule.accepts(value), key, f"must be {rule.says}"
 
 
 def _at_least(value: int | None, minimum: int) -> bool:
@@ -273,7 +289,7 @@ class EvaluationConfig:
         _require([
             (_at_least(self.max_samples, 1), "evaluation.max_samples", "must be >= 1 or null"),
             (self.gallery_size >= 0, "evaluation.gallery_size", "must be >= 0"),
-            (self.batch_size >= 1, "evaluation.batch_size", "must be >= 1"),
+            _obeys(POSITIVE_INT, self.batch_size, "evaluation.batch_size"),
             (all(a < b for a, b in itertools.pairwise(edges)), "evaluation.mag_edges",
              "must increase strictly"),
         ])
@@ -329,7 +345,7 @@ class MetacalConfig:
     g: StrictFloat = 0.02
     delta: StrictFloat = 0.01
     """Metacal shear step."""
-    views: Literal[1, 2, 4, 8] = 8
+    views: StrictInt = 8
     """Symmetric views the regressor is averaged over (a constant orientation preference of the
     network cancels from 2 on)."""
     noise_correction: StrictBool = True
@@ -358,7 +374,8 @@ class MetacalConfig:
             (self.chunk_scenes >= 2 and self.chunk_scenes % 2 == 0, "metacal.chunk_scenes",
              "must be even and >= 2"),
             (0 < self.g < 0.1, "metacal.g", "must be in (0, 0.1)"),
-            (0 < self.delta < 0.1, "metacal.delta", "must be in (0, 0.1)"),
+            _obeys(METACAL_DELTA, self.delta, "metacal.delta"),
+            _obeys(VIEWS, self.views, "metacal.views"),
             (0 <= self.margin_pixels <= 50, "metacal.margin_pixels", "must be in [0, 50]"),
             (all(0.5 <= s <= 2 for s in self.galsim_psf_scales) and self.galsim_psf_scales,
              "metacal.galsim_psf_scales", "must be non-empty factors in [0.5, 2]"),
@@ -396,15 +413,15 @@ class MapConfig:
     @model_validator(mode="after")
     def _check_ranges(self) -> MapConfig:
         _require([
-            (self.steps >= 0, "map.steps", "must be >= 0"),
-            (self.learning_rate > 0, "map.learning_rate", "must be > 0"),
+            _obeys(NON_NEGATIVE_INT, self.steps, "map.steps"),
+            _obeys(POSITIVE_FLOAT, self.learning_rate, "map.learning_rate"),
             (len(self.priors) >= 1, "map.priors", "must name a prior"),
-            (self.detection_threshold > 0, "map.detection_threshold", "must be > 0"),
-            (self.max_sources >= 1, "map.max_sources", "must be >= 1"),
+            _obeys(POSITIVE_FLOAT, self.detection_threshold, "map.detection_threshold"),
+            _obeys(POSITIVE_INT, self.max_sources, "map.max_sources"),
             (self.n_blends >= 1, "map.n_blends", "must be >= 1"),
-            (self.posterior_samples == 0 or self.posterior_samples >= 2,
-             "map.posterior_samples", "must be 0 (no posterior) or >= 2"),
-            (self.batch_size >= 1, "map.batch_size", "must be >= 1"),
+            _obeys(POSTERIOR_SAMPLES, self.posterior_samples, "map.posterior_samples"),
+            _obeys(POSITIVE_INT, self.batch_size, "map.batch_size"),
+            _obeys(NON_NEGATIVE_INT, self.seed, "map.seed"),
         ])
         return self
 
@@ -451,7 +468,7 @@ class FieldsConfig:
     margin: StrictInt = 40
     """Pixels read around each cell (>= half the model's stamp, and AnaCal's 16)."""
     g: StrictFloat = 0.02
-    views: Literal[1, 2, 4, 8] = 2
+    views: StrictInt = 2
     """Symmetric views of the regressor: with 1, its preferred orientation is an additive bias
     (c2 = -0.024 +- 0.007 on 4 BTK field sets of the quick model; 2 views cancel it)."""
     anacal: StrictBool = True
@@ -467,7 +484,8 @@ class FieldsConfig:
             (self.cell >= 16, "fields.cell", "must be >= 16"),
             (self.margin >= 16, "fields.margin", "must be >= 16"),
             (0 < self.g < 0.2, "fields.g", "must be in (0, 0.2)"),
-            (self.seed >= 0, "fields.seed", "must be >= 0"),
+            _obeys(VIEWS, self.views, "fields.views"),
+            _obeys(NON_NEGATIVE_INT, self.seed, "fields.seed"),
         ])
         return self
 

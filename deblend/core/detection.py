@@ -14,6 +14,9 @@ import numpy as np
 from astropy.table import Table
 from btk.blend_batch import BlendBatch
 
+from deblend.core.arguments import POSITIVE_FLOAT, require_positive_int
+from deblend.core.stamps import check_centre
+
 
 def detect_sources(scenes: np.ndarray, survey: str, bands: tuple[str, ...],
                    detection_band: str = "i", threshold: float = 1.5, min_area: int = 5,
@@ -23,7 +26,12 @@ def detect_sources(scenes: np.ndarray, survey: str, bands: tuple[str, ...],
     ``survey`` is BTK's survey name (its pixel scale makes BTK's WCS); ``bands`` the scenes'
     band order, ``detection_band`` one of them. Scenes must be square (BTK's convention).
     A scene with more than ``max_sources`` detections is a ValueError (raise the limit or the
-    threshold)."""
+    threshold). ``threshold``, ``min_area`` and ``max_sources`` obey the rules of
+    ``map.detection_threshold`` and ``map.max_sources`` (> 0, >= 1, >= 1). No scene gives an
+    empty list."""
+    threshold = POSITIVE_FLOAT.require(threshold, "threshold")
+    min_area = require_positive_int(min_area, "min_area")
+    max_sources = require_positive_int(max_sources, "max_sources")
     scenes = np.asarray(scenes)
     if scenes.ndim != 4 or scenes.shape[1] != len(bands) or scenes.shape[2] != scenes.shape[3]:
         raise ValueError(f"scenes must be square (N, {len(bands)}, H, H) arrays, got shape "
@@ -64,6 +72,8 @@ def detect_around_target(scenes: np.ndarray, survey: str, bands: tuple[str, ...]
                          target: tuple[float, float], detection_band: str = "i",
                          threshold: float = 1.5, max_sources: int = 20) -> list[np.ndarray]:
     """Per scene, the known ``target`` (x, y) first and then SEP's other detections
-    (:func:`detect_sources`, then :func:`with_target`): the positions MAP fits a stamp with."""
+    (:func:`detect_sources`, then :func:`with_target`): the positions MAP fits a stamp with.
+    A ``target`` outside the scenes is refused (ValueError naming it and the scenes' size)."""
+    check_centre(*target, np.shape(scenes), "target")
     return [with_target(found, target) for found in detect_sources(
         scenes, survey, bands, detection_band, threshold, max_sources=max_sources)]

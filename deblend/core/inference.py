@@ -37,7 +37,8 @@ import torch
 from astropy.table import Table
 from torch import Tensor
 
-from deblend.core.arguments import require_positive_int
+from deblend.core import arguments
+from deblend.core.arguments import VIEWS, require_positive_int
 from deblend.core.cell_measure import measure_cells
 from deblend.core.cells import CellImage
 from deblend.core.device import resolve_device
@@ -70,8 +71,9 @@ from deblend.core.symmetry import (
 
 KEPT_OPERATORS = 3
 """Metacal operators a :class:`Deblender` keeps (one per set of PSFs)."""
-VIEW_COUNTS = (1, 2, 4, 8)
-"""How many symmetric views the regressor may be averaged over (the first 1, 2, 4 or 8)."""
+VIEW_COUNTS = arguments.VIEW_COUNTS
+"""How many symmetric views the regressor may be averaged over (the rule :data:`deblend.core.
+arguments.VIEWS`, shared with the config's ``views`` keys)."""
 FINAL_STAGE = "stage3"
 """The stage whose lineage makes the full deblender (stage3 -> stage2 -> stage1)."""
 FLOW_STAGE = "flow"
@@ -270,7 +272,10 @@ class Deblender:
         """MAP latents of every source of raw scenes (N, bands, H, W) at ``positions`` (one
         (K_i, 2) array of (x, y) pixels per scene), under the pixel likelihood and ``prior``
         ("flow" or "normal"); see :mod:`deblend.core.map_deblend`. ``posterior_samples`` > 0
-        adds the Laplace posterior of each source's regressor (e1, e2), drawn from ``seed``."""
+        adds the Laplace posterior of each source's regressor (e1, e2), drawn from ``seed``.
+        A position outside its scene is refused (ValueError naming it); a source near the edge
+        is fitted with the part of its stamp inside the scene. No scene, or scenes without
+        sources, give an empty result."""
         return map_deblend(self, scenes, positions, sky_levels, prior=prior, steps=steps,
                            learning_rate=learning_rate, batch_size=batch_size,
                            posterior_samples=posterior_samples, seed=seed)
@@ -313,11 +318,11 @@ class Deblender:
         all 8, which removes the decoder's preferred orientation; 1 is the plain decoding of
         the stamp). ``reconstruct=False`` skips the decoder, which costs about three encoders
         per view. ``mu`` and ``sigma`` are those of the stamp itself. See :class:`Prediction`.
+        ``views`` has no effect without a regressor, nor ``reconstruction_views`` with
+        ``reconstruct=False`` (both are still checked). No stamp (N = 0) gives empty arrays.
         """
-        batch_size = require_positive_int(batch_size, "batch_size")
-        for name, count in (("views", views), ("reconstruction_views", reconstruction_views)):
-            if count not in VIEW_COUNTS:
-                raise ValueError(f"{name} must be one of {VIEW_COUNTS}, got {count!r}")
+        batch_size, views, reconstruction_views = self.check_batching(
+            batch_size, views, reconstruction_views)
         array = self.check_images(images)
         n = array.shape[0]
         reconstruction = np.empty_like(array) if reconstruct else None
@@ -343,6 +348,14 @@ class Deblender:
         return Prediction(reconstruction, mu, sigma, self.response.calibrate(ellipticity),
                           ellipticity)
 
+    @staticmethod
+    def check_batching(batch_size: int, views: int, reconstruction_views: int
+                       ) -> tuple[int, int, int]:
+        """:meth:`predict`'s batch size and view counts by the library's rules (those of
+        ``evaluation.batch_size`` and ``metacal.views``), or a ValueError naming the argument."""
+        return (require_positive_int(batch_size, "batch_size"), VIEWS.require(views, "views"),
+                VIEWS.require(reconstruction_views, "reconstruction_views"))
+
     def metacal_operator(self, psfs: np.ndarray, delta: float = DEFAULT_DELTA,
                          input_pixels: int | None = None) -> MetacalOperator:
         """The metacal operator for (bands, S, S) PSF images and input stamps of
@@ -350,7 +363,8 @@ class Deblender:
         :data:`KEPT_OPERATORS` are kept (0.5 GB each for six 45x45 bands, 1 GB with a 10-pixel
         margin) and reused for the same PSFs, ``delta`` and input size."""
         check_psf_images(psfs, len(self.bands))
-        input_pixels = input_pixels or self.stamp_pixels
+        input_pixels = (self.stamp_pixels if input_pixels is None
+                        else require_positive_int(input_pixels, "input_pixels"))
         key = (MetacalOperator.digest(psfs), float(delta), int(input_pixels))
         operator = self._metacal.pop(key, None)
         if operator is None:
@@ -377,8 +391,10 @@ class Deblender:
         noise, which the networks did not see in training). The regressor's response is then
         measured on each stamp's own images. ``views`` and ``reconstruction_views`` are
         :meth:`predict`'s; ``reconstruct=False`` skips the decoder (e and R only, several times
-        faster).
+        faster). No stamp (N = 0) gives five empty predictions.
         """
+        batch_size, views, reconstruction_views = self.check_batching(
+            batch_size, views, reconstruction_views)
         array = self.check_images(images, margin=True)
         operator = self.metacal_operator(psfs, delta, array.shape[2])
         if noise is not None:
@@ -388,7 +404,7 @@ class Deblender:
                                  f"{noise.shape}")
         outputs: dict[str, list[Prediction]] = {}
         inputs: dict[str, list[np.ndarray]] = {}
-        for start in range(0, array.shape[0], batch_size):
+        for start in range(0, max(array.shape[0], 1), batch_size):  # no stamp: one empty batch
             part = slice(start, start + batch_size)
             stamps = torch.from_numpy(array[part]).to(self.device)
             field = None if noise is None else torch.from_numpy(noise[part]).to(self.device)

@@ -9,7 +9,11 @@
 
 ``scenes`` (N, bands, H, W) electrons, sky-subtracted (any H, W: stamps, or fields larger than
 the model's stamps); ``positions`` one (K_i, 2) array of (x, y) pixel positions per scene
-(x = column, y = row; e.g. from :func:`deblend.core.detection.detect_sources`); ``sky_levels``
+(x = column, y = row; e.g. from :func:`deblend.core.detection.detect_sources`), each inside
+its scene: a position whose nearest pixel lies outside the scene is refused (ValueError naming
+the scene, the source, the position and the scene's size), while a source near the edge is
+fitted with the part of its stamp that lies in the scene (the stamp cut around it is zero
+outside, its model is cropped to the scene); ``sky_levels``
 (bands,) the background variance in electrons^2 per pixel (the sky level for Poisson sky),
 estimated from each scene's sigma-clipped pixels when None. Each source starts from the deblender
 encoder's latent of the model-sized stamp cut around it, then every latent of a scene is fitted
@@ -25,6 +29,11 @@ The decoder has an orientation fixed in its own frame (:mod:`deblend.core.symmet
 scene is fitted in one of the symmetric views, cycling with its index (:func:`scene_views`), and
 everything but the latents is mapped back: over a catalogue the orientation averages out, as
 ``predict``'s 8-view average does within each stamp (MAP cannot afford 8 fits per scene).
+
+The arguments obey the rules of the ``map`` config keys they mirror (:mod:`deblend.core.
+arguments`): ``steps`` >= 0, ``learning_rate`` > 0, ``batch_size`` >= 1, ``posterior_samples``
+0 or >= 2 (and > 0 only with a regressor), ``seed`` >= 0. No scene (N = 0), or scenes without
+sources, give an empty, well-formed :class:`MapPrediction` (M = 0).
 """
 
 from __future__ import annotations
@@ -37,7 +46,12 @@ import numpy as np
 import torch
 from astropy.stats import sigma_clipped_stats
 
-from deblend.core.arguments import require_positive_int
+from deblend.core.arguments import (
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSTERIOR_SAMPLES,
+    require_positive_int,
+)
 from deblend.core.map_fit import (
     DEFAULT_LEARNING_RATE,
     DEFAULT_STEPS,
@@ -129,8 +143,10 @@ def estimate_sky_levels(scenes: np.ndarray) -> np.ndarray:
     return np.asarray(std, np.float64) ** 2
 
 
-def check_positions(positions: list[np.ndarray], n_scenes: int) -> list[np.ndarray]:
-    """One (K_i, 2) float array of finite (x, y) per scene; a ValueError naming what is wrong."""
+def check_positions(positions: list[np.ndarray], n_scenes: int, height: int, width: int
+                    ) -> list[np.ndarray]:
+    """One (K_i, 2) float array of finite (x, y) per scene, each inside its ``height`` x
+    ``width`` scene (its nearest pixel in the scene); a ValueError naming what is wrong."""
     if len(positions) != n_scenes:
         raise ValueError(f"positions must hold one (K, 2) array per scene: {len(positions)} "
                          f"arrays for {n_scenes} scenes")
@@ -139,6 +155,15 @@ def check_positions(positions: list[np.ndarray], n_scenes: int) -> list[np.ndarr
         p = np.asarray(p, np.float64).reshape(-1, 2) if np.size(p) else np.zeros((0, 2))
         if not np.isfinite(p).all():
             raise ValueError(f"positions of scene {i} are not finite")
+        pixel = np.floor(p + 0.5)
+        outside = np.flatnonzero((pixel[:, 0] < 0) | (pixel[:, 0] >= width)
+                                 | (pixel[:, 1] < 0) | (pixel[:, 1] >= height))
+        if len(outside):
+            k = int(outside[0])
+            raise ValueError(f"positions: source {k} of scene {i} at (x, y) = "
+                             f"({p[k, 0]:g}, {p[k, 1]:g}) is outside the scene of {width} x "
+                             f"{height} pixels (x in [-0.5, {width - 0.5:g}), y in [-0.5, "
+                             f"{height - 0.5:g})); {len(outside)} such source(s)")
         checked.append(p)
     return checked
 
@@ -167,14 +192,21 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     log_prior: LogPrior = normal_log_prior if prior == "normal" else model.require_flow().log_prob
     batch_size = require_positive_int(batch_size, "batch_size")
+    steps = NON_NEGATIVE_INT.require(steps, "steps")
+    learning_rate = POSITIVE_FLOAT.require(learning_rate, "learning_rate")
+    posterior_samples = POSTERIOR_SAMPLES.require(posterior_samples, "posterior_samples")
+    seed = NON_NEGATIVE_INT.require(seed, "seed")
+    if posterior_samples and model.regressor is None:
+        raise ValueError("posterior_samples > 0 needs a regressor (the posterior is the "
+                         "regressor's); this deblender has none")
     array = model.check_scenes(scenes)
     n = array.shape[0]
-    positions = check_positions(positions, n)
-    sky = (estimate_sky_levels(array) if sky_levels is None
-           else np.broadcast_to(np.asarray(sky_levels, np.float64), (n, array.shape[1])).copy())
+    height, width = array.shape[-2:]
+    positions = check_positions(positions, n, height, width)
+    sky = (estimate_sky_levels(array) if sky_levels is None else check_sky_levels(
+        sky_levels, n, array.shape[1]))
     if not (np.isfinite(sky).all() and (sky > 0).all()):
         raise ValueError("sky_levels must be positive and finite (electrons^2 per pixel)")
-    height, width = array.shape[-2:]
     views = scene_views(n, height, width)
     viewed = in_views(array, views, image_view)
     in_view = [position_in_view(np.floor(p + 0.5), int(v), height, width)
@@ -185,7 +217,7 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
     models = np.zeros_like(array)
     objective = np.zeros((2, n), np.float32)
     nonfinite = np.zeros(n, bool)
-    for start in range(0, n, batch_size):
+    for start in range(0, max(n, 1), batch_size):  # no scene: one empty batch
         part = slice(start, start + batch_size)
         fitted = _fit_batch(model, scene_model, viewed[part], in_view[part], sky[part],
                             log_prior, steps, learning_rate, posterior_samples, generator)
@@ -230,12 +262,22 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
     deblended = deblended_stamps(array - models, joined["scene"], joined["x"], joined["y"],
                                  joined["reconstruction"])
     e_deblended = None
-    if model.regressor is not None and len(deblended):
+    if model.regressor is not None:
         e_deblended = model.predict(deblended, batch_size=256, reconstruct=False).ellipticity
     return MapPrediction(joined["scene"], joined["x"], joined["y"], joined["latent"],
                          joined["initial_latent"], joined["reconstruction"], calibrated,
                          raw if model.response is not None else None, models, objective,
                          views, posterior, deblended, e_deblended)
+
+
+def check_sky_levels(sky_levels: np.ndarray, n_scenes: int, n_bands: int) -> np.ndarray:
+    """(N, bands) float64 sky levels from (bands,) or (N, bands) ``sky_levels``; a ValueError
+    naming the argument when the shape fits neither."""
+    sky = np.asarray(sky_levels, np.float64)
+    if sky.shape not in ((n_bands,), (n_scenes, n_bands)):
+        raise ValueError(f"sky_levels must have shape ({n_bands},) or ({n_scenes}, {n_bands}), "
+                         f"got {sky.shape}")
+    return np.broadcast_to(sky, (n_scenes, n_bands)).copy()
 
 
 def calibrated_samples(samples: np.ndarray, response: Response,
@@ -297,7 +339,9 @@ def _fit_batch(model: Deblender, scene_model: SceneModel, scenes: np.ndarray,
                                     scenes.shape[-1]).float().cpu().numpy()
         if model.regressor is not None:
             out["ellipticity_raw"] = model.regressor(fit.z[mask]).float().cpu().numpy()
-    if posterior_samples > 0 and model.regressor is not None:
+    if posterior_samples > 0 and model.regressor is not None and not mask.any():
+        out["samples"] = np.zeros((posterior_samples, 0, 2), np.float32)
+    elif posterior_samples > 0 and model.regressor is not None:
         out["samples"] = _posterior_samples(model, scene_model, fit, sources, log_prior,
                                             posterior_samples, generator)
     return out

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deblend.core.arguments import NON_NEGATIVE_INT, POSITIVE_FLOAT
 from deblend.core.networks import Decoder
 from deblend.core.normalization import NormalizationConstants, denormalize
 
@@ -57,9 +58,22 @@ class SceneSources:
         return cls(padded.to(device), mask.to(device))
 
 
+def check_inside(sources: SceneSources, height: int, width: int) -> None:
+    """A ValueError naming the first real source whose pixel lies outside the ``height`` x
+    ``width`` scene: its stamp would otherwise be folded into other rows of the scene."""
+    x, y = sources.positions[..., 0], sources.positions[..., 1]
+    outside = sources.mask & ((x < 0) | (x >= width) | (y < 0) | (y >= height))
+    if bool(outside.any()):
+        i, k = (int(v) for v in torch.nonzero(outside)[0])
+        raise ValueError(f"sources: source {k} of scene {i} at pixel (x, y) = "
+                         f"({int(x[i, k])}, {int(y[i, k])}) is outside the scene of {width} x "
+                         f"{height} pixels")
+
+
 def stamp_indices(positions: Tensor, stamp: int, width: int) -> Tensor:
     """(N, K, S*S) flat indices into a scene padded by S//2 on every side, of the S x S stamp
-    pixels of each source (row-major, matching ``stamp.reshape(..., S*S)``)."""
+    pixels of each source (row-major, matching ``stamp.reshape(..., S*S)``). The positions must
+    lie in the scene (:func:`check_inside`): the index of one outside is another pixel's."""
     half = stamp // 2
     padded_width = width + 2 * half
     offsets = torch.arange(stamp, device=positions.device)
@@ -71,8 +85,10 @@ def stamp_indices(positions: Tensor, stamp: int, width: int) -> Tensor:
 def render_scene(stamps: Tensor, sources: SceneSources, height: int, width: int) -> Tensor:
     """Sum of (N, K, B, S, S) source stamps pasted at their positions: (N, B, H, W).
 
-    Padding sources are dropped, stamp pixels outside the scene are cut off; differentiable in
+    Padding sources are dropped, stamp pixels outside the scene are cut off; a source whose
+    pixel lies outside the scene is refused (:func:`check_inside`); differentiable in
     ``stamps``."""
+    check_inside(sources, height, width)
     n, k, bands, size, _ = stamps.shape
     half = size // 2
     padded = (height + 2 * half) * (width + 2 * half)
@@ -163,7 +179,10 @@ def fit_scenes(model: SceneModel, images: Tensor, sources: SceneSources, z0: Ten
     Adam on the summed -log posterior (:meth:`SceneModel.neg_log_posterior`) for ``steps``
     steps; the decoder's own parameters are not touched. The latent returned for each scene is
     the one of lowest finite objective seen (an Adam step can overshoot); non-finite gradients
-    are zeroed rather than followed."""
+    are zeroed rather than followed. ``steps`` >= 0 and ``learning_rate`` > 0 (the rules of
+    ``map.steps`` and ``map.learning_rate``); every source must lie in its scene."""
+    steps = NON_NEGATIVE_INT.require(steps, "steps")
+    learning_rate = POSITIVE_FLOAT.require(learning_rate, "learning_rate")
     if images.dim() != 4:
         raise ValueError(f"scenes must be (N, bands, H, W), got shape {tuple(images.shape)}")
     if z0.shape[:2] != sources.mask.shape:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deblend.core.arguments import POSITIVE_FLOAT
+from deblend.core.arguments import METACAL_DELTA, POSITIVE_FLOAT
 
 METACAL_SHEARS: dict[str, tuple[float, float]] = {
     "noshear": (0.0, 0.0), "1p": (1.0, 0.0), "1m": (-1.0, 0.0), "2p": (0.0, 1.0),
@@ -66,10 +66,9 @@ interpolation errors of ~6e-5 of the peak in the sheared images of 100-pixel cel
 
 # -- checks ---------------------------------------------------------------------------------------
 def check_delta(delta: float) -> float:
-    """``delta`` as a float in (0, 0.1), or a ValueError."""
-    if not 0 < float(delta) < 0.1:
-        raise ValueError(f"delta must be in (0, 0.1), got {delta!r}")
-    return float(delta)
+    """``delta`` as a float in (0, 0.1) (:data:`~deblend.core.arguments.METACAL_DELTA`, the rule
+    of ``metacal.delta``), or a ValueError naming it."""
+    return METACAL_DELTA.require(delta, "delta")
 
 
 def check_psf_images(psfs: np.ndarray, n_bands: int | None = None) -> np.ndarray:

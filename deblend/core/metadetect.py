@@ -33,7 +33,13 @@ import numpy as np
 import sep
 from astropy.table import Table, vstack
 
-from deblend.core.arguments import POSITIVE_FLOAT, require_positive_int
+from deblend.core.arguments import (
+    FRACTION,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    require_positive_int,
+)
 from deblend.core.cells import CellImage
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import DEFAULT_DELTA, METACAL_SHEARS, check_delta
@@ -57,7 +63,9 @@ SNR_SIGMA = 2.0
 @dataclass(frozen=True)
 class MetadetectSettings:
     """The choices of the walk. ``threshold`` is SEP's, in units of the noshear detection
-    image's noise per pixel; ``min_snr`` the S/N cut; ``stamp_pixels`` the estimators' stamp."""
+    image's noise per pixel; ``min_snr`` the S/N cut (0: none); ``stamp_pixels`` the estimators'
+    stamp; ``deblend_contrast`` SEP's, in [0, 1]. Each is checked by its rule
+    (:mod:`deblend.core.arguments`), a ValueError naming it."""
 
     stamp_pixels: int = 45
     delta: float = DEFAULT_DELTA
@@ -73,6 +81,8 @@ class MetadetectSettings:
         check_delta(self.delta)
         POSITIVE_FLOAT.require(self.threshold, "threshold")
         require_positive_int(self.min_area, "min_area")
+        NON_NEGATIVE_FLOAT.require(self.min_snr, "min_snr")
+        FRACTION.require(self.deblend_contrast, "deblend_contrast")
         if not self.detection_bands:
             raise ValueError("detection_bands must name at least one band")
 
@@ -162,8 +172,11 @@ def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     ``flags`` and ``<name>_e1``, ``<name>_e2`` per estimator. ``seed`` draws the correction
     noise; ``operator`` may be reused across cells with the same PSFs and delta. ``extra``
     maps the noshear detections' (K, 2) positions to more columns of the noshear rows (NaN on
-    the other images' rows).
+    the other images' rows). Detections are kept where the cell owns them, so inside the cell;
+    a stamp that overhangs the cell is zero outside it and flagged EDGE. ``seed`` >= 0 (checked
+    even without the noise correction).
     """
+    seed = NON_NEGATIVE_INT.require(seed, "seed")
     if not estimators:
         raise ValueError("give at least one estimator")
     images = np.asarray(cell.images, np.float64)
@@ -222,7 +235,8 @@ def metadetect_shear(catalogue: Table, estimator: str, delta: float = DEFAULT_DE
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(g_hat (2,), R (2, 2)) of a metadetection catalogue for one estimator: means over each
     image's own rows with ``flags == 0``; R_ij = (<e_i>_{+j} - <e_i>_{-j}) / (2 delta),
-    g_hat = R^-1 <e>_noshear."""
+    g_hat = R^-1 <e>_noshear. ``delta`` is the metacal step of the catalogue (checked)."""
+    delta = check_delta(delta)
     means = step_means(catalogue, estimator)
     response = np.stack([(means[f"{j}p"] - means[f"{j}m"]) / (2.0 * delta) for j in (1, 2)],
                         axis=1)

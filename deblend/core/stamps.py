@@ -2,6 +2,12 @@
 
 Pixel (x, y) is column x, row y of the last two array axes; a stamp of odd ``size`` is centred
 on the pixel nearest (x, y) (halves round up), so its central pixel ``size // 2`` is that pixel.
+
+Edges: the centre's nearest pixel must lie in the image (x in [-0.5, W - 0.5), y likewise), or
+the call is refused with a ValueError naming the centre and the image's size; a stamp around a
+centre near the edge overhangs the image, and is zero there (:func:`cut_stamp`) or cropped to
+it (:func:`paste_stamp`). Callers that must know flag such stamps themselves (metadetection's
+EDGE flag, :func:`deblend.core.metadetect.stamp_inside`).
 """
 
 from __future__ import annotations
@@ -14,10 +20,26 @@ def nearest_pixel(x: float, y: float) -> tuple[int, int]:
     return int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
 
 
+def check_centre(x: float, y: float, shape: tuple[int, ...], what: str = "stamp centre"
+                 ) -> tuple[int, int]:
+    """The pixel nearest (x, y), or a ValueError when it is not finite or not in an image of
+    ``shape`` (..., H, W)."""
+    height, width = shape[-2:]
+    if not (np.isfinite(x) and np.isfinite(y)):
+        raise ValueError(f"{what} (x, y) = ({x}, {y}) is not finite")
+    cx, cy = nearest_pixel(x, y)
+    if not (0 <= cx < width and 0 <= cy < height):
+        raise ValueError(f"{what} (x, y) = ({x:g}, {y:g}) is outside the image of {width} x "
+                         f"{height} pixels (x in [-0.5, {width - 0.5:g}), y in [-0.5, "
+                         f"{height - 0.5:g}))")
+    return cx, cy
+
+
 def cut_stamp(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
     """(..., size, size) stamp of (..., H, W) ``image`` centred on the pixel nearest (x, y);
-    zero where the stamp overhangs the image. Same dtype as ``image``."""
-    cx, cy = nearest_pixel(x, y)
+    zero where the stamp overhangs the image. Same dtype as ``image``. A centre outside the
+    image is refused (module docstring)."""
+    cx, cy = check_centre(x, y, image.shape)
     height, width = image.shape[-2:]
     stamp = np.zeros(image.shape[:-2] + (size, size), image.dtype)
     y0, x0 = cy - size // 2, cx - size // 2
@@ -30,15 +52,20 @@ def cut_stamp(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
 
 def cut_stamps(image: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
     """(K, ..., size, size) stamps of (..., H, W) ``image`` around each of the (K, 2) (x, y)
-    ``positions`` (:func:`cut_stamp`); an empty (0, ..., size, size) array for no position."""
+    ``positions`` (:func:`cut_stamp`); an empty (0, ..., size, size) array for no position. A
+    position outside the image is refused, naming its index."""
     positions = np.asarray(positions, np.float64).reshape(-1, 2)
     if len(positions) == 0:
         return np.zeros((0,) + image.shape[:-2] + (size, size), image.dtype)
+    for k, (x, y) in enumerate(positions):
+        check_centre(x, y, image.shape, f"positions[{k}]")
     return np.stack([cut_stamp(image, x, y, size) for x, y in positions])
 
 
 def paste_stamp(canvas: np.ndarray, stamp: np.ndarray, cx: int, cy: int) -> None:
-    """Add a (..., size, size) stamp centred on pixel (cx, cy) into ``canvas`` (cropped)."""
+    """Add a (..., size, size) stamp centred on pixel (cx, cy) into ``canvas``, cropped to it.
+    A centre outside the canvas is refused (module docstring)."""
+    check_centre(cx, cy, canvas.shape)
     half = stamp.shape[-1] // 2
     y0, x0 = cy - half, cx - half
     ys, xs = max(y0, 0), max(x0, 0)
