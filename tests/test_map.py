@@ -32,7 +32,8 @@ from simulation.dataset import open_dataset
 def test_render_scene_pastes_every_stamp_like_paste_stamp() -> None:
     rng = np.random.default_rng(0)
     stamps = rng.normal(size=(2, 3, 2, 7, 7)).astype(np.float32)
-    positions = [np.array([[0.2, 0.4], [10.0, 5.6], [4.0, 4.0]]), np.array([[12.0, 1.0]])]
+    # every stamp overhangs the scene but one; their centres lie in it (others are refused)
+    positions = [np.array([[0.2, 0.4], [10.0, 5.6], [4.0, 4.0]]), np.array([[10.4, 12.3]])]
     expected = np.zeros((2, 2, 13, 11), np.float32)
     for i, p in enumerate(positions):
         for k, (x, y) in enumerate(np.floor(p + 0.5).astype(int)):
