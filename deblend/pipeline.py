@@ -46,8 +46,8 @@ from evaluation.report_io import read_metrics
 from evaluation.results import DESValidationResult, EllipticityStats, EvaluationResult
 from evaluation.shear_calibration import measure_shear, shear_is_complete
 from evaluation.validation_report import report_is_complete, write_report
-from simulation.builder import build_dataset
-from simulation.dataset import dataset_is_complete, open_dataset
+from simulation.builder import build_dataset, check_catalog, dataset_is_whole
+from simulation.dataset import open_dataset
 from training.runner import run_stage, stage_status
 from training.stages import STAGES
 
@@ -131,7 +131,7 @@ def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Confi
     """
     wanted = config.to_dict()
     ours = is_ours(paths.root, RUN_KIND)
-    previous = yaml.safe_load(paths.config.read_text()) if paths.config.is_file() else None
+    previous, unreadable = recorded_config(paths)
     if previous == wanted:
         if not ours:  # a run started before runs were marked
             mark(paths.root, RUN_KIND)
@@ -142,8 +142,8 @@ def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Confi
                                   f"file): choose another --out (--force only replaces a deblend "
                                   f"run)")
         if not force:
-            why = ("was started with another config" if previous is not None
-                   else f"has lost its {paths.config.name}")
+            why = (unreadable or ("was started with another config" if previous is not None
+                                  else f"has lost its {paths.config.name}"))
             raise FileExistsError(f"{paths.root} {why}; use another --out, or --force to start "
                                   f"it again from scratch")
         for path in paths.outputs():
@@ -157,6 +157,18 @@ def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Confi
     write_text_atomic(paths.config, header + yaml.safe_dump(wanted, sort_keys=False))
 
 
+def recorded_config(paths: RunPaths) -> tuple[Any, str]:
+    """The config a run was started with (None when there is none) and, when its config.yaml
+    cannot be read (truncated, not text), why, in words naming the file."""
+    if not paths.config.is_file():
+        return None, ""
+    try:
+        return yaml.safe_load(paths.config.read_text()), ""
+    except (yaml.YAMLError, ValueError, OSError) as exc:
+        return None, (f"has an unreadable {paths.config} ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())})")
+
+
 def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int = 1,
                  force: bool = False, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -168,6 +180,8 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
     config_path = Path(config_path) if config_path is not None else None
     config = load_config(config_path)
     paths = RunPaths(Path(out))
+    if not (dataset_is_whole(paths.data) and recorded_config(paths)[0] == config.to_dict()):
+        check_catalog(config.simulation)  # the first step's input, before the run is claimed
     claim_run_directory(paths, config_path, config, force)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -182,7 +196,7 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
         timings[name] = round(time.perf_counter() - t0, 1)
         log(f"[{name}] done in {timings[name]:.0f} s")
 
-    step("simulate", dataset_is_complete(paths.data),
+    step("simulate", dataset_is_whole(paths.data),
          lambda: build_dataset(config.simulation, paths.data, jobs=jobs, progress=progress,
                                log=log))
     for stage in STAGES:

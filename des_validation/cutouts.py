@@ -137,6 +137,16 @@ def _open_fits(path: Path) -> list[tuple[fits.Header, np.ndarray | None]]:
     return out
 
 
+def fits_problem(path: Path) -> str:
+    """What makes ``path`` an unusable FITS file ("truncated FITS file: ...", "unreadable FITS
+    file (...)"), or "" when every HDU reads whole."""
+    try:
+        _open_fits(path)
+    except _BadFile as exc:
+        return str(exc)
+    return ""
+
+
 def _truncated(caught: list[warnings.WarningMessage]) -> str:
     """astropy's 'File may have been truncated' message among caught warnings, or ''."""
     for warning in caught:

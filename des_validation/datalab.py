@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 from deblend.core.atomic import atomic_output, write_bytes_atomic, write_text_atomic
 from deblend.core.config import DESConfig
-from des_validation.cutouts import DES_BANDS
+from des_validation.cutouts import DES_BANDS, fits_problem
 
 TAP_URL = "https://datalab.noirlab.edu/tap"
 SIA_URL = "https://datalab.noirlab.edu/sia/des_dr1"
@@ -198,14 +198,27 @@ def _short(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
+def kept_cutout(path: Path, log: Callable[[str], None] = print) -> bool:
+    """Whether ``path`` is a whole FITS file fetched earlier, to keep; a damaged one (truncated
+    by an interrupted copy, a full disk or a sync tool) is said and counts as absent."""
+    if not path.is_file():
+        return False
+    problem = fits_problem(path)
+    if problem:
+        log(f"cutout {path} is a {problem}: downloading it again")
+    return not problem
+
+
 def download(get: Getter, request: CutoutRequest, directory: Path, retries: int,
-             timeout: float, sleep: Callable[[float], None] = time.sleep) -> bool:
+             timeout: float, sleep: Callable[[float], None] = time.sleep,
+             log: Callable[[str], None] = print) -> bool:
     """Download one cutout to ``directory/request.filename`` via a ``.part`` file.
 
-    Returns False (nothing done) when the file already exists: finished files are kept.
+    Returns False (nothing done) when the file already exists whole: finished files are kept,
+    damaged ones replaced (:func:`kept_cutout`).
     """
     final = directory / request.filename
-    if final.is_file():
+    if kept_cutout(final, log):
         return False
     body = get_with_retries(get, request.url, retries, timeout, sleep=sleep)
     if not body.startswith(b"SIMPLE"):
@@ -224,8 +237,8 @@ def fetch(out: Path, des: DESConfig, limit: int | None, size_arcsec: float, retr
     query = build_query(des, limit, **(query_options or {}))
     catalog_path = out / "catalog.csv"
     try:
-        if catalog_path.is_file():
-            text = catalog_path.read_text()
+        text = _kept_catalog(catalog_path, log)
+        if text is not None:
             log(f"using the catalog already fetched: {catalog_path}")
         else:
             log(f"querying {tap_url} (DES SV im3shape x Gold, cuts in the query)")
@@ -234,6 +247,7 @@ def fetch(out: Path, des: DESConfig, limit: int | None, size_arcsec: float, retr
             rows = read_catalog_csv(text)
             out.mkdir(parents=True, exist_ok=True)
             (out / "query.adql").write_text(query + "\n")
+            text = text if text.endswith("\n") else text + "\n"  # its end marks it whole
             write_text_atomic(catalog_path, text, suffix=".part")
     except BaseException:
         if created and out.exists():
@@ -249,7 +263,8 @@ def fetch(out: Path, des: DESConfig, limit: int | None, size_arcsec: float, retr
     complete = 0
     for k, row in enumerate(rows):
         object_id = int(float(row["coadd_objects_id"]))
-        if all((cutout_dir / f"{object_id}_{b}.fits").is_file() for b in DES_BANDS):
+        if all(kept_cutout(cutout_dir / f"{object_id}_{b}.fits", lambda _: None)
+               for b in DES_BANDS):
             complete += 1
             continue
         try:
@@ -262,7 +277,7 @@ def fetch(out: Path, des: DESConfig, limit: int | None, size_arcsec: float, retr
             failed = 0
             for request in requests:
                 try:
-                    download(get, request, cutout_dir, retries, timeout, sleep=sleep)
+                    download(get, request, cutout_dir, retries, timeout, sleep=sleep, log=log)
                 except NetworkError as exc:  # the other bands still come
                     failures.append((str(object_id), request.band, str(exc)))
                     failed += 1
@@ -276,6 +291,22 @@ def fetch(out: Path, des: DESConfig, limit: int | None, size_arcsec: float, retr
     log(f"{complete} of {len(rows)} objects have all five bands in {cutout_dir}; "
         f"{len(failures)} failures listed in {out / 'fetch_failures.csv'}")
     return complete
+
+
+def _kept_catalog(path: Path, log: Callable[[str], None]) -> str | None:
+    """The text of the catalog fetched earlier, or None when there is none or it is damaged
+    (cut short: no final newline, a short row or missing columns; then said, to query again)."""
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text()
+        rows = read_catalog_csv(text)
+        if not text.endswith("\n") or any(None in row.values() for row in rows):
+            raise ValueError("cut short")
+    except (OSError, ValueError, NetworkError) as exc:
+        log(f"the catalog {path} is unreadable ({exc}): querying it again")
+        return None
+    return text
 
 
 def _write_failures(path: Path, failures: Iterable[tuple[str, str, str]]) -> None:

@@ -23,7 +23,7 @@ from deblend.core.atomic import write_json_atomic, write_text_atomic
 from deblend.core.config import SimulationConfig, plain
 from deblend.core.normalization import MaxAccumulator
 from deblend.core.outputs import mark, refuse_foreign
-from simulation.catalogs import catalog_provenance, load_catalog
+from simulation.catalogs import catalog_provenance, load_catalog, read_catsim_file
 from simulation.dataset import (
     IMAGE_SETS,
     METADATA_FILE,
@@ -31,10 +31,10 @@ from simulation.dataset import (
     SHARD_DIR,
     DatasetError,
     StampData,
-    dataset_is_complete,
     make_plan,
     plan_id,
     psf_metadata,
+    read_metadata,
     shard_is_complete,
     shard_name,
     write_shard,
@@ -144,18 +144,25 @@ def generate_shard(root: Path, shard: dict[str, Any], seed: int, the_plan_id: st
 
 
 # -- main side -----------------------------------------------------------------------------------
-def prepare_directory(root: Path, plan: dict[str, Any], force: bool) -> None:
+def prepare_directory(root: Path, plan: dict[str, Any], force: bool,
+                      log: Callable[[str], None] = print) -> None:
     """Create ``root`` for ``plan``; refuse to overwrite a finished or different dataset.
 
-    An unfinished dataset with the same plan is kept, so its complete shards are reused. A
-    directory that is not a dataset is refused, even with ``force`` (:mod:`deblend.core.outputs`;
-    datasets written before outputs were marked are recognised by their plan).
+    An unfinished dataset with the same plan is kept, so its complete shards are reused; so is a
+    finished one whose metadata or shards were damaged (truncated by a full disk or an
+    interrupted copy): what is unreadable is drawn again. A directory that is not a dataset is
+    refused, even with ``force`` (:mod:`deblend.core.outputs`; datasets written before outputs
+    were marked are recognised by their plan).
     """
     meta, plan_path = root / METADATA_FILE, root / PLAN_FILE
     refuse_foreign(root, DATASET_KIND, legacy=lambda path: (path / PLAN_FILE).is_file())
     started = _read_plan(plan_path) if plan_path.exists() else None
-    if meta.exists() and started == plan and not dataset_is_complete(root):
-        meta.unlink()  # unreadable metadata of this very plan: written again at the end
+    if meta.exists() and started == plan and not dataset_is_whole(root):
+        log(f"{root} is a dataset of this config with an unreadable file: it is finished again")
+        meta.unlink()  # written again at the end, once the damaged shards are drawn again
+    if plan_path.exists() and started is None and not force:
+        raise DatasetError(f"{plan_path} is unreadable (truncated?): pass --force to start the "
+                           f"dataset again")
     if (not force and started is not None and not meta.exists()
             and started.get("catalog_sha256") not in (None, plan.get("catalog_sha256"))
             and {k: v for k, v in started.items() if k != "catalog_sha256"}
@@ -177,11 +184,34 @@ def prepare_directory(root: Path, plan: dict[str, Any], force: bool) -> None:
         write_json_atomic(plan_path, plan)
 
 
+def dataset_is_whole(root: str | Path) -> bool:
+    """Whether ``root`` holds a finished dataset whose shards are all readable and complete (a
+    shard truncated after the dataset was finished makes it unfinished: drawn again)."""
+    root = Path(root)
+    try:
+        meta = read_metadata(root)
+        shards = [(root / SHARD_DIR / s["file"], s["n"]) for s in meta["shards"]]
+        the_plan_id = meta["dataset_id"]
+    except (DatasetError, KeyError, TypeError):
+        return False
+    return all(shard_is_complete(path, n, the_plan_id) for path, n in shards)
+
+
 def _read_plan(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def check_catalog(sim: SimulationConfig) -> None:
+    """Read and check the survey, bands and catalog of ``sim`` (a CatalogError naming the file
+    and column), for a command to refuse a bad one before it claims or empties its output."""
+    geometry = survey_geometry(sim.survey, sim.stamp_pixels)
+    check_bands(sim.label_bands, geometry, "simulation.label_bands")
+    check_bands((sim.ref_band,), geometry, "simulation.ref_band")
+    if sim.catalog is not None:
+        read_catsim_file(sim.catalog, geometry.bands)
 
 
 def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, shard: int = 0,
@@ -203,7 +233,8 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     provenance = catalog_provenance(sim.catalog, sim.catalog_rows, sim.catalog_seed)
     plan = make_plan(plain(asdict(sim)), plain(asdict(geometry)), provenance.get("sha256"))
     the_plan_id = plan_id(plan)
-    prepare_directory(root, plan, force)
+    source = SceneSource(sim)  # the catalog is read before anything is written or removed
+    prepare_directory(root, plan, force, log)
 
     mine = [s for s in plan["shards"] if s["index"] % num_shards == shard]
     done = [s for s in mine if shard_is_complete(root / SHARD_DIR / shard_name(s["index"]), s["n"],
@@ -211,7 +242,11 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     todo = [s for s in mine if s not in done]
     if done:
         log(f"resuming: {len(done)} of {len(mine)} shards already complete")
-    _run_shards(root, todo, sim, the_plan_id, jobs, progress, log)
+    for s in todo:
+        if (root / SHARD_DIR / shard_name(s["index"])).exists():
+            log(f"shard {root / SHARD_DIR / shard_name(s['index'])} is truncated or unreadable: "
+                f"drawing it again")
+    _run_shards(root, todo, source, the_plan_id, jobs, progress, log)
 
     missing = [s["index"] for s in plan["shards"]
                if not shard_is_complete(root / SHARD_DIR / shard_name(s["index"]), s["n"],
@@ -223,9 +258,9 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     return finalize_dataset(root, plan, sim, provenance, progress=progress)
 
 
-def _run_shards(root: Path, todo: list[dict[str, Any]], sim: SimulationConfig, the_plan_id: str,
+def _run_shards(root: Path, todo: list[dict[str, Any]], source: SceneSource, the_plan_id: str,
                 jobs: int, progress: bool, log: Callable[[str], None] = print) -> None:
-    """Generate the ``todo`` shards on ``jobs`` processes.
+    """Generate the ``todo`` shards from ``source`` on ``jobs`` processes.
 
     The first failure of any worker (an exception, or a worker killed, e.g. out of memory) stops
     every worker at once and is raised here with its own message; finished shards stay on disk.
@@ -233,7 +268,8 @@ def _run_shards(root: Path, todo: list[dict[str, Any]], sim: SimulationConfig, t
     global _SOURCE
     if not todo:
         return
-    _SOURCE = SceneSource(sim)
+    sim = source.sim
+    _SOURCE = source
     if _SOURCE.catalog_note:
         log(_SOURCE.catalog_note)
     context = multiprocessing.get_context("fork")

@@ -326,9 +326,14 @@ class StampData:
         if self._labels is None:
             columns: dict[str, list[np.ndarray]] = {}
             for shard in self.shards:
-                with h5py.File(shard.path, "r") as handle:
-                    for name, dset in handle["labels"].items():
-                        columns.setdefault(name, []).append(dset[()])
+                try:
+                    with h5py.File(shard.path, "r") as handle:
+                        for name, dset in handle["labels"].items():
+                            columns.setdefault(name, []).append(dset[()])
+                except (OSError, KeyError) as exc:  # h5py's messages do not name the file
+                    raise DatasetError(f"shard {shard.path} is truncated or unreadable ("
+                                       f"{' '.join(str(exc).split())}): run the command that "
+                                       f"made the dataset again to draw it again") from exc
             self._labels = {name: np.concatenate(parts) for name, parts in columns.items()}
         return self._labels
 

@@ -481,6 +481,10 @@ def generate_fields(config: Config, out_dir: str | Path, *, progress: bool = Tru
     chunks = plan["chunks"]
     todo = [c for c in chunks if not chunk_is_complete(root / CHUNK_DIR / chunk_name(c["index"]),
                                                        c["n"], the_plan_id)]
+    for chunk in todo:
+        if (root / CHUNK_DIR / chunk_name(chunk["index"])).exists():
+            log(f"chunk {root / CHUNK_DIR / chunk_name(chunk['index'])} is truncated, unreadable "
+                f"or of another config: drawing it again")
     if len(todo) < len(chunks):
         log(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already complete")
     seed = config.dense_fields.seed

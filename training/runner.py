@@ -22,14 +22,17 @@ from deblend.core.config import Config, config_from_dict
 from deblend.core.device import resolve_device
 from deblend.core.outputs import mark, refuse_foreign
 from deblend.core.runs import (
+    RUN_FILE,
     DataIdentity,
     RunError,
     RunLayout,
     RunRecord,
     load_checkpoint,
     load_lineage,
+    stored_config,
 )
 from simulation.dataset import open_dataset
+from training.data import first_non_finite
 from training.distributed import context_from_environment, process_group
 from training.loop import LoopState, StageLoop, count_trainable
 from training.stages import STAGES, Stage
@@ -91,19 +94,43 @@ def _inputs(layout: RunLayout, stage: type[Stage], checkpoint: dict[str, Any] | 
     """Config and dataset of this call: given ones, else the resumed checkpoint's, else run.json's
     (a first stage needs ``data_dir`` when the run is new)."""
     if checkpoint is not None:
-        saved = config_from_dict(checkpoint["config"])
+        saved = stored_config(checkpoint["config"], layout.stage_dir(stage.name))
         config = saved if config is None else resume_config(saved, config)
         if data_dir is None:
             data_dir = layout.read_run().data_path(layout.root)
         return config, Path(data_dir)
+    if stage.parent is None and data_dir is not None and config is not None:
+        # a first stage given its config and data needs nothing of run.json (which it rewrites):
+        # an unreadable or invalid one does not stop it
+        refuse_foreign(layout.root, TRAINING_KIND, legacy=lambda root: (root / RUN_FILE).exists())
+        return config, Path(data_dir)
     if stage.parent is not None or layout.run_file.is_file():
         run = layout.read_run()
-        return (config or config_from_dict(run.config),
+        return (config or stored_config(run.config, layout.run_file),
                 Path(data_dir or run.data_path(layout.root)))
     if data_dir is None:
         raise ValueError(f"{stage.name} needs --data: the dataset directory to train on")
     refuse_foreign(layout.root, TRAINING_KIND)
     return config or config_from_dict({}), Path(data_dir)
+
+
+def _check_data(loop: StageLoop, name: str, data_dir: Path, layout: RunLayout) -> None:
+    """Read the splits ``loop`` trains and validates on once, before a forced stage's results
+    are cleared or run.json repointed: unreadable shards or non-finite values fail here
+    (naming the file or the sample), with the old results still in place."""
+    for loader in (loop.train_loader, loop.val_loader):
+        bad = first_non_finite(loader.dataset, loader.sampler.indices)
+        if bad is not None:
+            raise RunError(f"{name} cannot train on {data_dir}: {bad} is not finite; "
+                           f"{layout.stage_dir(name)} is left as it was (regenerate the dataset)")
+
+
+def _replaces_results(layout: RunLayout, stage: type[Stage]) -> bool:
+    """Whether :func:`_prepare` would remove results of ``stage`` or rewrite run.json."""
+    files = (layout.last(stage.name), layout.best(stage.name), layout.history(stage.name),
+             layout.plot(stage.name))
+    return any(path.exists() for path in files) or (
+        stage.parent is None and layout.run_file.exists())
 
 
 def _prepare(layout: RunLayout, stage: type[Stage], config: Config, data: DataIdentity) -> None:
@@ -219,6 +246,8 @@ def run_stage(name: str, run_dir: str | Path, *, data_dir: str | Path | None = N
                      f"({state.stop_reason}); nothing to do")
         else:
             if checkpoint is None and context.is_main:
+                if _replaces_results(layout, stage):
+                    _check_data(loop, name, data_dir, layout)
                 _prepare(layout, stage, config, identity)
             context.barrier()
             processes = f" x {context.world_size} processes" if context.is_distributed else ""

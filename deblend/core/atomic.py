@@ -2,16 +2,22 @@
 
 Every writer of deblend goes through :func:`atomic_output`: write to a temporary sibling, flush it
 to disk, then rename it onto the final name (a rename within a directory is atomic on POSIX). On
-an error the temporary file is removed and the final path is left untouched.
+an error the temporary file is removed and the final path is left untouched; a full disk is an
+OSError (ENOSPC) naming the final path, whatever library was writing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""The errno values of a full disk (or an exhausted quota)."""
 
 
 @contextmanager
@@ -28,6 +34,10 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in DISK_FULL:  # write() errors name no file, h5py's name the temporary one
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -1,14 +1,17 @@
 """The per-chunk result cache of long measurements (shear calibration, metacal benchmark).
 
 Each chunk is one ``.npz`` file holding its arrays and the key of what made it (a hash of the
-settings, chunk and model): a file whose key differs, or that cannot be read (truncated by an
-interruption), counts as absent and is measured again. Files are written atomically.
+settings, chunk and model): a file whose key differs counts as absent and is measured again; so
+does one that cannot be read (truncated by a full disk, an interrupted copy or a sync tool), with
+a warning naming it. Files are written atomically.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +28,8 @@ def chunk_key(payload: dict[str, Any]) -> str:
 
 
 def read_chunk(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The arrays of a cached chunk made with ``key``, or None (absent, other key, unreadable)."""
+    """The arrays of a cached chunk made with ``key``, or None (absent, other key, unreadable:
+    then with a warning naming the file, which the caller measures again and replaces)."""
     if not path.is_file():
         return None
     try:
@@ -33,7 +37,10 @@ def read_chunk(path: Path, key: str) -> dict[str, np.ndarray] | None:
             if str(npz["key"]) != key:
                 return None
             return {k: npz[k] for k in npz.files if k != "key"}
-    except (OSError, ValueError, KeyError, zlib.error):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        warnings.warn(f"cached chunk {path} is unreadable ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())}): measuring it again to replace it",
+                      stacklevel=2)
         return None
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Callable
 
+from deblend.core.atomic import DISK_FULL
 from deblend.core.device import keep_freed_memory
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError,
@@ -30,6 +31,16 @@ def configure_process() -> None:
 
 TRACEBACK_VARIABLE = "DEBLEND_TRACEBACK"
 """Set it (to anything) to see the traceback of an unexpected error instead of its one line."""
+
+
+def error_text(exc: BaseException) -> str:
+    """What an expected error says to a user: its message (a KeyError's without quotes), and
+    for a full disk "disk full", the file and what to do."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return (f"disk full{where} ({exc.strerror or os.strerror(exc.errno)}): free some space "
+                f"and run the same command again")
+    return str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
 
 
 def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
@@ -50,8 +61,7 @@ def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
             print("interrupted: run the same command again to resume", file=sys.stderr)
             return 130
         except EXPECTED_ERRORS as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+            print(f"error: {' '.join(error_text(exc).split())}", file=sys.stderr)
             return 2
         except Exception as exc:
             if os.environ.get(TRACEBACK_VARIABLE):

@@ -43,6 +43,7 @@ reproduces the uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -52,8 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deblend.core.atomic import atomic_output, write_json_atomic
-from deblend.core.config import Config, config_from_dict, load_config
+from deblend.core.atomic import write_bytes_atomic, write_json_atomic
+from deblend.core.config import Config, ConfigError, config_from_dict, load_config
 from deblend.core.flow import LatentFlow
 from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants
@@ -233,11 +234,15 @@ def build_module(entry: dict[str, Any]) -> nn.Module:
 
 # -- checkpoint files ------------------------------------------------------------------------------
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` so that ``path`` is always the previous file or the whole new one."""
+    """Write ``payload`` so that ``path`` is always the previous file or the whole new one.
+
+    It is serialised in memory first: torch's own writer turns a full disk into an internal
+    RuntimeError, a plain write into the OSError (ENOSPC) that names the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
-        torch.save({"format_version": CHECKPOINT_VERSION, **payload}, handle)
+    buffer = io.BytesIO()
+    torch.save({"format_version": CHECKPOINT_VERSION, **payload}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -319,8 +324,19 @@ def lineage_identity(layout: RunLayout, stage: str) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:20]
 
 
+def stored_config(data: Any, where: Path) -> Config:
+    """The config a run stored in ``where`` (run.json, a checkpoint), validated; a RunError
+    naming the file when it is not a valid config (e.g. of another version of deblend)."""
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise RunError(f"{where} holds an invalid config ({exc}): pass a --config, or train "
+                       f"the first stage again with --force") from None
+
+
 def run_config(run_root: str | Path, config_path: str | Path | None = None) -> Config:
     """The config at ``config_path`` when given, else the one the run was started with."""
     if config_path is not None:
         return load_config(config_path)
-    return config_from_dict(RunLayout(Path(run_root)).read_run().config)
+    layout = RunLayout(Path(run_root))
+    return stored_config(layout.read_run().config, layout.run_file)
