@@ -27,24 +27,36 @@ TARGETS = {
     ("simulation", "ours_speedup_1_to_2_workers"): (1.7, "our speed-up 1 -> 2 workers"),
     ("training", "loop_over_bare"): (0.9, "stage loop / bare step"),
     ("training", "predict_over_encoder"): (None, "predict / bare encoder"),
-    ("training", "predict_over_networks"): (None, "predict / bare networks it runs (8 views)"),
+    ("training", "predict_over_networks"): (0.8, "predict / bare networks it runs (8 views)"),
     ("metacal_speed", "metacal_over_anacal_2_cores"): (1.0, "metacal+regressor / AnaCal, 2 cores"),
     ("metacal_speed", "metacal_over_predict"): (None, "metacal+regressor / predict (1 view)"),
     ("cell_speed", "deblend_over_anacal"): (1.0, "cell metadetection / AnaCal with detection"),
 }
 
 
-def run_all(quick: bool = False) -> dict[str, Any]:
-    """Run the four benchmarks; ``quick`` uses smaller sizes."""
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {"simulation": {"n": 1000}, "training": {"n": 1280},
+             "memory": {"n": 1000}, "metacal_speed": {"n": 1024},
+             "cell_speed": {"n_fields": 4}},
+    "quick": {"simulation": {"n": 200}, "training": {"n": 640},
+              "memory": {"n": 250}, "metacal_speed": {"n": 256},
+              "cell_speed": {"n_fields": 1}},
+    # a smoke run (tests/test_benchmarks.py): every path, figures too small to mean anything
+    "tiny": {"simulation": {"n": 16, "catalog_rows": 2000},
+             "training": {"n": 64, "batch_size": 16, "repeats": 1},
+             "memory": {"n": 16, "shard_size": 8}, "metacal_speed": {"n": 16, "repeats": 1},
+             "cell_speed": {"n_fields": 1}},
+}
+"""The keyword arguments of each benchmark's ``run`` at each ``--size``."""
+
+
+def run_all(size: str = "full") -> dict[str, Any]:
+    """Run the five benchmarks, one after the other, at ``size`` (a key of :data:`SIZES`)."""
     from benchmarks import cell_speed, memory, metacal_speed, simulation, training
 
-    return {
-        "simulation": simulation.run(200 if quick else 1000),
-        "training": training.run(n=640 if quick else 1280),
-        "memory": memory.run(250 if quick else 1000),
-        "metacal_speed": metacal_speed.run(256 if quick else 1024),
-        "cell_speed": cell_speed.run(1 if quick else 4),
-    }
+    modules = {"simulation": simulation, "training": training, "memory": memory,
+               "metacal_speed": metacal_speed, "cell_speed": cell_speed}
+    return {name: module.run(**SIZES[size][name]) for name, module in modules.items()}
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -96,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="benchmarks.json", help="where to write the results")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    parser.add_argument("--size", choices=list(SIZES), default="full",
+                        help="full (the figures the README gives), quick (smaller), or tiny "
+                             "(a smoke run of every path, as the tests do)")
     args = parser.parse_args(argv)
-    results = run_all(args.quick)
+    results = run_all(args.size)
     print(format_table(results))
     Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
     print(f"results written to {args.json}")

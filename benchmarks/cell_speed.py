@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import emit
+from deblend.core.arguments import positive_int_arg
 
 
 def run(n_fields: int = 2, device: str = "cpu", run_dir: str | None = None) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cell_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fields", type=int, default=2)
+    parser.add_argument("--fields", type=positive_int_arg, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--run", help="a trained run (default: untrained networks)")
     parser.add_argument("--json", help="write the results here")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks import emit
+from deblend.core.arguments import positive_int_arg
 
 
 def stamps_and_psfs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -157,9 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.metacal_speed",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1024, help="stamps per measurement")
+    parser.add_argument("--n", type=positive_int_arg, default=1024, help="stamps per measurement")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int_arg, default=3)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     result = run(args.n, args.device, args.repeats)

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from deblend.core.arguments import positive_int_arg
 from deblend.core.config import SimulationConfig, config_from_dict
 from simulation.builder import SceneSource, build_dataset, shard_seed
 
@@ -90,7 +91,7 @@ def print_table(results: dict[str, float]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1000, help="scenes per measurement")
+    parser.add_argument("--n", type=positive_int_arg, default=1000, help="scenes per measurement")
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     results = run(args.n)

@@ -307,11 +307,15 @@ class StampData:
         """Raw float32 images (len(indices), bands, H, W) of one set, in the order given."""
         indices = np.asarray(indices, dtype=np.int64)
         shard_pos, local = self.locate(indices)
+        positions = np.unique(shard_pos)
+        if len(positions) == 1:  # the usual training batch: one copy, no scatter
+            return np.asarray(self._map(self.shards[positions[0]], image_set)[local],
+                              dtype=np.float32)
         out = np.empty((len(indices), len(self.bands), self.stamp_pixels, self.stamp_pixels),
                        np.float32)
-        for pos in np.unique(shard_pos):
-            mask = shard_pos == pos
-            out[mask] = self._map(self.shards[pos], image_set)[local[mask]]
+        for pos in positions:
+            rows = np.flatnonzero(shard_pos == pos)
+            out[rows] = self._map(self.shards[pos], image_set)[local[rows]]
         return out
 
     def iter_batches(self, image_set: str, indices: np.ndarray, batch_size: int = 512

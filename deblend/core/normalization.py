@@ -65,14 +65,19 @@ def normalize(x_raw: Any, constants: NormalizationConstants) -> Any:
     scale = _scale(x_raw, constants)
     if hasattr(x_raw, "new_tensor"):
         return (x_raw / scale).asinh().tanh()
-    return np.tanh(np.arcsinh(x_raw / scale))
+    out = np.divide(x_raw, scale)  # one array, transformed in place
+    np.arcsinh(out, out=out)
+    return np.tanh(out, out=out)
 
 
 def denormalize(x: Any, constants: NormalizationConstants) -> Any:
     """Normalised stamps (..., bands, H, W) -> raw flux; the exact inverse of :func:`normalize`."""
     scale = _scale(x, constants)
     if hasattr(x, "new_tensor"):
-        return x.clamp(-_ATANH_LIMIT, _ATANH_LIMIT).atanh().sinh() * scale
+        out = x.clamp(-_ATANH_LIMIT, _ATANH_LIMIT)
+        if out.is_inference():  # under torch.inference_mode: one tensor, transformed in place
+            return out.atanh_().sinh_().mul_(scale)
+        return out.atanh().sinh() * scale  # autograd, forward AD (MAP) need the out-of-place ops
     return np.sinh(np.arctanh(np.clip(x, -_ATANH_LIMIT, _ATANH_LIMIT))) * scale
 
 
