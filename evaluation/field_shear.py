@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from astropy.table import Table
 
-from deblend.core.atomic import write_json_atomic, write_text_atomic
+from deblend.core.atomic import atomic_output, write_json_atomic, write_text_atomic
 from deblend.core.cell_measure import ESTIMATOR, measure_cells
 from deblend.core.cells import CellImage, tile
 from deblend.core.chunk_cache import chunk_key, read_chunk, write_chunk
@@ -349,6 +349,9 @@ def cell_figure(model: Deblender, fields, settings: FieldSettings, path: Path) -
     ax.set_ylim(-0.5, size - 0.5)
     ax.set_title(f"{population} field, g = ({fields.g}, 0): metadetection, noshear image")
     ax.legend(loc="upper right", fontsize=8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_output(path, suffix=".tmp.png") as tmp:  # a full disk names the file
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return path

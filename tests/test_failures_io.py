@@ -305,6 +305,23 @@ def test_a_full_disk_while_writing_a_cache_chunk_names_the_file(full_disk_at):
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
 
 
+def test_a_full_disk_while_drawing_the_field_report_figure_names_the_file(full_disk_at,
+                                                                          trained_run):
+    """cell.png was written in place: a full disk left half a PNG and an error naming no file."""
+    from deblend.core.config import Config
+    from deblend.core.inference import Deblender
+    from evaluation.field_shear import FieldSettings, cell_figure
+
+    fields = Config().replace("fields", populations=("galsim",), field_pixels=100, cell=50,
+                              margin=35).fields
+    path = full_disk_at("cell.png", ".tmp.png")
+    os.symlink(DEV_FULL, path)  # written in place or aside, the disk is full
+    with pytest.raises(OSError) as caught:
+        cell_figure(Deblender.from_run(trained_run, device="cpu"), fields,
+                    FieldSettings(cell=50, margin=35), path)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+
+
 def test_an_invalid_config_in_run_json_is_named(tmp_path, trained_run):
     from deblend.core.runs import RunError, RunLayout, run_config
 
