@@ -24,6 +24,7 @@ from deblend.core.config import SimulationConfig, plain
 from deblend.core.normalization import MaxAccumulator
 from deblend.core.outputs import mark, refuse_foreign
 from simulation.catalogs import catalog_provenance, load_catalog, read_catsim_file
+from simulation.centring import CANVAS_MARGIN
 from simulation.dataset import (
     IMAGE_SETS,
     METADATA_FILE,
@@ -76,17 +77,20 @@ class SceneSource:
         """
         sim = self.sim
         sampling_seed, noise_seed = np.random.SeedSequence(seed).generate_state(2) % (2**31 - 1)
+        canvas = self.geometry
+        if sim.stamp_centre == "detection":  # drawn wider, cut around the detected target
+            canvas = survey_geometry(sim.survey, sim.stamp_pixels + 2 * CANVAS_MARGIN)
         sampling = CentralTargetSampling(
-            stamp_size=self.geometry.stamp_arcsec, min_neighbours=sim.min_neighbours,
+            stamp_size=canvas.stamp_arcsec, min_neighbours=sim.min_neighbours,
             max_neighbours=sim.max_neighbours, neighbour_shift=sim.neighbour_shift,
             target_max_mag=sim.target_max_mag, neighbour_max_mag=sim.neighbour_max_mag,
             ref_band=sim.ref_band, shear=sim.shear, random_rotation=sim.random_rotation,
             rotated_twins=sim.rotated_twins, seed=int(sampling_seed),
             shear_positions=shear_positions)
-        return SceneDrawer(self.catalog, self.survey, self.geometry, sampling,
+        return SceneDrawer(self.catalog, self.survey, canvas, sampling,
                            batch_size=batch_size or sim.btk_batch_size, noise=sim.noise,
                            apply_shear=any(g != 0.0 for g in sim.shear), seed=int(noise_seed),
-                           keep_isolated=keep_isolated)
+                           keep_isolated=keep_isolated, stamp_pixels=sim.stamp_pixels)
 
     def draw(self, n: int, seed: int, progress: Callable[[int], None] | None = None,
              shear_positions: bool = False) -> tuple[SceneBatch, dict[str, np.ndarray]]:
@@ -101,11 +105,14 @@ class SceneSource:
             if progress:
                 progress(min(len(batch.tables), n - drawn))
             drawn += len(batch.tables)
+        centred = parts[0].offsets is not None
         scenes = SceneBatch(
             clean=np.concatenate([p.clean for p in parts])[:n],
             noisy=np.concatenate([p.noisy for p in parts])[:n],
             blend=np.concatenate([p.blend for p in parts])[:n],
-            tables=[t for p in parts for t in p.tables][:n])
+            tables=[t for p in parts for t in p.tables][:n],
+            offsets=np.concatenate([p.offsets for p in parts])[:n] if centred else None,
+            detected=np.concatenate([p.detected for p in parts])[:n] if centred else None)
         labels = scene_labels(scenes, self.geometry, self.sim.label_bands, self.sim.ref_band,
                               self.sim.max_neighbours)
         return scenes, labels
@@ -231,7 +238,10 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     geometry = survey_geometry(sim.survey, sim.stamp_pixels)
     check_bands(sim.label_bands, geometry, "simulation.label_bands")
     provenance = catalog_provenance(sim.catalog, sim.catalog_rows, sim.catalog_seed)
-    plan = make_plan(plain(asdict(sim)), plain(asdict(geometry)), provenance.get("sha256"))
+    simulation = plain(asdict(sim))
+    if sim.stamp_centre == "truth":  # plans made before the key existed keep their identity
+        del simulation["stamp_centre"]
+    plan = make_plan(simulation, plain(asdict(geometry)), provenance.get("sha256"))
     the_plan_id = plan_id(plan)
     source = SceneSource(sim)  # the catalog is read before anything is written or removed
     prepare_directory(root, plan, force, log)

@@ -35,6 +35,9 @@ LABEL_DESCRIPTIONS = {
     "g1, g2": "constant reduced shear applied to every galaxy",
     "twin": "1 for the 90-degree-rotated twin of the previous sample",
     "flux_<band>": "total flux of the clean target per band, electrons",
+    "centre_dx, centre_dy": "with simulation.stamp_centre: detection, pixels from the target's "
+                            "true position to the stamp centre (the target sits at -offset)",
+    "detected": "with simulation.stamp_centre: detection, 1 where the target was detected",
 }
 
 
@@ -79,4 +82,8 @@ def scene_labels(batch: SceneBatch, geometry: SurveyGeometry, label_bands: tuple
     flux = batch.clean.astype(np.float64).sum(axis=(2, 3))
     for b, band in enumerate(geometry.bands):
         labels[f"flux_{band}"] = flux[:, b].astype(np.float32)
+    if batch.offsets is not None:
+        labels["centre_dx"] = batch.offsets[:, 0].astype(np.int8)
+        labels["centre_dy"] = batch.offsets[:, 1].astype(np.int8)
+        labels["detected"] = batch.detected.astype(np.uint8)
     return labels

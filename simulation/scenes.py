@@ -19,6 +19,7 @@ import galsim
 import numpy as np
 from astropy.table import Table
 
+from simulation.centring import crop_around, detection_offsets
 from simulation.sampling import CentralTargetSampling
 from simulation.surveys import SurveyGeometry, sky_levels
 
@@ -33,6 +34,11 @@ class SceneBatch:
     tables: list[Table]
     isolated: np.ndarray | None = None
     """(N, max galaxies, bands, H, W) every galaxy alone, noiseless; kept only on request."""
+    offsets: np.ndarray | None = None
+    """(N, 2) int pixels (dx, dy) of the stamp centre from the target's true position, with
+    detection-centred stamps (:mod:`simulation.centring`); None: centred on the truth."""
+    detected: np.ndarray | None = None
+    """(N,) bool: the target was detected (else its stamp keeps the true centre)."""
 
 
 def add_btk_noise(images: np.ndarray, sky_level: float, seed: int, noise: str) -> np.ndarray:
@@ -59,9 +65,14 @@ class SceneDrawer:
 
     def __init__(self, catalog: btk.catalog.CatsimCatalog, survey: btk.survey.Survey,
                  geometry: SurveyGeometry, sampling: CentralTargetSampling, *, batch_size: int,
-                 noise: str, apply_shear: bool, seed: int, keep_isolated: bool = False) -> None:
+                 noise: str, apply_shear: bool, seed: int, keep_isolated: bool = False,
+                 stamp_pixels: int | None = None) -> None:
+        """``geometry`` is the canvas BTK draws; with ``stamp_pixels`` smaller than its stamp,
+        every scene is cut to ``stamp_pixels`` around the detected target
+        (:mod:`simulation.centring`)."""
         self.survey = survey
         self.geometry = geometry
+        self.stamp_pixels = stamp_pixels if stamp_pixels is not None else geometry.stamp_pixels
         self.noise = noise
         self.keep_isolated = keep_isolated
         self.generator = btk.draw_blends.CatsimGenerator(
@@ -80,5 +91,21 @@ class SceneDrawer:
         noisy = np.empty_like(clean)
         for b, (sky, seed) in enumerate(zip(self.sky_levels, seeds)):
             noisy[:, b] = add_btk_noise(clean[:, b], sky, int(seed), self.noise)
-        return SceneBatch(clean=clean, noisy=noisy, blend=blend, tables=list(batch.catalog_list),
-                          isolated=isolated.astype(np.float32) if self.keep_isolated else None)
+        scenes = SceneBatch(clean=clean, noisy=noisy, blend=blend,
+                            tables=list(batch.catalog_list),
+                            isolated=isolated.astype(np.float32) if self.keep_isolated else None)
+        if self.stamp_pixels == self.geometry.stamp_pixels:
+            return scenes
+        return centre_on_detection(scenes, np.array(self.sky_levels), self.geometry.bands,
+                                   self.stamp_pixels)
+
+
+def centre_on_detection(scenes: SceneBatch, sky_levels: np.ndarray, bands: tuple[str, ...],
+                        stamp_pixels: int) -> SceneBatch:
+    """``scenes`` drawn on a wider canvas, each image set cut to ``stamp_pixels`` around the
+    target's detection in the blend (:func:`simulation.centring.detection_offsets`)."""
+    offsets, detected = detection_offsets(scenes.blend, sky_levels, bands)
+    cut = {name: None if images is None else crop_around(images, offsets, stamp_pixels)
+           for name, images in (("clean", scenes.clean), ("noisy", scenes.noisy),
+                                ("blend", scenes.blend), ("isolated", scenes.isolated))}
+    return SceneBatch(tables=scenes.tables, offsets=offsets, detected=detected, **cut)

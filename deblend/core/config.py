@@ -131,6 +131,9 @@ class SimulationConfig:
     """Constant reduced shear (g1, g2) applied to every galaxy before the PSF."""
     rotated_twins: StrictBool = False
     """Follow every scene by its 90-degree-rotated twin (same galaxies, rotated together)."""
+    stamp_centre: Literal["truth", "detection"] = "truth"
+    """Where stamps are centred: on the target's true position, or on the nearest pixel of its
+    detection in the blend, as metadetection cuts them (:mod:`simulation.centring`)."""
     n_samples: StrictInt = 2000
     shard_size: StrictInt = 500
     btk_batch_size: StrictInt = 50
