@@ -246,7 +246,7 @@ def fetch(out: Path, des: DESConfig, limit: int | None, size_arcsec: float, retr
                                     sleep=sleep).decode("utf-8", "replace")
             rows = read_catalog_csv(text)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "query.adql").write_text(query + "\n")
+            write_text_atomic(out / "query.adql", query + "\n")
             text = text if text.endswith("\n") else text + "\n"  # its end marks it whole
             write_text_atomic(catalog_path, text, suffix=".part")
     except BaseException:

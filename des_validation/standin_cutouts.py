@@ -41,7 +41,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from deblend.core.atomic import atomic_output
+from deblend.core.atomic import atomic_output, write_text_atomic
 from deblend.core.config import Config, SimulationConfig
 from deblend.core.outputs import claim_directory, is_ours, replace_directory
 from des_validation.cutouts import DES_BANDS, write_npz
@@ -111,6 +111,12 @@ def _band_header(band: str, wcs: WCS, object_id: int) -> fits.Header:
 def _write_fits(path: Path, hdul: fits.HDUList) -> None:
     with atomic_output(path) as tmp:
         hdul.writeto(tmp, overwrite=True)
+
+
+def _write_table(table: Table, path: Path, fmt: str) -> None:
+    """Write ``table`` through :func:`atomic_output` (a full disk names ``path``)."""
+    with atomic_output(path, suffix=".tmp" + path.suffix) as tmp:
+        table.write(tmp, format=fmt, overwrite=True)
 
 
 def standin_is_complete(out: str | Path) -> bool:
@@ -233,8 +239,8 @@ def write_standin(out: str | Path, config: Config | None = None, n: int | None =
         "E_1": e_1[in_catalog], "E_2": e_2[in_catalog], "SNR_W": snr_w[in_catalog],
         "ERROR_FLAG": error_flag[in_catalog], "INFO_FLAG": info_flag[in_catalog]})
     catalog.meta["COMMENT"] = "deblend DES-like stand-in: im3shape-like catalog (simulated)"
-    catalog.write(tmp / "catalog.fits", overwrite=True)
-    catalog.write(tmp / "catalog.csv", format="ascii.csv", overwrite=True)
+    _write_table(catalog, tmp / "catalog.fits", "fits")
+    _write_table(catalog, tmp / "catalog.csv", "ascii.csv")
     truth = Table({
         "coadd_objects_id": ids, "case": np.array([c or "good" for c in case]),
         "e1_pixel": e1_pix, "e2_pixel": e2_pix, "e1_sky": e1_sky, "e2_sky": e2_sky,
@@ -242,8 +248,8 @@ def write_standin(out: str | Path, config: Config | None = None, n: int | None =
         "hsm_e1_pixel": labels["hsm_e1"], "hsm_e2_pixel": labels["hsm_e2"],
         "snr_w": snr, "mag_i": labels["mag_i"], "redshift": labels["redshift"],
         "n_galaxies": labels["n_galaxies"]})
-    truth.write(tmp / "truth.fits", overwrite=True)
-    (tmp / "README.txt").write_text(_readme(n, seed, sim, bad, pixel_scale))
+    _write_table(truth, tmp / "truth.fits", "fits")
+    write_text_atomic(tmp / "README.txt", _readme(n, seed, sim, bad, pixel_scale))
     replace_directory(tmp, out, STANDIN_KIND)
     log(f"wrote the stand-in ({n} objects + {len(BAD_CASES)} bad ones) to {out}")
     return StandinInfo(out, n, ids, bad, out / "catalog.fits", out / "mef", out / "per_band",

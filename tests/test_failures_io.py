@@ -322,6 +322,39 @@ def test_a_full_disk_while_drawing_the_field_report_figure_names_the_file(full_d
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
 
 
+def test_a_full_disk_while_writing_the_des_standin_catalog_names_the_file(tmp_path,
+                                                                          monkeypatch):
+    from astropy.table import Table
+
+    from des_validation.standin_cutouts import write_standin
+
+    written = Table.write
+
+    def disk_full_at_catalog(self, path, *args, **kwargs):
+        if Path(path).name.startswith("catalog.fits"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it
+        written(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Table, "write", disk_full_at_catalog)
+    with pytest.raises(OSError) as caught:
+        write_standin(tmp_path / "standin", n=1, log=lambda _: None)
+    assert caught.value.filename == str(tmp_path / "standin.tmp" / "catalog.fits")
+
+
+def test_a_full_disk_while_writing_the_fetch_query_names_the_file(full_disk_at):
+    from test_des_fetch import FakeDataLab
+
+    from deblend.core.config import DESConfig
+    from des_validation.datalab import fetch
+
+    query = full_disk_at("query.adql")
+    os.symlink(DEV_FULL, query)  # written in place or aside, the disk is full
+    with pytest.raises(OSError) as caught:
+        fetch(query.parent, DESConfig(), None, 15.0, retries=0, timeout=1,
+              get=FakeDataLab([101]), log=lambda _: None, sleep=lambda _: None)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(query)
+
+
 def test_an_invalid_config_in_run_json_is_named(tmp_path, trained_run):
     from deblend.core.runs import RunError, RunLayout, run_config
 
