@@ -211,6 +211,15 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def plan_simulation(sim: SimulationConfig) -> dict[str, Any]:
+    """The plan's ``simulation`` entry: the config section, without keys added since at their
+    defaults (``stamp_centre: truth``), so that datasets planned before keep their identity."""
+    simulation = plain(asdict(sim))
+    if sim.stamp_centre == "truth":
+        del simulation["stamp_centre"]
+    return simulation
+
+
 def check_catalog(sim: SimulationConfig) -> None:
     """Read and check the survey, bands and catalog of ``sim`` (a CatalogError naming the file
     and column), for a command to refuse a bad one before it claims or empties its output."""
@@ -238,10 +247,7 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     geometry = survey_geometry(sim.survey, sim.stamp_pixels)
     check_bands(sim.label_bands, geometry, "simulation.label_bands")
     provenance = catalog_provenance(sim.catalog, sim.catalog_rows, sim.catalog_seed)
-    simulation = plain(asdict(sim))
-    if sim.stamp_centre == "truth":  # plans made before the key existed keep their identity
-        del simulation["stamp_centre"]
-    plan = make_plan(simulation, plain(asdict(geometry)), provenance.get("sha256"))
+    plan = make_plan(plan_simulation(sim), plain(asdict(geometry)), provenance.get("sha256"))
     the_plan_id = plan_id(plan)
     source = SceneSource(sim)  # the catalog is read before anything is written or removed
     prepare_directory(root, plan, force, log)
