@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,12 @@ def run_all(size: str = "full") -> dict[str, Any]:
 
     modules = {"simulation": simulation, "training": training, "memory": memory,
                "metacal_speed": metacal_speed, "cell_speed": cell_speed}
-    return {name: module.run(**SIZES[size][name]) for name, module in modules.items()}
+    results = {}
+    for name, module in modules.items():
+        started = time.perf_counter()
+        results[name] = module.run(**SIZES[size][name])
+        results[name]["wall_s"] = time.perf_counter() - started
+    return results
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -98,6 +104,8 @@ def format_table(results: dict[str, Any]) -> str:
         value = results[group][key]
         verdict = "-" if target is None else f">= {target} {'met' if value >= target else 'MISSED'}"
         lines.append(f"{name:42s} {value:14.2f}  {verdict}")
+    lines.append("wall time of each benchmark: " + ", ".join(
+        f"{name} {results[name]['wall_s']:.0f} s" for name in results))
     lines.append(f"(memory: N = {mem['generate_n_samples']:.0f} samples, each measured in a fresh "
                  f"process; 200k: 'flat' = the largest peak when N -> 4N grew < 10%, 'linear' = "
                  f"the N -> 4N growth extrapolated)")

@@ -52,6 +52,8 @@ from simulation.sheared_fields import ShearedField, draw_field_set
 ESTIMATORS = ("deblend", "deblend_object", "hsm", "anacal")
 HSM_BANDS = ("r", "i", "z")
 SIGNS = {"plus": 1, "minus": -1, "plus_rot": 1, "minus_rot": -1}
+CACHE_VERSION = 2
+"""Bumped when the measurement changes (2: one correction-noise field per cell)."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,8 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
             shear = (g, 0.0) if component == 0 else (0.0, g)
             sets, objects, start = [], [], time.perf_counter()
             for index in range(n_fields):
-                key = chunk_key({"model": model_id, "population": population, "g": shear,
+                key = chunk_key({"version": CACHE_VERSION, "model": model_id,
+                                 "population": population, "g": shear,
                                  "index": index, "seed": seed, "pixels": field_pixels,
                                  "settings": settings.__dict__, "walk": walk.__dict__})
                 path = Path(out) / "cache" / f"{population}-g{component + 1}-{index:04d}.npz"

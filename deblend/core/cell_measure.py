@@ -81,8 +81,9 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
                   per_object: bool = True, batch_size: int = 256,
                   peers: Mapping[str, Estimator] | None = None) -> Table:
     """The metadetection catalogue of every cell (module docstring), stacked; cell ``k`` draws
-    its correction noise from ``seed + k``. ``peers``: more estimators measured on the same
-    detections and stamps (columns ``<name>_e1``, ``<name>_e2``)."""
+    its correction noise from ``seed + k``, one field for its metacal images and its per-object
+    responses. ``peers``: more estimators measured on the same detections and stamps (columns
+    ``<name>_e1``, ``<name>_e2``)."""
     seed = NON_NEGATIVE_INT.require(seed, "seed")
     views = VIEWS.require(views, "views")
     batch_size = require_positive_int(batch_size, "batch_size")
@@ -105,7 +106,7 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
                              f"{len(bands)} ({' '.join(bands)})")
         operator, stamp_operator = cell_operators(cell.psfs, settings.delta, model.device)
         images = np.where(np.isfinite(cell.variance), cell.images, 0.0)
-        noise = correction_noise(np.asarray(cell.variance), seed + k + 1)
+        noise = correction_noise(np.asarray(cell.variance), seed + k)  # one field per cell
 
         def extra(positions: np.ndarray, images=images, noise=noise,
                   stamp_operator=stamp_operator) -> dict[str, np.ndarray]:
@@ -114,8 +115,7 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
                                   settings.noise_correction, views, batch_size)
 
         table = measure_cell(cell, bands, {ESTIMATOR: regressor, **(peers or {})}, settings,
-                             seed=seed + k,
-                             operator=operator, extra=extra)
+                             seed=seed + k, operator=operator, extra=extra, noise=noise)
         table["x"] += cell.origin[0]
         table["y"] += cell.origin[1]
         table["cell"] = np.full(len(table), k, np.int32)

@@ -165,8 +165,8 @@ def correction_noise(variance: np.ndarray, seed: int) -> np.ndarray:
 def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[str, Estimator],
                  settings: MetadetectSettings = MetadetectSettings(), *, seed: int = 0,
                  operator: FourierMetacal | None = None,
-                 extra: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
-                 ) -> Table:
+                 extra: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+                 noise: np.ndarray | None = None) -> Table:
     """The metadetection catalogue of one cell (module docstring): one row per owned detection
     and metacal image, columns ``mdet_step``, ``x``, ``y`` (this cell's pixels), ``snr``,
     ``flags`` and ``<name>_e1``, ``<name>_e2`` per estimator. ``seed`` draws the correction
@@ -174,7 +174,8 @@ def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     maps the noshear detections' (K, 2) positions to more columns of the noshear rows (NaN on
     the other images' rows). Detections are kept where the cell owns them, so inside the cell;
     a stamp that overhangs the cell is zero outside it and flagged EDGE. ``seed`` >= 0 (checked
-    even without the noise correction).
+    even without the noise correction). ``noise``: the correction noise field (bands, H, W)
+    when the caller draws it (to use the same field elsewhere); by default drawn from ``seed``.
     """
     seed = NON_NEGATIVE_INT.require(seed, "seed")
     if not estimators:
@@ -190,7 +191,12 @@ def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     images = np.where(masked, 0.0, images)
     if operator is None:
         operator = FourierMetacal(cell.psfs, settings.delta)
-    noise = correction_noise(variance, seed) if settings.noise_correction else None
+    if not settings.noise_correction:
+        noise = None
+    elif noise is None:
+        noise = correction_noise(variance, seed)
+    elif np.shape(noise) != variance.shape:
+        raise ValueError(f"noise has shape {np.shape(noise)}, the cell {variance.shape}")
     metacal = {name: image.double().numpy() for name, image in operator.apply(
         images, noise).items()}
     index, weights = detection_weights(variance, bands, settings.detection_bands)
