@@ -210,6 +210,14 @@ def test_map_deblend_of_scenes_without_sources_is_empty(model, scenes) -> None:
     assert_no_source(out, 2)
 
 
+def test_map_deblend_blames_a_constant_scene_not_an_argument_never_given(model, scenes) -> None:
+    flat = scenes.copy()
+    flat[1, 1] = 7.0
+    with pytest.raises(ValueError, match="scene 1 band 1 has no pixel variance") as error:
+        model.map_deblend(flat, [np.array([[15.0, 15.0]])] * 2, prior="normal", steps=1)
+    assert "must be positive" not in str(error.value)
+
+
 def test_fit_scenes_refuses_negative_steps(model) -> None:
     sources = SceneSources.from_lists([torch.tensor([[3.0, 4.0]])])
     with pytest.raises(ValueError, match="steps must be an integer >= 0"):

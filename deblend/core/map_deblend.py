@@ -203,10 +203,18 @@ def map_deblend(model: Deblender, scenes: np.ndarray, positions: list[np.ndarray
     n = array.shape[0]
     height, width = array.shape[-2:]
     positions = check_positions(positions, n, height, width)
-    sky = (estimate_sky_levels(array) if sky_levels is None else check_sky_levels(
-        sky_levels, n, array.shape[1]))
-    if not (np.isfinite(sky).all() and (sky > 0).all()):
-        raise ValueError("sky_levels must be positive and finite (electrons^2 per pixel)")
+    if sky_levels is None:
+        sky = estimate_sky_levels(array)
+        flat = np.argwhere(~(np.isfinite(sky) & (sky > 0)))
+        if len(flat):
+            scene, band = (int(i) for i in flat[0])
+            raise ValueError(f"scene {scene} band {band} has no pixel variance (a constant or "
+                             f"empty scene): its noise level cannot be estimated; give "
+                             f"sky_levels (electrons^2 per pixel)")
+    else:
+        sky = check_sky_levels(sky_levels, n, array.shape[1])
+        if not (np.isfinite(sky).all() and (sky > 0).all()):
+            raise ValueError("sky_levels must be positive and finite (electrons^2 per pixel)")
     views = scene_views(n, height, width)
     viewed = in_views(array, views, image_view)
     in_view = [position_in_view(np.floor(p + 0.5), int(v), height, width)
