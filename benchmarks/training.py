@@ -33,6 +33,7 @@ import torch
 from benchmarks import emit
 from deblend.core.arguments import non_negative_int_arg, positive_int_arg
 from deblend.core.config import Config, config_from_dict
+from deblend.core.device import keep_freed_memory
 from deblend.core.normalization import normalize
 from deblend.core.symmetry import N_VIEWS, image_view
 
@@ -45,7 +46,8 @@ def _timed(work) -> float:
 
 def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
             repeats: int = 3) -> dict[str, Any]:
-    """The benchmark's figures on an existing dataset (see the module docstring)."""
+    """The benchmark's figures on an existing dataset (see the module docstring), in a process
+    set up as ``python -m deblend.train`` sets up its own (freed memory kept for reuse)."""
     from deblend.core.inference import Deblender
     from deblend.core.runs import DataIdentity, RunLayout
     from simulation.dataset import open_dataset
@@ -54,6 +56,7 @@ def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
     from training.runner import build_stage
     from training.stages import VAEStage
 
+    keep_freed_memory()
     dataset = open_dataset(data_dir)
     identity = DataIdentity.of(dataset)
     config: Config = config_from_dict({"training": {

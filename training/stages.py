@@ -131,8 +131,9 @@ class Stage(ABC):
 
     def augment(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Each sample in a random one of the stamp's 8 views; image targets and (e1, e2) labels
-        follow exactly (:func:`deblend.core.symmetry.random_views`)."""
-        return random_views(x, y, targets_are_images=self.target == "clean")
+        follow exactly (:func:`deblend.core.symmetry.random_views`), moved in place: ``x``
+        and ``y`` are a batch fresh from the loader."""
+        return random_views(x, y, targets_are_images=self.target == "clean", in_place=True)
 
     def prepare(self, layout: RunLayout, dataset: StampData, device: str,
                 context: DistContext, progress: bool, log: Callable[[str], None]) -> None:

@@ -96,15 +96,18 @@ def ellipticity_in_view(e: Tensor, view: int) -> Tensor:
 
 
 def random_views(inputs: Tensor, targets: Tensor, targets_are_images: bool,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                 generator: torch.Generator | None = None, in_place: bool = False
+                 ) -> tuple[Tensor, Tensor]:
     """Each sample of a batch in an independent random view; targets follow exactly.
 
     ``inputs`` are ``(N, bands, H, W)``; ``targets`` images of the same shape
     (``targets_are_images``) or distortions ``(N, 2)``. Views are drawn on the CPU from
-    ``generator`` (the global torch RNG when None).
+    ``generator`` (the global torch RNG when None). ``in_place`` moves the given tensors' own
+    samples (a training batch fresh from the loader) instead of copies.
     """
     views = torch.randint(N_VIEWS, (inputs.shape[0],), generator=generator).to(inputs.device)
-    inputs, targets = inputs.clone(), targets.clone()
+    if not in_place:
+        inputs, targets = inputs.clone(), targets.clone()
     for view in range(1, N_VIEWS):
         chosen = views == view
         if not chosen.any():
