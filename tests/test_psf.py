@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from deblend.core.config import load_config, plain
+from simulation.builder import plan_simulation
 from simulation.catalogs import catalog_provenance
 from simulation.dataset import (
     METADATA_FILE,
@@ -167,7 +168,7 @@ def test_psf_entry_leaves_dataset_id_unchanged(tiny_dataset, tiny_config):
     sim = load_config(tiny_config).simulation
     geometry = survey_geometry(sim.survey, sim.stamp_pixels)
     provenance = catalog_provenance(sim.catalog, sim.catalog_rows, sim.catalog_seed)
-    plan = make_plan(plain(asdict(sim)), plain(asdict(geometry)), provenance.get("sha256"))
+    plan = make_plan(plan_simulation(sim), plain(asdict(geometry)), provenance.get("sha256"))
     assert "psf" not in plan
     meta = json.loads((tiny_dataset / METADATA_FILE).read_text())
     assert meta["dataset_id"] == plan_id(plan)
