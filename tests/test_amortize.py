@@ -91,14 +91,7 @@ def test_targets_are_the_map_latents_of_each_blend_in_its_view(amortized: tuple[
         out = model.map_deblend(blend, [with_target(found[0], (centre, centre))],
                                 prior="flow", steps=MAP_STEPS,
                                 learning_rate=settings.learning_rate)
-        # the same MAP solution: the fit is chaotic along directions that neither the blend
-        # nor the prior constrains (rounding in another batch moved one of 32 latents by 0.2
-        # once the flow clipped its gradients), so compare what the latents decode to
-        cached = targets["latent"][position]
-        assert np.median(np.abs(cached - out.latent[0])) < 1e-4
-        with torch.no_grad():
-            decoded = model.decoder(torch.from_numpy(np.stack([cached, out.latent[0]])))
-        np.testing.assert_allclose(decoded[0].numpy(), decoded[1].numpy(), atol=2e-3)
+        np.testing.assert_allclose(targets["latent"][position], out.latent[0], atol=1e-4)
     first = int(train[0])
     blend = data.images("blend", np.array([first]))
     # the reader shows each blend in its target's view
@@ -201,13 +194,6 @@ def test_torchrun_processes_share_the_map_targets(amortized: tuple[Path, Path],
     whole = np.load(amortized[0] / "amortize" / "map_targets" / "chunk_00000.npz")
     shared = np.concatenate([np.load(c)["latent"] for c in chunks])
     assert shared.shape == whole["latent"].shape
-    # the tiny run's poor flow (log p near -1e21) can make that grow for an odd scene, and
-    # along latent directions nothing constrains (the flow stage now clips its gradients, which
-    # moves its prior): compare what the latents decode to
-    model = stage2_model(amortized[0])
-    with torch.no_grad():
-        decoded = [model.decoder(torch.from_numpy(np.ascontiguousarray(latent))).numpy()
-                   for latent in (shared, whole["latent"])]
-    same = np.isclose(*decoded, atol=2e-3).reshape(len(shared), -1).all(axis=1)
+    same = np.isclose(shared, whole["latent"], atol=1e-4).all(axis=1)
     assert same.sum() >= len(same) - 2, np.flatnonzero(~same)
     assert load_checkpoint(RunLayout(run).last("amortize"))["finished"]

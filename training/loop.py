@@ -151,8 +151,6 @@ class StageLoop:
                     terms = self.task.losses(self.wrapped, x, y)
                 self.optimizer.zero_grad(set_to_none=True)
                 terms[0].backward()
-                if self.task.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.task.max_grad_norm)
                 self.optimizer.step()
                 n = x.shape[0]
                 sums[:-1] += torch.stack([t.detach().double() for t in terms]) * n

@@ -74,8 +74,6 @@ class Stage(ABC):
     """What the loss compares with: "clean" images or the "ellipticity" labels (e1, e2)."""
     loss_names: ClassVar[tuple[str, ...]]
     """Names of the terms :meth:`losses` returns, the total first."""
-    max_grad_norm: ClassVar[float | None] = None
-    """Gradients are scaled down to this total norm before each step (None: never)."""
 
     def __init__(self, model: nn.Module, frozen: dict[str, nn.Module],
                  parent_record: dict[str, Any] | None, init: str) -> None:
@@ -256,10 +254,6 @@ class FlowStage(Stage):
 
     name, parent, input_set, target, loss_names = ("flow", "stage1", "noisy", "ellipticity",
                                                    ("total", "normal"))
-    max_grad_norm = 5.0
-    """A batch holding a latent far out in the tails (a galaxy unlike the others) standardised
-    by its batch norm gave steps that threw the coupling layers out: the train loss jumped to
-    ~100 nats and went NaN a few epochs later on a quick run. Clipping bounds such steps."""
 
     def __init__(self, flow: LatentFlow, encoder: Encoder,
                  parent_record: dict[str, Any]) -> None:
