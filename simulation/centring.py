@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from deblend.core.metadetect import MetadetectSettings, detect_cell
+from deblend.core.metadetect import (
+    MetadetectSettings,
+    detect_cell,
+    detection_weights,
+    noise_sigma,
+)
 
 CANVAS_MARGIN = 4
 """Pixels drawn beyond the stamp on each side; an offset is clipped to it (|offset| <= 4 px:
@@ -38,10 +43,10 @@ def detection_offsets(blends: np.ndarray, sky_levels: np.ndarray, bands: tuple[s
     size = blends.shape[-1]
     if blends.ndim != 4 or blends.shape[-2] != size or size % 2 == 0:
         raise ValueError(f"blends must be odd square canvases (N, bands, P, P), got {blends.shape}")
-    index = [bands.index(band) for band in settings.detection_bands]
-    inverse = 1.0 / np.asarray(sky_levels, np.float64)[index]
-    weights = inverse / inverse.sum()
-    sigma = float(np.sqrt(np.sum(weights ** 2 * np.asarray(sky_levels, np.float64)[index])))
+    variance = np.broadcast_to(np.asarray(sky_levels, np.float64)[:, None, None],
+                               blends.shape[1:])
+    index, weights = detection_weights(variance, bands, settings.detection_bands)
+    sigma = noise_sigma(variance[index], weights, np.ones(len(index)))  # no metacal: gain 1
     detection = np.tensordot(blends[:, index], weights, axes=([1], [0]))
     centre = (size - 1) / 2
     offsets = np.zeros((len(blends), 2), np.int64)
