@@ -124,7 +124,8 @@ def print_table(results: dict[str, float]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=positive_int_arg, default=1000, help="samples of the smallest dataset")
+    parser.add_argument("--n", type=positive_int_arg, default=1000,
+                        help="samples of the smallest dataset")
     parser.add_argument("--json", help="also write the results as JSON here")
     parser.add_argument("--child", nargs=4, metavar=("WHAT", "ROOT", "N", "SHARD"),
                         help=argparse.SUPPRESS)

@@ -162,7 +162,8 @@ def format_table(result: dict[str, Any]) -> str:
         ("Deblender.predict (raw stamps)", result["predict_galaxies_per_s"], "galaxies/s"),
         ("bare encoder forward, in-memory", result["encoder_galaxies_per_s"], "galaxies/s"),
         ("  predict / encoder", result["predict_over_encoder"], ""),
-        ("bare networks forward (8 views, 8 decodes)", result["networks_galaxies_per_s"], "galaxies/s"),
+        ("bare networks forward (8 views, 8 decodes)", result["networks_galaxies_per_s"],
+         "galaxies/s"),
         ("  predict / networks", result["predict_over_networks"], ""),
     ]
     head = (f"CPU, {result['torch_threads']} torch threads, batch {result['batch_size']}, "
@@ -177,9 +178,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="dataset directory (default: generate one)")
-    parser.add_argument("--n", type=positive_int_arg, default=1280, help="samples to generate without --data")
+    parser.add_argument("--n", type=positive_int_arg, default=1280,
+                        help="samples to generate without --data")
     parser.add_argument("--batch-size", type=positive_int_arg, default=64)
-    parser.add_argument("--workers", type=non_negative_int_arg, default=0, help="DataLoader worker processes")
+    parser.add_argument("--workers", type=non_negative_int_arg, default=0,
+                        help="DataLoader worker processes")
     parser.add_argument("--repeats", type=positive_int_arg, default=3)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
