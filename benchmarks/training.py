@@ -1,7 +1,7 @@
 """Benchmark: the real training loop against the bare optimisation step, and ``predict``.
 
 ``python -m benchmarks.training [--data D] [--batch-size B] [--workers W] [--repeats K]
-[--json FILE]`` measures, on the CPU with torch's default threads:
+[--cache-gib G] [--json FILE]`` measures, on the CPU with torch's default threads:
 
 * training samples/s of stage1's real epoch loop (:meth:`training.loop.StageLoop.train_epoch`:
   DataLoader, disk reads, normalisation, forward, backward, Adam) against the bare
@@ -31,7 +31,11 @@ from typing import Any
 import torch
 
 from benchmarks import emit
-from deblend.core.arguments import non_negative_int_arg, positive_int_arg
+from deblend.core.arguments import (
+    non_negative_float_arg,
+    non_negative_int_arg,
+    positive_int_arg,
+)
 from deblend.core.config import Config, config_from_dict
 from deblend.core.device import keep_freed_memory
 from deblend.core.normalization import normalize
@@ -45,7 +49,7 @@ def _timed(work) -> float:
 
 
 def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
-            repeats: int = 3) -> dict[str, Any]:
+            repeats: int = 3, cache_gib: float | None = None) -> dict[str, Any]:
     """The benchmark's figures on an existing dataset (see the module docstring), in a process
     set up as ``python -m deblend.train`` sets up its own (freed memory kept for reuse)."""
     from deblend.core.inference import Deblender
@@ -59,8 +63,10 @@ def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
     keep_freed_memory()
     dataset = open_dataset(data_dir)
     identity = DataIdentity.of(dataset)
-    config: Config = config_from_dict({"training": {
-        "batch_size": batch_size, "num_workers": workers, "device": "cpu", "epochs": 1}})
+    training = {"batch_size": batch_size, "num_workers": workers, "device": "cpu", "epochs": 1}
+    if cache_gib is not None:
+        training["normalized_cache_gib"] = cache_gib
+    config: Config = config_from_dict({"training": training})
     device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as run_dir:
         layout = RunLayout(Path(run_dir))
@@ -123,6 +129,7 @@ def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
     return {
         "device": "cpu", "torch_threads": torch.get_num_threads(), "batch_size": batch_size,
         "num_workers": workers, "train_samples_per_epoch": samples, "repeats": repeats,
+        "normalized_cache_gib": config.training.normalized_cache_gib,
         "loop_samples_per_s": loop_rate, "bare_step_samples_per_s": bare_rate,
         "loop_over_bare": loop_rate / bare_rate,
         "predict_galaxies_per_s": predict_rate, "encoder_galaxies_per_s": encoder_rate,
@@ -167,7 +174,8 @@ def format_table(result: dict[str, Any]) -> str:
         ("  predict / networks", result["predict_over_networks"], ""),
     ]
     head = (f"CPU, {result['torch_threads']} torch threads, batch {result['batch_size']}, "
-            f"{result['num_workers']} DataLoader workers, median of {result['repeats']}")
+            f"{result['num_workers']} DataLoader workers, normalised images kept up to "
+            f"{result['normalized_cache_gib']:g} GiB, median of {result['repeats']}")
     lines = [head]
     for name, value, unit in rows:
         lines.append(f"{name:<40} {value:>10.1f} {unit}" if unit else f"{name:<40} {value:>10.3f}")
@@ -184,10 +192,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=non_negative_int_arg, default=0,
                         help="DataLoader worker processes")
     parser.add_argument("--repeats", type=positive_int_arg, default=3)
+    parser.add_argument("--cache-gib", type=non_negative_float_arg,
+                        help="training.normalized_cache_gib (default: the config's default; "
+                             "0: normalise every epoch)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     result = run(args.data, args.n, batch_size=args.batch_size, workers=args.workers,
-                 repeats=args.repeats)
+                 repeats=args.repeats, cache_gib=args.cache_gib)
     return emit(result, format_table(result), args.json)
 
 

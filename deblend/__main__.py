@@ -64,6 +64,12 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
                          metavar="BAND=ZP", help="AB magnitude of one model unit (electron)")
     measure.add_argument("--missing-band", action="append", default=[], metavar="BAND",
                          help="a model band the images lack: zeros, infinite variance")
+    measure.add_argument("--resample", action="store_true",
+                         help="resample every band onto the model's pixel scale over the first "
+                              "band's image (other pixel scales, exposures or CCDs)")
+    measure.add_argument("--subtract-sky", action="store_true",
+                         help="subtract each band's sigma-clipped median (frames not "
+                              "sky-subtracted)")
     measure.add_argument("--psf-at", choices=PSF_AT, default="cell",
                          help="where PSFEx models are drawn (default: each cell's centre)")
     measure.add_argument("--out", required=True, help="output FITS catalogue")
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         from deblend.core.survey_measure import measure_survey
 
         inputs = SurveyInputs(args.image, args.weight, args.psf, args.mask, args.zeropoint,
-                              args.zeropoint_model, tuple(args.missing_band), args.psf_at)
+                              args.zeropoint_model, tuple(args.missing_band), args.psf_at,
+                              args.resample, args.subtract_sky)
         measure_survey(args.run, inputs, args.out, cell=args.cell, margin=args.margin,
                        jobs=args.jobs, progress=not args.no_progress,
                        resume=not args.no_resume, seed=args.seed, views=args.views,

@@ -2,7 +2,7 @@
 
     python -m des_validation.validate --run R --catalog CAT --cutouts DIR_OR_NPZ [--out DIR]
         [--config YAML] [--u-strategy zeros|g_copy|g_extrapolate] [--no-resample]
-        [--normalization des|training] [--training-data DIR] [--force]
+        [--normalization des|training] [--training-data DIR] [--real-frames DIR] [--force]
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                                 "recorded in the run)")
     parser.add_argument("--pixel-scale", type=positive_float_arg,
                         help="arcsec per pixel of cutouts without a WCS (default: none)")
+    parser.add_argument("--real-frames",
+                        help="directory of real DECam frames also measured (des.real_frames)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)
@@ -57,13 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     des = run_config(run, args.config).des
     overrides = {"u_strategy": args.u_strategy, "u_over_g": args.u_over_g,
                  "resample": args.resample, "normalization": args.normalization,
-                 "catalog_ellipticity": args.catalog_ellipticity, "min_snr": args.min_snr}
+                 "catalog_ellipticity": args.catalog_ellipticity, "min_snr": args.min_snr,
+                 "real_frames": args.real_frames}
     des = replace(des, **{k: v for k, v in overrides.items() if v is not None})
     command = "python -m des_validation.validate " + " ".join(
         sys.argv[1:] if argv is None else list(argv))
     metrics = validate_des(run, args.catalog, args.cutouts, args.out, des,
                        training_data=args.training_data, pixel_scale=args.pixel_scale,
-                       force=args.force, device=args.device, command=command)
+                       force=args.force, device=args.device, command=command,
+                       real_frames=des.real_frames)
     return 0 if metrics.counts["validated"] > 0 else 1
 
 

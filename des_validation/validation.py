@@ -52,6 +52,7 @@ from des_validation.frames import (
     sky_to_pixel,
     standard_jacobian,
 )
+from des_validation.real_pixels import real_summary, run_real_des
 from des_validation.prepare import (
     DEFAULT_U_OVER_G,
     apply_band_map,
@@ -244,8 +245,10 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
                  out: str | Path | None, des: DESConfig, *,
                  training_data: str | Path | None = None, pixel_scale: float | None = None,
                  force: bool = False, device: str = "auto", command: str | None = None,
-                 log=print) -> DESValidationResult:
-    """Run the whole DES validation and write the report; returns the metrics."""
+                 real_frames: str | Path | None = None, log=print) -> DESValidationResult:
+    """Run the whole DES validation and write the report; returns the metrics. With
+    ``real_frames`` (a directory of DECam frames) the model also measures them into
+    ``out/real`` (:mod:`des_validation.real_pixels`), linked from the report."""
 
     run = Path(run)
     out = Path(out) if out is not None else run / "des_validation"
@@ -330,6 +333,12 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        if real_frames is not None:
+            if Path(real_frames).is_dir():
+                metrics.real_pixels = run_real_des(model, real_frames, tmp / "real", log=log)
+            else:
+                notes.append(f"the real DES frames {real_frames} (des.real_frames) are not "
+                             f"there: the section on real pixels is left out")
         if n == 0:
             notes.append("no object is left to validate")
             _write_outputs(tmp, metrics, None)
@@ -562,6 +571,11 @@ def render_markdown(metrics: DESValidationResult) -> str:
         lines += ["None.", ""]
     if metrics.notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in metrics.notes] + [""]
+    if metrics.real_pixels is not None:
+        lines += ["## Real DES pixels", "", real_summary(metrics.real_pixels), "",
+                  "Details in [real/real_des.md](real/real_des.md), the catalogue in "
+                  "`real/catalogue.fits`.", "",
+                  "![real DES frames: image, reconstruction, residual](real/real_des.png)", ""]
     if metrics.estimators:
         norm = metrics.normalization
         lines += ["## Normalisation constants (<max> per band)", "",

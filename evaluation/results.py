@@ -239,6 +239,8 @@ class DESValidationResult:
     figures: dict[str, str]
     estimators: dict[str, DESEstimator] = field(default_factory=dict)
     normalization: Optional[dict[str, Any]] = None
+    real_pixels: Optional[dict[str, Any]] = None
+    """The metrics of the run on real DECam frames (``des.real_frames``), when there was one."""
 
     def to_dict(self) -> dict[str, Any]:
         plain = to_plain(self)

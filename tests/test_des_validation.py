@@ -422,6 +422,31 @@ def test_validate_with_no_object_left_reports_it_without_a_traceback(standin, tr
     assert "no object is left to validate" in (out / "report.md").read_text()
 
 
+def test_validate_links_the_real_frames_it_measured(standin, trained_run: Path,
+                                                   tmp_path: Path, capsys) -> None:
+    """--real-frames (des.real_frames): the real DECam frames are measured into out/real and
+    linked from the report; a directory that is not there is a note, not a failure."""
+    frames = Path(__file__).resolve().parents[2] / "shared" / "data" / "des_decam"
+    if not frames.is_dir():
+        pytest.skip(f"DES frames missing: {frames}")
+    common = ["--run", str(trained_run), "--catalog", str(standin.catalog),
+              "--cutouts", str(standin.mef_dir), "--min-snr", "1e9"]
+    out = tmp_path / "val_real"
+    code, text = run_validate([*common, "--out", str(out), "--real-frames", str(frames)], capsys)
+    assert code == 1 and "Traceback" not in text, text  # no stand-in object: exit 1
+    report = (out / "report.md").read_text()
+    assert "## Real DES pixels" in report and "(real/real_des.png)" in report
+    assert (out / "real" / "real_des.png").stat().st_size > 1000
+    assert (out / "real" / "catalogue.fits").is_file()
+    real = DESValidationResult.read(out).real_pixels
+    assert real["bands_present"] == ["g", "r", "z"] and real["noshear_detections"] >= 1
+    out = tmp_path / "val_no_real"
+    code, text = run_validate([*common, "--out", str(out), "--real-frames",
+                               str(tmp_path / "absent")], capsys)
+    report = (out / "report.md").read_text()
+    assert "are not there" in report and "## Real DES pixels" not in report
+
+
 def test_validate_npz_options(standin, trained_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "val_npz"
     csv_catalog = standin.root / "catalog.csv"

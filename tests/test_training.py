@@ -27,7 +27,7 @@ from deblend.core.runs import (
 from deblend.train import main
 from simulation.dataset import open_dataset
 from tests.conftest import TINY_CONFIG, TINY_EPOCHS
-from training.data import BatchReader, BlockBatchSampler, select_indices
+from training.data import BatchReader, BlockBatchSampler, kept_bytes, make_loader, select_indices
 from training.history import history_columns, read_history
 from training.runner import run_stage
 from training.stages import STAGES
@@ -105,6 +105,46 @@ def test_reader_normalises_with_the_dataset_constants(tiny_dataset: Path) -> Non
     labels = data.labels()
     np.testing.assert_allclose(e.numpy(), np.stack([labels["e1"], labels["e2"]], 1)[indices],
                                rtol=1e-6)
+
+
+def test_kept_normalised_images_are_the_ones_read_and_are_never_shared(
+        tiny_dataset: Path) -> None:
+    indices = np.arange(0, 128)
+    plain = BatchReader(tiny_dataset, "blend", "clean")
+    kept = BatchReader(tiny_dataset, "blend", "clean", cached=indices)
+    batch = np.arange(50, 80)  # crosses a shard boundary
+    for _ in range(2):  # first read normalises and keeps, second copies from memory
+        x, y = kept[batch]
+        x_ref, y_ref = plain[batch]
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+        x.zero_()  # the loop augments batches in place: that must not reach what is kept
+        y.fill_(2.0)
+    assert kept._normalized["blend"].filled.sum() == len(batch)
+    other = np.array([3, 90, 4])  # partly kept: read again, unordered rows stay in order
+    assert torch.equal(kept[other][0], plain[other][0])
+    with pytest.raises(ValueError, match="outside the kept"):
+        kept[np.array([5, 140])]
+
+
+def test_a_loader_keeps_normalised_images_only_within_its_budget(tiny_dataset: Path) -> None:
+    common = dict(input_set="noisy", target="clean", split="train", batch_size=16)
+    n = len(select_indices(open_dataset(tiny_dataset), "train", 0.0))
+    need = n * 2 * 6 * 45 * 45 * 4  # two image sets (noisy, clean), float32
+    assert kept_bytes(make_loader(tiny_dataset, cache_bytes=need, **common)) == need
+    assert kept_bytes(make_loader(tiny_dataset, cache_bytes=need - 1, **common)) == 0
+    assert kept_bytes(make_loader(tiny_dataset, **common)) == 0
+
+
+def test_keeping_normalised_images_trains_the_same_weights(trained_run: Path, tiny_dataset: Path,
+                                                            tmp_path: Path) -> None:
+    """The tiny run kept its normalised images (default budget); reading them every epoch
+    gives bit-identical stage1 weights."""
+    run = tmp_path / "run"
+    config = load_config(write_config(tmp_path / "c.yaml", normalized_cache_gib=0.0))
+    run_stage("stage1", run, config=config, data_dir=tiny_dataset, progress=False,
+              log=lambda _: None)
+    assert_same_weights(weights(RunLayout(trained_run).last("stage1")),
+                        weights(RunLayout(run).last("stage1")))
 
 
 def test_min_target_e_cut(tiny_dataset: Path) -> None:

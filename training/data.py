@@ -11,7 +11,13 @@ consecutive entries and visits the blocks in random order; offset and order are 
 :class:`BatchReader` turns such a block into normalised tensors (SPEC 3, with the dataset's
 constants) inside the DataLoader (``batch_size=None``: no per-sample collation), in its worker
 processes when ``training.num_workers > 0``. On 2 CPU cores 0 workers is fastest: a worker
-competes with torch's own threads (measured 0.80 of the bare step with 1 worker, 0.94 with 0).
+competes with torch's own threads (``python -m benchmarks.training --workers 1``).
+
+Every epoch reads the same images and normalises them the same way, so a reader can keep what it
+normalised (:class:`NormalizedImages`) and copy it from memory in later epochs: the values are
+bit-identical, the first epoch costs the same and each later one skips the disk read and the
+normalisation. :func:`make_loader` keeps them when they fit ``cache_bytes``
+(``training.normalized_cache_gib``).
 """
 
 from __future__ import annotations
@@ -48,6 +54,39 @@ def ellipticity_targets(data: StampData) -> np.ndarray:
     return np.stack([labels["e1"], labels["e2"]], axis=1).astype(np.float32)
 
 
+class NormalizedImages:
+    """The normalised images of one image set over fixed sample ``indices``, each normalised on
+    its first read and copied from memory afterwards (float32, ``len(indices)`` stamps: the
+    array is allocated whole but the system commits its pages only as they are filled)."""
+
+    def __init__(self, image_set: str, indices: np.ndarray) -> None:
+        self.image_set = image_set
+        self.indices = np.unique(np.asarray(indices, dtype=np.int64))
+        self.filled = np.zeros(len(self.indices), dtype=bool)
+        self.values: np.ndarray | None = None
+
+    def __call__(self, data: StampData, indices: np.ndarray) -> np.ndarray:
+        """Normalised images (len(indices), bands, H, W) of ``indices`` (a subset of the
+        cached indices), a fresh array the caller may change in place."""
+        rows = np.minimum(np.searchsorted(self.indices, indices), len(self.indices) - 1)
+        if not np.array_equal(self.indices[rows], indices):
+            raise ValueError(f"{self.image_set} images of samples outside the kept ones")
+        if self.values is not None and self.filled[rows].all():
+            return self.values[rows]
+        images = normalize(data.images(self.image_set, indices), data.normalization)
+        if self.values is None:
+            self.values = np.empty((len(self.indices),) + images.shape[1:], np.float32)
+        self.values[rows] = images
+        self.filled[rows] = True
+        return images
+
+
+def normalized_bytes(data: StampData, n_samples: int, n_sets: int) -> int:
+    """Memory (bytes) that :class:`NormalizedImages` of ``n_sets`` image sets over
+    ``n_samples`` samples hold once filled."""
+    return n_samples * n_sets * len(data.bands) * data.stamp_pixels ** 2 * 4
+
+
 class BatchReader(Dataset):
     """``reader[indices]`` -> (inputs, targets): normalised float32 tensors of a whole batch.
 
@@ -55,11 +94,14 @@ class BatchReader(Dataset):
     images (``target="clean"``), the labels (e1, e2) ``(n, 2)`` (``target="ellipticity"``), or
     the MAP latents ``(n, D)`` of ``latent_targets`` (``target="map_latent"``), each input then
     shown in the view its latent was fitted in. The dataset is opened lazily in each process,
-    so the reader pickles cheaply.
+    so the reader pickles cheaply. With ``cached`` (the sample indices it serves) it keeps the
+    normalised images it read (:class:`NormalizedImages`): later reads of them skip the disk
+    and the normalisation and give the same values.
     """
 
     def __init__(self, root: str | Path, input_set: str, target: str,
-                 latent_targets: LatentTargets | None = None) -> None:
+                 latent_targets: LatentTargets | None = None,
+                 cached: np.ndarray | None = None) -> None:
         if target not in TARGETS:
             raise ValueError(f"unknown target '{target}' (one of {TARGETS})")
         if (target == "map_latent") != (latent_targets is not None):
@@ -70,6 +112,8 @@ class BatchReader(Dataset):
         self.latent_targets = latent_targets
         self._data: StampData | None = None
         self._ellipticity: np.ndarray | None = None
+        self.cached = cached
+        self._normalized: dict[str, NormalizedImages] = {}
 
     @property
     def data(self) -> StampData:
@@ -80,13 +124,25 @@ class BatchReader(Dataset):
         return self._data
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_data": None, "_ellipticity": None}
+        return {**self.__dict__, "_data": None, "_ellipticity": None, "_normalized": {}}
+
+    def image_sets(self) -> tuple[str, ...]:
+        """The image sets a batch reads: the input set, and "clean" for target "clean"."""
+        return (self.input_set, "clean") if self.target == "clean" else (self.input_set,)
+
+    def normalized(self, image_set: str, indices: np.ndarray) -> np.ndarray:
+        """Normalised images of ``indices`` (a fresh array), from memory when kept."""
+        data = self.data
+        if self.cached is None:
+            return normalize(data.images(image_set, indices), data.normalization)
+        if image_set not in self._normalized:
+            self._normalized[image_set] = NormalizedImages(image_set, self.cached)
+        return self._normalized[image_set](data, indices)
 
     def __getitem__(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        data = self.data
-        inputs = normalize(data.images(self.input_set, indices), data.normalization)
+        inputs = self.normalized(self.input_set, indices)
         if self.target == "clean":
-            targets = normalize(data.images("clean", indices), data.normalization)
+            targets = self.normalized("clean", indices)
         elif self.latent_targets is not None:
             inputs = in_views(inputs, self.latent_targets.view[indices], image_view)
             targets = self.latent_targets.latent[indices]
@@ -171,25 +227,42 @@ def make_loader(data_dir: str | Path, *, input_set: str, target: str, split: str
                 batch_size: int,
                 epoch: int = 0, seed: int = 0, min_target_e: float = 0.0, num_workers: int = 0,
                 pin_memory: bool = False, rank: int = 0, world_size: int = 1,
-                latent_targets: LatentTargets | None = None) -> DataLoader:
+                latent_targets: LatentTargets | None = None, cache_bytes: int = 0) -> DataLoader:
     """DataLoader of (``input_set`` images, ``target``) batches over ``split`` of a dataset.
 
     The training split is shuffled by blocks (``loader.sampler.set_epoch`` picks the epoch) and
     split evenly between DDP ranks; other splits are read in order. ``batch_size=None`` in the
-    DataLoader: the reader returns whole batches, ``num_workers`` processes read ahead.
+    DataLoader: the reader returns whole batches, ``num_workers`` processes read ahead. The
+    reader (in each worker process) keeps the normalised images it reads when they fit
+    in ``cache_bytes``: all of the split's (under DDP the ranks' shares change
+    from epoch to epoch, so each rank may come to hold them all).
     """
     shuffle = split == "train"
-    indices = select_indices(open_dataset(data_dir), split, min_target_e)
+    data = open_dataset(data_dir)
+    indices = select_indices(data, split, min_target_e)
     if len(indices) == 0:
         cut = f" with target e > {min_target_e} (training.min_target_e)" if min_target_e else ""
         raise ValueError(f"the {split} split of {data_dir} has no samples{cut}")
     sampler = BlockBatchSampler(indices, batch_size, shuffle=shuffle, seed=seed, rank=rank,
                                 world_size=world_size, equal_shards=shuffle)
     sampler.set_epoch(epoch)
+    reader = BatchReader(data_dir, input_set, target, latent_targets)
+    if normalized_bytes(reader.data, len(indices), len(reader.image_sets())) <= cache_bytes:
+        reader.cached = indices
     # an own generator: iterating must not draw from the global torch RNG (reproducible resume)
-    return DataLoader(BatchReader(data_dir, input_set, target, latent_targets), sampler=sampler,
+    return DataLoader(reader, sampler=sampler,
                       batch_size=None,
                       generator=torch.Generator().manual_seed(seed),
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)
+
+
+
+def kept_bytes(loader: DataLoader) -> int:
+    """Memory (bytes, per process) a loader of :func:`make_loader` comes to hold in normalised
+    images (0 when it keeps none)."""
+    reader: BatchReader = loader.dataset
+    if reader.cached is None:
+        return 0
+    return normalized_bytes(reader.data, len(reader.cached), len(reader.image_sets()))

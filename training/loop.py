@@ -30,7 +30,7 @@ from deblend.core.runs import (
     save_checkpoint,
 )
 from simulation.dataset import StampData
-from training.data import BlockBatchSampler, first_non_finite, make_loader
+from training.data import BlockBatchSampler, first_non_finite, kept_bytes, make_loader
 from training.distributed import DistContext
 from training.history import plot_history, write_history
 from training.stages import Stage
@@ -82,8 +82,11 @@ class StageLoop:
                       min_target_e=training.min_target_e, num_workers=training.num_workers,
                       pin_memory=device.type == "cuda", rank=context.rank,
                       world_size=context.world_size, latent_targets=task.latent_targets)
-        self.train_loader = make_loader(dataset.root, split="train", **common)
-        self.val_loader = make_loader(dataset.root, split="validation", **common)
+        budget = int(training.normalized_cache_gib * 2 ** 30)
+        self.train_loader = make_loader(dataset.root, split="train", cache_bytes=budget, **common)
+        kept = kept_bytes(self.train_loader)
+        self.val_loader = make_loader(dataset.root, split="validation",
+                                      cache_bytes=budget - kept, **common)
         self.train_sampler: BlockBatchSampler = self.train_loader.sampler
 
         task.to(device)

@@ -39,7 +39,8 @@ from training.stages import STAGES, Stage
 
 RESUMABLE_CHANGES = frozenset({"epochs", "stage1_epochs", "stage2_epochs", "stage3_epochs",
                                "flow_epochs", "amortize_epochs", "amortized_map",
-                               "num_workers", "device", "early_stopping_patience"})
+                               "num_workers", "normalized_cache_gib", "device",
+                               "early_stopping_patience"})
 """training.* keys that may differ between a checkpoint and the config that resumes it
 (``amortized_map`` changes stage3's parent, which the parent record then checks)."""
 

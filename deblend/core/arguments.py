@@ -79,3 +79,4 @@ def require_positive_int(value: Any, name: str) -> int:
 positive_int_arg = POSITIVE_INT.argparse_type
 non_negative_int_arg = NON_NEGATIVE_INT.argparse_type
 positive_float_arg = POSITIVE_FLOAT.argparse_type
+non_negative_float_arg = NON_NEGATIVE_FLOAT.argparse_type

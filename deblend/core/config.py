@@ -246,6 +246,11 @@ class TrainingConfig:
     stage2_init: Literal["stage1", "scratch"] = "stage1"
     early_stopping_patience: StrictInt | None = None
     num_workers: StrictInt = 0
+    normalized_cache_gib: StrictFloat = 2.0
+    """Memory (GiB, per loader process) for the normalised training and validation images of a
+    stage, kept after their first read so that later epochs copy them instead of reading and
+    normalising them again (same values); a split that does not fit is read every epoch
+    (training first, then validation in what is left). 0: never kept."""
     device: StrictStr = "auto"
     mixed_precision: StrictBool = False
     seed: StrictInt = 0
@@ -269,6 +274,7 @@ class TrainingConfig:
             (_at_least(self.early_stopping_patience, 1), "training.early_stopping_patience",
              "must be >= 1 or null"),
             (self.num_workers >= 0, "training.num_workers", "must be >= 0"),
+            (self.normalized_cache_gib >= 0, "training.normalized_cache_gib", "must be >= 0"),
         ])
         return self
 
@@ -515,6 +521,11 @@ class DESConfig:
     standin_seed: StrictInt = 2000
     standin_target_max_mag: StrictFloat = 23.5
     """Target magnitude limit (ref band) of the DES-like stand-in: a shape catalog's depth."""
+    real_frames: StrictStr | None = None
+    """A directory of real DECam frames (image, weight, mask, PSFEx per band, as
+    ``../shared/data/des_decam``) that the DES validation also measures
+    (:mod:`des_validation.real_pixels`), linked from its report; a directory that is not there
+    is left out with a note (the data are optional); null: none."""
 
     @model_validator(mode="after")
     def _check_ranges(self) -> DESConfig:

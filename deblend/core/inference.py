@@ -224,11 +224,13 @@ class Deblender:
     def normalization(self) -> NormalizationConstants:
         return self.data.normalization
 
-    def check_images(self, images: np.ndarray, margin: bool = False) -> np.ndarray:
+    def check_images(self, images: np.ndarray, margin: bool = False,
+                     available: np.ndarray | None = None) -> np.ndarray:
         """``images`` as float32 (N, bands, H, W), or a ValueError naming what is wrong.
 
         With ``margin``, stamps larger than the model's (by an even number of pixels, centred on
-        the same target) are accepted too: metacalibration's input."""
+        the same target) are accepted too: metacalibration's input. ``available``
+        (:func:`fill_missing_bands`) fills the bands it marks missing with 0 (a copy)."""
         if isinstance(images, torch.Tensor):
             raise ValueError("images must be a numpy array (use tensor.cpu().numpy())")
         array = np.asarray(images)
@@ -249,6 +251,8 @@ class Deblender:
             wanted = f"{size}x{size}" + (" or larger by an even number, square" if margin else "")
             raise ValueError(f"images are {array.shape[2]}x{array.shape[3]} pixels, the model "
                              f"expects {wanted}; shape {array.shape}, expected {expected}")
+        if available is not None:
+            array = fill_missing_bands(array, available, self.bands)
         return check_finite(array.astype(np.float32, copy=False), self.bands)
 
     def check_scenes(self, scenes: np.ndarray) -> np.ndarray:
@@ -308,7 +312,8 @@ class Deblender:
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray, batch_size: int = 256, views: int = N_VIEWS,
-                reconstruct: bool = True, reconstruction_views: int = N_VIEWS) -> Prediction:
+                reconstruct: bool = True, reconstruction_views: int = N_VIEWS,
+                available: np.ndarray | None = None) -> Prediction:
         """Deblend raw-flux stamps (N, bands, H, W), ``batch_size`` stamps at a time.
 
         Each of the stamp's symmetric views (:mod:`deblend.core.symmetry`) is encoded once. The
@@ -320,10 +325,14 @@ class Deblender:
         per view. ``mu`` and ``sigma`` are those of the stamp itself. See :class:`Prediction`.
         ``views`` has no effect without a regressor, nor ``reconstruction_views`` with
         ``reconstruct=False`` (both are still checked). No stamp (N = 0) gives empty arrays.
+        ``available``: which bands each stamp has (:func:`fill_missing_bands`); a missing band
+        may hold anything, NaN included, and is shown to the networks as 0 (no flux above the
+        sky). The networks were trained with every band present: their output degrades with a
+        band missing (``python -m benchmarks.conditions``).
         """
         batch_size, views, reconstruction_views = self.check_batching(
             batch_size, views, reconstruction_views)
-        array = self.check_images(images)
+        array = self.check_images(images, available=available)
         n = array.shape[0]
         reconstruction = np.empty_like(array) if reconstruct else None
         mu = np.empty((n, self.latent_dim), np.float32)
@@ -446,6 +455,28 @@ def _lineage_flow(layout: RunLayout, stages: dict[str, tuple[dict, str]]) -> Lat
     if parent not in stages or stages[parent][1] != flow_stages[parent][1]:
         return None
     return build_module(payload["modules"]["flow"])
+
+
+def fill_missing_bands(array: np.ndarray, available: np.ndarray, bands: tuple[str, ...]
+                       ) -> np.ndarray:
+    """A copy of stamps ``array`` (N, bands, H, W) whose missing bands are 0 (the sky level of
+    sky-subtracted images: no flux). ``available``: booleans, (bands,) for every stamp or
+    (N, bands) per stamp, False where a band is missing (not observed, or masked); at least
+    one band of each stamp must be available."""
+    mask = np.asarray(available)
+    if mask.dtype != np.bool_:
+        raise ValueError(f"available must be booleans (True: the band is there), got dtype "
+                         f"{mask.dtype}")
+    n, n_bands = array.shape[:2]
+    if mask.shape not in ((n_bands,), (n, n_bands)):
+        raise ValueError(f"available must have shape ({n_bands},) or ({n}, {n_bands}) (bands "
+                         f"{' '.join(bands)}), got {mask.shape}")
+    mask = np.broadcast_to(mask, (n, n_bands))
+    if n and not mask.any(axis=1).all():
+        raise ValueError(f"stamp {int(np.argmin(mask.any(axis=1)))} has no band available")
+    out = np.array(array, dtype=np.float32, copy=True)
+    out[~mask] = 0.0
+    return out
 
 
 def check_finite(array: np.ndarray, bands: tuple[str, ...]) -> np.ndarray:

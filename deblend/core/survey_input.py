@@ -13,7 +13,14 @@ What is read (:class:`SurveyInputs`), for each band the model has:
   pixel);
 - the **WCS** of each band's image header (astropy.wcs); all bands must share one pixel grid
   and its pixel scale must be the model's (both within :data:`WCS_TOLERANCE_PIXELS` and
-  :data:`PIXEL_SCALE_TOLERANCE`).
+  :data:`PIXEL_SCALE_TOLERANCE`), unless ``resample`` is on: each band is then resampled onto
+  the model's pixel scale over the first band's image, PSF included
+  (:mod:`deblend.core.resample`), so that bands from other exposures, CCDs or surveys can be
+  measured together.
+
+Sky. The images should be sky-subtracted; ``subtract_sky`` (for single-epoch frames that are
+not) subtracts each band's sigma-clipped median of its unmasked pixels (astropy.stats), a
+constant.
 
 Units. Pixel values are multiplied by ``10**(0.4 * (zp_model - zp_image))`` (variance by its
 square): ``zp_image`` is the header's ``MAGZERO`` (the band's HDU, else the file's primary
@@ -49,8 +56,11 @@ import galsim
 import galsim.des
 import numpy as np
 from astropy.io import fits
+from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
+
+from deblend.core.resample import BandResampler, OutputGrid, galsim_wcs
 
 WCS_TOLERANCE_PIXELS = 0.01
 """Largest offset (pixels) between two bands' WCS at the image corners and centre."""
@@ -126,7 +136,8 @@ class SurveyInputs:
     ``masks`` and ``psfs`` are each a multi-extension FITS path or {band: path} (or the
     command line's (band | None, path) pairs); ``zeropoints`` override the images' MAGZERO;
     ``model_zeropoints`` give the model's; ``missing_bands`` are filled with zeros and infinite
-    variance; ``psf_at`` is where PSFEx models are drawn (:data:`PSF_AT`)."""
+    variance; ``psf_at`` is where PSFEx models are drawn (:data:`PSF_AT`); ``resample`` puts
+    every band on the model's pixel grid; ``subtract_sky`` removes a constant sky per band."""
 
     images: Any
     weights: Any
@@ -136,6 +147,8 @@ class SurveyInputs:
     model_zeropoints: Any = field(default_factory=dict)
     missing_bands: tuple[str, ...] = ()
     psf_at: str = "cell"
+    resample: bool = False
+    subtract_sky: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -251,6 +264,29 @@ class PsfSource:
         return array / total
 
 
+@dataclass(frozen=True)
+class ResampledPsf:
+    """A band's PSF on the model's grid: its :class:`PsfSource` drawn at the input pixel under
+    the output pixel asked for, then resampled like the band's image."""
+
+    source: PsfSource
+    band: BandResampler
+    pixels: int
+
+    @property
+    def where(self) -> str:
+        return self.source.where
+
+    @property
+    def psfex(self) -> Any:
+        return self.source.psfex
+
+    def at(self, x: float, y: float) -> np.ndarray:
+        """The unit-sum effective PSF on the model's grid at output pixel (x, y) (0-based)."""
+        native_x, native_y = self.band.native_position(x, y)
+        return self.band.psf(self.source.at(float(native_x), float(native_y)), self.pixels)
+
+
 def check_psf_image(data: np.ndarray, where: str, shape: tuple[int, int]) -> np.ndarray:
     """A PSF image as float64 with unit sum; ValueError naming ``where`` unless it is an odd
     square no larger than the image of ``shape``, finite, with a positive sum."""
@@ -266,9 +302,46 @@ def check_psf_image(data: np.ndarray, where: str, shape: tuple[int, int]) -> np.
     return array / array.sum()
 
 
-def _psfex(path: Path, where: str, pixels: int) -> PsfSource:
+PSFEX_KEYWORDS = ("POLNAXIS", "POLNAME1", "POLNAME2", "POLZERO1", "POLZERO2", "POLSCAL1",
+                  "POLSCAL2", "POLNGRP", "POLGRP1", "POLGRP2", "POLDEG1", "PSFNAXIS", "PSFAXIS1",
+                  "PSFAXIS2", "PSFAXIS3", "PSF_SAMP")
+"""The header keywords of a PSFEx model that ``galsim.des.DES_PSFEx`` reads."""
+
+
+def _is_psfex(data: Any) -> bool:
+    """A PSFEx table: PSFEx's own (column PSF_MASK) or legacypipe's merged one (psf_mask)."""
+    return isinstance(data, fits.FITS_rec) and "psf_mask" in [n.lower() for n in data.names]
+
+
+def psfex_hdu(header: fits.Header, data: fits.FITS_rec, where: str) -> fits.BinTableHDU:
+    """A PSFEx model as the table HDU ``galsim.des.DES_PSFEx`` reads: PSFEx's own as it is;
+    legacypipe's merged layout (one row per CCD, the keywords as lower-case columns, as the
+    DECam community-pipeline products of legacypipe carry) rebuilt with its keywords in the
+    header. A merged table of several CCDs is refused (give the CCD's own row)."""
+    if "PSF_MASK" in data.names and "POLNAXIS" in header:
+        return fits.BinTableHDU(data, header)
+    names = {n.lower(): n for n in data.names}
+    missing = [k for k in PSFEX_KEYWORDS if k.lower() not in names]
+    if missing:
+        raise ValueError(f"PSFEx file {where} has no {missing[0]} (neither keyword nor column)")
+    if len(data) != 1:
+        raise ValueError(f"PSFEx file {where} holds {len(data)} models (one per CCD): write the "
+                         f"row of the image's CCD to a file of its own")
+    basis = np.asarray(data[names["psf_mask"]][0], np.float32)
+    column = fits.Column(name="PSF_MASK", format=f"{basis.size}E",
+                         dim="(" + ",".join(str(n) for n in basis.shape[::-1]) + ")",
+                         array=basis[np.newaxis])
+    hdu = fits.BinTableHDU.from_columns([column])
+    for key in PSFEX_KEYWORDS:
+        value = data[names[key.lower()]][0]
+        hdu.header[key] = value.strip() if isinstance(value, str) else value.item()
+    return hdu
+
+
+def _psfex(header: fits.Header, data: fits.FITS_rec, where: str, pixels: int) -> PsfSource:
+    hdu = psfex_hdu(header, data, where)
     try:
-        model = galsim.des.DES_PSFEx(str(path))
+        model = galsim.des.DES_PSFEx(hdu)
     except Exception as exc:  # galsim raises OSError, KeyError... on malformed files
         raise ValueError(f"cannot read the PSFEx file {where}: {type(exc).__name__}: "
                          f"{exc}") from exc
@@ -282,17 +355,28 @@ def read_psf(layout: Layout, band: str, shape: tuple[int, int], psfex_pixels: in
     if path is None:
         return None
     hdus = read_hdus(path, "PSF")
-    if any(isinstance(d, fits.FITS_rec) and "PSF_MASK" in (d.names or ())
-           for _, d, _ in hdus):
+    tables = [(h, d) for h, d, _ in hdus if _is_psfex(d)]
+    if tables:
         if isinstance(layout, Path):
             raise ValueError(f"--psf: {path} is a PSFEx file; give one per band (--psf "
                              f"{band}={path})")
-        return _psfex(path, f"{path} (band {band})", psfex_pixels)
+        return _psfex(*tables[0], f"{path} (band {band})", psfex_pixels)
     plane = _band_plane(hdus, band, path, "PSF") if isinstance(layout, Path) else \
         _first_plane(hdus, path, "PSF")
     if plane is None:
         return None
     return PsfSource(plane.where, image=check_psf_image(plane.data, plane.where, shape))
+
+
+def _resampled_psf_pixels(psf: PsfSource, band: BandResampler, shape: tuple[int, int],
+                          psfex_pixels: int) -> int:
+    """Odd width of a resampled PSF image: a PSFEx model's ``psfex_pixels``; an image's width
+    carried to the output scale, no wider than the output image."""
+    if psf.image is None:
+        return psfex_pixels
+    width = psf.image.shape[0] * float(np.sqrt(1.0 / band.area_ratio))
+    limit = min(shape) if min(shape) % 2 else min(shape) - 1
+    return min(limit, int(np.ceil(width)) // 2 * 2 + 1)
 
 
 def pad_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -313,7 +397,7 @@ class SurveyImage:
     """(bands, H, W) float64, model units squared, inf where masked."""
     wcs: WCS
     """The celestial WCS of the images (all bands share it)."""
-    psf_sources: tuple[PsfSource | None, ...]
+    psf_sources: tuple[PsfSource | ResampledPsf | None, ...]
     """Per band; None for a missing band (it borrows the first present band's PSF)."""
     zeropoints: dict[str, tuple[float, float]]
     """{band: (image zero point, model zero point)} of the present bands."""
@@ -322,6 +406,9 @@ class SurveyImage:
     """{band: where its image came from}."""
     pixel_scale: float
     """arcsec per pixel, measured from the WCS."""
+    resampled: bool = False
+    """Whether the bands were resampled onto the model's grid (``images`` then hold the
+    resampled pixels; ``wcs`` is the output grid's)."""
     psf_at: str = "cell"
     notes: tuple[str, ...] = ()
 
@@ -377,7 +464,7 @@ def check_same_grid(reference: WCS, ref_where: str, other: WCS, where: str,
                     f"CD {fmt(w.pixel_scale_matrix)}")
         raise ValueError(f"the WCS of {where} ({describe(other)}) differs from that of "
                          f"{ref_where} ({describe(reference)}) by {offset:.3g} pixels: all "
-                         f"bands must share one pixel grid")
+                         f"bands must share one pixel grid (or pass --resample)")
 
 
 def pixel_scale_of(wcs: WCS, where: str, model_scale: float) -> float:
@@ -387,8 +474,8 @@ def pixel_scale_of(wcs: WCS, where: str, model_scale: float) -> float:
     if abs(scales[0] / scales[1] - 1) > PIXEL_SCALE_TOLERANCE or \
             abs(scale / model_scale - 1) > PIXEL_SCALE_TOLERANCE:
         raise ValueError(f"the pixel scale of {where} is {scales[0]:.5g} x {scales[1]:.5g} "
-                         f"arcsec, the model's is {model_scale:.5g} arcsec: resample the image "
-                         f"to the model's pixel scale")
+                         f"arcsec, the model's is {model_scale:.5g} arcsec: pass --resample "
+                         f"to resample it onto the model's pixel scale")
     return scale
 
 
@@ -484,43 +571,73 @@ def read_survey(inputs: SurveyInputs, bands: Sequence[str], pixel_scale: float, 
                     f"{layout} has no image HDU with EXTNAME {band}" if isinstance(layout, Path)
                     else f"give --{kind} {band}=FILE"))
     first = images[present[0]]
-    shape = first.data.shape
+    native_shape = first.data.shape
     reference = _wcs_of(first)
-    scale = pixel_scale_of(reference, first.where, pixel_scale)
+    grid = None
+    if inputs.resample:
+        grid = OutputGrid.over(first.header, native_shape, pixel_scale, first.where)
+        reference, scale, shape = grid.wcs, pixel_scale, grid.shape
+    else:
+        scale, shape = pixel_scale_of(reference, first.where, pixel_scale), native_shape
     model_zp = {**inputs.model_zeropoints, **dict(model_zeropoints or {})}
     cube = np.zeros((len(bands),) + shape)
     variance = np.full((len(bands),) + shape, np.inf)
     zeropoints, psf_sources, sources = {}, [], {}
+    notes = []
     for k, band in enumerate(bands):
         if band not in images:
             psf_sources.append(None)
             continue
         plane = images[band]
-        if plane.data.shape != shape:
+        if grid is None and plane.data.shape != shape:
             raise ValueError(f"image {plane.where} has shape {plane.data.shape}, image "
-                             f"{first.where} {shape}: all bands must share one pixel grid")
-        if band != present[0]:
+                             f"{first.where} {shape}: all bands must share one pixel grid "
+                             f"(or pass --resample)")
+        if grid is None and band != present[0]:
             check_same_grid(reference, first.where, _wcs_of(plane), plane.where, shape)
         data, weight, masked = masked_planes(plane, weights[band], masks.get(band))
+        if inputs.subtract_sky:
+            _, sky, _ = sigma_clipped_stats(data[~masked])
+            data = data - sky
+            notes.append(f"band {band}: a sky of {sky:.6g} (image units, sigma-clipped median) "
+                         f"was subtracted")
         zp_image = image_zeropoint(band, plane, inputs.zeropoints)
         if band not in model_zp:
             raise ValueError(f"the model's zero point of band {band} is unknown (training runs "
                              f"do not store it): pass --zeropoint-model {band}=VALUE, the AB "
                              f"magnitude of one model unit (electron)")
         factor = 10.0 ** (0.4 * (model_zp[band] - zp_image))
-        cube[k] = np.where(masked, 0.0, data * factor)
-        with np.errstate(divide="ignore"):
-            variance[k] = np.where(masked, np.inf, factor ** 2 / np.where(masked, 1.0, weight))
-        psf = read_psf(inputs.psfs, band, shape, psfex_pixels)
+        band_image = np.where(masked, 0.0, data * factor)
+        band_variance = factor ** 2 / np.where(masked, 1.0, weight)
+        psf: PsfSource | ResampledPsf | None = read_psf(inputs.psfs, band, plane.data.shape,
+                                                        psfex_pixels)
         if psf is None:
             raise ValueError(f"no PSF for band {band}: " + (
                 f"{inputs.psfs} has no image HDU with EXTNAME {band}" if isinstance(
                     inputs.psfs, Path) else f"give --psf {band}=FILE"))
+        if grid is None:
+            cube[k] = band_image
+            variance[k] = np.where(masked, np.inf, band_variance)
+        else:
+            resampler = BandResampler(galsim_wcs(plane.header, plane.where), plane.data.shape,
+                                      grid, plane.where)
+            out_masked = resampler.masked(masked)
+            cube[k] = np.where(out_masked, 0.0, resampler.image(band_image))
+            variance[k] = resampler.variance(band_variance, masked)
+            psf = ResampledPsf(psf, resampler, _resampled_psf_pixels(psf, resampler, shape,
+                                                                     psfex_pixels))
+            if out_masked.all():
+                raise ValueError(f"image {plane.where} does not overlap the output grid of "
+                                 f"{first.where}")
         psf.at((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)  # a PSFEx model that cannot draw
         zeropoints[band] = (zp_image, float(model_zp[band]))
         psf_sources.append(psf)
         sources[band] = plane.where
-    notes = tuple(f"band {b} is missing: filled with zeros and infinite variance (every "
-                  f"detection's stamp then counts as masked: flag MASKED)" for b in absent)
+    notes += [f"band {b} is missing: filled with zeros and infinite variance (every "
+              f"detection's stamp then counts as masked: flag MASKED)" for b in absent]
+    if grid is not None:
+        notes.append(f"every band was resampled onto {shape[1]}x{shape[0]} pixels of "
+                     f"{scale:.5g} arcsec over {first.where} (quintic, GalSim)")
     return SurveyImage(bands, cube, variance, reference, tuple(psf_sources), zeropoints,
-                       tuple(absent), sources, scale, inputs.psf_at, notes)
+                       tuple(absent), sources, scale, grid is not None, inputs.psf_at,
+                       tuple(notes))

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from deblend.core.arguments import NON_NEGATIVE_INT, require_positive_int
 from deblend.core.atomic import atomic_output
+from deblend.core.cell_measure import ESTIMATOR
 from deblend.core.cells import CellImage, Tile, tile
 from deblend.core.chunk_cache import chunk_key
 from deblend.core.inference import VIEW_COUNTS, Deblender
@@ -51,8 +52,6 @@ from deblend.core.metacal import DEFAULT_DELTA
 from deblend.core.outputs import mark, refuse_foreign
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey
 
-ESTIMATOR = "deblend"
-"""Prefix of the ellipticity columns (``deblend_e1``, ``deblend_e2``)."""
 CELLS_KIND = "measure-cells"
 """Marker of the cell cache directory ``<out>.cells``."""
 CACHE_VERSION = 1
@@ -244,6 +243,7 @@ def catalogue_header(survey: SurveyImage, settings: MetadetectSettings,
         ("PIXSCALE", survey.pixel_scale, "arcsec per pixel (image WCS)"),
         ("MISSING", " ".join(survey.missing), "bands filled with zeros, infinite variance"),
         ("PSFAT", survey.psf_at, "where PSFEx models are drawn (cell or centre)"),
+        ("RESAMPLD", survey.resampled, "bands resampled onto the model's pixel grid"),
     ]
     cards += [(k.upper()[:8], v, c) for k, (v, c) in info.items()]
     for band, (zp_image, zp_model) in survey.zeropoints.items():
