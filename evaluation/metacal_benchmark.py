@@ -203,6 +203,21 @@ def benchmark_is_complete(out: str | Path) -> bool:
         return False
 
 
+def open_benchmark(run: Path, out: Path, kind: str, complete: bool, force: bool, what: str,
+                   device: str) -> tuple[Deblender, str, Path]:
+    """Claim ``out`` for a ``kind`` benchmark (refused when ``complete`` unless ``force``)
+    and return the run's model, its identity for the chunk cache, and the cache directory."""
+    if complete and not force:
+        raise FileExistsError(f"{out} already holds {what}; pass --force to measure it again "
+                              "(cached chunks are reused)")
+    out.mkdir(parents=True, exist_ok=True)
+    mark(out, kind)
+    model = Deblender.from_run(run, device=device)
+    cache = out / CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    return model, lineage_identity(RunLayout(run), FINAL_STAGE), cache
+
+
 def run_metacal_benchmark(run: str | Path, config: Config, out: str | Path | None = None, *,
                           force: bool = False, progress: bool = True, device: str = "auto",
                           log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -211,16 +226,9 @@ def run_metacal_benchmark(run: str | Path, config: Config, out: str | Path | Non
     out = Path(out) if out is not None else run / KIND
     check_estimators(config.metacal.estimators)
     refuse_foreign(out, KIND)
-    if benchmark_is_complete(out) and not force:
-        raise FileExistsError(f"{out} already holds a metacal shear result; pass --force to "
-                              "measure it again (cached chunks are reused)")
-    out.mkdir(parents=True, exist_ok=True)
-    mark(out, KIND)
     started = time.time()
-    model = Deblender.from_run(run, device=device)
-    model_id = lineage_identity(RunLayout(run), FINAL_STAGE)
-    cache = out / CACHE_DIR
-    cache.mkdir(parents=True, exist_ok=True)
+    model, model_id, cache = open_benchmark(run, out, KIND, benchmark_is_complete(out), force,
+                                            "a metacal shear result", device)
     todo = variants(config)
     results: dict[str, Any] = {}
     with tqdm(total=len(todo) * config.metacal.n_scenes, desc="metacal shear", unit="scene",

@@ -32,7 +32,21 @@ the shear. A constant shear g acts on the whole scene: every profile is sheared 
 intrinsic ellipticity) and every position (offset from the target, the stamp centre) is mapped
 by ``galsim.Shear(g1=, g2=).getMatrix()``.
 
-PSF of each band: the survey's PSF dilated by ``psf_scale`` (its FWHM times ``psf_scale``).
+PSF of each band: the survey's PSF dilated by ``psf_scale`` (its FWHM times ``psf_scale``),
+then sheared by ``psf_shear`` (a reduced shear g, so the PSF's ellipticity is |g| = (a - b)/(a + b)
+along the position angle of g; pixel frame; the default (0, 0) leaves it round).
+
+Real galaxies (``real_catalog``, a GalSim real-galaxy catalogue such as COSMOS's
+``real_galaxy_catalog_*.fits``): each galaxy's bulge+disk profile is replaced by a catalogue
+galaxy drawn uniformly (with replacement), at a uniform orientation (its twin's turned by a further
+90 degrees), with the same morphology in every band and the population's positions and colour
+rule. Its ``ref_band`` magnitude is the population's, but never more than
+``real_max_brightening`` brighter than the galaxy's catalogue magnitude (the catalogue's band,
+F814W for COSMOS, taken as ``ref_band``): its HST noise is brightened with it (1 mag keeps that
+noise below ~6% of LSST's 10-year i-band sky noise per pixel for 90% of the COSMOS galaxies), so
+a neighbour may come out brighter than the target. Each HST image is used as
+:func:`real_galaxies` says: its background pedestal removed, its own HST noise kept.
+
 Images: noiseless, electrons per pixel, pixel frame (x = array axis 1, the ra offset; y = axis 0,
 the dec offset), drawn with GalSim's default ``drawImage`` (the pixel included) with the stamp
 centre (S-1)/2 (0-based) as the origin of the offsets.
@@ -40,8 +54,11 @@ centre (S-1)/2 (0-based) as the origin of the offsets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
 
 import galsim
 import numpy as np
@@ -67,6 +84,8 @@ class PopulationSpec:
     neighbour_dmag: tuple[float, float] = (0.1, 3.0)
     colour_slope: tuple[float, float] = (-3.5, -0.5)
     colour_curvature: tuple[float, float] = (0.0, 1.5)
+    real_max_brightening: float = 1.0
+    """mag: how much brighter than its catalogue magnitude a real galaxy may be drawn"""
 
 
 @dataclass(frozen=True)
@@ -86,14 +105,22 @@ class GalSimScene:
     mags: np.ndarray
     """(n, bands) AB magnitudes"""
     twin: int = 0
+    real_index: np.ndarray | None = None
+    """(n,) int rows of the population's real-galaxy catalogue, or None (bulge+disk galaxies; with
+    real galaxies ``hlr``, ``bulge_fraction``, ``e1`` and ``e2`` are NaN: the images set them)"""
+    real_angle: np.ndarray | None = None
+    """(n,) radians, counter-clockwise rotation of each real galaxy's image (pixel frame)"""
 
     @property
     def n_galaxies(self) -> int:
         return len(self.ra)
 
     def rotated(self) -> GalSimScene:
-        """The scene rotated by +90 degrees about the stamp centre: (x, y) -> (-y, x), e -> -e."""
-        return replace(self, ra=-self.dec, dec=self.ra.copy(), e1=-self.e1, e2=-self.e2, twin=1)
+        """The scene rotated by +90 degrees about the stamp centre: (x, y) -> (-y, x), e -> -e
+        (real galaxies: their images turned by a further 90 degrees)."""
+        angle = None if self.real_angle is None else self.real_angle + np.pi / 2
+        return replace(self, ra=-self.dec, dec=self.ra.copy(), e1=-self.e1, e2=-self.e2, twin=1,
+                       real_angle=angle)
 
     def positions(self, g: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
         """Offsets (ra, dec) in arcsec after the shear ``g`` of the whole scene."""
@@ -111,11 +138,20 @@ class GalSimPopulation:
     stamp_pixels: int = 45
     psf_scale: float = 1.0
     spec: PopulationSpec = field(default_factory=PopulationSpec)
+    psf_shear: tuple[float, float] = (0.0, 0.0)
+    """Reduced shear g (g1, g2) of every band's PSF, pixel frame (module docstring)."""
+    real_catalog: str | None = None
+    """Path of a GalSim real-galaxy catalogue whose galaxies replace the bulge+disk profiles
+    (its image files beside it); None: bulge+disk."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.psf_scale, (int, float)) and np.isfinite(self.psf_scale)
                 and self.psf_scale > 0):
             raise ValueError(f"psf_scale must be a positive number, got {self.psf_scale!r}")
+        g1, g2 = (float(x) for x in self.psf_shear)
+        if not (math.isfinite(g1) and math.isfinite(g2) and math.hypot(g1, g2) < 0.5):
+            raise ValueError(f"psf_shear must be a finite (g1, g2) with |g| < 0.5, got "
+                             f"{self.psf_shear!r}")
         if isinstance(self.stamp_pixels, bool) or int(self.stamp_pixels) != self.stamp_pixels \
                 or self.stamp_pixels < 9:
             raise ValueError(f"stamp_pixels must be an integer >= 9, got {self.stamp_pixels!r}")
@@ -137,7 +173,10 @@ class GalSimPopulation:
         wavelength = np.array([f.effective_wavelength.to_value("nm") for f in filters])
         self._x = np.log(wavelength / wavelength[self.bands.index(self.spec.ref_band)])
         self.psfs: list[galsim.GSObject] = [
-            dilated(_survey_psf(survey, f), float(self.psf_scale)) for f in filters]
+            sheared(dilated(_survey_psf(survey, f), float(self.psf_scale)), (g1, g2))
+            for f in filters]
+        self._real: RealGalaxies | None = (
+            None if self.real_catalog is None else real_galaxies(str(self.real_catalog)))
 
     # -- sampling ---------------------------------------------------------------------------
     def sample(self, n: int, seed: int, neighbours: bool = True) -> list[GalSimScene]:
@@ -173,9 +212,17 @@ class GalSimPopulation:
             e[bad] = rng.normal(0.0, spec.e_sigma, (int(bad.sum()), 2))
         slope = rng.uniform(*spec.colour_slope, n)
         curvature = rng.uniform(*spec.colour_curvature, n)
+        if self._real is None:
+            mags = ref_mag[:, None] + slope[:, None] * self._x + curvature[:, None] * self._x ** 2
+            return GalSimScene(ra=ra, dec=dec, hlr=hlr, bulge_fraction=bulge, e1=e[:, 0].copy(),
+                               e2=e[:, 1].copy(), mags=mags)
+        index = rng.integers(0, len(self._real.profiles), n)  # after the bulge+disk draws
+        angle = rng.uniform(0.0, np.pi, n)
+        ref_mag = np.maximum(ref_mag, self._real.mags[index] - spec.real_max_brightening)
         mags = ref_mag[:, None] + slope[:, None] * self._x + curvature[:, None] * self._x ** 2
-        return GalSimScene(ra=ra, dec=dec, hlr=hlr, bulge_fraction=bulge, e1=e[:, 0].copy(),
-                           e2=e[:, 1].copy(), mags=mags)
+        nan = np.full(n, np.nan)
+        return GalSimScene(ra=ra, dec=dec, hlr=nan, bulge_fraction=nan, e1=nan, e2=nan.copy(),
+                           mags=mags, real_index=index, real_angle=angle)
 
     # -- drawing ----------------------------------------------------------------------------
     def fluxes(self, scene: GalSimScene) -> np.ndarray:
@@ -184,12 +231,17 @@ class GalSimPopulation:
 
     def galaxy(self, scene: GalSimScene, i: int, g: tuple[float, float]) -> galsim.GSObject:
         """Galaxy ``i`` of ``scene``, unit flux, sheared by ``g`` (not shifted, no PSF)."""
-        r, fb = float(scene.hlr[i]), float(scene.bulge_fraction[i])
-        parts = [galsim.Exponential(half_light_radius=r, flux=1.0 - fb)]
-        if fb > 0:
-            parts.append(galsim.DeVaucouleurs(half_light_radius=r, flux=fb,
-                                              trunc=self.spec.bulge_truncation * r))
-        profile = galsim.Add(parts).shear(g1=float(scene.e1[i]), g2=float(scene.e2[i]))
+        if scene.real_index is not None and scene.real_angle is not None:
+            assert self._real is not None, "a real-galaxy scene needs the real_catalog"
+            profile = self._real.profiles[int(scene.real_index[i])].rotate(
+                float(scene.real_angle[i]) * galsim.radians)
+        else:
+            r, fb = float(scene.hlr[i]), float(scene.bulge_fraction[i])
+            parts = [galsim.Exponential(half_light_radius=r, flux=1.0 - fb)]
+            if fb > 0:
+                parts.append(galsim.DeVaucouleurs(half_light_radius=r, flux=fb,
+                                                  trunc=self.spec.bulge_truncation * r))
+            profile = galsim.Add(parts).shear(g1=float(scene.e1[i]), g2=float(scene.e2[i]))
         if g[0] != 0.0 or g[1] != 0.0:
             profile = profile.shear(g1=float(g[0]), g2=float(g[1]))
         return profile
@@ -235,6 +287,48 @@ def survey_psfs(survey_name: str, bands: Sequence[str], psf_scale: float = 1.0
 def dilated(psf: galsim.GSObject, scale: float) -> galsim.GSObject:
     """``psf`` dilated by ``scale`` (flux kept, every length times ``scale``); itself at 1."""
     return psf if scale == 1.0 else psf.dilate(scale)
+
+
+def sheared(psf: galsim.GSObject, g: tuple[float, float]) -> galsim.GSObject:
+    """``psf`` sheared by the reduced shear ``g`` (area kept); itself at (0, 0)."""
+    return psf if g[0] == 0.0 and g[1] == 0.0 else psf.shear(g1=float(g[0]), g2=float(g[1]))
+
+
+@dataclass(frozen=True)
+class RealGalaxies:
+    """The galaxies of a real-galaxy catalogue (:func:`real_galaxies`)."""
+
+    profiles: tuple[galsim.GSObject, ...]
+    """unit-flux profiles (HST image deconvolved by its PSF), before any PSF of ours"""
+    mags: np.ndarray
+    """(n,) catalogue magnitudes, in the catalogue's band (F814W for COSMOS)"""
+
+
+@lru_cache(maxsize=4)
+def real_galaxies(catalog: str) -> RealGalaxies:
+    """Every galaxy of the GalSim real-galaxy catalogue file ``catalog`` (image files in its
+    directory), as a unit-flux :class:`galsim.RealGalaxy`, with its catalogue magnitude.
+
+    Each image first has its background pedestal removed: the median of its border pixels (the
+    outermost row and column on each side) is subtracted from every pixel. Its HST noise is kept
+    (not whitened, no noise padding), so it is sheared with the galaxy. Unit flux is the image's
+    sum after the subtraction.
+    """
+    path = Path(catalog)
+    if not path.is_file():
+        raise FileNotFoundError(f"real-galaxy catalogue not found: {path}")
+    cat = galsim.RealGalaxyCatalog(path.name, dir=str(path.parent))
+    profiles = []
+    for i in range(cat.nobjects):
+        image = cat.getGalImage(i)
+        a = image.array
+        border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+        image = image - float(np.median(border))
+        if not image.array.sum() > 0:
+            raise ValueError(f"{path}: galaxy {i} has no positive flux above its border")
+        profiles.append(galsim.RealGalaxy.makeFromImage(image, cat.getPSF(i), cat.getNoise(i))
+                        .withFlux(1.0))
+    return RealGalaxies(tuple(profiles), np.asarray(cat.mag, np.float64).copy())
 
 
 def draw_psf_images(psfs: Sequence[galsim.GSObject], pixel_scale: float, stamp_pixels: int

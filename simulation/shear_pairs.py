@@ -15,7 +15,9 @@ Populations:
   the shear, so one seed gives the same galaxies at +g and -g.
 - ``"galsim"``: :class:`simulation.galsim_population.GalSimPopulation`, a bulge+disk population
   drawn directly with GalSim that no network saw, with the survey's PSFs dilated by
-  ``psf_scale``; survey, stamp size and the neighbours' count and radius range come from ``sim``.
+  ``psf_scale`` (and, optionally, sheared by ``psf_shear``; its galaxies optionally real ones from
+  ``real_catalog``); survey, stamp size and the neighbours' count and radius range come from
+  ``sim``.
 
 Noise (the same for +g and -g): a Gaussian approximation of BTK's Poisson model on
 sky-subtracted images (BTK's images are sky-subtracted too),
@@ -28,6 +30,9 @@ plus - minus except for the O(g) change of its amplitude where galaxies are. (Ga
 draws go out of step when the mean changes, so they cannot be shared between +g and -g.)
 ``correction_noise`` = sqrt(sky_level) * z' with an independent z' from the same seed sequence:
 sky variance only, for metacalibration's noise correction.
+
+Other observing conditions are built from the noiseless pairs: :func:`scale_exposure` (another
+depth) and :func:`observe_pairs` (the noise above).
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ MAX_SHEAR = 0.1
 """|g| must stay below this (the benchmark's shears are small; positions and profiles are
 sheared exactly, but the scenes are built for weak shear)."""
 PSF_SCALE_RANGE = (0.9, 1.1)
-"""Allowed PSF dilation factors (the PSF FWHM within +-10% of the survey's)."""
+"""Allowed PSF dilation factors by default (the PSF FWHM within +-10% of the survey's); a caller
+that means to go further passes its own ``psf_scale_range``."""
 
 
 @dataclass(frozen=True)
@@ -114,17 +120,30 @@ class NoiselessPairs:
 
 def draw_shear_pairs(population: Literal["btk", "galsim"], n: int, seed: int,
                      g: tuple[float, float], *, neighbours: bool,
-                     sim: SimulationConfig | None = None, psf_scale: float = 1.0
-                     ) -> ShearPairBatch:
+                     sim: SimulationConfig | None = None, psf_scale: float = 1.0,
+                     psf_scale_range: tuple[float, float] = PSF_SCALE_RANGE,
+                     psf_shear: tuple[float, float] = (0.0, 0.0),
+                     real_catalog: str | None = None) -> ShearPairBatch:
     """``n`` scenes (even: rotated-twin pairs) of ``population``, each at +g and -g, with noise.
 
     ``sim``: the simulation config (default ``Config().simulation``): the BTK scenes, and for
     both populations the survey, stamp size and label bands (and, for ``"galsim"``, the
     neighbours' count range and radius range). ``neighbours=False`` draws isolated targets.
-    ``psf_scale`` dilates every band's PSF (in [0.9, 1.1]). Same arguments, same bytes.
+    ``psf_scale`` dilates every band's PSF (within ``psf_scale_range``, by default [0.9, 1.1]).
+    ``"galsim"`` only: ``psf_shear`` shears every band's PSF by a reduced shear (pixel frame),
+    ``real_catalog`` replaces its galaxies by those of a GalSim real-galaxy catalogue
+    (:class:`~simulation.galsim_population.GalSimPopulation`). Same arguments, same bytes.
     """
     pairs = draw_noiseless_pairs(population, n, seed, g, neighbours=neighbours, sim=sim,
-                                 psf_scale=psf_scale)
+                                 psf_scale=psf_scale, psf_scale_range=psf_scale_range,
+                                 psf_shear=psf_shear, real_catalog=real_catalog)
+    return observe_pairs(pairs, seed, population, g)
+
+
+def observe_pairs(pairs: NoiselessPairs, seed: int, population: Literal["btk", "galsim"],
+                  g: tuple[float, float]) -> ShearPairBatch:
+    """The noisy :class:`ShearPairBatch` of noiseless ``pairs`` drawn at shear ``g``: scene i's
+    noise from :func:`noise_fields` of (``seed``, ``population``, i), the same for +g and -g."""
     shape = pairs.plus_blend.shape
     plus = np.empty(shape, np.float32)
     minus = np.empty(shape, np.float32)
@@ -149,6 +168,21 @@ def draw_shear_pairs(population: Literal["btk", "galsim"], n: int, seed: int,
         neighbour_distance=distance, target_snr=snr, twin=pairs.twin)
 
 
+def scale_exposure(pairs: NoiselessPairs, factor: float) -> NoiselessPairs:
+    """The same scenes observed ``factor`` times as long: every image (electrons) and the sky
+    levels multiplied by ``factor`` (a depth of ``factor`` times the survey's; the noise of
+    :func:`observe_pairs` then grows as sqrt(factor), the signal-to-noise too)."""
+    factor = float(factor)
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"the exposure factor must be a finite number > 0, got {factor!r}")
+    return dataclasses.replace(
+        pairs, plus_blend=pairs.plus_blend * np.float32(factor),
+        minus_blend=pairs.minus_blend * np.float32(factor),
+        plus_target=pairs.plus_target * np.float32(factor),
+        minus_target=pairs.minus_target * np.float32(factor),
+        sky_levels=pairs.sky_levels * factor)
+
+
 def noise_fields(seed: int, population: str, index: int, shape: tuple[int, ...]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Scene ``index``'s two standard-normal fields (z for the images, z' for the correction)."""
@@ -166,17 +200,23 @@ def add_noise(image: np.ndarray, sky_levels: np.ndarray, z: np.ndarray) -> np.nd
 
 def draw_noiseless_pairs(population: Literal["btk", "galsim"], n: int, seed: int,
                          g: tuple[float, float], *, neighbours: bool,
-                         sim: SimulationConfig | None = None, psf_scale: float = 1.0
-                         ) -> NoiselessPairs:
+                         sim: SimulationConfig | None = None, psf_scale: float = 1.0,
+                         psf_scale_range: tuple[float, float] = PSF_SCALE_RANGE,
+                         psf_shear: tuple[float, float] = (0.0, 0.0),
+                         real_catalog: str | None = None) -> NoiselessPairs:
     """The noiseless +g / -g scenes of :func:`draw_shear_pairs` (same arguments)."""
-    g = _check(population, n, seed, g, neighbours, sim, psf_scale)
+    g = _check(population, n, seed, g, neighbours, sim, psf_scale, psf_scale_range)
     sim = sim if sim is not None else Config().simulation
     if population == "btk":
+        if tuple(psf_shear) != (0.0, 0.0) or real_catalog is not None:
+            raise ValueError("psf_shear and real_catalog are options of the galsim population")
         return _btk_pairs(n, seed, g, neighbours, sim, float(psf_scale))
-    return _galsim_pairs(n, seed, g, neighbours, sim, float(psf_scale))
+    return _galsim_pairs(n, seed, g, neighbours, sim, float(psf_scale),
+                         (float(psf_shear[0]), float(psf_shear[1])), real_catalog)
 
 
-def _check(population, n, seed, g, neighbours, sim, psf_scale) -> tuple[float, float]:
+def _check(population, n, seed, g, neighbours, sim, psf_scale, psf_scale_range
+           ) -> tuple[float, float]:
     if population not in POPULATIONS:
         raise ValueError(f"unknown population {population!r}: expected one of {POPULATIONS}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2 or n % 2:
@@ -193,10 +233,13 @@ def _check(population, n, seed, g, neighbours, sim, psf_scale) -> tuple[float, f
         raise ValueError(f"neighbours must be True or False, got {neighbours!r}")  # noqa: TRY004
     if sim is not None and not isinstance(sim, SimulationConfig):
         raise TypeError(f"sim must be a SimulationConfig or None, got {type(sim).__name__}")
+    low, high = (float(x) for x in psf_scale_range)
+    if not 0 < low <= high < math.inf:
+        raise ValueError(f"psf_scale_range must be (low, high) with 0 < low <= high, got "
+                         f"{psf_scale_range!r}")
     if (isinstance(psf_scale, bool) or not isinstance(psf_scale, (int, float, np.floating))
-            or not PSF_SCALE_RANGE[0] <= psf_scale <= PSF_SCALE_RANGE[1]):
-        raise ValueError(f"psf_scale must be a number in [{PSF_SCALE_RANGE[0]}, "
-                         f"{PSF_SCALE_RANGE[1]}], got {psf_scale!r}")
+            or not low <= psf_scale <= high):
+        raise ValueError(f"psf_scale must be a number in [{low:g}, {high:g}], got {psf_scale!r}")
     return g1, g2
 
 
@@ -259,11 +302,13 @@ def _unsheared_offsets(table) -> np.ndarray:
 
 
 def _galsim_pairs(n: int, seed: int, g: tuple[float, float], neighbours: bool,
-                  sim: SimulationConfig, psf_scale: float) -> NoiselessPairs:
+                  sim: SimulationConfig, psf_scale: float, psf_shear: tuple[float, float],
+                  real_catalog: str | None) -> NoiselessPairs:
     spec = PopulationSpec(ref_band="i", min_neighbours=sim.min_neighbours,
                           max_neighbours=sim.max_neighbours,
                           neighbour_shift=tuple(sim.neighbour_shift))
-    pop = GalSimPopulation(sim.survey, sim.stamp_pixels, psf_scale, spec)
+    pop = GalSimPopulation(sim.survey, sim.stamp_pixels, psf_scale, spec, psf_shear,
+                           real_catalog)
     scenes = pop.sample(n, seed, neighbours=neighbours)
     shape = (n, len(pop.bands), sim.stamp_pixels, sim.stamp_pixels)
     out = {k: np.empty(shape, np.float32) for k in ("pb", "pt", "mb", "mt")}
@@ -280,4 +325,4 @@ def _galsim_pairs(n: int, seed: int, g: tuple[float, float], neighbours: bool,
 
 
 __all__ = ["NoiselessPairs", "ShearPairBatch", "add_noise", "draw_noiseless_pairs",
-           "draw_shear_pairs", "noise_fields"]
+           "draw_shear_pairs", "noise_fields", "observe_pairs", "scale_exposure"]
