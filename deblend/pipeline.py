@@ -240,10 +240,12 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
 
 
 def _validate_des(paths: RunPaths, config: Config, log: Callable[[str], None]) -> None:
-    """The DES validation of the trained run on the stand-in; an error when nothing validated."""
+    """The DES validation of the trained run on the stand-in (and on the real DECam frames of
+    ``des.real_frames``); an error when nothing validated."""
     metrics = validate_des(paths.train, paths.des_standin / "catalog.fits",
                            paths.des_standin / "mef", paths.des_validation, config.des,
-                           force=True, command=COMMAND, log=log)
+                           force=True, command=COMMAND, real_frames=config.des.real_frames,
+                           log=log)
     if metrics.counts["validated"] == 0:
         raise ValueError(f"no DES stand-in object could be validated: see "
                          f"{paths.des_validation / 'skipped.csv'}")

@@ -3,8 +3,8 @@
 ``python -m benchmarks`` once crashed for weeks because nothing ran it (the memory benchmark
 called the data loader with arguments it no longer took). These tests run the whole suite at
 ``--size tiny`` and each ``python -m benchmarks.*`` command that no other test runs in its
-smallest form (fields, cell_speed, shear and reconstruction_defects are run by their own tests).
-They check that the figures exist and are finite, never how fast anything is.
+smallest form (fields, cell_speed, shear, conditions and reconstruction_defects are run by their
+own tests). They check that the figures exist and are finite, never how fast anything is.
 """
 
 from __future__ import annotations
