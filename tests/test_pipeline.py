@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import yaml
 
 from deblend.pipeline import STEPS, run_pipeline
 from training.runner import stage_status
+
+DES_FRAMES = Path(__file__).resolve().parents[2] / "shared" / "data" / "des_decam"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def tiny_job_config(tmp_path_factory, sample_catalog):
         "dense_fields": {"n_fields": 1, "field_arcsec": 16.0, "min_galaxies": 2,
                          "max_galaxies": 3},
         "fields": {"populations": ["galsim"], "n_fields": 1, "field_pixels": 100, "cell": 50},
-        "des": {"n_standin": 12},
+        "des": {"n_standin": 12, "real_frames": str(DES_FRAMES)},
     }
     path = tmp_path_factory.mktemp("job") / "job.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -71,6 +74,9 @@ def test_every_step_runs_and_index_links_existing_files(finished_job):
     map_methods = headline["map_deblending"]["blends"]
     assert {"encoder", "map_normal", "map_flow"} <= set(map_methods)
     assert "map_deblending/report.md" in index
+    if DES_FRAMES.is_dir():  # des.real_frames: the real DECam frames, linked from the report
+        assert "des_validation/real/real_des.png" in index
+        assert "## Real DES pixels" in (out / "des_validation" / "report.md").read_text()
 
 
 def test_rerun_skips_complete_steps(finished_job, tiny_job_config):
