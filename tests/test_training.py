@@ -30,7 +30,7 @@ from tests.conftest import TINY_CONFIG, TINY_EPOCHS
 from training.data import BatchReader, BlockBatchSampler, kept_bytes, make_loader, select_indices
 from training.history import history_columns, read_history
 from training.runner import run_stage
-from training.stages import STAGES
+from training.stages import STAGES, drop_bands
 
 TRAINED = ("stage1", "stage2", "stage3", "flow")
 """The stages of the tiny run (amortize is off in its config: tests/test_amortize.py)."""
@@ -436,3 +436,19 @@ def test_each_stage_declares_its_data_parent_epochs_and_last_step():
     assert STAGES["stage1"].is_complete({}) and not STAGES["stage3"].is_complete({})
     assert STAGES["stage3"].is_complete({"response": {"status": "uncalibrated"}})
 
+
+
+def test_band_dropout_zeroes_one_band_of_the_chosen_samples() -> None:
+    x = torch.rand(400, 6, 9, 9) + 0.1
+    state = torch.get_rng_state()
+    assert torch.equal(drop_bands(x.clone(), 0.0), x)
+    assert torch.equal(torch.get_rng_state(), state)  # 0: no draw (the quick job's oracle)
+    dropped = drop_bands(x.clone(), 1.0)
+    zero_bands = (dropped == 0).all(dim=(2, 3))
+    assert (zero_bands.sum(dim=1) == 1).all()  # exactly one band of every sample
+    assert torch.equal(dropped[~zero_bands], x[~zero_bands])  # the others untouched
+    assert len(set(zero_bands.float().argmax(dim=1).tolist())) == 6  # every band gets its turn
+    some = (drop_bands(x.clone(), 0.3) == 0).all(dim=(2, 3)).any(dim=1).float().mean()
+    assert 0.2 < float(some) < 0.4
+    with pytest.raises(ValueError, match="training.band_dropout"):
+        config_from_dict({"training": {"band_dropout": 1.5}})

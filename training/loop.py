@@ -33,7 +33,7 @@ from simulation.dataset import StampData
 from training.data import BlockBatchSampler, first_non_finite, kept_bytes, make_loader
 from training.distributed import DistContext
 from training.history import plot_history, write_history
-from training.stages import Stage
+from training.stages import Stage, drop_bands
 
 POSTFIX_EVERY = 10
 """Batches between updates of the progress bar's running loss (each one syncs the device)."""
@@ -150,6 +150,8 @@ class StageLoop:
                 y = y.to(self.device, non_blocking=True)
                 if self.config.training.dihedral_augmentation:
                     x, y = self.task.augment(x, y)
+                if self.task.drops_bands:
+                    drop_bands(x, self.config.training.band_dropout)
                 with autocast(self.device, self.amp):
                     terms = self.task.losses(self.wrapped, x, y)
                 self.optimizer.zero_grad(set_to_none=True)

@@ -74,6 +74,8 @@ class Stage(ABC):
     """What the loss compares with: "clean" images or the "ellipticity" labels (e1, e2)."""
     loss_names: ClassVar[tuple[str, ...]]
     """Names of the terms :meth:`losses` returns, the total first."""
+    drops_bands: ClassVar[bool] = True
+    """Whether ``training.band_dropout`` applies to its inputs (:func:`drop_bands`)."""
 
     def __init__(self, model: nn.Module, frozen: dict[str, nn.Module],
                  parent_record: dict[str, Any] | None, init: str) -> None:
@@ -155,6 +157,19 @@ class Stage(ABC):
         for module in self.frozen.values():
             module.to(device)
         return self
+
+
+def drop_bands(x: Tensor, probability: float) -> Tensor:
+    """``x`` (N, bands, H, W), normalised, with one band (uniformly chosen) of each sample set
+    to 0 with ``probability``, in place: a band missing as inference fills it. Draws from the
+    torch RNG (seeded per epoch by the loop) only when ``probability`` > 0."""
+    if probability <= 0:
+        return x
+    n, n_bands = x.shape[:2]
+    hit = torch.rand(n, device=x.device) < probability
+    band = torch.randint(n_bands, (n,), device=x.device)
+    x[hit, band[hit]] = 0.0
+    return x
 
 
 class VAEStage(Stage):
@@ -254,6 +269,7 @@ class FlowStage(Stage):
 
     name, parent, input_set, target, loss_names = ("flow", "stage1", "noisy", "ellipticity",
                                                    ("total", "normal"))
+    drops_bands = False  # the prior of complete galaxies
 
     def __init__(self, flow: LatentFlow, encoder: Encoder,
                  parent_record: dict[str, Any]) -> None:
@@ -292,6 +308,7 @@ class AmortizeStage(Stage):
     name, parent, input_set, target, loss_names = ("amortize", "stage2", "blend", "map_latent",
                                                    ("total", "stage2"))
     uses = ("stage1", "flow")
+    drops_bands = False  # its targets are the MAP latents of the complete blends
 
     def __init__(self, encoder: Encoder, frozen: dict[str, nn.Module], config: Config,
                  data: DataIdentity, parent_record: dict[str, Any]) -> None:

@@ -243,6 +243,10 @@ class TrainingConfig:
     dihedral_augmentation: StrictBool = True
     """Show every training sample in a random one of the stamp's 8 symmetric views (90-degree
     rotations and flips, :mod:`deblend.core.symmetry`); targets and labels follow exactly."""
+    band_dropout: StrictFloat = 0.0
+    """Probability that a training input of stage1, stage2 or stage3 has one of its bands
+    (uniformly chosen) set to 0, as ``Deblender.predict(available=...)`` fills a missing band;
+    targets keep every band. 0: never (and no random number is drawn)."""
     stage2_init: Literal["stage1", "scratch"] = "stage1"
     early_stopping_patience: StrictInt | None = None
     num_workers: StrictInt = 0
@@ -270,6 +274,7 @@ class TrainingConfig:
             (self.amortize_learning_rate is None or self.amortize_learning_rate > 0,
              "training.amortize_learning_rate", "must be > 0 or null"),
             (self.beta_kl >= 0, "training.beta_kl", "must be >= 0"),
+            (0.0 <= self.band_dropout <= 1.0, "training.band_dropout", "must be in [0, 1]"),
             (0.0 <= self.min_target_e < 1.0, "training.min_target_e", "must be in [0, 1)"),
             (_at_least(self.early_stopping_patience, 1), "training.early_stopping_patience",
              "must be >= 1 or null"),
