@@ -38,6 +38,7 @@ import galsim
 import numpy as np
 
 from deblend.core.normalization import NormalizationConstants
+from deblend.core.resample import INTERPOLANT
 from deblend.core.stamps import cut_stamp, nearest_pixel
 from des_validation.cutouts import DES_BANDS, Cutout, Skip
 
@@ -46,7 +47,6 @@ FILL_SOURCE_BAND = "g"
 DEFAULT_U_OVER_G = 0.11
 """Fallback u/g flux ratio: median flux_u/flux_g of 200 LSST targets drawn with configs/quick.yaml
 on the embedded catalog model (16-84%: 0.066-0.139). Used only without training data."""
-INTERPOLANT = "quintic"
 
 
 @dataclass(frozen=True)

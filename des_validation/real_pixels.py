@@ -29,7 +29,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.table import Table  # noqa: E402
-from surveycodex.utilities import mag2counts  # noqa: E402
 
 from deblend.core.atomic import atomic_output, write_json_atomic, write_text_atomic  # noqa: E402
 from deblend.core.inference import Deblender  # noqa: E402
@@ -38,6 +37,7 @@ from deblend.core.outputs import claim_directory, replace_directory  # noqa: E40
 from deblend.core.stamps import cut_stamps, paste_stamp  # noqa: E402
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey  # noqa: E402
 from deblend.core.survey_measure import measure_survey  # noqa: E402
+from simulation.surveys import zero_points  # noqa: E402
 
 NOMINAL_ZP = {"g": 30.0, "r": 30.2, "z": 29.8}
 """Assumed AB zero points (magnitude of one count) of the 90 s DECam frames of
@@ -80,13 +80,6 @@ def find_frames(data_dir: str | Path) -> dict[str, dict[str, Path]]:
     return frames
 
 
-def model_zero_points(model: Deblender) -> dict[str, float]:
-    """AB magnitude of one model unit (electron of the model's survey) per band, from
-    surveycodex's ``mag2counts`` as the simulations draw fluxes."""
-    return {band: 20.0 + 2.5 * float(np.log10(mag2counts(20.0, model.data.survey, band).value))
-            for band in model.bands}
-
-
 def survey_inputs(frames: Mapping[str, Mapping[str, Path]], model: Deblender,
                   zeropoints: Mapping[str, float]) -> SurveyInputs:
     """The :class:`SurveyInputs` of the frames for ``model`` (module docstring)."""
@@ -101,8 +94,8 @@ def survey_inputs(frames: Mapping[str, Mapping[str, Path]], model: Deblender,
 
     return SurveyInputs(layout("image"), layout("weight"), layout("psf"), layout("mask"),
                         {b: zeropoints[b] for b in present if b in zeropoints},
-                        model_zero_points(model), missing, "centre", resample=True,
-                        subtract_sky=True)
+                        zero_points(model.data.survey, model.bands), missing, "centre",
+                        resample=True, subtract_sky=True)
 
 
 def scene_model(model: Deblender, survey: SurveyImage, rows: Table) -> np.ndarray:

@@ -66,8 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv[1:] if argv is None else list(argv))
     metrics = validate_des(run, args.catalog, args.cutouts, args.out, des,
                        training_data=args.training_data, pixel_scale=args.pixel_scale,
-                       force=args.force, device=args.device, command=command,
-                       real_frames=des.real_frames)
+                       force=args.force, device=args.device, command=command)
     return 0 if metrics.counts["validated"] > 0 else 1
 
 

@@ -245,9 +245,9 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
                  out: str | Path | None, des: DESConfig, *,
                  training_data: str | Path | None = None, pixel_scale: float | None = None,
                  force: bool = False, device: str = "auto", command: str | None = None,
-                 real_frames: str | Path | None = None, log=print) -> DESValidationResult:
+                 log=print) -> DESValidationResult:
     """Run the whole DES validation and write the report; returns the metrics. With
-    ``real_frames`` (a directory of DECam frames) the model also measures them into
+    ``des.real_frames`` (a directory of DECam frames) the model also measures them into
     ``out/real`` (:mod:`des_validation.real_pixels`), linked from the report."""
 
     run = Path(run)
@@ -333,11 +333,11 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if real_frames is not None:
-            if Path(real_frames).is_dir():
-                metrics.real_pixels = run_real_des(model, real_frames, tmp / "real", log=log)
+        if des.real_frames is not None:
+            if Path(des.real_frames).is_dir():
+                metrics.real_pixels = run_real_des(model, des.real_frames, tmp / "real", log=log)
             else:
-                notes.append(f"the real DES frames {real_frames} (des.real_frames) are not "
+                notes.append(f"the real DES frames {des.real_frames} (des.real_frames) are not "
                              f"there: the section on real pixels is left out")
         if n == 0:
             notes.append("no object is left to validate")

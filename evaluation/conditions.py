@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -57,13 +56,14 @@ from deblend.core.config import Config
 from deblend.core.inference import Deblender
 from deblend.core.outputs import refuse_foreign
 from deblend.core.shapes import moments_ellipticity
-from evaluation.metacal_benchmark import drawing_simulation, open_benchmark
+from evaluation.metacal_benchmark import chunk_seed, drawing_simulation, open_benchmark
 from evaluation.metacal_shear import (
     Measured,
     central,
     measure_metacal,
     measured_from_arrays,
     measured_to_arrays,
+    pair_bootstrap,
     selected_shear,
     shear_bias,
 )
@@ -240,12 +240,6 @@ def measure_chunk(model: Deblender, batch: ShearPairBatch, truth: NoiselessPairs
     return arrays
 
 
-def chunk_seed(base: int, chunk: int) -> int:
-    """The seed of one chunk's scenes and noise, the same for every row."""
-    entropy = [int(base), zlib.crc32(KIND.encode()), int(chunk)]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2 ** 31 - 1))
-
-
 def _cache_key(config: Config, condition: Condition, chunk: int, n: int, model_id: str,
                cosmos: str | None) -> str:
     mc = config.metacal
@@ -270,7 +264,7 @@ def measure_rows(model: Deblender, config: Config, conditions: Sequence[Conditio
     for drawing in drawings:
         group = [c for c in conditions if c.drawing == drawing]
         for chunk, n in enumerate(chunk_sizes(mc.n_scenes, mc.chunk_scenes)):
-            seed = chunk_seed(mc.seed, chunk)
+            seed = chunk_seed(mc.seed, KIND, chunk)
             keys = {c.name: _cache_key(config, c, chunk, n, model_id, cosmos) for c in group}
             paths = {c.name: cache / f"{c.name}_chunk{chunk:04d}.npz" for c in group}
             cached = {c.name: read_chunk(paths[c.name], keys[c.name]) for c in group}
@@ -312,10 +306,8 @@ def leakage(row: tuple[Measured, Measured], reference: tuple[Measured, Measured]
              for p, m in (row, reference)]
         return float((c[0][j] - c[1][j]) / g_psf[j])
 
-    rng = np.random.default_rng(seed)
-    draws = [alpha(np.bincount(rng.integers(0, n_units, n_units), minlength=n_units)
-                   .astype(float)) for _ in range(n_bootstrap)]
-    return alpha(np.ones(n_units)), float(np.std(draws, ddof=1))
+    value, draws = pair_bootstrap(alpha, np.arange(n_units), n_units, n_bootstrap, seed)
+    return value, float(np.std(draws, ddof=1))
 
 
 def row_result(condition: Condition, arrays: dict[str, np.ndarray],

@@ -95,8 +95,9 @@ def check_estimators(names: tuple[str, ...]) -> None:
 
 
 # -- chunks -------------------------------------------------------------------------------------
-def chunk_seed(base: int, variant: Variant, chunk: int) -> int:
-    entropy = [int(base), zlib.crc32(variant.name.encode()), int(chunk)]
+def chunk_seed(base: int, name: str, chunk: int) -> int:
+    """The seed of one chunk of the scenes called ``name`` (a variant, a benchmark)."""
+    entropy = [int(base), zlib.crc32(name.encode()), int(chunk)]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2 ** 31 - 1))
 
 
@@ -150,7 +151,7 @@ def measure_variant(model: Deblender, config: Config, variant: Variant, cache: P
         arrays = read_chunk(path, key)
         if arrays is None:
             batch = draw_shear_pairs(
-                variant.population, n, chunk_seed(mc.seed, variant, chunk), (mc.g, mc.g),
+                variant.population, n, chunk_seed(mc.seed, variant.name, chunk), (mc.g, mc.g),
                 neighbours=variant.neighbours, sim=drawing_simulation(config),
                 psf_scale=chunk_psf_scale(config, variant, chunk))
             arrays = measure_pairs(model, batch, config)

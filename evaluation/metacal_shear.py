@@ -26,9 +26,9 @@ Estimators (all distortions in the pixel frame, measured on the label bands' sum
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -224,6 +224,23 @@ class ShearBias:
                 "n_scenes": self.n_scenes, "kept_fraction": self.kept_fraction}
 
 
+T = TypeVar("T")
+
+
+def pair_bootstrap(estimate: Callable[[np.ndarray], T], unit_ids: np.ndarray, n_units: int,
+                   n_bootstrap: int, seed: int) -> tuple[T, list[T]]:
+    """``estimate(unit_weights)`` with weight 1 on each of ``unit_ids`` (twin pairs; the other
+    of the ``n_units`` weigh 0), and its ``n_bootstrap`` redraws with the pairs resampled with
+    replacement from ``SeedSequence(seed)``."""
+    full = np.zeros(n_units)
+    full[unit_ids] = 1.0
+    value = estimate(full)
+    rng = np.random.default_rng(seed)
+    draws = [estimate(np.bincount(rng.choice(unit_ids, len(unit_ids)), minlength=n_units)
+                      .astype(float)) for _ in range(n_bootstrap)]
+    return value, draws
+
+
 def shear_bias(plus: Measured, minus: Measured, g: Sequence[float], *, delta: float,
                n_bootstrap: int = 200, seed: int = 0, subset: np.ndarray | None = None
                ) -> ShearBias:
@@ -248,12 +265,7 @@ def shear_bias(plus: Measured, minus: Measured, g: Sequence[float], *, delta: fl
         g_minus = selected_shear(minus.e, minus.response, minus.kept, weights, delta)
         return (g_plus - g_minus) / (2.0 * g) - 1.0, (g_plus + g_minus) / 2.0
 
-    full = np.zeros(n // 2)
-    full[unit_ids] = 1.0
-    m, c = estimate(full)
-    rng = np.random.default_rng(seed)
-    draws = [estimate(np.bincount(rng.choice(unit_ids, len(unit_ids)), minlength=n // 2)
-                      .astype(float)) for _ in range(n_bootstrap)]
+    (m, c), draws = pair_bootstrap(estimate, unit_ids, n // 2, n_bootstrap, seed)
     ms, cs = np.array([d[0] for d in draws]), np.array([d[1] for d in draws])
     kept = float((plus.kept["noshear"] & np.isfinite(plus.e).all(axis=1))[chosen].mean())
     return ShearBias(m, ms.std(axis=0, ddof=1), c, cs.std(axis=0, ddof=1), int(chosen.sum()),

@@ -9,7 +9,7 @@ from functools import lru_cache
 import btk
 import galsim
 import numpy as np
-from surveycodex.utilities import mean_sky_level
+from surveycodex.utilities import mag2counts, mean_sky_level
 
 KNOWN_SURVEYS = ("LSST", "DES")
 
@@ -47,6 +47,14 @@ def sky_levels(name: str, bands: Sequence[str]) -> np.ndarray:
     survey = get_survey(name)
     return np.array([mean_sky_level(survey, survey.get_filter(b)).to_value("electron")
                      for b in bands], np.float64)
+
+
+def zero_points(name: str, bands: Sequence[str]) -> dict[str, float]:
+    """{band: AB magnitude of one electron} of survey ``name`` over its full exposure time, as
+    its simulations turn magnitudes into electrons (surveycodex ``mag2counts``)."""
+    survey = get_survey(name)
+    return {b: 2.5 * float(np.log10(mag2counts(0.0, survey, survey.get_filter(b))
+                                    .to_value("electron"))) for b in bands}
 
 
 def survey_geometry(name: str, stamp_pixels: int) -> SurveyGeometry:

@@ -87,7 +87,7 @@ def test_a_star_lands_where_its_sky_position_says_in_every_band() -> None:
         image = galsim.Image(shape[1], shape[0], wcs=local)
         psf.drawImage(image, offset=tuple(star_pixel - centre))
         band = BandResampler(wcs, shape, grid, name)
-        out = band.image(image.array)
+        out = band.draw(image.array)
         assert out.sum() == pytest.approx(image.array.sum(), rel=2e-3), name
         moments = galsim.hsm.FindAdaptiveMom(galsim.Image(out))
         got = np.array([moments.moments_centroid.x - 1, moments.moments_centroid.y - 1])
@@ -115,8 +115,8 @@ def test_masked_pixels_and_edges_are_masked_on_the_output_and_change_nothing() -
     garbage[masked] = 1e6
     out_mask = band.masked(masked)
     clean = np.where(masked, 0.0, image)
-    a = band.image(clean)
-    b = band.image(np.where(masked, 0.0, garbage))
+    a = band.draw(clean)
+    b = band.draw(np.where(masked, 0.0, garbage))
     assert np.array_equal(a, b)
     # the masked pixel reaches the output pixels whose kernel reads it, and only a few
     x, y = band.native_position(*np.indices(grid.shape)[::-1])
@@ -138,7 +138,7 @@ def test_the_variance_map_follows_resampled_white_noise() -> None:
     grid = OutputGrid.over(header, shape, 0.2, "band")
     band = BandResampler(galsim_wcs(header, "band"), shape, grid, "band")
     variance = band.variance(np.full(shape, 4.0), np.zeros(shape, bool))
-    noise = band.image(np.random.default_rng(7).normal(0.0, 2.0, shape))
+    noise = band.draw(np.random.default_rng(7).normal(0.0, 2.0, shape))
     inside = np.isfinite(variance)
     assert np.median(variance[inside]) == pytest.approx(np.var(noise[inside]), rel=0.05)
     # fewer counts per smaller pixel: the variance per pixel falls by more than the area ratio

@@ -81,12 +81,6 @@ class NormalizedImages:
         return images
 
 
-def normalized_bytes(data: StampData, n_samples: int, n_sets: int) -> int:
-    """Memory (bytes) that :class:`NormalizedImages` of ``n_sets`` image sets over
-    ``n_samples`` samples hold once filled."""
-    return n_samples * n_sets * len(data.bands) * data.stamp_pixels ** 2 * 4
-
-
 class BatchReader(Dataset):
     """``reader[indices]`` -> (inputs, targets): normalised float32 tensors of a whole batch.
 
@@ -129,6 +123,12 @@ class BatchReader(Dataset):
     def image_sets(self) -> tuple[str, ...]:
         """The image sets a batch reads: the input set, and "clean" for target "clean"."""
         return (self.input_set, "clean") if self.target == "clean" else (self.input_set,)
+
+    def normalized_bytes(self, n_samples: int) -> int:
+        """Memory (bytes) the normalised images of :meth:`image_sets` over ``n_samples``
+        samples hold once kept (float32)."""
+        data = self.data
+        return n_samples * len(self.image_sets()) * len(data.bands) * data.stamp_pixels ** 2 * 4
 
     def normalized(self, image_set: str, indices: np.ndarray) -> np.ndarray:
         """Normalised images of ``indices`` (a fresh array), from memory when kept."""
@@ -238,16 +238,15 @@ def make_loader(data_dir: str | Path, *, input_set: str, target: str, split: str
     from epoch to epoch, so each rank may come to hold them all).
     """
     shuffle = split == "train"
-    data = open_dataset(data_dir)
-    indices = select_indices(data, split, min_target_e)
+    reader = BatchReader(data_dir, input_set, target, latent_targets)
+    indices = select_indices(reader.data, split, min_target_e)
     if len(indices) == 0:
         cut = f" with target e > {min_target_e} (training.min_target_e)" if min_target_e else ""
         raise ValueError(f"the {split} split of {data_dir} has no samples{cut}")
     sampler = BlockBatchSampler(indices, batch_size, shuffle=shuffle, seed=seed, rank=rank,
                                 world_size=world_size, equal_shards=shuffle)
     sampler.set_epoch(epoch)
-    reader = BatchReader(data_dir, input_set, target, latent_targets)
-    if normalized_bytes(reader.data, len(indices), len(reader.image_sets())) <= cache_bytes:
+    if reader.normalized_bytes(len(indices)) <= cache_bytes:
         reader.cached = indices
     # an own generator: iterating must not draw from the global torch RNG (reproducible resume)
     return DataLoader(reader, sampler=sampler,
@@ -263,6 +262,4 @@ def kept_bytes(loader: DataLoader) -> int:
     """Memory (bytes, per process) a loader of :func:`make_loader` comes to hold in normalised
     images (0 when it keeps none)."""
     reader: BatchReader = loader.dataset
-    if reader.cached is None:
-        return 0
-    return normalized_bytes(reader.data, len(reader.cached), len(reader.image_sets()))
+    return 0 if reader.cached is None else reader.normalized_bytes(len(reader.cached))

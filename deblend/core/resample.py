@@ -33,6 +33,7 @@ and output pixels whose kernel runs off the input image have no data: both are m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import galsim
 import numpy as np
@@ -157,19 +158,24 @@ class BandResampler:
         return self.centre.reshape((2,) + (1,) * (p.ndim - 1)) + np.tensordot(
             self._to_native, d, axes=1)
 
-    def draw(self, values: np.ndarray, shape: tuple[int, int] | None = None,
-             interpolant: str = INTERPOLANT) -> np.ndarray:
-        """Counts-per-pixel ``values`` (input grid) drawn on an output image of ``shape``
-        (default: the grid's) centred like the output grid (the band's centre at
-        :attr:`offset` from its centre)."""
-        shape = self.grid.shape if shape is None else shape
+    def profile(self, values: np.ndarray, interpolant: str = INTERPOLANT
+                ) -> galsim.InterpolatedImage:
+        """Values on the input grid as a GalSim profile in the band's local WCS, its origin at
+        the image's centre (counts per pixel: ``normalization="flux"``)."""
         image = galsim.Image(np.ascontiguousarray(values, np.float64),
                              wcs=galsim.JacobianWCS(*self.local.ravel()))
-        profile = galsim.InterpolatedImage(image, x_interpolant=interpolant,
-                                           calculate_stepk=False, calculate_maxk=False)
+        return galsim.InterpolatedImage(image, x_interpolant=interpolant,
+                                        calculate_stepk=False, calculate_maxk=False)
+
+    def draw(self, values: np.ndarray, shape: tuple[int, int] | None = None,
+             interpolant: str = INTERPOLANT) -> np.ndarray:
+        """Counts-per-pixel ``values`` (input grid; masked pixels must be 0) drawn on an output
+        image of ``shape`` (default: the grid's) centred like the output grid (the band's
+        centre at :attr:`offset` from its centre)."""
+        shape = self.grid.shape if shape is None else shape
         out = galsim.Image(shape[1], shape[0], wcs=galsim.JacobianWCS(*self.grid.jacobian.ravel()))
         offset = self.offset + _centre(self.grid.shape) - _centre(shape)
-        profile.drawImage(out, method="no_pixel", offset=tuple(offset))
+        self.profile(values, interpolant).drawImage(out, method="no_pixel", offset=tuple(offset))
         return out.array.astype(np.float64)
 
     @property
@@ -177,16 +183,12 @@ class BandResampler:
         """Output over input pixel area."""
         return float(abs(np.linalg.det(self.grid.jacobian) / np.linalg.det(self.local)))
 
-    def image(self, values: np.ndarray) -> np.ndarray:
-        """Counts per input pixel -> counts per output pixel (masked pixels must be 0)."""
-        return self.draw(values)
-
     def noise_factor(self) -> float:
         """Variance of unit white noise after resampling (interior pixels)."""
         if self._noise_factor is None:
             noise = np.random.default_rng(NOISE_SEED).standard_normal(self.shape)
-            out = self.image(noise)
-            inside = ~self.outside()
+            out = self.draw(noise)
+            inside = ~self.outside
             self._noise_factor = float(np.var(out[inside])) if inside.sum() > 100 else \
                 self.area_ratio ** 2
         return self._noise_factor
@@ -199,10 +201,16 @@ class BandResampler:
         out = np.clip(carried, 0.0, None) * self.noise_factor()
         return np.where(self.masked(masked), np.inf, out)
 
+    @cached_property
+    def grid_native(self) -> np.ndarray:
+        """(2, H, W) input pixel (x, y) under every output pixel (:meth:`native_position`)."""
+        ys, xs = np.indices(self.grid.shape)
+        return self.native_position(xs, ys)
+
+    @cached_property
     def outside(self) -> np.ndarray:
         """Output pixels whose kernel runs off the input image."""
-        ys, xs = np.indices(self.grid.shape)
-        x, y = self.native_position(xs, ys)
+        x, y = self.grid_native
         r = KERNEL_RADIUS
         return ((x < r - 0.5) | (y < r - 0.5) | (x > self.shape[1] - r - 0.5)
                 | (y > self.shape[0] - r - 0.5))
@@ -210,22 +218,17 @@ class BandResampler:
     def masked(self, masked: np.ndarray) -> np.ndarray:
         """Output pixels that a masked input pixel reaches, or off the image."""
         reach = ndimage.binary_dilation(masked, np.ones((2 * KERNEL_RADIUS + 1,) * 2, bool))
-        ys, xs = np.indices(self.grid.shape)
-        x, y = self.native_position(xs, ys)
+        x, y = self.grid_native
         col = np.clip(np.rint(x).astype(int), 0, self.shape[1] - 1)
         row = np.clip(np.rint(y).astype(int), 0, self.shape[0] - 1)
-        return reach[row, col] | self.outside()
+        return reach[row, col] | self.outside
 
     def psf(self, native: np.ndarray, pixels: int) -> np.ndarray:
         """A unit-sum effective PSF image on the input grid (odd square, centred on its central
         pixel) -> the same on the output grid, ``pixels`` wide (odd)."""
-        image = galsim.Image(np.ascontiguousarray(native, np.float64),
-                             wcs=galsim.JacobianWCS(*self.local.ravel()))
-        profile = galsim.InterpolatedImage(image, x_interpolant=INTERPOLANT,
-                                           calculate_stepk=False, calculate_maxk=False)
-        out = profile.drawImage(nx=pixels, ny=pixels,
-                                wcs=galsim.JacobianWCS(*self.grid.jacobian.ravel()),
-                                method="no_pixel").array.astype(np.float64)
+        out = self.profile(native).drawImage(
+            nx=pixels, ny=pixels, wcs=galsim.JacobianWCS(*self.grid.jacobian.ravel()),
+            method="no_pixel").array.astype(np.float64)
         return out / out.sum()
 
 

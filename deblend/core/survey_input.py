@@ -622,7 +622,7 @@ def read_survey(inputs: SurveyInputs, bands: Sequence[str], pixel_scale: float, 
             resampler = BandResampler(galsim_wcs(plane.header, plane.where), plane.data.shape,
                                       grid, plane.where)
             out_masked = resampler.masked(masked)
-            cube[k] = np.where(out_masked, 0.0, resampler.image(band_image))
+            cube[k] = np.where(out_masked, 0.0, resampler.draw(band_image))
             variance[k] = resampler.variance(band_variance, masked)
             psf = ResampledPsf(psf, resampler, _resampled_psf_pixels(psf, resampler, shape,
                                                                      psfex_pixels))
