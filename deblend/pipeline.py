@@ -31,7 +31,7 @@ from typing import Any, Callable
 import yaml
 
 from deblend.core.atomic import write_json_atomic, write_text_atomic
-from deblend.core.config import Config, load_config
+from deblend.core.config import Config, ConfigError, config_from_dict, load_config
 from deblend.core.outputs import MARKER, is_ours, mark
 from des_validation.standin_cutouts import standin_is_complete, write_standin
 from des_validation.validation import validate_des, validation_is_complete
@@ -132,6 +132,11 @@ def claim_run_directory(paths: RunPaths, config_path: Path | None, config: Confi
     wanted = config.to_dict()
     ours = is_ours(paths.root, RUN_KIND)
     previous, unreadable = recorded_config(paths)
+    if isinstance(previous, dict) and previous != wanted:
+        try:  # recorded before keys were added: they take their defaults
+            previous = config_from_dict(previous).to_dict()
+        except ConfigError:
+            pass
     if previous == wanted:
         if not ours:  # a run started before runs were marked
             mark(paths.root, RUN_KIND)

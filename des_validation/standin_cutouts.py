@@ -71,9 +71,11 @@ class StandinInfo:
 
 
 def standin_simulation(config: Config) -> SimulationConfig:
-    """The simulation settings of the stand-in: the config's, forced to DES geometry."""
+    """The simulation settings of the stand-in: the config's, forced to DES geometry, at DES's
+    nominal conditions."""
     sim = config.simulation
-    changes = {"survey": "DES", "target_max_mag": config.des.standin_target_max_mag}
+    changes = {"survey": "DES", "target_max_mag": config.des.standin_target_max_mag,
+               "conditions": None}
     if sim.survey != "DES":
         changes.update(label_bands=("r", "i", "z"), ref_band="i")
     return dataclasses.replace(sim, **changes)

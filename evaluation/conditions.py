@@ -43,7 +43,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +68,9 @@ from evaluation.metacal_shear import (
 )
 from evaluation.report_io import fmt, fmt_err, jsonable, markdown_table, read_metrics, write_metrics
 from evaluation.shear_calibration import chunk_sizes
-from simulation.galsim_population import PopulationSpec, survey_psfs
+from simulation.conditions import FWHM_BAND, nominal_fwhm, sky_residual
+from simulation.conditions import NOMINAL_YEARS as SURVEY_YEARS
+from simulation.galsim_population import PopulationSpec
 from simulation.shear_pairs import (
     NoiselessPairs,
     ShearPairBatch,
@@ -84,8 +85,8 @@ REPORT = "report.md"
 FIGURE = "fig_conditions.png"
 CACHE_DIR = "cache"
 CACHE_VERSION = 1
-NOMINAL_YEARS = 10.0
-FWHM_BAND = "r"
+NOMINAL_YEARS = SURVEY_YEARS["LSST"]
+"""The grid's rows are LSST's: its full depth in years."""
 """The band whose PSF FWHM a row sets (every band's PSF is dilated by the same factor)."""
 PSF_SCALE_LIMITS = (0.5, 2.0)
 """PSF dilation factors the grid may use (wider than the shear benchmark's default)."""
@@ -140,14 +141,14 @@ CONDITIONS: tuple[Condition, ...] = (
 )
 """The grid, in the order it is measured (rows sharing a PSF together: one metacal operator)."""
 ROW_NAMES = tuple(c.name for c in CONDITIONS)
+NOMINAL_SKY = "LSST nominal: the survey's PSFs, 10-year depth, six bands"
 REFERENCE = "nominal"
 
 
 # -- conditions ---------------------------------------------------------------------------------
-@lru_cache(maxsize=8)
 def reference_fwhm(survey: str, band: str = FWHM_BAND) -> float:
     """FWHM (arcsec) of ``survey``'s ``band`` PSF profile, without the pixel."""
-    return float(survey_psfs(survey, (band,))[0].calculateFWHM())
+    return nominal_fwhm(survey, (band,))[0]
 
 
 def psf_scale(condition: Condition, survey: str) -> float:
@@ -166,13 +167,12 @@ def with_sky_residual(batch: ShearPairBatch, level: float, seed: int, half_width
     ``level`` sigma plus a gradient of ``level`` sigma per ``half_width`` pixels in a random
     direction. The correction noise is untouched (it models the noise, not the sky)."""
     n, bands, h, w = batch.plus.shape
-    y, x = np.mgrid[0:h, 0:w] - np.array([(h - 1) / 2, (w - 1) / 2])[:, None, None]
-    sigma = np.sqrt(batch.sky_variance)[:, None, None]
+    sigma = np.sqrt(batch.sky_variance)
     residual = np.empty(batch.plus.shape, np.float32)
     for i in range(n):
         phi = np.random.default_rng(np.random.SeedSequence([int(seed), 2, i])).uniform(
-            0.0, 2 * np.pi, bands)[:, None, None]
-        residual[i] = level * sigma * (1.0 + (x * np.cos(phi) + y * np.sin(phi)) / half_width)
+            0.0, 2 * np.pi, bands)
+        residual[i] = sky_residual((h, w), np.full(bands, level), phi, sigma, half_width)
     return dataclasses.replace(batch, plus=batch.plus + residual, minus=batch.minus + residual)
 
 
@@ -332,9 +332,20 @@ def row_result(condition: Condition, arrays: dict[str, np.ndarray],
     out["regressor"].update(R11=float(np.nanmean(response[:, 0, 0])),
                             R22=float(np.nanmean(response[:, 1, 1])))
     out["e_rmse"] = float(np.sqrt(np.nanmean((arrays["e_pred"] - arrays["e_true"]) ** 2)))
+    out["e_rmse_row"] = row_calibrated_rmse(arrays["e_pred"], arrays["e_true"])
     out["flux_residual"] = float(np.nanmedian(
         (arrays["flux_recon"] - arrays["flux_true"]) / arrays["flux_true"]))
     return out
+
+
+def row_calibrated_rmse(e_pred: np.ndarray, e_true: np.ndarray) -> float:
+    """RMSE of (N, 2) predictions against the truth after dividing each component by its
+    least-squares slope on this row, s_j = sum(e_pred e_true) / sum(e_true^2): the precision
+    the regressor would have if its one stored response were this row's."""
+    ok = np.all(np.isfinite(e_pred) & np.isfinite(e_true), axis=1)
+    pred, true = e_pred[ok], e_true[ok]
+    slope = (pred * true).sum(axis=0) / (true ** 2).sum(axis=0)
+    return float(np.sqrt(np.mean((pred / slope - true) ** 2)))
 
 
 def select_rows(rows: Sequence[str] | None, cosmos: str | None, log: Callable[[str], None]
@@ -384,18 +395,36 @@ def run_conditions(run: str | Path, config: Config, out: str | Path | None = Non
         "targets": {"abs_m": TARGET_M, "abs_alpha": TARGET_ALPHA},
         "rows": {c.name: row_result(c, arrays[c.name], arrays[REFERENCE], config)
                  for c in conditions},
-        "run": str(run), "seconds": time.time() - started})
+        "trained_on": training_sky(config), "run": str(run),
+        "seconds": time.time() - started})
     write_metrics(out, {KIND: result})
     write_text_atomic(out / REPORT, report_markdown(result))
     figure(result, out / FIGURE)
     return result
 
 
+def training_sky(config: Config) -> str:
+    """What sky a run's networks were trained on, in words (for the report)."""
+    sim = config.simulation
+    if sim.conditions is None:
+        return NOMINAL_SKY
+    c = sim.conditions
+    words = (f"conditions drawn per scene: r-band PSF FWHM {c.psf_fwhm[0]:g}-{c.psf_fwhm[1]:g}\", "
+             f"|g_psf| <= {c.psf_g_max:g}, depth {c.depth_years[0]:g}-{c.depth_years[1]:g} "
+             f"years, each band missing with probability {c.band_missing:g}, sky residual up to "
+             f"{c.sky_residual:g} sigma")
+    if sim.morphology is not None:
+        words += "; knotty disks and off-centre bulges"
+    if config.model.availability_input:
+        words += "; availability mask input"
+    return words
+
+
 # -- report -------------------------------------------------------------------------------------
 def conditions_table(result: dict[str, Any]) -> str:
     """One markdown table: a row per condition."""
-    header = ["condition", "m1", "m2", "c1", "c2", "alpha", "e RMSE", "flux resid.", "R11",
-              "R22", "AnaCal m1", "AnaCal m2", "scenes"]
+    header = ["condition", "m1", "m2", "c1", "c2", "alpha", "e RMSE", "row-cal. RMSE",
+              "flux resid.", "R11", "R22", "AnaCal m1", "AnaCal m2", "scenes"]
     lines = []
     for r in result["rows"].values():
         reg, ana = r["regressor"], r.get("anacal", {})
@@ -404,7 +433,7 @@ def conditions_table(result: dict[str, Any]) -> str:
             fmt_err(reg["m2"], reg["m2_err"], 4, True), fmt_err(reg["c1"], reg["c1_err"], 5, True),
             fmt_err(reg["c2"], reg["c2_err"], 5, True),
             fmt_err(reg.get("alpha"), reg.get("alpha_err"), 4, True), fmt(r["e_rmse"], 4),
-            fmt(r["flux_residual"], 3, True), fmt(reg["R11"], 3), fmt(reg["R22"], 3),
+            fmt(r.get("e_rmse_row"), 4), fmt(r["flux_residual"], 3, True), fmt(reg["R11"], 3), fmt(reg["R22"], 3),
             fmt_err(ana.get("m1"), ana.get("m1_err"), 4, True),
             fmt_err(ana.get("m2"), ana.get("m2_err"), 4, True), str(r["n_scenes"])])
     targets = result["targets"]
@@ -415,9 +444,9 @@ def conditions_table(result: dict[str, Any]) -> str:
 def report_markdown(result: dict[str, Any]) -> str:
     g = result["applied_g"]
     return "\n".join([
-        "# Observing conditions against a fixed-condition model", "",
-        f"Model: `{result['run']}` (trained at LSST nominal: the survey's PSFs, 10-year depth, "
-        "six bands). Each row changes one condition of the independent GalSim population with "
+        "# A model on a grid of observing conditions", "",
+        f"Model: `{result['run']}` (trained on {result.get('trained_on', NOMINAL_SKY)}). "
+        "Each row changes one condition of the independent GalSim population with "
         "0-2 neighbours; all rows draw the same scenes and noise. Applied shear (g1, g2) = "
         f"({g[0]:+g}, {g[1]:+g}) and its negative; metacal delta = {result['delta']:g}; regressor "
         f"averaged over {result['views']} views; noise correction "
@@ -433,7 +462,9 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"never more than {PopulationSpec().real_max_brightening:g} mag brighter than their "
         "catalogue F814W magnitude. "
         "e RMSE: per component, the regressor's calibrated e (distortion) on the +g stamps "
-        "against the noiseless target's uniform-weight distortion (label bands); flux resid.: "
+        "against the noiseless target's uniform-weight distortion (label bands); row-cal. RMSE: "
+        "the same after dividing each component by its least-squares slope on the row (the "
+        "precision if the stored response were the row's); flux resid.: "
         "median (recon - true) / true of the label bands' flux (one decoded view). R11, R22: "
         "the regressor's mean metacal response. AnaCal: FPFS on the same stamps (not on "
         "missing-band rows).", "", conditions_table(result), f"![m per condition]({FIGURE})", ""])

@@ -106,9 +106,10 @@ def chunk_seed(base_seed: int, chunk: int, g: tuple[float, float], shared: bool)
 
 
 def population_config(config: Config, g: tuple[float, float]) -> Config:
-    """The simulation config of one population: shear ``g``, rotated twins, even batches."""
+    """The simulation config of one population: shear ``g``, rotated twins, even batches, the
+    survey's nominal conditions."""
     sim = config.simulation
-    return config.replace("simulation", shear=list(g), rotated_twins=True,
+    return config.replace("simulation", shear=list(g), rotated_twins=True, conditions=None,
                           btk_batch_size=sim.btk_batch_size + sim.btk_batch_size % 2,
                           shard_size=sim.shard_size + sim.shard_size % 2)
 

@@ -86,11 +86,13 @@ class SceneSource:
             target_max_mag=sim.target_max_mag, neighbour_max_mag=sim.neighbour_max_mag,
             ref_band=sim.ref_band, shear=sim.shear, random_rotation=sim.random_rotation,
             rotated_twins=sim.rotated_twins, seed=int(sampling_seed),
-            shear_positions=shear_positions)
+            shear_positions=shear_positions, morphology=sim.morphology)
         return SceneDrawer(self.catalog, self.survey, canvas, sampling,
-                           batch_size=batch_size or sim.btk_batch_size, noise=sim.noise,
+                           batch_size=(1 if sim.conditions is not None
+                                       else batch_size or sim.btk_batch_size), noise=sim.noise,
                            apply_shear=any(g != 0.0 for g in sim.shear), seed=int(noise_seed),
-                           keep_isolated=keep_isolated, stamp_pixels=sim.stamp_pixels)
+                           keep_isolated=keep_isolated, stamp_pixels=sim.stamp_pixels,
+                           conditions=sim.conditions)
 
     def draw(self, n: int, seed: int, progress: Callable[[int], None] | None = None,
              shear_positions: bool = False) -> tuple[SceneBatch, dict[str, np.ndarray]]:
@@ -112,7 +114,11 @@ class SceneSource:
             blend=np.concatenate([p.blend for p in parts])[:n],
             tables=[t for p in parts for t in p.tables][:n],
             offsets=np.concatenate([p.offsets for p in parts])[:n] if centred else None,
-            detected=np.concatenate([p.detected for p in parts])[:n] if centred else None)
+            detected=np.concatenate([p.detected for p in parts])[:n] if centred else None,
+            conditions=None if parts[0].conditions is None else {
+                name: np.concatenate([p.conditions[name] for p in parts])[:n]
+                for name in parts[0].conditions},
+            psf=None if parts[0].psf is None else np.concatenate([p.psf for p in parts])[:n])
         labels = scene_labels(scenes, self.geometry, self.sim.label_bands, self.sim.ref_band,
                               self.sim.max_neighbours)
         return scenes, labels
@@ -146,7 +152,7 @@ def generate_shard(root: Path, shard: dict[str, Any], seed: int, the_plan_id: st
         raise RuntimeError(f"shard {shard['index']}: non-finite pixels in '{bad[0]}'")
     write_shard(root / SHARD_DIR / shard_name(shard["index"]), images, labels,
                 {"shard_index": shard["index"], "first_sample": shard["first"],
-                 "n_samples": shard["n"], "plan_id": the_plan_id})
+                 "n_samples": shard["n"], "plan_id": the_plan_id}, psf=scenes.psf)
     return int(shard["index"])
 
 
@@ -213,10 +219,14 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
 
 def plan_simulation(sim: SimulationConfig) -> dict[str, Any]:
     """The plan's ``simulation`` entry: the config section, without keys added since at their
-    defaults (``stamp_centre: truth``), so that datasets planned before keep their identity."""
+    defaults (``stamp_centre: truth``, ``conditions`` and ``morphology`` null), so that datasets
+    planned before keep their identity."""
     simulation = plain(asdict(sim))
     if sim.stamp_centre == "truth":
         del simulation["stamp_centre"]
+    for key in ("conditions", "morphology"):
+        if getattr(sim, key) is None:
+            del simulation[key]
     return simulation
 
 

@@ -10,7 +10,11 @@ Each shard is an HDF5 file with three contiguous, uncompressed float32 image set
 (n, bands, H, W), in electrons, pixel frame: ``clean`` (isolated target, noiseless), ``noisy``
 (isolated target with noise) and ``blend`` (noisy blend); a group ``labels`` of per-sample columns
 (see ``simulation.labels.LABEL_DESCRIPTIONS``); and attributes ``shard_index``, ``first_sample``,
-``n_samples``, ``plan_id`` and ``complete``. Because the image sets are contiguous, readers map
+``n_samples``, ``plan_id`` and ``complete``. A dataset drawn under ``simulation.conditions`` also
+stores each scene's conditions (label columns of shape (n, bands),
+:data:`simulation.conditions.CONDITION_COLUMNS`) and a set ``psf`` (n, bands, S, S) float32 of
+each scene and band's PSF image (:meth:`StampData.conditions`, :meth:`StampData.psfs`; a dataset
+drawn without reads as the survey's nominal conditions). Because the image sets are contiguous, readers map
 them straight from the file with ``numpy.memmap``: nothing ever loads a whole set into memory.
 
 ``metadata.json`` records the format version, survey, bands, pixel scale, stamp size, seed,
@@ -50,6 +54,9 @@ from deblend.core.normalization import NormalizationConstants
 
 FORMAT_VERSION = 1
 IMAGE_SETS = ("clean", "noisy", "blend")
+PSF_SET = "psf"
+"""The per-scene PSF images of a dataset drawn under ``simulation.conditions``: (n, bands, S, S)
+float32, each scene and band's effective PSF, unit sum, centred at (S-1)/2."""
 PLAN_FILE = "plan.json"
 METADATA_FILE = "metadata.json"
 SHARD_DIR = "shards"
@@ -111,11 +118,15 @@ def psf_metadata(survey: str, bands: Sequence[str], pixel_scale: float,
 
 
 def write_shard(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                attrs: dict[str, Any]) -> None:
-    """Write one shard atomically: a ``.tmp`` file, flushed, then renamed onto ``path``."""
+                attrs: dict[str, Any], psf: np.ndarray | None = None) -> None:
+    """Write one shard atomically: a ``.tmp`` file, flushed, then renamed onto ``path``.
+    ``psf``: (n, bands, S, S) the PSF image of every scene and band (scenes drawn under
+    ``simulation.conditions``), stored as the set :data:`PSF_SET`."""
     with atomic_output(path) as tmp, h5py.File(tmp, "w", track_order=False) as handle:
         for name in IMAGE_SETS:
             handle.create_dataset(name, data=np.ascontiguousarray(images[name], np.float32))
+        if psf is not None:
+            handle.create_dataset(PSF_SET, data=np.ascontiguousarray(psf, np.float32))
         group = handle.create_group("labels")
         for name in sorted(labels):
             group.create_dataset(name, data=labels[name])
@@ -276,10 +287,13 @@ class StampData:
             self._maps, self._pid = {}, os.getpid()
         key = (shard.index, image_set)
         if key not in self._maps:
-            if image_set not in IMAGE_SETS:
+            if image_set not in (*IMAGE_SETS, PSF_SET):
                 raise ValueError(f"unknown image set '{image_set}' (one of {IMAGE_SETS})")
             try:
                 with h5py.File(shard.path, "r") as handle:
+                    if image_set not in handle:
+                        raise DatasetError(f"shard {shard.path} has no '{image_set}' set; "
+                                           f"regenerate the dataset")
                     dset = handle[image_set]
                     offset, shape, dtype = dset.id.get_offset(), dset.shape, dset.dtype
             except OSError as exc:
@@ -317,6 +331,46 @@ class StampData:
             rows = np.flatnonzero(shard_pos == pos)
             out[rows] = self._map(self.shards[pos], image_set)[local[rows]]
         return out
+
+    @property
+    def has_conditions(self) -> bool:
+        """Whether the scenes were drawn under ``simulation.conditions`` (each its own PSF,
+        depth and bands, stored); otherwise every scene had the survey's nominal ones."""
+        return self.meta.get("simulation", {}).get("conditions") is not None
+
+    def conditions(self) -> dict[str, np.ndarray]:
+        """Every scene's conditions (:data:`simulation.conditions.CONDITION_COLUMNS`, each
+        (N, bands)): stored ones, or the survey's nominal ones for a dataset drawn without
+        ``simulation.conditions`` (every dataset written before it)."""
+        from simulation.conditions import CONDITION_COLUMNS, SurveyConditions, stack_conditions
+
+        if self.has_conditions:
+            labels = self.labels()
+            missing = [c for c in CONDITION_COLUMNS if c not in labels]
+            if missing:
+                raise DatasetError(f"{self.root}: drawn under simulation.conditions but its "
+                                   f"labels lack '{missing[0]}'; regenerate the dataset")
+            return {c: labels[c] for c in CONDITION_COLUMNS}
+        model = SurveyConditions(self.survey, self.bands)
+        nominal = model.nominal()
+        sky = model.sky_levels(model.survey(nominal))
+        one = stack_conditions([nominal], [sky])
+        return {name: np.repeat(column, self.n_samples, axis=0) for name, column in one.items()}
+
+    def psfs(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(len(indices), bands, S, S) float64 effective PSF of each scene and band, unit sum,
+        centred at (S-1)/2 (:data:`PSF_CONVENTION`): stored per scene under
+        ``simulation.conditions``, otherwise :attr:`psf_images` for every scene."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if not self.has_conditions:
+            self.locate(indices)  # the same IndexError as for images
+            return np.repeat(np.asarray(self.psf_images)[None], len(indices), axis=0)
+        shard_pos, local = self.locate(indices)
+        out = np.empty((len(indices), len(self.bands), self.stamp_pixels, self.stamp_pixels))
+        for pos in np.unique(shard_pos):
+            rows = np.flatnonzero(shard_pos == pos)
+            out[rows] = self._map(self.shards[pos], PSF_SET)[local[rows]]
+        return out / out.sum(axis=(2, 3), keepdims=True)
 
     def iter_batches(self, image_set: str, indices: np.ndarray, batch_size: int = 512
                      ) -> Iterator[np.ndarray]:

@@ -61,6 +61,7 @@ from deblend.core.shapes import moment_size, moments_ellipticity
 from deblend.core.stamps import cut_stamp, nearest_pixel
 from simulation.builder import SceneSource
 from simulation.catalogs import catalog_provenance
+from simulation.conditions import at_nominal_conditions
 from simulation.scenes import SceneDrawer
 from simulation.surveys import SurveyGeometry
 
@@ -207,8 +208,8 @@ class FieldSource:
     def __init__(self, sim: SimulationConfig, fields: DenseFieldsConfig,
                  margin_arcsec: float = DEFAULT_MARGIN_ARCSEC,
                  scene_source: SceneSource | None = None) -> None:
-        self.sim, self.fields = sim, fields
-        self.scenes = scene_source if scene_source is not None else SceneSource(sim)
+        self.sim, self.fields = at_nominal_conditions(sim), fields
+        self.scenes = scene_source if scene_source is not None else SceneSource(self.sim)
         geometry = self.scenes.geometry
         side = field_pixels(geometry, fields.field_arcsec)
         self.geometry = SurveyGeometry(geometry.name, geometry.bands, geometry.pixel_scale, side)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from deblend.core.shapes import hsm_shapes, moment_size, moments_ellipticity
+from simulation.conditions import CONDITION_DESCRIPTIONS
+from simulation.morphology import MORPHOLOGY_COLUMNS, MORPHOLOGY_DESCRIPTIONS
 from simulation.scenes import SceneBatch
 from simulation.surveys import SurveyGeometry
 
@@ -38,6 +40,8 @@ LABEL_DESCRIPTIONS = {
     "centre_dx, centre_dy": "with simulation.stamp_centre: detection, pixels from the target's "
                             "true position to the stamp centre (the target sits at -offset)",
     "detected": "with simulation.stamp_centre: detection, 1 where the target was detected",
+    **CONDITION_DESCRIPTIONS,
+    **MORPHOLOGY_DESCRIPTIONS,
 }
 
 
@@ -86,4 +90,10 @@ def scene_labels(batch: SceneBatch, geometry: SurveyGeometry, label_bands: tuple
         labels["centre_dx"] = batch.offsets[:, 0].astype(np.int8)
         labels["centre_dy"] = batch.offsets[:, 1].astype(np.int8)
         labels["detected"] = batch.detected.astype(np.uint8)
+    if batch.conditions is not None:
+        labels.update(batch.conditions)
+    if "knot_seed" in batch.tables[0].colnames:
+        for column in MORPHOLOGY_COLUMNS:
+            labels[column] = np.array([t[column] for t in targets],
+                                      np.int64 if column in ("n_knots", "knot_seed") else np.float64)
     return labels

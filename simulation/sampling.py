@@ -7,6 +7,9 @@ import numpy as np
 from astropy.table import Table
 from btk.sampling_functions import SamplingFunction
 
+from deblend.core.config import MorphologyConfig
+from simulation.morphology import draw_morphology
+
 
 class CentralTargetSampling(SamplingFunction):
     """Scenes whose first row is the target, at the stamp centre, brighter than its neighbours.
@@ -33,6 +36,10 @@ class CentralTargetSampling(SamplingFunction):
     shears its positions. Random draws do not depend on the shear, so the same seed gives the
     same galaxies and (unsheared) positions at +g and -g. Off (the default), or at zero shear,
     the tables are exactly those of the plain sampling.
+
+    With ``morphology`` every galaxy also gets the columns of
+    :data:`simulation.morphology.MORPHOLOGY_COLUMNS` (knots, bulge offset: in the galaxy's frame,
+    so a rotated twin keeps them and turns them with its position angle).
     """
 
     def __init__(
@@ -49,6 +56,7 @@ class CentralTargetSampling(SamplingFunction):
         rotated_twins: bool = False,
         seed: int = 0,
         shear_positions: bool = False,
+        morphology: MorphologyConfig | None = None,
     ) -> None:
         super().__init__(stamp_size=stamp_size, max_number=max_neighbours + 1,
                          min_number=min_neighbours + 1, seed=int(seed))
@@ -66,6 +74,9 @@ class CentralTargetSampling(SamplingFunction):
         self.random_rotation = random_rotation
         self.rotated_twins = rotated_twins
         self.shear_positions = bool(shear_positions)
+        self.morphology = morphology
+        self._morphology_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1]))
+        """Morphology's own stream: the same seed gives the same scenes with or without it."""
         self._previous: Table | None = None
         self._prepared_for: int | None = None
 
@@ -114,6 +125,10 @@ class CentralTargetSampling(SamplingFunction):
             turn = rng.uniform(0.0, 180.0, size=len(scene))
             scene["pa_disk"] = (np.asarray(scene["pa_disk"], float) + turn) % 180.0
             scene["pa_bulge"] = (np.asarray(scene["pa_bulge"], float) + turn) % 180.0
+        if self.morphology is not None:
+            for name, column in draw_morphology(self.morphology, len(scene),
+                                                self._morphology_rng).items():
+                scene[name] = column
         scene["g1"] = float(self.shear[0])
         scene["g2"] = float(self.shear[1])
         scene["twin"] = 0

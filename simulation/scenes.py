@@ -12,6 +12,7 @@ All three are float32 (bands, H, W) in electrons, pixel frame.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import btk
@@ -19,7 +20,10 @@ import galsim
 import numpy as np
 from astropy.table import Table
 
+from deblend.core.config import ConditionsConfig
 from simulation.centring import crop_around, detection_offsets
+from simulation.conditions import Conditions, SurveyConditions, sky_residual, stack_conditions
+from simulation.morphology import MorphologyGenerator
 from simulation.sampling import CentralTargetSampling
 from simulation.surveys import SurveyGeometry, sky_levels
 
@@ -39,6 +43,12 @@ class SceneBatch:
     detection-centred stamps (:mod:`simulation.centring`); None: centred on the truth."""
     detected: np.ndarray | None = None
     """(N,) bool: the target was detected (else its stamp keeps the true centre)."""
+    conditions: dict[str, np.ndarray] | None = None
+    """Drawn under ``simulation.conditions``: the :data:`simulation.conditions.CONDITION_COLUMNS`,
+    each (N, bands); None: the survey's nominal conditions."""
+    psf: np.ndarray | None = None
+    """Drawn under ``simulation.conditions``: (N, bands, S, S) float32 effective PSF of each
+    scene and band, unit sum, centred at (S-1)/2 (S the stamp's pixels)."""
 
 
 def add_btk_noise(images: np.ndarray, sky_level: float, seed: int, noise: str) -> np.ndarray:
@@ -66,38 +76,76 @@ class SceneDrawer:
     def __init__(self, catalog: btk.catalog.CatsimCatalog, survey: btk.survey.Survey,
                  geometry: SurveyGeometry, sampling: CentralTargetSampling, *, batch_size: int,
                  noise: str, apply_shear: bool, seed: int, keep_isolated: bool = False,
-                 stamp_pixels: int | None = None) -> None:
+                 stamp_pixels: int | None = None,
+                 conditions: ConditionsConfig | None = None) -> None:
         """``geometry`` is the canvas BTK draws; with ``stamp_pixels`` smaller than its stamp,
         every scene is cut to ``stamp_pixels`` around the detected target
-        (:mod:`simulation.centring`)."""
+        (:mod:`simulation.centring`). With ``conditions``, every scene draws its own
+        (:mod:`simulation.conditions`; rotated twins share them) on a copy of ``survey``, one
+        scene per BTK batch (``batch_size`` must then be 1)."""
+        if conditions is not None:
+            if batch_size != 1:
+                raise ValueError(f"scenes drawn under conditions are drawn one per BTK batch "
+                                 f"(batch_size 1), got batch_size={batch_size}")
+            survey = copy.deepcopy(survey)
         self.survey = survey
         self.geometry = geometry
         self.stamp_pixels = stamp_pixels if stamp_pixels is not None else geometry.stamp_pixels
         self.noise = noise
         self.keep_isolated = keep_isolated
-        self.generator = btk.draw_blends.CatsimGenerator(
+        generator = (MorphologyGenerator if getattr(sampling, "morphology", None) is not None
+                     else btk.draw_blends.CatsimGenerator)
+        self.generator = generator(
             catalog, sampling, survey, batch_size=batch_size, njobs=1, add_noise=noise,
             seed=seed, apply_shear=apply_shear, augment_data=False)
         self._noise_seeds = np.random.SeedSequence([seed, 7])
         self.sky_levels = [float(level) for level in sky_levels(geometry.name, geometry.bands)]
+        self.conditions = conditions
+        if conditions is not None:
+            self.rotated_twins = sampling.rotated_twins
+            self.survey_conditions = SurveyConditions(geometry.name, geometry.bands)
+            self._conditions_rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
+            self._scenes_drawn = 0
+            self._current: Conditions | None = None
 
     def draw(self) -> SceneBatch:
-        """Draw one BTK batch of scenes."""
+        """Draw one BTK batch of scenes (one scene under its own conditions, with them)."""
+        levels = self.sky_levels if self.conditions is None else self._next_conditions()
         batch = next(self.generator)
         blend = batch.blend_images.astype(np.float32)
         isolated = batch.isolated_images
         clean = isolated[:, 0].astype(np.float32)
         seeds = self._noise_seeds.spawn(1)[0].generate_state(clean.shape[1]) % (2**31 - 2)
         noisy = np.empty_like(clean)
-        for b, (sky, seed) in enumerate(zip(self.sky_levels, seeds)):
+        for b, (sky, seed) in enumerate(zip(levels, seeds)):
             noisy[:, b] = add_btk_noise(clean[:, b], sky, int(seed), self.noise)
         scenes = SceneBatch(clean=clean, noisy=noisy, blend=blend,
                             tables=list(batch.catalog_list),
                             isolated=isolated.astype(np.float32) if self.keep_isolated else None)
+        if self.conditions is not None:
+            current = self._current
+            if np.any(current.sky_residual):
+                residual = sky_residual(clean.shape[2:], current.sky_residual,
+                                        current.sky_residual_angle, np.sqrt(levels),
+                                        (self.stamp_pixels - 1) / 2).astype(np.float32)
+                scenes.noisy += residual
+                scenes.blend += residual
+            scenes.conditions = stack_conditions([current], [levels])
+            scenes.psf = self.survey_conditions.psf_images(
+                self._current, self.stamp_pixels)[None].astype(np.float32)
         if self.stamp_pixels == self.geometry.stamp_pixels:
             return scenes
-        return centre_on_detection(scenes, np.array(self.sky_levels), self.geometry.bands,
+        return centre_on_detection(scenes, np.array(levels), self.geometry.bands,
                                    self.stamp_pixels)
+
+    def _next_conditions(self) -> list[float]:
+        """Draw the next scene's conditions (a rotated twin keeps its original's), set them on
+        the generator's survey, and return its sky levels."""
+        if self._current is None or not (self.rotated_twins and self._scenes_drawn % 2 == 1):
+            self._current = self.survey_conditions.draw(self.conditions, self._conditions_rng)
+        self._scenes_drawn += 1
+        self.survey_conditions.apply(self.survey, self._current)
+        return [float(x) for x in self.survey_conditions.sky_levels(self.survey)]
 
 
 def centre_on_detection(scenes: SceneBatch, sky_levels: np.ndarray, bands: tuple[str, ...],
@@ -108,4 +156,5 @@ def centre_on_detection(scenes: SceneBatch, sky_levels: np.ndarray, bands: tuple
     cut = {name: None if images is None else crop_around(images, offsets, stamp_pixels)
            for name, images in (("clean", scenes.clean), ("noisy", scenes.noisy),
                                 ("blend", scenes.blend), ("isolated", scenes.isolated))}
-    return SceneBatch(tables=scenes.tables, offsets=offsets, detected=detected, **cut)
+    return SceneBatch(tables=scenes.tables, offsets=offsets, detected=detected,
+                      conditions=scenes.conditions, psf=scenes.psf, **cut)

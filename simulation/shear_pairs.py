@@ -53,6 +53,7 @@ from simulation.galsim_population import (
     draw_psf_images,
     survey_psfs,
 )
+from simulation.conditions import at_nominal_conditions
 from simulation.surveys import psf_images, sky_levels
 
 POPULATIONS = ("btk", "galsim")
@@ -249,7 +250,7 @@ def _btk_pairs(n: int, seed: int, g: tuple[float, float], neighbours: bool,
     changes: dict = {"shear": g, "rotated_twins": True, "noise": "none", "btk_batch_size": batch}
     if not neighbours:
         changes.update(min_neighbours=0, max_neighbours=0)
-    plus_sim = dataclasses.replace(sim, **changes)
+    plus_sim = dataclasses.replace(at_nominal_conditions(sim), **changes)
     source = SceneSource(plus_sim)
     if psf_scale != 1.0:
         for band in source.geometry.bands:  # SceneSource's own survey object, a fresh one

@@ -98,6 +98,7 @@ from simulation.builder import SceneSource
 from simulation.catalog_model import COUNTS_BRIGHT_SLOPE
 from simulation.dense_fields import FieldSampling
 from simulation.galsim_population import GalSimPopulation, GalSimScene, PopulationSpec
+from simulation.conditions import at_nominal_conditions
 from simulation.galsim_population import draw_psf_images
 from simulation.sampling import rotate_scene_90, shear_scene_positions
 from simulation.scenes import SceneDrawer
@@ -268,7 +269,7 @@ class _BtkSky:
     """The "btk" population: CatSim-schema rows of the simulation's catalog, drawn by BTK."""
 
     def __init__(self, sim: SimulationConfig) -> None:
-        self.sim = sim
+        self.sim = sim = at_nominal_conditions(sim)
         self.source = SceneSource(sim)
         geometry = self.source.geometry
         self.bands, self.pixel_scale = geometry.bands, geometry.pixel_scale

@@ -214,3 +214,28 @@ def test_cli_refuses_odd_or_tiny_sizes(capsys) -> None:
         with pytest.raises(SystemExit):
             main(["--run", str(RUN), "--n-scenes", n])
     assert "even integer >= 4" in capsys.readouterr().err
+
+
+def test_the_row_calibrated_rmse_is_the_noise_over_the_slope() -> None:
+    """A regressor shrunk by 0.4 with noise 0.02 has a raw RMSE set by the shrinkage (0.18) and a
+    row-calibrated one of 0.02 / 0.4 (a model trained on many skies has one stored response)."""
+    from evaluation.conditions import row_calibrated_rmse
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0.0, 0.3, (4000, 2))
+    predicted = 0.4 * truth + rng.normal(0.0, 0.02, truth.shape)
+    predicted[7] = np.nan  # a failed measurement is left out
+    assert row_calibrated_rmse(predicted, truth) == pytest.approx(0.05, rel=0.05)
+    assert np.sqrt(np.nanmean((predicted - truth) ** 2)) > 0.17
+
+
+def test_the_report_says_what_sky_the_model_was_trained_on() -> None:
+    from deblend.core.config import config_from_dict
+    from evaluation.conditions import NOMINAL_SKY, training_sky
+
+    assert training_sky(Config()) == NOMINAL_SKY
+    varied = config_from_dict({"simulation": {"conditions": {"depth_years": [2.0, 10.0]},
+                                              "morphology": {}},
+                               "model": {"availability_input": True}})
+    words = training_sky(varied)
+    assert "depth 2-10 years" in words and "knotty" in words and "availability" in words

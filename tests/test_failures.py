@@ -86,6 +86,26 @@ def test_force_restarts_a_run_but_keeps_what_the_user_put_there(tmp_path):
     assert "name: b" in paths.config.read_text()
 
 
+def test_a_run_recorded_before_a_key_was_added_resumes_at_its_default(tmp_path):
+    """Every key added to the config (at a default that keeps the science) made the main job
+    refuse the runs recorded before it as 'started with another config'."""
+    import yaml
+
+    from deblend.pipeline import RunPaths, claim_run_directory
+
+    paths = RunPaths(tmp_path / "run")
+    claim_run_directory(paths, None, _config("a"), force=False)
+    recorded = yaml.safe_load(paths.config.read_text())
+    del recorded["model"]["availability_input"], recorded["training"]["flow_max_grad_norm"]
+    paths.config.write_text(yaml.safe_dump(recorded))
+    (paths.root / "data").mkdir()
+    claim_run_directory(paths, None, _config("a"), force=False)  # resumes
+    recorded["model"]["latent_dim"] = 16  # a recorded key of another value is still refused
+    paths.config.write_text(yaml.safe_dump(recorded))
+    with pytest.raises(FileExistsError, match="another config"):
+        claim_run_directory(paths, None, _config("a"), force=False)
+
+
 def test_a_run_that_lost_its_config_is_not_relabelled(tmp_path):
     """With RUN/config.yaml removed, a rerun with another config used to skip every step and
     relabel the old data and weights with the new config."""

@@ -230,6 +230,8 @@ def test_des_config_gives_five_bands_at_des_pixel(tmp_path):
     assert data.pixel_scale == pytest.approx(0.263, abs=1e-3)
     assert data.images("blend", np.arange(8)).shape == (8, 5, 45, 45)
     assert np.all(data.labels()["flux_Y"] > 0)
+    years = data.conditions()["years"]  # each scene its own depth, at most DES's 6 years
+    assert data.has_conditions and np.ptp(years) > 0 and years.max() <= 6.0 * np.exp(0.2)
 
 
 def test_rotated_twins_flip_ellipticity_and_shear_is_recorded():

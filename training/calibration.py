@@ -1,7 +1,8 @@
 """The last step of stage3: measure the regressor's response on the calibration split.
 
 The fit (:func:`deblend.core.response.fit_response`) runs the finished run's deblender over the
-dataset's ``calibration`` samples, which no stage trained on, and is stored in
+dataset's ``calibration`` samples, which no stage trained on (each with the bands its scene
+has: ``simulation.conditions`` may mark some unavailable), and is stored in
 ``stage3/best.pt`` under ``"response"``; :class:`deblend.Deblender` applies it to every
 prediction. It is redone whenever ``best.pt`` lacks it (an interrupted calibration, or a resumed
 stage3 that found a new best epoch), and skipped when it is there.
@@ -40,8 +41,15 @@ def calibrate_regressor(layout: RunLayout, dataset: StampData, device: str,
                            f"(simulation.calibration_fraction = 0)"}
     else:
         model = Deblender.from_run(layout.root, device=device)
-        raw = np.concatenate([model.predict(batch, reconstruct=False).regressor_output
-                              for batch in dataset.iter_batches("blend", indices)])
+        available = (dataset.conditions()["available"].astype(bool)[indices]
+                     if dataset.has_conditions else None)
+        step = 512
+        raw = np.concatenate([
+            model.predict(batch, reconstruct=False,
+                          available=None if available is None
+                          else available[start:start + step]).regressor_output
+            for start, batch in zip(range(0, len(indices), step),
+                                    dataset.iter_batches("blend", indices, step))])
         labels = dataset.labels()
         truth = np.stack([labels["e1"][indices], labels["e2"][indices]], axis=1)
         try:

@@ -95,7 +95,7 @@ class BatchReader(Dataset):
 
     def __init__(self, root: str | Path, input_set: str, target: str,
                  latent_targets: LatentTargets | None = None,
-                 cached: np.ndarray | None = None) -> None:
+                 cached: np.ndarray | None = None, fill_unavailable: bool = False) -> None:
         if target not in TARGETS:
             raise ValueError(f"unknown target '{target}' (one of {TARGETS})")
         if (target == "map_latent") != (latent_targets is not None):
@@ -107,6 +107,8 @@ class BatchReader(Dataset):
         self._data: StampData | None = None
         self._ellipticity: np.ndarray | None = None
         self.cached = cached
+        self.fill_unavailable = fill_unavailable
+        self._available: np.ndarray | None = None
         self._normalized: dict[str, NormalizedImages] = {}
 
     @property
@@ -115,10 +117,13 @@ class BatchReader(Dataset):
             self._data = open_dataset(self.root)
             if self.target == "ellipticity":
                 self._ellipticity = ellipticity_targets(self._data)
+            if self.fill_unavailable and self._data.has_conditions:
+                self._available = self._data.conditions()["available"].astype(bool)
         return self._data
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_data": None, "_ellipticity": None, "_normalized": {}}
+        return {**self.__dict__, "_data": None, "_ellipticity": None, "_available": None,
+                "_normalized": {}}
 
     def image_sets(self) -> tuple[str, ...]:
         """The image sets a batch reads: the input set, and "clean" for target "clean"."""
@@ -141,6 +146,9 @@ class BatchReader(Dataset):
 
     def __getitem__(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.normalized(self.input_set, indices)
+        if self.fill_unavailable and self.data.has_conditions:
+            assert self._available is not None
+            inputs[~self._available[indices]] = 0.0  # as Deblender.predict fills a missing band
         if self.target == "clean":
             targets = self.normalized("clean", indices)
         elif self.latent_targets is not None:
@@ -227,7 +235,8 @@ def make_loader(data_dir: str | Path, *, input_set: str, target: str, split: str
                 batch_size: int,
                 epoch: int = 0, seed: int = 0, min_target_e: float = 0.0, num_workers: int = 0,
                 pin_memory: bool = False, rank: int = 0, world_size: int = 1,
-                latent_targets: LatentTargets | None = None, cache_bytes: int = 0) -> DataLoader:
+                latent_targets: LatentTargets | None = None, cache_bytes: int = 0,
+                fill_unavailable: bool = False) -> DataLoader:
     """DataLoader of (``input_set`` images, ``target``) batches over ``split`` of a dataset.
 
     The training split is shuffled by blocks (``loader.sampler.set_epoch`` picks the epoch) and
@@ -235,10 +244,13 @@ def make_loader(data_dir: str | Path, *, input_set: str, target: str, split: str
     DataLoader: the reader returns whole batches, ``num_workers`` processes read ahead. The
     reader (in each worker process) keeps the normalised images it reads when they fit
     in ``cache_bytes``: all of the split's (under DDP the ranks' shares change
-    from epoch to epoch, so each rank may come to hold them all).
+    from epoch to epoch, so each rank may come to hold them all). With ``fill_unavailable``,
+    the input bands a dataset drawn under ``simulation.conditions`` marks unavailable are 0, as
+    ``Deblender.predict(available=...)`` fills them (targets keep every band).
     """
     shuffle = split == "train"
-    reader = BatchReader(data_dir, input_set, target, latent_targets)
+    reader = BatchReader(data_dir, input_set, target, latent_targets,
+                         fill_unavailable=fill_unavailable)
     indices = select_indices(reader.data, split, min_target_e)
     if len(indices) == 0:
         cut = f" with target e > {min_target_e} (training.min_target_e)" if min_target_e else ""

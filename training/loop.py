@@ -75,13 +75,15 @@ class StageLoop:
         self.log = log if context.is_main else (lambda message: None)
         training = config.training
         self.epochs = task.epochs(training)
+        self.max_grad_norm = task.max_grad_norm(training)
         self.amp = uses_mixed_precision(device, training.mixed_precision)
 
         common = dict(input_set=task.input_set, target=task.target,
                       batch_size=training.batch_size, seed=training.seed,
                       min_target_e=training.min_target_e, num_workers=training.num_workers,
                       pin_memory=device.type == "cuda", rank=context.rank,
-                      world_size=context.world_size, latent_targets=task.latent_targets)
+                      world_size=context.world_size, latent_targets=task.latent_targets,
+                      fill_unavailable=task.drops_bands)
         budget = int(training.normalized_cache_gib * 2 ** 30)
         self.train_loader = make_loader(dataset.root, split="train", cache_bytes=budget, **common)
         kept = kept_bytes(self.train_loader)
@@ -156,6 +158,9 @@ class StageLoop:
                     terms = self.task.losses(self.wrapped, x, y)
                 self.optimizer.zero_grad(set_to_none=True)
                 terms[0].backward()
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.task.model.parameters(),
+                                                   self.max_grad_norm)
                 self.optimizer.step()
                 n = x.shape[0]
                 sums[:-1] += torch.stack([t.detach().double() for t in terms]) * n

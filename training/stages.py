@@ -75,7 +75,9 @@ class Stage(ABC):
     loss_names: ClassVar[tuple[str, ...]]
     """Names of the terms :meth:`losses` returns, the total first."""
     drops_bands: ClassVar[bool] = True
-    """Whether ``training.band_dropout`` applies to its inputs (:func:`drop_bands`)."""
+    """Whether ``training.band_dropout`` applies to its inputs (:func:`drop_bands`), and the
+    bands a dataset drawn under ``simulation.conditions`` marks unavailable are filled as
+    inference fills them (0)."""
 
     def __init__(self, model: nn.Module, frozen: dict[str, nn.Module],
                  parent_record: dict[str, Any] | None, init: str) -> None:
@@ -123,6 +125,11 @@ class Stage(ABC):
         """``training.<name>_epochs`` when set, else ``training.epochs``."""
         specific = getattr(training, f"{cls.name}_epochs", None)
         return training.epochs if specific is None else specific
+
+    @classmethod
+    def max_grad_norm(cls, training: TrainingConfig) -> float | None:
+        """``training.<name>_max_grad_norm`` when there is one, else None (unclipped)."""
+        return getattr(training, f"{cls.name}_max_grad_norm", None)
 
     @classmethod
     def learning_rate(cls, training: TrainingConfig) -> float:
@@ -182,7 +189,7 @@ class VAEStage(Stage):
     @classmethod
     def build(cls, config, data, parent, parent_record, used) -> "VAEStage":
         return cls(VAE(len(data.bands), data.stamp_pixels, config.model.latent_dim,
-                       config.model.decoder_output),
+                       config.model.decoder_output, config.model.availability_input),
                    config.training.beta_kl)
 
     def saved_modules(self) -> dict[str, nn.Module]:
@@ -308,7 +315,9 @@ class AmortizeStage(Stage):
     name, parent, input_set, target, loss_names = ("amortize", "stage2", "blend", "map_latent",
                                                    ("total", "stage2"))
     uses = ("stage1", "flow")
-    drops_bands = False  # its targets are the MAP latents of the complete blends
+    # its targets are the MAP latents of the complete blends; with a band missing from the input
+    # (band dropout, a dataset's unavailable bands) it learns the complete galaxy's latent from
+    # what is there, as inference asks of it
 
     def __init__(self, encoder: Encoder, frozen: dict[str, nn.Module], config: Config,
                  data: DataIdentity, parent_record: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import field
@@ -101,6 +102,81 @@ def _at_least(value: int | None, minimum: int) -> bool:
     return value is None or value >= minimum
 
 
+@_section("simulation.conditions")
+class ConditionsConfig:
+    """Observing conditions drawn per training scene (:mod:`simulation.conditions`).
+
+    Each scene draws an r-band PSF FWHM uniformly in ``psf_fwhm`` (arcsec, the PSF profile
+    without the pixel); every band's PSF is the survey's dilated by that FWHM over the survey's
+    r-band FWHM, times a per-band factor uniform in 1 +- ``psf_fwhm_band_scatter``. The PSF is
+    then sheared by a reduced shear g_psf uniform in the disc |g_psf| <= ``psf_g_max`` (pixel
+    frame, one per scene, every band). Depth: a number of survey years log-uniform in
+    ``depth_years`` per scene, times a per-band factor exp(U(-s, s)), s =
+    ``depth_band_scatter``; exposure time, source counts and sky level all scale as years over
+    the survey's full depth (LSST 10 years, DES 6). Each band is missing with probability
+    ``band_missing`` (never all: one is then kept at random); a missing band is drawn as any
+    other and flagged unavailable, for training to fill as inference does. A sky-subtraction
+    residual, a constant of a level uniform in +-``sky_residual`` sky sigma plus a gradient of
+    that level per half stamp in a uniform direction, is added per band to the noisy images (not
+    to the clean target). Rotated twins share their conditions.
+    """
+
+    psf_fwhm: tuple[StrictFloat, StrictFloat] = (0.6, 1.2)
+    psf_fwhm_band_scatter: StrictFloat = 0.05
+    psf_g_max: StrictFloat = 0.05
+    depth_years: tuple[StrictFloat, StrictFloat] = (1.0, 10.0)
+    depth_band_scatter: StrictFloat = 0.2
+    band_missing: StrictFloat = 0.1
+    sky_residual: StrictFloat = 0.0
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> ConditionsConfig:
+        _require([
+            (0 < self.psf_fwhm[0] <= self.psf_fwhm[1], "simulation.conditions.psf_fwhm",
+             "must be [min, max] arcsec with 0 < min <= max"),
+            (0 <= self.psf_fwhm_band_scatter < 0.5, "simulation.conditions.psf_fwhm_band_scatter",
+             "must be in [0, 0.5)"),
+            (0 <= self.psf_g_max < 0.5, "simulation.conditions.psf_g_max", "must be in [0, 0.5)"),
+            (0 < self.depth_years[0] <= self.depth_years[1], "simulation.conditions.depth_years",
+             "must be [min, max] years with 0 < min <= max"),
+            (0 <= self.depth_band_scatter <= 2, "simulation.conditions.depth_band_scatter",
+             "must be in [0, 2]"),
+            (0 <= self.band_missing < 1, "simulation.conditions.band_missing",
+             "must be in [0, 1)"),
+            (0 <= self.sky_residual <= 5, "simulation.conditions.sky_residual",
+             "must be in [0, 5] sky sigma"),
+        ])
+        return self
+
+
+@_section("simulation.morphology")
+class MorphologyConfig:
+    """Galaxy morphologies beyond CatSim's smooth bulge + disk (:mod:`simulation.morphology`).
+
+    Per galaxy: a fraction of its disk's flux, uniform in ``knot_fraction``, moves into
+    star-forming knots (``galsim.RandomKnots``, a count uniform in ``n_knots``, spread like the
+    disk and sheared with it), and its bulge (with its AGN) sits off the disk's centre by up to
+    ``bulge_offset`` disk half-light radii (uniform in the disc, in the galaxy's frame, so that it
+    turns with the galaxy).
+    """
+
+    knot_fraction: tuple[StrictFloat, StrictFloat] = (0.0, 0.3)
+    n_knots: tuple[StrictInt, StrictInt] = (10, 100)
+    bulge_offset: StrictFloat = 0.1
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> MorphologyConfig:
+        _require([
+            (0 <= self.knot_fraction[0] <= self.knot_fraction[1] <= 1,
+             "simulation.morphology.knot_fraction", "must be [min, max] with 0 <= min <= max <= 1"),
+            (1 <= self.n_knots[0] <= self.n_knots[1], "simulation.morphology.n_knots",
+             "must be [min, max] with 1 <= min <= max"),
+            (0 <= self.bulge_offset <= 2, "simulation.morphology.bulge_offset",
+             "must be in [0, 2] disk half-light radii"),
+        ])
+        return self
+
+
 @_section("simulation")
 class SimulationConfig:
     """How scenes are drawn with BTK (SPEC section 2). Lengths in arcsec, magnitudes AB."""
@@ -148,6 +224,11 @@ class SimulationConfig:
     """beta of the SPEC 3 normalisation tanh(asinh(beta x / <max>))."""
     norm_reference: Literal["blend", "noisy", "clean"] = "blend"
     """Image set whose per-band mean image maximum (training split) sets the constants."""
+    morphology: MorphologyConfig | None = None
+    """Knotty disks and off-centre bulges; None: CatSim's smooth bulge + disk (BTK's)."""
+    conditions: ConditionsConfig | None = None
+    """Observing conditions drawn per scene (PSF, depth, missing bands); None: the survey's
+    nominal ones for every scene (its PSFs, full depth, every band)."""
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SimulationConfig:
@@ -195,6 +276,10 @@ class ModelConfig:
     """The decoder's last layer (:class:`deblend.core.networks.Decoder`): ``sigmoid`` is
     SPEC's, whose floor leaves a pedestal of about 3 electrons per pixel; ``floored_sigmoid``
     reaches the sky (0) exactly, with a finite slope."""
+    availability_input: StrictBool = False
+    """The encoders also see a per-band availability mask (one constant plane per band, 1 where
+    the band is available, 0 where it is missing: all 0 by the fill rule of a missing band,
+    :class:`deblend.core.networks.Encoder`); False: the images alone."""
     regressor_hidden: tuple[StrictInt, ...] = (128, 64, 32)
     regressor_dropout: StrictFloat = 0.1
     flow_transform: Literal["affine_coupling", "spline_coupling"] = "affine_coupling"
@@ -227,6 +312,10 @@ class TrainingConfig:
     stage2_epochs: StrictInt | None = None
     stage3_epochs: StrictInt | None = None
     flow_epochs: StrictInt | None = None
+    flow_max_grad_norm: StrictFloat | None = None
+    """Clip the flow stage's gradient to this norm (``torch.nn.utils.clip_grad_norm_``); None:
+    unclipped. Latents with far tails (bright galaxies, a range of depths) otherwise blow its
+    coupling layers up to NaN within a few epochs."""
     amortize_epochs: StrictInt | None = None
     amortize_chunk: StrictInt = 500
     """Blends whose MAP targets are fitted and cached together (about 20 s on 2 CPU cores);
@@ -267,6 +356,8 @@ class TrainingConfig:
             *[(_at_least(getattr(self, f"stage{i}_epochs"), 1), f"training.stage{i}_epochs",
                "must be >= 1 or null") for i in (1, 2, 3)],
             (_at_least(self.flow_epochs, 1), "training.flow_epochs", "must be >= 1 or null"),
+            (self.flow_max_grad_norm is None or self.flow_max_grad_norm > 0,
+             "training.flow_max_grad_norm", "must be > 0 or null"),
             (_at_least(self.amortize_epochs, 1), "training.amortize_epochs",
              "must be >= 1 or null"),
             (self.amortize_chunk >= 1, "training.amortize_chunk", "must be >= 1"),
@@ -634,6 +725,9 @@ def _annotation(root: type, loc: tuple[Any, ...]) -> Any:
     annotation: Any = root
     for name in loc:
         annotation = typing.get_type_hints(annotation)[name]
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(options) == 1:
+            annotation = options[0]  # an optional section: ``X | None``
     return annotation
 
 

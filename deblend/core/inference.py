@@ -146,8 +146,8 @@ class Deblender:
     def __init__(self, encoder: Encoder, decoder: Decoder, regressor: Regressor | None,
                  data: DataIdentity, device: torch.device | str = "cpu",
                  response: Response | None = None, flow: LatentFlow | None = None) -> None:
-        shared = {key: decoder.hparams()[key] for key in encoder.hparams()}
-        if encoder.hparams() != shared:
+        stamp_keys = ("n_bands", "stamp_size", "latent_dim")
+        if any(encoder.hparams()[key] != decoder.hparams()[key] for key in stamp_keys):
             raise ValueError(f"encoder {encoder.hparams()} and decoder {decoder.hparams()} differ")
         if len(data.bands) != encoder.n_bands or data.stamp_pixels != encoder.stamp_size:
             raise ValueError("the data identity does not match the networks' bands or stamp size")

@@ -154,15 +154,23 @@ class _StampNetwork(nn.Module):
 
 
 class Encoder(_StampNetwork):
-    """Convolutional encoder ``x (N, n_bands, S, S) -> (mu, logvar)``, each ``(N, latent_dim)``."""
+    """Convolutional encoder ``x (N, n_bands, S, S) -> (mu, logvar)``, each ``(N, latent_dim)``.
 
-    def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32) -> None:
+    With ``availability_input`` the first convolution also sees one constant plane per band,
+    1 where the band is available and 0 where it is missing. The mask follows from the fill rule
+    of a missing band (``deblend.core.inference.fill_missing_bands``, training's band dropout
+    and unavailable bands): a band whose pixels are all exactly 0 is missing, as no observed
+    band is."""
+
+    def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32,
+                 availability_input: bool = False) -> None:
         super().__init__(n_bands, stamp_size, latent_dim)
+        self.availability_input = bool(availability_input)
         self.spatial_sizes = encoder_spatial_sizes(stamp_size)  # e.g. [45, 23, 12, 6, 3]
         self.flat_dim = flattened_size(stamp_size)
 
         layers: list[nn.Module] = []
-        in_ch = n_bands
+        in_ch = 2 * n_bands if self.availability_input else n_bands
         for out_ch in ENCODER_CHANNELS:
             layers.append(nn.Conv2d(in_ch, out_ch, KERNEL_SIZE, stride=STRIDE, padding=PADDING))
             layers.append(nn.PReLU(out_ch))
@@ -174,8 +182,16 @@ class Encoder(_StampNetwork):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x``: ``(N, n_bands, stamp_size, stamp_size)`` -> ``(mu, logvar)``, each ``(N, latent_dim)``."""
         _check_image(x, self.n_bands, self.stamp_size, "Encoder")
+        if self.availability_input:
+            x = torch.cat([x, availability_planes(x)], dim=1)
         h = self.features(x).flatten(start_dim=1)
         return self.fc_mu(h), self.fc_logvar(h)
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor arguments for checkpointing (``availability_input`` only when set, so
+        that checkpoints written before it keep their form)."""
+        extra = {"availability_input": True} if self.availability_input else {}
+        return {**super().hparams(), **extra}
 
     def sample(self, mu: Tensor, logvar: Tensor, deterministic: bool | None = None) -> Tensor:
         """Reparameterised ``z``; ``deterministic=None`` means ``z = mu`` in eval mode, sampled in train mode."""
@@ -184,6 +200,13 @@ class Encoder(_StampNetwork):
         return reparameterize(mu, logvar, deterministic=deterministic)
 
     reparameterize = sample
+
+
+def availability_planes(x: Tensor) -> Tensor:
+    """(N, n_bands, H, W) constant planes of ``x`` (N, n_bands, H, W): 1 for a band with a
+    non-zero pixel (available), 0 for a band that is all 0 (missing, by the fill rule)."""
+    present = (x != 0).flatten(start_dim=2).any(dim=-1).to(x.dtype)
+    return present[:, :, None, None].expand_as(x)
 
 
 #: Output layers the decoder can end with (:class:`Decoder`).
@@ -280,9 +303,9 @@ class VAE(nn.Module):
     """beta-VAE = :class:`Encoder` + :class:`Decoder`, built from plain ints."""
 
     def __init__(self, n_bands: int, stamp_size: int = 45, latent_dim: int = 32,
-                 decoder_output: str = "sigmoid") -> None:
+                 decoder_output: str = "sigmoid", availability_input: bool = False) -> None:
         super().__init__()
-        self.encoder = Encoder(n_bands, stamp_size, latent_dim)
+        self.encoder = Encoder(n_bands, stamp_size, latent_dim, availability_input)
         self.decoder = Decoder(n_bands, stamp_size, latent_dim, decoder_output)
 
     @property
