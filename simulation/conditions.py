@@ -72,9 +72,9 @@ class Conditions:
     psf_g2: np.ndarray
     years: np.ndarray
     available: np.ndarray
-    sky_residual: np.ndarray | None = None
-    """level of the sky-subtraction residual, sky sigma; None: none"""
-    sky_residual_angle: np.ndarray | None = None
+    sky_residual: np.ndarray
+    """level of the sky-subtraction residual, sky sigma (0: none)"""
+    sky_residual_angle: np.ndarray
     """direction of its gradient, radians from +x (pixel frame)"""
 
 
@@ -101,7 +101,8 @@ class SurveyConditions:
         n = len(self.bands)
         return Conditions(psf_fwhm=self.nominal_fwhm.copy(), psf_g1=np.zeros(n),
                           psf_g2=np.zeros(n), years=np.full(n, self.nominal_years),
-                          available=np.ones(n, bool))
+                          available=np.ones(n, bool), sky_residual=np.zeros(n),
+                          sky_residual_angle=np.zeros(n))
 
     def draw(self, config: ConditionsConfig, rng: np.random.Generator) -> Conditions:
         """A random scene's conditions (the rules of :class:`ConditionsConfig`)."""
@@ -200,9 +201,8 @@ def stack_conditions(items: Sequence[Conditions], sky_levels: Sequence[np.ndarra
             "years": np.array([c.years for c in items], np.float64),
             "sky_level": np.array(sky_levels, np.float64),
             "available": np.array([c.available for c in items], np.uint8),
-            **{name: np.array([np.zeros(len(c.psf_fwhm)) if getattr(c, name) is None
-                               else getattr(c, name) for c in items], np.float64)
-               for name in ("sky_residual", "sky_residual_angle")}}
+            "sky_residual": np.array([c.sky_residual for c in items], np.float64),
+            "sky_residual_angle": np.array([c.sky_residual_angle for c in items], np.float64)}
 
 
 def conditions_of(columns: dict[str, np.ndarray], index: int) -> Conditions:

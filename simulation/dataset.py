@@ -343,6 +343,7 @@ class StampData:
         (N, bands)): stored ones, or the survey's nominal ones for a dataset drawn without
         ``simulation.conditions`` (every dataset written before it)."""
         from simulation.conditions import CONDITION_COLUMNS, SurveyConditions, stack_conditions
+        from simulation.surveys import sky_levels
 
         if self.has_conditions:
             labels = self.labels()
@@ -351,10 +352,8 @@ class StampData:
                 raise DatasetError(f"{self.root}: drawn under simulation.conditions but its "
                                    f"labels lack '{missing[0]}'; regenerate the dataset")
             return {c: labels[c] for c in CONDITION_COLUMNS}
-        model = SurveyConditions(self.survey, self.bands)
-        nominal = model.nominal()
-        sky = model.sky_levels(model.survey(nominal))
-        one = stack_conditions([nominal], [sky])
+        nominal = SurveyConditions(self.survey, self.bands).nominal()
+        one = stack_conditions([nominal], [sky_levels(self.survey, self.bands)])
         return {name: np.repeat(column, self.n_samples, axis=0) for name, column in one.items()}
 
     def psfs(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -132,7 +132,7 @@ class SceneDrawer:
                 scenes.blend += residual
             scenes.conditions = stack_conditions([current], [levels])
             scenes.psf = self.survey_conditions.psf_images(
-                self._current, self.stamp_pixels)[None].astype(np.float32)
+                current, self.stamp_pixels)[None].astype(np.float32)
         if self.stamp_pixels == self.geometry.stamp_pixels:
             return scenes
         return centre_on_detection(scenes, np.array(levels), self.geometry.bands,

@@ -41,15 +41,14 @@ def calibrate_regressor(layout: RunLayout, dataset: StampData, device: str,
                            f"(simulation.calibration_fraction = 0)"}
     else:
         model = Deblender.from_run(layout.root, device=device)
-        available = (dataset.conditions()["available"].astype(bool)[indices]
+        available = (dataset.conditions()["available"].astype(bool)
                      if dataset.has_conditions else None)
-        step = 512
+        chunks = [indices[start:start + 512] for start in range(0, len(indices), 512)]
         raw = np.concatenate([
-            model.predict(batch, reconstruct=False,
-                          available=None if available is None
-                          else available[start:start + step]).regressor_output
-            for start, batch in zip(range(0, len(indices), step),
-                                    dataset.iter_batches("blend", indices, step))])
+            model.predict(dataset.images("blend", chunk), reconstruct=False,
+                          available=None if available is None else available[chunk]
+                          ).regressor_output
+            for chunk in chunks])
         labels = dataset.labels()
         truth = np.stack([labels["e1"][indices], labels["e2"][indices]], axis=1)
         try:

@@ -146,8 +146,7 @@ class BatchReader(Dataset):
 
     def __getitem__(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.normalized(self.input_set, indices)
-        if self.fill_unavailable and self.data.has_conditions:
-            assert self._available is not None
+        if self._available is not None:  # set by self.data, which normalized() opened
             inputs[~self._available[indices]] = 0.0  # as Deblender.predict fills a missing band
         if self.target == "clean":
             targets = self.normalized("clean", indices)
