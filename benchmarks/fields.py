@@ -1,5 +1,6 @@
 """``python -m benchmarks.fields --run R [--config C] [--out DIR] [--n-fields N]
-[--population btk galsim] [--field-pixels P] [--cell C] [--g G] [--no-anacal]``.
+[--population btk galsim] [--field-pixels P] [--cell C] [--g G] [--no-anacal] [--jobs J]
+[--shard K/N]``.
 
 Shear bias from pixels (:mod:`evaluation.field_shear`): constant-shear fields at LSST density,
 cut into cells, measured by metadetection with the deblender (population response and per-object
@@ -7,6 +8,12 @@ response), blend HSM on the same detections and AnaCal with its own detection; m
 against the applied shear with jackknife errors. The ``fields`` section of the config (default:
 the run's own) sets the sizes; options override it. Resumes from ``DIR/cache``; prints the
 table and writes ``DIR/report.md``, ``DIR/metrics.json`` and ``DIR/cell.png``.
+
+``--jobs J`` measures J field sets at once on forked CPU processes. ``--shard K/N`` measures
+only the K-th of N shares of the field sets not yet cached and caches them, nothing else: N
+machines (or cluster jobs) sharing ``DIR`` fill the cache, and a last run without ``--shard``
+reports. An error of 0.002 on m needs of the order of 10^4-10^5 field sets per population and
+component (the report says how many from the scatter it measured).
 """
 
 from __future__ import annotations
@@ -37,7 +44,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--g", type=float)
     parser.add_argument("--no-anacal", action="store_true", help="leave AnaCal out")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--jobs", type=positive_int_arg, default=1,
+                        help="field sets measured at once on CPU processes (default 1)")
+    parser.add_argument("--shard", type=shard_arg, metavar="K/N",
+                        help="measure and cache only share K of N (0 <= K < N), then stop")
     return parser.parse_args(argv)
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    """``K/N`` with 0 <= K < N."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"need 0 <= K < N, got {text!r}")
+    return k, n
 
 
 @fail_cleanly
@@ -51,7 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes["anacal"] = False
     config = config.replace("fields", **changes)
     out = Path(args.out) if args.out else Path(args.run).parent / "fields"
-    run_field_report(args.run, config, out, device=args.device)
+    if args.jobs > 1 and args.device != "cpu":
+        raise ValueError("--jobs runs CPU processes: leave --device at cpu, or use --jobs 1")
+    if run_field_report(args.run, config, out, device=args.device, jobs=args.jobs,
+                        shard=args.shard) is None:
+        print(f"shard {args.shard[0]}/{args.shard[1]}: its field sets are cached in "
+              f"{out / 'cache'}; run without --shard to report")
+        return 0
     print((out / "report.md").read_text())
     return 0
 

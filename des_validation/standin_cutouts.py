@@ -47,6 +47,7 @@ from deblend.core.outputs import claim_directory, is_ours, replace_directory
 from des_validation.cutouts import DES_BANDS, write_npz
 from des_validation.frames import distortion_to_shear, local_jacobian, pixel_to_sky
 from simulation.builder import SceneSource
+from simulation.conditions import at_nominal_conditions
 
 STANDIN_KIND = "des-standin"
 """The kind of output a stand-in directory is (:mod:`deblend.core.outputs`)."""
@@ -73,9 +74,8 @@ class StandinInfo:
 def standin_simulation(config: Config) -> SimulationConfig:
     """The simulation settings of the stand-in: the config's, forced to DES geometry, at DES's
     nominal conditions."""
-    sim = config.simulation
-    changes = {"survey": "DES", "target_max_mag": config.des.standin_target_max_mag,
-               "conditions": None}
+    sim = at_nominal_conditions(config.simulation)
+    changes = {"survey": "DES", "target_max_mag": config.des.standin_target_max_mag}
     if sim.survey != "DES":
         changes.update(label_bands=("r", "i", "z"), ref_band="i")
     return dataclasses.replace(sim, **changes)

@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from astropy.table import Table
 
+from deblend.core.arguments import require_positive_int
 from deblend.core.atomic import atomic_output, write_json_atomic, write_text_atomic
 from deblend.core.cell_measure import ESTIMATOR, measure_cells
 from deblend.core.cells import CellImage, tile
@@ -40,6 +41,7 @@ from deblend.core.inference import Deblender
 from deblend.core.metacal import METACAL_SHEARS
 from deblend.core.metadetect import MetadetectSettings, step_sums
 from deblend.core.runs import RunLayout, lineage_identity
+from deblend.core.workers import run_tasks
 from deblend.core.shapes import hsm_shapes
 from evaluation.anacal_peer import (
     anacal_cell_catalogue,
@@ -52,8 +54,12 @@ from simulation.sheared_fields import ShearedField, draw_field_set
 ESTIMATORS = ("deblend", "deblend_object", "hsm", "anacal")
 HSM_BANDS = ("r", "i", "z")
 SIGNS = {"plus": 1, "minus": -1, "plus_rot": 1, "minus_rot": -1}
-CACHE_VERSION = 2
-"""Bumped when the measurement changes (2: one correction-noise field per cell)."""
+NOISE_FIELDS = {"plus": 0, "minus": 0, "plus_rot": 1, "minus_rot": 1}
+"""The image noise field of each image of a set (+g and -g share one, the twins another): the
+metacal correction noise is drawn from it too, so +g and -g also share their correction noise."""
+CACHE_VERSION = 3
+"""Bumped when the measurement changes (2: one correction-noise field per cell; 3: +g and -g
+share their correction noise)."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +136,8 @@ def measure_field_set(model: Deblender, population: str, seed: int, index: int,
                       walk: MetadetectSettings, field_pixels: int) -> dict[str, dict]:
     """Sums of every image of field set ``index`` (keys of :data:`SIGNS`)."""
     fields = draw_field_set(population, seed, index, g, field_pixels=field_pixels)
-    return {key: image_sums(model, fields[key], settings, walk, seed=1000 * index + k)
-            for k, key in enumerate(SIGNS)}
+    return {key: image_sums(model, fields[key], settings, walk,
+                            seed=1000 * index + NOISE_FIELDS[key]) for key in SIGNS}
 
 
 def mean_and_response(sums: Sequence[dict[str, np.ndarray]], estimator: str, delta: float
@@ -202,65 +208,120 @@ def unflatten(arrays: dict[str, np.ndarray]) -> dict[str, dict]:
     return out
 
 
+_MODEL: Deblender | None = None
+"""The model that :func:`_measure_set` uses (set before the workers fork)."""
+
+
+def _measure_set(*args) -> dict[str, dict]:
+    return measure_field_set(_MODEL, *args)
+
+
 def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
                         populations: Sequence[str] = ("btk", "galsim"), n_fields: int = 4,
                         g: float = 0.02, field_pixels: int = 300, seed: int = 0,
                         settings: FieldSettings = FieldSettings(),
-                        walk: MetadetectSettings | None = None,
-                        log=print, timing: dict | None = None) -> dict[str, dict]:
+                        walk: MetadetectSettings | None = None, jobs: int = 1,
+                        shard: tuple[int, int] | None = None,
+                        log=print, timing: dict | None = None) -> dict[str, dict] | None:
     """m, c of every estimator (:data:`ESTIMATORS`) on ``n_fields`` field sets per population
     and sheared component (g along e1, then along e2); each field set is cached under
-    ``out/cache`` (an interrupted run resumes; a changed setting measures again)."""
+    ``out/cache`` as it ends (an interrupted run resumes; a changed setting measures again).
+    ``jobs``: field sets measured at once, on forked CPU processes
+    (:func:`deblend.core.workers.run_tasks`). ``shard`` (k, n): measure only the uncached field
+    sets whose place in the list (populations, components, indices) is k modulo n, cache them
+    and return None: n machines sharing ``out`` fill the cache, and a last run without
+    ``shard`` reads it and reports. ``timing`` collects the wall seconds and kept detections
+    of what this call measured."""
+    global _MODEL
     walk = walk or MetadetectSettings(stamp_pixels=model.stamp_pixels)
+    jobs = require_positive_int(jobs, "jobs")
+    if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard must be (k, n) with 0 <= k < n, got {shard!r}")
     estimators = [e for e in ESTIMATORS if settings.anacal or e != "anacal"]
-    results: dict[str, dict] = {}
+    plan, cached, todo = [], {}, []
     for population in populations:
-        row: dict[str, dict] = {e: {} for e in estimators}
         for component in (0, 1):
             shear = (g, 0.0) if component == 0 else (0.0, g)
-            sets, objects, start = [], [], time.perf_counter()
             for index in range(n_fields):
                 key = chunk_key({"version": CACHE_VERSION, "model": model_id,
                                  "population": population, "g": shear,
                                  "index": index, "seed": seed, "pixels": field_pixels,
                                  "settings": settings.__dict__, "walk": walk.__dict__})
                 path = Path(out) / "cache" / f"{population}-g{component + 1}-{index:04d}.npz"
-                cached = read_chunk(path, key)
-                if cached is None:
-                    t0 = time.perf_counter()
-                    sums = measure_field_set(model, population, seed, index, shear, settings,
-                                             walk, field_pixels)
-                    if timing is not None:
-                        timing["seconds"] = timing.get("seconds", 0.0) + time.perf_counter() - t0
-                        timing["objects"] = timing.get("objects", 0.0) + sum(
-                            s[ESTIMATOR][0, 2] for s in sums.values())
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    write_chunk(path, key, flatten(sums))
-                    log(f"[fields] {population} g{component + 1} field set {index + 1}/"
-                        f"{n_fields} measured ({time.perf_counter() - start:.0f} s)")
-                else:
-                    sums = unflatten(cached)
-                sets.append(sums)
+                place = len(plan)
+                plan.append((population, component, index, path, key))
+                sums = read_chunk(path, key)
+                if sums is not None:
+                    cached[place] = unflatten(sums)
+                elif shard is None or place % shard[1] == shard[0]:
+                    todo.append(place)
+    _MODEL = model
+    start = time.perf_counter()
+
+    def keep(k: int, sums: dict[str, dict]) -> None:
+        population, component, index, path, key = plan[todo[k]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_chunk(path, key, flatten(sums))
+        cached[todo[k]] = sums
+        if timing is not None:
+            timing["objects"] = timing.get("objects", 0.0) + sum(
+                s[ESTIMATOR][0, 2] for s in sums.values())
+        log(f"[fields] {population} g{component + 1} field set {index + 1}/{n_fields} measured "
+            f"({len(cached)}/{len(plan)} cached, {time.perf_counter() - start:.0f} s)")
+
+    tasks = []
+    for place in todo:
+        population, component, index, _, _ = plan[place]
+        shear = (g, 0.0) if component == 0 else (0.0, g)
+        tasks.append((population, seed, index, shear, settings, walk, field_pixels))
+    run_tasks(_measure_set, tasks, jobs, keep)
+    if timing is not None:
+        timing["seconds"] = timing.get("seconds", 0.0) + time.perf_counter() - start
+    if shard is not None:
+        return None
+    results: dict[str, dict] = {}
+    for population in populations:
+        row: dict[str, dict] = {e: {} for e in estimators}
+        objects = []
+        for component in (0, 1):
+            shear = (g, 0.0) if component == 0 else (0.0, g)
+            sets = [cached[place] for place, (p, c, *_) in enumerate(plan)
+                    if p == population and c == component]
             objects.append(objects_per_image(sets))
             for name in estimators:
                 row[name].update(bias(sets, name, shear, walk.delta))
         for name in estimators:
             row[name]["n_field_sets"] = n_fields
             row[name]["objects_per_image"] = objects[-1]
+            row[name]["sets_for_target"] = sets_for_target(row[name], n_fields)
         results[population] = row
     return results
 
 
+TARGET_M_ERROR = 0.002
+"""The 1-sigma error on m that issue 22 asks of the field benchmark."""
+
+
+def sets_for_target(row: dict[str, float], n_fields: int) -> float:
+    """Field sets per population and component that would bring the larger of the two errors
+    on m to :data:`TARGET_M_ERROR`, if it falls as one over the square root of their number
+    (NaN without an error: one field set)."""
+    worst = max(row["m1_err"], row["m2_err"])
+    return float(np.ceil(n_fields * (worst / TARGET_M_ERROR) ** 2)) if np.isfinite(
+        worst) else float("nan")
+
+
 def field_table(results: dict[str, dict]) -> str:
     """m1, m2, c1, c2 with 1-sigma jackknife errors, per population and estimator."""
-    lines = ["| population | estimator | m1 | m2 | c1 | c2 | field sets | kept per image |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| population | estimator | m1 | m2 | c1 | c2 | field sets | kept per image | "
+             f"sets for σ(m) = {TARGET_M_ERROR} |", "|---|---|---|---|---|---|---|---|---|"]
     for population, row in results.items():
         for name, r in row.items():
             def f(key: str) -> str:
                 return f"{r[key]:+.4f} ± {r[key + '_err']:.4f}"
             lines.append(f"| {population} | {name} | {f('m1')} | {f('m2')} | {f('c1')} | "
-                         f"{f('c2')} | {r['n_field_sets']} | {r['objects_per_image']:.1f} |")
+                         f"{f('c2')} | {r['n_field_sets']} | {r['objects_per_image']:.1f} | "
+                         f"{r.get('sets_for_target', float('nan')):,.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -290,10 +351,12 @@ def field_report_is_complete(out: str | Path) -> bool:
 
 
 def run_field_report(run: str | Path, config, out: str | Path, *, device: str = "cpu",
-                     log=print) -> dict:
+                     jobs: int = 1, shard: tuple[int, int] | None = None,
+                     log=print) -> dict | None:
     """The field benchmark of a trained run with the ``fields`` section of ``config``
     (:class:`deblend.core.config.FieldsConfig`): ``out/metrics.json``, ``out/report.md`` and
-    ``out/cell.png`` (one measured cell: detections and their e sticks). Resumable."""
+    ``out/cell.png`` (one measured cell: detections and their e sticks). Resumable. ``jobs``
+    and ``shard`` as :func:`run_field_benchmark` (a shard writes its cache only: None)."""
     fields = config.fields
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,7 +369,10 @@ def run_field_report(run: str | Path, config, out: str | Path, *, device: str = 
     results = run_field_benchmark(model, model_id, out, populations=fields.populations,
                                   n_fields=fields.n_fields, g=fields.g,
                                   field_pixels=fields.field_pixels, seed=fields.seed,
-                                  settings=settings, log=log, timing=timing)
+                                  settings=settings, jobs=jobs, shard=shard, log=log,
+                                  timing=timing)
+    if results is None:
+        return None
     pixel_scale = model.data.pixel_scale
     metrics = {"applied_g": fields.g, "field_pixels": fields.field_pixels,
                "pixel_scale": pixel_scale, "density_per_arcmin2": 40.0, "max_mag_i": 25.3,

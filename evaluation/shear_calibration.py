@@ -63,6 +63,7 @@ from evaluation.shear_fit import (
     population_means,
 )
 from simulation.builder import SceneSource
+from simulation.conditions import at_nominal_conditions
 
 CACHE_DIR = "shear_cache"
 FIGURE = "fig_shear_response.png"
@@ -108,8 +109,9 @@ def chunk_seed(base_seed: int, chunk: int, g: tuple[float, float], shared: bool)
 def population_config(config: Config, g: tuple[float, float]) -> Config:
     """The simulation config of one population: shear ``g``, rotated twins, even batches, the
     survey's nominal conditions."""
-    sim = config.simulation
-    return config.replace("simulation", shear=list(g), rotated_twins=True, conditions=None,
+    sim = at_nominal_conditions(config.simulation)
+    return config.replace("simulation", shear=list(g), rotated_twins=True,
+                          conditions=sim.conditions,
                           btk_batch_size=sim.btk_batch_size + sim.btk_batch_size % 2,
                           shard_size=sim.shard_size + sim.shard_size % 2)
 

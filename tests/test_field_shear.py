@@ -30,24 +30,34 @@ def test_bias_of_exact_sums_is_the_applied_shear():
 
 
 @pytest.mark.slow
-def test_field_benchmark_runs_and_resumes(trained_run, tmp_path):
+def test_field_benchmark_runs_in_shards_and_processes_and_resumes(trained_run, tmp_path):
+    """A shard measures only its share (on two forked processes) and reports nothing; the
+    full run measures the rest and reports finite m, c; a third run measures nothing."""
     from deblend.core.inference import Deblender
 
     model = Deblender.from_run(trained_run, device="cpu")
     logs = []
-    kwargs = dict(populations=("galsim",), n_fields=1, field_pixels=120, log=logs.append,
+    kwargs = dict(populations=("galsim",), n_fields=2, field_pixels=120, log=logs.append,
                   settings=FieldSettings(cell=60, margin=35))
+    assert run_field_benchmark(model, "tiny", tmp_path, shard=(1, 2), jobs=2, **kwargs) is None
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "galsim-g1-0001.npz", "galsim-g2-0001.npz"]  # places 1 and 3 of 4
+    assert len(logs) == 2
+    logs.clear()
     results = run_field_benchmark(model, "tiny", tmp_path, **kwargs)
+    assert len(logs) == 2 and len(list((tmp_path / "cache").iterdir())) == 4
     row = results["galsim"]
     assert set(row) == set(ESTIMATORS)
     for name in ESTIMATORS:
         assert np.isfinite([row[name]["m1"], row[name]["m2"], row[name]["c1"],
-                            row[name]["c2"]]).all(), name
+                            row[name]["c2"], row[name]["m1_err"]]).all(), name
+        assert row[name]["sets_for_target"] >= 1
     assert row["deblend"]["objects_per_image"] > 0
-    assert len(logs) == 2  # one field set per component
     logs.clear()
     again = run_field_benchmark(model, "tiny", tmp_path, **kwargs)
     assert logs == [] and again["galsim"]["deblend"]["m1"] == row["deblend"]["m1"]
+    with pytest.raises(ValueError, match="shard"):
+        run_field_benchmark(model, "tiny", tmp_path, shard=(2, 2), **kwargs)
 
 
 @pytest.mark.slow
@@ -62,18 +72,22 @@ def test_fields_command_prints_the_table(trained_run, tmp_path, capsys):
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "report.md").is_file()
     assert (tmp_path / "cell.png").stat().st_size > 1000
     assert main(["--run", str(trained_run), "--g", "0.5"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--run", str(trained_run), "--shard", "3/3"])
 
 
 @pytest.mark.slow
 def test_cell_speed_benchmark_measures_every_path(capsys):
-    """``python -m benchmarks.cell_speed --fields 1`` (untrained networks) prints every rate."""
+    """``python -m benchmarks.cell_speed --fields 1 --cell 150 --jobs 2`` (untrained networks,
+    two forked processes) prints every rate."""
     from benchmarks.cell_speed import main
 
-    result = main(["--fields", "1"])
+    result = main(["--fields", "1", "--cell", "150", "--margin", "30", "--jobs", "2"])
     text = capsys.readouterr().out
     for key in ("deblend_population", "deblend_with_object_response", "anacal"):
         assert result[f"{key}_galaxies_per_s"] > 0 and key in text
-    assert result["galaxies"] > 10 and result["cells"] == 9
+    assert result["galaxies"] > 10 and result["cells"] == 4 and result["kept_detections"] > 5
+    assert result["margin_overhead"] == pytest.approx(4 * 180 ** 2 / 300 ** 2)
 
 
 def test_memory_benchmark_streams_a_dataset_as_stage1_reads_it(tiny_dataset):

@@ -66,6 +66,11 @@ def test_detection_on_a_sheared_noiseless_field_finds_the_sheared_positions():
     unsheared = offsets + 50.0  # the test can fail: unsheared positions are ~1 px away
     assert np.hypot(*(found[:, None] - unsheared[None]).transpose(2, 0, 1)).min(
         axis=0).max() > 0.3
+    box = (0, 50, 0, 50)  # a cell owning the lower-left quarter: the same detections there
+    near = detect_cell(image.mean(axis=0), 1.0, 5.0, 5, 0.005, near=box)
+    owned = CellImage(image, np.ones_like(image), psf_images(), owned=box).owns
+    assert np.array_equal(near[owned(*near.T)], found[owned(*found.T)])
+    assert 1 <= len(near) < len(found)  # the far ones got no windowed centroid
 
 
 def toy_estimator(stamps: np.ndarray) -> np.ndarray:

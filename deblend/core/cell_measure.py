@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-from astropy.table import Table, vstack
+from astropy.table import Table
 
 from deblend.core.arguments import NON_NEGATIVE_INT, VIEWS, require_positive_int
 from deblend.core.cells import CellImage
@@ -35,7 +35,7 @@ from deblend.core.metadetect import (
     Estimator,
     MetadetectSettings,
     correction_noise,
-    measure_cell,
+    cell_columns,
 )
 from deblend.core.stamps import cut_stamps
 
@@ -114,15 +114,15 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
                                   stamp_operator if per_object else None,
                                   settings.noise_correction, views, batch_size)
 
-        table = measure_cell(cell, bands, {ESTIMATOR: regressor, **(peers or {})}, settings,
-                             seed=seed + k, operator=operator, extra=extra, noise=noise)
-        table["x"] += cell.origin[0]
-        table["y"] += cell.origin[1]
-        table["cell"] = np.full(len(table), k, np.int32)
-        parts.append(table)
+        columns = cell_columns(cell, bands, {ESTIMATOR: regressor, **(peers or {})}, settings,
+                               seed=seed + k, operator=operator, extra=extra, noise=noise)
+        columns["x"] = columns["x"] + cell.origin[0]
+        columns["y"] = columns["y"] + cell.origin[1]
+        columns["cell"] = np.full(len(columns["x"]), k, np.int32)
+        parts.append(columns)
     if not parts:
         return empty_catalogue(bands, [ESTIMATOR, *(peers or {})], per_object)
-    return vstack(parts, metadata_conflicts="silent")
+    return Table({key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
 
 
 def empty_catalogue(bands: tuple[str, ...], estimators: list[str], per_object: bool) -> Table:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
-from astropy.table import Table, vstack
+from astropy.table import Table
 
 from deblend.core.arguments import (
     FRACTION,
@@ -56,6 +56,10 @@ FLAGS = {
 }
 """Bits of the catalogue's ``flags`` column; rows with ``flags == 0`` enter the shear."""
 EDGE, MASKED, LOW_SNR, FAILED = 1, 2, 4, 8
+WINDOW_REACH = 10.0
+"""Pixels beyond a cell's owned square within which an isophotal centroid may still own a
+windowed centroid (:func:`detect_cell`'s ``near``; windowed centroids move by well under a
+pixel on isolated objects, by a few on blends)."""
 SNR_SIGMA = 2.0
 """Sigma (pixels) of the Gaussian aperture of the S/N cut."""
 
@@ -115,13 +119,21 @@ def noise_sigma(variance: np.ndarray, weights: np.ndarray, gain: np.ndarray) -> 
 
 
 def detect_cell(image: np.ndarray, sigma: float, threshold: float, min_area: int,
-                deblend_contrast: float) -> np.ndarray:
+                deblend_contrast: float,
+                near: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """(K, 2) SEP detections (x, y) of a (H, W) detection image of per-pixel noise ``sigma``:
     threshold ``threshold * sigma``, ``min_area`` pixels, windowed centroids (``sep.winpos``
-    with SExtractor's XWIN sigma, 2 r_half / 2.35)."""
+    with SExtractor's XWIN sigma, 2 r_half / 2.35). ``near`` (x0, x1, y0, y1): only objects
+    whose isophotal centroid lies within :data:`WINDOW_REACH` pixels of that box get a windowed
+    centroid and are returned (a cell's owned square: the margin's objects cost nothing)."""
     data = np.ascontiguousarray(image, dtype=np.float64)
     objects = sep.extract(data, threshold, err=sigma, minarea=min_area,
                           deblend_cont=deblend_contrast)
+    if near is not None and len(objects):
+        x0, x1, y0, y1 = near
+        objects = objects[(objects["x"] > x0 - WINDOW_REACH) & (objects["x"] < x1 + WINDOW_REACH)
+                          & (objects["y"] > y0 - WINDOW_REACH)
+                          & (objects["y"] < y1 + WINDOW_REACH)]
     if len(objects) == 0:
         return np.zeros((0, 2))
     radius, _ = sep.flux_radius(data, objects["x"], objects["y"], 6.0 * objects["a"], 0.5,
@@ -167,12 +179,23 @@ def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
                  operator: FourierMetacal | None = None,
                  extra: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
                  noise: np.ndarray | None = None) -> Table:
+    """The metadetection catalogue of one cell (:func:`cell_columns` as a Table)."""
+    return Table(cell_columns(cell, bands, estimators, settings, seed=seed, operator=operator,
+                              extra=extra, noise=noise))
+
+
+def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[str, Estimator],
+                 settings: MetadetectSettings = MetadetectSettings(), *, seed: int = 0,
+                 operator: FourierMetacal | None = None,
+                 extra: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+                 noise: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The metadetection catalogue of one cell (module docstring): one row per owned detection
     and metacal image, columns ``mdet_step``, ``x``, ``y`` (this cell's pixels), ``snr``,
     ``flags`` and ``<name>_e1``, ``<name>_e2`` per estimator. ``seed`` draws the correction
     noise; ``operator`` may be reused across cells with the same PSFs and delta. ``extra``
     maps the noshear detections' (K, 2) positions to more columns of the noshear rows (NaN on
-    the other images' rows). Detections are kept where the cell owns them, so inside the cell;
+    the other images' rows). Every estimator is called once, on the stamps of all five images.
+    Detections are kept where the cell owns them, so inside the cell;
     a stamp that overhangs the cell is zero outside it and flagged EDGE. ``seed`` >= 0 (checked
     even without the noise correction). ``noise``: the correction noise field (bands, H, W)
     when the caller draws it (to use the same field elsewhere); by default drawn from ``seed``.
@@ -204,37 +227,47 @@ def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     sigma = noise_sigma(variance[index], weights, gain)
     partly = ~masked.all(axis=(1, 2))  # a band missing from the whole cell flags nothing
     any_masked = masked[partly].any(axis=0).astype(np.float64)
-    rows = []
-    for step in METACAL_SHEARS:
-        det = np.tensordot(weights, metacal[step][index], axes=1)
-        positions = detect_cell(det, sigma, settings.threshold, settings.min_area,
-                                settings.deblend_contrast)
-        positions = positions[cell.owns(positions[:, 0], positions[:, 1])] if len(
-            positions) else positions
-        table = Table({"mdet_step": np.full(len(positions), step, dtype="U7"),
-                       "x": positions[:, 0], "y": positions[:, 1]})
-        flags = np.zeros(len(positions), np.int32)
-        flags[~stamp_inside(positions, cell.shape, settings.stamp_pixels)] |= EDGE
-        stamps = cut_stamps(metacal[step], positions, settings.stamp_pixels)
-        if any_masked.any():
-            flags[[bool(cut_stamp(any_masked, x, y, settings.stamp_pixels).any())
-                   for x, y in positions]] |= MASKED
-        table["snr"] = aperture_snr(det, positions, sigma)
-        flags[~(table["snr"] >= settings.min_snr)] |= LOW_SNR
-        for name, estimator in estimators.items():
-            e = np.asarray(estimator(stamps), np.float64).reshape(len(positions), 2)
-            flags[~np.isfinite(e).all(axis=1)] |= FAILED
-            table[f"{name}_e1"], table[f"{name}_e2"] = e[:, 0], e[:, 1]
-        if extra is not None and step == "noshear":
-            for key, value in extra(positions).items():
-                table[key] = np.asarray(value, np.float64)
-        table["flags"] = flags
-        rows.append(table)
-    catalogue = vstack(rows, metadata_conflicts="silent")
-    for key in catalogue.colnames:
-        if hasattr(catalogue[key], "mask"):  # columns only the noshear rows have
-            catalogue[key] = catalogue[key].filled(np.nan)
-    return catalogue
+    steps = [detect_step(cell, metacal[step], index, weights, sigma, any_masked, settings)
+             for step in METACAL_SHEARS]
+    counts = [len(step["x"]) for step in steps]
+    columns = {"mdet_step": np.repeat(np.array(list(METACAL_SHEARS), dtype="U7"), counts),
+               **{key: np.concatenate([step[key] for step in steps])
+                  for key in ("x", "y", "snr")}}
+    flags = np.concatenate([step["flags"] for step in steps])
+    stamps = np.concatenate([step["stamps"] for step in steps])
+    for name, estimator in estimators.items():  # one call per cell: all five images' stamps
+        e = np.asarray(estimator(stamps), np.float64).reshape(len(stamps), 2)
+        flags[~np.isfinite(e).all(axis=1)] |= FAILED
+        columns[f"{name}_e1"], columns[f"{name}_e2"] = e[:, 0], e[:, 1]
+    if extra is not None:  # noshear rows first (METACAL_SHEARS starts with noshear)
+        noshear = np.stack([steps[0]["x"], steps[0]["y"]], axis=1)
+        for key, value in extra(noshear).items():
+            column = np.full(len(stamps), np.nan)
+            column[:counts[0]] = np.asarray(value, np.float64)
+            columns[key] = column
+    columns["flags"] = flags
+    return columns
+
+
+def detect_step(cell: CellImage, image: np.ndarray, index: list[int], weights: np.ndarray,
+                sigma: float, any_masked: np.ndarray, settings: MetadetectSettings
+                ) -> dict[str, np.ndarray]:
+    """Steps 2, 3 and 5 of the walk on one metacal ``image`` (bands, H, W): the owned
+    detections' x, y, S/N, flags (EDGE, MASKED, LOW_SNR) and the model's stamps around them."""
+    det = np.tensordot(weights, image[index], axes=1)
+    positions = detect_cell(det, sigma, settings.threshold, settings.min_area,
+                            settings.deblend_contrast, near=cell.owned_box)
+    if len(positions):
+        positions = positions[cell.owns(positions[:, 0], positions[:, 1])]
+    flags = np.zeros(len(positions), np.int32)
+    flags[~stamp_inside(positions, cell.shape, settings.stamp_pixels)] |= EDGE
+    if any_masked.any():
+        flags[[bool(cut_stamp(any_masked, x, y, settings.stamp_pixels).any())
+               for x, y in positions]] |= MASKED
+    snr = aperture_snr(det, positions, sigma)
+    flags[~(snr >= settings.min_snr)] |= LOW_SNR
+    return {"x": positions[:, 0], "y": positions[:, 1], "snr": snr, "flags": flags,
+            "stamps": cut_stamps(image, positions, settings.stamp_pixels)}
 
 
 def metadetect_shear(catalogue: Table, estimator: str, delta: float = DEFAULT_DELTA

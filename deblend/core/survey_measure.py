@@ -26,17 +26,13 @@ noshear rows only (NaN elsewhere); ``cell`` the owning cell. Population shear:
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
-import os
 import warnings
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from astropy.io import fits
 from astropy.table import Table, vstack
 from tqdm import tqdm
@@ -51,6 +47,7 @@ from deblend.core.metadetect import FLAGS, MetadetectSettings, metadetect_shear
 from deblend.core.metacal import DEFAULT_DELTA
 from deblend.core.outputs import mark, refuse_foreign
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey
+from deblend.core.workers import run_tasks
 
 CELLS_KIND = "measure-cells"
 """Marker of the cell cache directory ``<out>.cells``."""
@@ -69,7 +66,7 @@ COLUMN_NOTES = (
 )
 
 _MODEL: Any = None
-"""The model of a worker process (set by :func:`_init_worker`)."""
+"""The model that :func:`_measure` uses (set by :func:`run_cells` before the workers fork)."""
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -153,56 +150,28 @@ def write_cached(path: Path, key: str, table: Table) -> None:
 
 
 # -- measuring -----------------------------------------------------------------------------------
-def _init_worker(model: Deblender, threads: int) -> None:
-    global _MODEL
-    _MODEL = model
-    torch.set_num_threads(threads)
-
-
 def _measure(cell: CellImage, settings: MetadetectSettings, seed: int, views: int,
              per_object: bool) -> Table:
-    """One cell's metadetection catalogue with the process's model."""
+    """One cell's metadetection catalogue with the process's model (set before the fork)."""
     return _MODEL.measure_cells([cell], settings, seed=seed, views=views,
                                 per_object=per_object)
-
-
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Cancel queued cells and end running ones now (their tables were never written)."""
-    processes = dict(getattr(pool, "_processes", None) or {})
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes.values():
-        process.terminate()
 
 
 def run_cells(model: Deblender, todo: list[tuple[Tile, CellImage, str]], cells_dir: Path,
               settings: MetadetectSettings, seed: int, views: int, per_object: bool,
               jobs: int, bar: tqdm) -> None:
-    """Measure ``todo`` (tile, cell, key) on ``jobs`` processes, caching each as it ends."""
+    """Measure ``todo`` (tile, cell, key) on ``jobs`` processes
+    (:func:`deblend.core.workers.run_tasks`), caching each as it ends."""
     global _MODEL
-    if jobs == 1 or len(todo) <= 1:
-        _MODEL = model
-        for where, cell, key in todo:
-            write_cached(cell_path(cells_dir, where.index), key,
-                         _measure(cell, settings, seed + where.index, views, per_object))
-            bar.update()
-        return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(model, threads)) as pool:
-        try:
-            pending = {pool.submit(_measure, cell, settings, seed + where.index, views,
-                                   per_object):
-                       (where, key) for where, cell, key in todo}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    where, key = pending.pop(future)
-                    write_cached(cell_path(cells_dir, where.index), key, future.result())
-                    bar.update()
-        except BaseException:
-            _stop_workers(pool)
-            raise
+    _MODEL = model
+
+    def cache(index: int, table: Table) -> None:
+        where, _, key = todo[index]
+        write_cached(cell_path(cells_dir, where.index), key, table)
+        bar.update()
+
+    run_tasks(_measure, [(cell, settings, seed + where.index, views, per_object)
+                         for where, cell, _ in todo], jobs, cache)
 
 
 # -- the catalogue -------------------------------------------------------------------------------
