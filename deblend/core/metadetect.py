@@ -239,11 +239,12 @@ def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
         e = np.asarray(estimator(stamps), np.float64).reshape(len(stamps), 2)
         flags[~np.isfinite(e).all(axis=1)] |= FAILED
         columns[f"{name}_e1"], columns[f"{name}_e2"] = e[:, 0], e[:, 1]
-    if extra is not None:  # noshear rows first (METACAL_SHEARS starts with noshear)
-        noshear = np.stack([steps[0]["x"], steps[0]["y"]], axis=1)
-        for key, value in extra(noshear).items():
+    if extra is not None:
+        k = list(METACAL_SHEARS).index("noshear")
+        rows = slice(sum(counts[:k]), sum(counts[:k + 1]))
+        for key, value in extra(np.stack([steps[k]["x"], steps[k]["y"]], axis=1)).items():
             column = np.full(len(stamps), np.nan)
-            column[:counts[0]] = np.asarray(value, np.float64)
+            column[rows] = np.asarray(value, np.float64)
             columns[key] = column
     columns["flags"] = flags
     return columns
