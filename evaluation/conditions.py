@@ -84,10 +84,11 @@ KIND = "conditions"
 REPORT = "report.md"
 FIGURE = "fig_conditions.png"
 CACHE_DIR = "cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""Bumped when what a chunk holds changes for the same settings (2: the metacal images sheared
+by ``metacal.delta``, not always 0.01)."""
 NOMINAL_YEARS = SURVEY_YEARS["LSST"]
 """The grid's rows are LSST's: its full depth in years."""
-"""The band whose PSF FWHM a row sets (every band's PSF is dilated by the same factor)."""
 PSF_SCALE_LIMITS = (0.5, 2.0)
 """PSF dilation factors the grid may use (wider than the shear benchmark's default)."""
 TARGET_M = 0.003
@@ -223,7 +224,7 @@ def measure_chunk(model: Deblender, batch: ShearPairBatch, truth: NoiselessPairs
     for sign, stamps in (("plus", batch.plus), ("minus", batch.minus)):
         measured = measure_metacal(model, stamps, batch.psfs, correction_noise=noise,
                                    sky_variance=batch.sky_variance, views=mc.views,
-                                   estimators=estimators)
+                                   estimators=estimators, delta=mc.delta)
         for name, m in measured.items():
             arrays.update(measured_to_arrays(f"{sign}.{name}", m))
     size = model.stamp_pixels

@@ -56,9 +56,9 @@ KIND = "metacal_shear"
 REPORT = "report.md"
 FIGURE = "fig_metacal_shear.png"
 CACHE_DIR = "cache"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bumped when what a chunk holds changes for the same settings (2: reconstructions averaged over
-the 8 symmetric views)."""
+the 8 symmetric views; 3: the metacal images sheared by ``metacal.delta``, not always 0.01)."""
 NOT_IN_CHUNKS = ("n_scenes", "bootstrap", "populations", "neighbours")
 """Settings that do not change what a chunk holds: a larger run reuses a smaller one's chunks."""
 SCENE_COLUMNS = ("n_galaxies", "neighbour_distance", "target_snr", "twin")
@@ -134,7 +134,7 @@ def measure_pairs(model: Deblender, batch: ShearPairBatch, config: Config
     for sign, stamps in (("plus", batch.plus), ("minus", batch.minus)):
         measured = measure_metacal(model, stamps, batch.psfs, correction_noise=noise,
                                    sky_variance=batch.sky_variance, views=mc.views,
-                                   estimators=mc.estimators, min_snr=mc.min_snr)
+                                   estimators=mc.estimators, min_snr=mc.min_snr, delta=mc.delta)
         for name, m in measured.items():
             arrays.update(measured_to_arrays(f"{sign}.{name}", m))
     return arrays

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from deblend.core.inference import Deblender
-from deblend.core.metacal import METACAL_SHEARS, metacal_response
+from deblend.core.metacal import DEFAULT_DELTA, METACAL_SHEARS, metacal_response
 from deblend.core.shapes import (
     ellipticity_from_moments,
     gaussian_weight,
@@ -90,12 +90,12 @@ def metacal_measurement(per_image: Mapping[str, np.ndarray], delta: float) -> Me
 def measure_metacal(model: Deblender, stamps: np.ndarray, psfs: np.ndarray, *,
                     correction_noise: np.ndarray | None, sky_variance: np.ndarray,
                     views: int = 1, estimators: Sequence[str] = tuple(METACAL_ESTIMATORS),
-                    min_snr: float | None = None, batch_size: int = 256
-                    ) -> dict[str, Measured]:
+                    min_snr: float | None = None, batch_size: int = 256,
+                    delta: float = DEFAULT_DELTA) -> dict[str, Measured]:
     """Every requested estimator of :data:`METACAL_ESTIMATORS` on raw blends (n, bands, H, W),
     which may be larger than the model's stamps (a margin around the same centre: see
     :meth:`~deblend.core.inference.Deblender.metacal`); everything is measured on the central
-    model-sized stamp.
+    model-sized stamp. ``delta``: metacal's shear step (the run's ``metacal.delta``).
 
     ``min_snr`` applies one cut to every estimator: the Gaussian-weighted S/N
     (:func:`weighted_snr`) of the blend's label-band image, measured on each metacal image, so
@@ -106,8 +106,8 @@ def measure_metacal(model: Deblender, stamps: np.ndarray, psfs: np.ndarray, *,
         raise ValueError(f"unknown estimators {unknown}; known: {list(METACAL_ESTIMATORS)}")
     bands = model.bands
     reconstruct = any(name.startswith("recon_") for name in estimators)
-    mc = model.metacal(stamps, psfs, noise=correction_noise, batch_size=batch_size, views=views,
-                       keep_inputs=True, reconstruct=reconstruct)
+    mc = model.metacal(stamps, psfs, noise=correction_noise, delta=delta, batch_size=batch_size,
+                       views=views, keep_inputs=True, reconstruct=reconstruct)
     out: dict[str, Measured] = {}
     assert mc.inputs is not None
     recon = {n: label_image(p.reconstruction, bands, LABEL_BANDS)

@@ -117,6 +117,23 @@ def test_every_estimator_gives_e_and_its_response(model, pairs):
                         sky_variance=pairs.sky_variance, estimators=["nope"])
 
 
+def test_the_metacal_step_delta_is_the_one_asked_for(model, pairs):
+    """``delta`` reaches the metacal images: AnaCal's analytic e does not depend on it, but the
+    blend estimators' finite-difference responses move with a step twice as large (they ignored
+    ``metacal.delta`` and used 0.01 whatever the config said)."""
+    from evaluation.metacal_shear import measure_metacal
+
+    kwargs = dict(correction_noise=None, sky_variance=pairs.sky_variance, views=1,
+                  estimators=["blend_gauss", "anacal"])
+    small = measure_metacal(model, pairs.plus, pairs.psfs, **kwargs)
+    large = measure_metacal(model, pairs.plus, pairs.psfs, delta=0.02, **kwargs)
+    assert np.array_equal(small["anacal"].e, large["anacal"].e)
+    assert not np.allclose(small["blend_gauss"].response, large["blend_gauss"].response,
+                           rtol=1e-6, atol=0)
+    assert np.allclose(small["blend_gauss"].response, large["blend_gauss"].response, rtol=0.2,
+                       atol=0.02)  # still the same response to a few percent
+
+
 def test_an_snr_cut_is_made_on_every_metacal_image_for_every_estimator(model, pairs):
     from evaluation.metacal_shear import LABEL_BANDS, measure_metacal, weighted_snr
 
