@@ -242,8 +242,7 @@ def report(metrics: Mapping[str, Any]) -> str:
              f"points assumed (the frames carry none): " + ", ".join(
                  f"{b} {zp[0]:.2f}" for b, zp in metrics["zeropoints"].items()) + ".", "",
              f"Noshear detections: {metrics['noshear_detections']} "
-             f"({metrics['unflagged_detections']} unflagged: a missing band flags every "
-             f"stamp MASKED).", ""]
+             f"({metrics['unflagged_detections']} unflagged).", ""]
     if "brightest" in metrics:
         b = metrics["brightest"]
         chi = b["residual_chi"]

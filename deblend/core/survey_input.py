@@ -34,7 +34,8 @@ there; anywhere else a non-finite image or weight, or a negative weight, is refu
 
 A band the model has and the images lack is refused, unless it is named in ``missing_bands``:
 it is then filled with zeros and infinite variance (and the first present band's PSF); the
-metadetection then flags every detection MASKED, as it does any masked pixel in a stamp.
+networks see it as missing (zeros), and metadetection flags no detection for it (a band
+missing from a whole cell is not a masked pixel).
 
 Every problem is a ValueError naming the file, HDU, band or argument. Conventions: arrays are
 (bands, H, W) in the model's band order, pixel (x, y) = column x, row y, 0-based; FITS and
@@ -633,8 +634,8 @@ def read_survey(inputs: SurveyInputs, bands: Sequence[str], pixel_scale: float, 
         zeropoints[band] = (zp_image, float(model_zp[band]))
         psf_sources.append(psf)
         sources[band] = plane.where
-    notes += [f"band {b} is missing: filled with zeros and infinite variance (every "
-              f"detection's stamp then counts as masked: flag MASKED)" for b in absent]
+    notes += [f"band {b} is missing: filled with zeros and infinite variance (the networks see "
+              f"it as missing; no detection is flagged for it)" for b in absent]
     if grid is not None:
         notes.append(f"every band was resampled onto {shape[1]}x{shape[0]} pixels of "
                      f"{scale:.5g} arcsec over {first.where} (quintic, GalSim)")
