@@ -41,8 +41,8 @@ from deblend.core.inference import Deblender
 from deblend.core.metacal import METACAL_SHEARS
 from deblend.core.metadetect import MetadetectSettings, step_sums
 from deblend.core.runs import RunLayout, lineage_identity
-from deblend.core.workers import run_tasks
 from deblend.core.shapes import hsm_shapes
+from deblend.core.workers import run_tasks
 from evaluation.anacal_peer import (
     anacal_cell_catalogue,
     anacal_shear_sums,
@@ -249,7 +249,7 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
                                  "settings": settings.__dict__, "walk": walk.__dict__})
                 path = Path(out) / "cache" / f"{population}-g{component + 1}-{index:04d}.npz"
                 place = len(plan)
-                plan.append((population, component, index, path, key))
+                plan.append((population, component, index, shear, path, key))
                 sums = read_chunk(path, key)
                 if sums is not None:
                     cached[place] = unflatten(sums)
@@ -259,7 +259,7 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
     start = time.perf_counter()
 
     def keep(k: int, sums: dict[str, dict]) -> None:
-        population, component, index, path, key = plan[todo[k]]
+        population, component, index, _, path, key = plan[todo[k]]
         path.parent.mkdir(parents=True, exist_ok=True)
         write_chunk(path, key, flatten(sums))
         cached[todo[k]] = sums
@@ -269,11 +269,8 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
         log(f"[fields] {population} g{component + 1} field set {index + 1}/{n_fields} measured "
             f"({len(cached)}/{len(plan)} cached, {time.perf_counter() - start:.0f} s)")
 
-    tasks = []
-    for place in todo:
-        population, component, index, _, _ = plan[place]
-        shear = (g, 0.0) if component == 0 else (0.0, g)
-        tasks.append((population, seed, index, shear, settings, walk, field_pixels))
+    tasks = [(population, seed, index, shear, settings, walk, field_pixels)
+             for population, _, index, shear, _, _ in (plan[place] for place in todo)]
     run_tasks(_measure_set, tasks, jobs, keep)
     if timing is not None:
         timing["seconds"] = timing.get("seconds", 0.0) + time.perf_counter() - start
