@@ -1,8 +1,8 @@
 """``python -m benchmarks.conditions --run R [--n-scenes N] [--rows NAME ...] [--out DIR]
 [--json FILE] [--cosmos FILE] [--seed S] [--device D] [--force] [--no-progress]``.
 
-A grid of observing conditions for a model trained at one (LSST nominal): PSF FWHM, PSF
-ellipticity, depth, each missing band, real COSMOS galaxies, sky-subtraction residuals
+A grid of observing conditions of a run's survey (LSST or DES): PSF FWHM, PSF
+ellipticity, depth (1 and 3 years against the survey's full depth), each missing band, real COSMOS galaxies, sky-subtraction residuals
 (:mod:`evaluation.conditions`). Prints m, c (and the PSF leakage alpha) of the metacalibrated
 regressor against the applied shear, its e RMSE, flux residual and mean response per row, and
 writes ``report.md``, ``metrics.json`` and a figure to ``--out`` (default ``RUN/conditions``).
@@ -43,9 +43,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--run", required=True, help="training run (stage3 with its regressor)")
     parser.add_argument("--n-scenes", type=scenes_arg, help="scenes per row (even, >= 4; default: "
                         "the run's metacal.n_scenes)")
-    parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, metavar="NAME",
+    parser.add_argument("--rows", nargs="+", metavar="NAME",
                         help="rows to measure (default all; nominal always): "
-                        + " ".join(ROW_NAMES))
+                        + " ".join(ROW_NAMES) + " (LSST's; no_<band> for each band of the "
+                        "run's survey)")
     parser.add_argument("--out", help="output directory (default: RUN/conditions)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--cosmos", default=str(DEFAULT_COSMOS),

@@ -78,6 +78,7 @@ from simulation.shear_pairs import (
     observe_pairs,
     scale_exposure,
 )
+from simulation.surveys import survey_geometry
 
 KIND = "conditions"
 """The kind of output a conditions directory is (:mod:`deblend.core.outputs`)."""
@@ -88,7 +89,7 @@ CACHE_VERSION = 2
 """Bumped when what a chunk holds changes for the same settings (2: the metacal images sheared
 by ``metacal.delta``, not always 0.01)."""
 NOMINAL_YEARS = SURVEY_YEARS["LSST"]
-"""The grid's rows are LSST's: its full depth in years."""
+"""LSST's full depth in years (a row's depth is a fraction of its survey's: :func:`depth_factor`)."""
 PSF_SCALE_LIMITS = (0.5, 2.0)
 """PSF dilation factors the grid may use (wider than the shear benchmark's default)."""
 TARGET_M = 0.003
@@ -101,7 +102,7 @@ MIN_SCENES = 4
 
 @dataclass(frozen=True)
 class Condition:
-    """One row: how its scenes differ from LSST nominal (the defaults)."""
+    """One row: how its scenes differ from its survey's nominal sky (the defaults)."""
 
     name: str
     label: str
@@ -109,8 +110,8 @@ class Condition:
     """FWHM (arcsec) of the :data:`FWHM_BAND` PSF profile; None: the survey's"""
     psf_g: tuple[float, float] = (0.0, 0.0)
     """reduced shear of every band's PSF (pixel frame)"""
-    years: float = NOMINAL_YEARS
-    """depth: exposure time in years of the 10-year survey"""
+    years: float | None = None
+    """depth: exposure time in years; None: the survey's full depth (LSST 10, DES 6)"""
     missing_band: str | None = None
     real_galaxies: bool = False
     sky_residual: float = 0.0
@@ -127,20 +128,26 @@ class Condition:
         return self.psf_g != (0.0, 0.0)
 
 
-CONDITIONS: tuple[Condition, ...] = (
-    Condition("nominal", "LSST nominal"),
-    Condition("depth_1yr", "depth 1 year", years=1.0),
-    Condition("depth_3yr", "depth 3 years", years=3.0),
-    Condition("sky_0.1", "sky residual 0.1 sigma", sky_residual=0.1),
-    Condition("sky_0.3", "sky residual 0.3 sigma", sky_residual=0.3),
-    *(Condition(f"no_{b}", f"{b} band missing (zeros)", missing_band=b) for b in "ugrizy"),
-    Condition("cosmos", "COSMOS real galaxies", real_galaxies=True),
-    Condition("psf_g1", "PSF g1 = +0.05", psf_g=(0.05, 0.0)),
-    Condition("psf_g2", "PSF g2 = +0.05", psf_g=(0.0, 0.05)),
-    *(Condition(f"fwhm_{f:.1f}", f"PSF FWHM {f:.1f}\" (r)", psf_fwhm=f)
-      for f in (0.6, 0.8, 1.0, 1.2)),
-)
-"""The grid, in the order it is measured (rows sharing a PSF together: one metacal operator)."""
+def condition_grid(survey: str, bands: Sequence[str]) -> tuple[Condition, ...]:
+    """The grid of a model of ``survey`` with ``bands``, in the order it is measured (rows
+    sharing a PSF together: one metacal operator): one row per missing band of the model."""
+    return (
+        Condition("nominal", f"{survey} nominal"),
+        Condition("depth_1yr", "depth 1 year", years=1.0),
+        Condition("depth_3yr", "depth 3 years", years=3.0),
+        Condition("sky_0.1", "sky residual 0.1 sigma", sky_residual=0.1),
+        Condition("sky_0.3", "sky residual 0.3 sigma", sky_residual=0.3),
+        *(Condition(f"no_{b}", f"{b} band missing (zeros)", missing_band=b) for b in bands),
+        Condition("cosmos", "COSMOS real galaxies", real_galaxies=True),
+        Condition("psf_g1", "PSF g1 = +0.05", psf_g=(0.05, 0.0)),
+        Condition("psf_g2", "PSF g2 = +0.05", psf_g=(0.0, 0.05)),
+        *(Condition(f"fwhm_{f:.1f}", f"PSF FWHM {f:.1f}\" ({FWHM_BAND})", psf_fwhm=f)
+          for f in (0.6, 0.8, 1.0, 1.2)),
+    )
+
+
+CONDITIONS = condition_grid("LSST", "ugrizy")
+"""LSST's grid (a run's own: :func:`run_grid`)."""
 ROW_NAMES = tuple(c.name for c in CONDITIONS)
 NOMINAL_SKY = "LSST nominal: the survey's PSFs, 10-year depth, six bands"
 REFERENCE = "nominal"
@@ -150,6 +157,17 @@ REFERENCE = "nominal"
 def reference_fwhm(survey: str, band: str = FWHM_BAND) -> float:
     """FWHM (arcsec) of ``survey``'s ``band`` PSF profile, without the pixel."""
     return nominal_fwhm(survey, (band,))[0]
+
+
+def run_grid(config: Config) -> tuple[Condition, ...]:
+    """The grid of a run: its survey's, with a missing-band row per band of the survey."""
+    sim = config.simulation
+    return condition_grid(sim.survey, survey_geometry(sim.survey, sim.stamp_pixels).bands)
+
+
+def depth_factor(condition: Condition, survey: str) -> float:
+    """The row's exposure over the survey's full depth (1 at nominal)."""
+    return 1.0 if condition.years is None else condition.years / SURVEY_YEARS[survey]
 
 
 def psf_scale(condition: Condition, survey: str) -> float:
@@ -275,7 +293,7 @@ def measure_rows(model: Deblender, config: Config, conditions: Sequence[Conditio
                 if arrays is None:
                     if pairs is None:
                         pairs = draw_condition(c, n, seed, g, config, cosmos)
-                    truth = scale_exposure(pairs, c.years / NOMINAL_YEARS)
+                    truth = scale_exposure(pairs, depth_factor(c, config.simulation.survey))
                     batch = observe(truth, c, seed, g, half_width)
                     arrays = measure_chunk(model, batch, truth, c, config)
                     write_chunk(paths[c.name], keys[c.name], arrays)
@@ -349,15 +367,17 @@ def row_calibrated_rmse(e_pred: np.ndarray, e_true: np.ndarray) -> float:
     return float(np.sqrt(np.mean((pred / slope - true) ** 2)))
 
 
-def select_rows(rows: Sequence[str] | None, cosmos: str | None, log: Callable[[str], None]
-                ) -> list[Condition]:
-    """The requested rows (default all) in grid order, the nominal row always among them; the
-    real-galaxy row is left out, with a note, when the catalogue ``cosmos`` is not there."""
-    wanted = set(ROW_NAMES if rows is None else rows) | {REFERENCE}
-    unknown = sorted(wanted - set(ROW_NAMES))
+def select_rows(rows: Sequence[str] | None, cosmos: str | None, log: Callable[[str], None],
+                grid: Sequence[Condition] = CONDITIONS) -> list[Condition]:
+    """The requested rows of ``grid`` (default all) in grid order, the nominal row always among
+    them; the real-galaxy row is left out, with a note, when the catalogue ``cosmos`` is not
+    there."""
+    names = [c.name for c in grid]
+    wanted = set(names if rows is None else rows) | {REFERENCE}
+    unknown = sorted(wanted - set(names))
     if unknown:
-        raise ValueError(f"unknown rows {unknown}; known: {', '.join(ROW_NAMES)}")
-    chosen = [c for c in CONDITIONS if c.name in wanted]
+        raise ValueError(f"unknown rows {unknown}; known: {', '.join(names)}")
+    chosen = [c for c in grid if c.name in wanted]
     if any(c.real_galaxies for c in chosen) and (cosmos is None or not Path(cosmos).is_file()):
         log(f"note: real-galaxy catalogue {cosmos} not found: the cosmos row is left out")
         chosen = [c for c in chosen if not c.real_galaxies]
@@ -376,7 +396,7 @@ def run_conditions(run: str | Path, config: Config, out: str | Path | None = Non
     run = Path(run)
     out = Path(out) if out is not None else run / KIND
     cosmos = None if cosmos is None else str(cosmos)
-    conditions = select_rows(rows, cosmos, log)
+    conditions = select_rows(rows, cosmos, log, run_grid(config))
     mc = config.metacal
     if mc.n_scenes < MIN_SCENES:
         raise ValueError(f"n_scenes must be at least {MIN_SCENES} (two twin pairs for a "
@@ -408,7 +428,9 @@ def training_sky(config: Config) -> str:
     """What sky a run's networks were trained on, in words (for the report)."""
     sim = config.simulation
     if sim.conditions is None:
-        return NOMINAL_SKY
+        geometry = survey_geometry(sim.survey, sim.stamp_pixels)
+        return (f"{sim.survey} nominal: the survey's PSFs, {SURVEY_YEARS[sim.survey]:g}-year "
+                f"depth, {len(geometry.bands)} bands") if sim.survey != "LSST" else NOMINAL_SKY
     c = sim.conditions
     words = (f"conditions drawn per scene: r-band PSF FWHM {c.psf_fwhm[0]:g}-{c.psf_fwhm[1]:g}\", "
              f"|g_psf| <= {c.psf_g_max:g}, depth {c.depth_years[0]:g}-{c.depth_years[1]:g} "
@@ -456,7 +478,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         "sheared component, g_psf the PSF's reduced shear (paired with the nominal row). PSF FWHM "
         f"rows set the {result['fwhm_band']} band's PSF profile FWHM (nominal "
         f"{result['reference_fwhm']:.3f}\") and dilate all bands alike. Depth scales fluxes and "
-        "sky by years / 10. A missing band is zeros in everything the model sees. Sky residual: "
+        "sky by years over the survey's full depth (LSST 10, DES 6). A missing band is zeros in everything the model sees. Sky residual: "
         "+level sigma_sky plus a gradient of level sigma_sky per half stamp, random direction. "
         "COSMOS: the catalogue's HST galaxies (border-median pedestal removed, HST noise kept) "
         "at random orientations, with the population's positions, colours and magnitudes, but "
@@ -496,5 +518,6 @@ def figure(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-__all__ = ["CONDITIONS", "Condition", "ROW_NAMES", "conditions_table", "leakage", "observe",
-           "run_conditions", "with_sky_residual", "without_band"]
+__all__ = ["CONDITIONS", "Condition", "ROW_NAMES", "condition_grid", "conditions_table",
+           "leakage", "observe", "run_conditions", "run_grid", "with_sky_residual",
+           "without_band"]

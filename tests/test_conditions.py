@@ -239,3 +239,21 @@ def test_the_report_says_what_sky_the_model_was_trained_on() -> None:
                                "model": {"availability_input": True}})
     words = training_sky(varied)
     assert "depth 2-10 years" in words and "knotty" in words and "availability" in words
+
+
+def test_a_des_run_gets_des_rows_and_des_depths() -> None:
+    """The grid follows the run's survey: a missing-band row per DES band (Y included, no u),
+    depth rows as fractions of DES's 6 years (1 year is 1/6 of the exposure, not 1/10)."""
+    from evaluation.conditions import depth_factor, run_grid, select_rows
+
+    des = Config().replace("simulation", survey="DES")
+    grid = {c.name: c for c in run_grid(des)}
+    assert [n for n in grid if n.startswith("no_")] == ["no_g", "no_r", "no_i", "no_z", "no_Y"]
+    assert grid["nominal"].label == "DES nominal"
+    assert depth_factor(grid["depth_1yr"], "DES") == pytest.approx(1 / 6)
+    assert depth_factor(grid["depth_1yr"], "LSST") == pytest.approx(1 / 10)
+    assert depth_factor(grid["nominal"], "DES") == 1.0
+    assert [c.name for c in select_rows(["no_Y"], None, print, tuple(grid.values()))] == [
+        "nominal", "no_Y"]
+    with pytest.raises(ValueError, match="unknown rows"):
+        select_rows(["no_u"], None, print, tuple(grid.values()))
