@@ -29,27 +29,24 @@ import numpy as np
 from benchmarks import emit
 from deblend.core.arguments import positive_int_arg
 
-_STATE: dict[str, Any] = {}
-"""What the forked workers use: the model, the walk's options, the pixel scale and bands."""
-
-
-def _deblend(cell, per_object: bool):
+def _deblend(cell, per_object: bool, views: int):
     from deblend.core.cell_measure import measure_cells
-    return measure_cells(_STATE["model"], [cell], per_object=per_object,
-                         views=_STATE["views"])
+    from deblend.core.workers import shared
+    return measure_cells(shared(), [cell], per_object=per_object, views=views)
 
 
-def _anacal(cell):
+def _anacal(cell, pixel_scale: float, bands: tuple[str, ...]):
     from evaluation.field_shear import anacal_cell
-    return anacal_cell(cell, _STATE["pixel_scale"], _STATE["bands"])
+    return anacal_cell(cell, pixel_scale, bands)
 
 
-def timed(function, tasks: list[tuple], jobs: int) -> tuple[float, list]:
-    """Wall seconds of ``function`` over ``tasks`` on ``jobs`` processes, and the results."""
+def timed(function, tasks: list[tuple], jobs: int, model=None) -> tuple[float, list]:
+    """Wall seconds of ``function`` over ``tasks`` on ``jobs`` processes (``model`` shared),
+    and the results."""
     from deblend.core.workers import run_tasks
     results: list = [None] * len(tasks)
     started = time.perf_counter()
-    run_tasks(function, tasks, jobs, results.__setitem__)
+    run_tasks(function, tasks, jobs, results.__setitem__, shared=model)
     return time.perf_counter() - started, results
 
 
@@ -61,11 +58,11 @@ def run(n_fields: int = 2, device: str = "cpu", run_dir: str | None = None, *,
     from benchmarks.metacal_speed import untrained_deblender
     from deblend.core.cell_measure import measure_cells
     from deblend.core.inference import Deblender
+    from deblend.core.workers import require_cpu
     from evaluation.field_shear import FieldSettings, field_cells
     from simulation.sheared_fields import draw_field_set
 
-    if jobs > 1 and device != "cpu":
-        raise ValueError("jobs > 1 runs CPU processes: use device cpu")
+    require_cpu(jobs, device)
     fields = [draw_field_set("galsim", 0, i, (0.02, 0.0), field_pixels=field_pixels)["plus"]
               for i in range(n_fields)]
     settings = FieldSettings(cell=cell, margin=margin)
@@ -75,13 +72,13 @@ def run(n_fields: int = 2, device: str = "cpu", run_dir: str | None = None, *,
              untrained_deblender(np.stack([f.images[:, :45, :45] for f in fields]), device))
     for shape in {c.shape for c in cells}:  # builds the operators and filters once
         measure_cells(model, [next(c for c in cells if c.shape == shape)], per_object=True)
-    _STATE.update(model=model, views=views, pixel_scale=fields[0].pixel_scale,
-                  bands=fields[0].bands)
     timings = {}
-    timings["deblend_population"], tables = timed(_deblend, [(c, False) for c in cells], jobs)
-    timings["deblend_with_object_response"], _ = timed(_deblend, [(c, True) for c in cells],
-                                                       jobs)
-    timings["anacal"], _ = timed(_anacal, [(c,) for c in cells], jobs)
+    timings["deblend_population"], tables = timed(
+        _deblend, [(c, False, views) for c in cells], jobs, model)
+    timings["deblend_with_object_response"], _ = timed(
+        _deblend, [(c, True, views) for c in cells], jobs, model)
+    timings["anacal"], _ = timed(
+        _anacal, [(c, fields[0].pixel_scale, fields[0].bands) for c in cells], jobs)
     catalogue = vstack(tables)
     kept = float(((catalogue["mdet_step"] == "noshear") & (catalogue["flags"] == 0)).sum())
     read = sum(c.shape[0] * c.shape[1] for c in cells)

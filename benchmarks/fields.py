@@ -26,6 +26,7 @@ from pathlib import Path
 from deblend.core.arguments import positive_int_arg
 from deblend.core.cli import fail_cleanly
 from deblend.core.runs import run_config
+from deblend.core.workers import require_cpu
 from evaluation.field_shear import run_field_report
 
 
@@ -73,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes["anacal"] = False
     config = config.replace("fields", **changes)
     out = Path(args.out) if args.out else Path(args.run).parent / "fields"
-    if args.jobs > 1 and args.device != "cpu":
-        raise ValueError("--jobs runs CPU processes: leave --device at cpu, or use --jobs 1")
+    require_cpu(args.jobs, args.device)
     if run_field_report(args.run, config, out, device=args.device, jobs=args.jobs,
                         shard=args.shard) is None:
         print(f"shard {args.shard[0]}/{args.shard[1]}: its field sets are cached in "

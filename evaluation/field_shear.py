@@ -42,7 +42,7 @@ from deblend.core.metacal import METACAL_SHEARS
 from deblend.core.metadetect import MetadetectSettings, step_sums
 from deblend.core.runs import RunLayout, lineage_identity
 from deblend.core.shapes import hsm_shapes
-from deblend.core.workers import run_tasks
+from deblend.core.workers import run_tasks, shared
 from evaluation.anacal_peer import (
     anacal_cell_catalogue,
     anacal_shear_sums,
@@ -208,12 +208,8 @@ def unflatten(arrays: dict[str, np.ndarray]) -> dict[str, dict]:
     return out
 
 
-_MODEL: Deblender | None = None
-"""The model that :func:`_measure_set` uses (set before the workers fork)."""
-
-
 def _measure_set(*args) -> dict[str, dict]:
-    return measure_field_set(_MODEL, *args)
+    return measure_field_set(shared(), *args)
 
 
 def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
@@ -232,7 +228,6 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
     and return None: n machines sharing ``out`` fill the cache, and a last run without
     ``shard`` reads it and reports. ``timing`` collects the wall seconds and kept detections
     of what this call measured."""
-    global _MODEL
     walk = walk or MetadetectSettings(stamp_pixels=model.stamp_pixels)
     jobs = require_positive_int(jobs, "jobs")
     if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
@@ -255,7 +250,6 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
                     cached[place] = unflatten(sums)
                 elif shard is None or place % shard[1] == shard[0]:
                     todo.append(place)
-    _MODEL = model
     start = time.perf_counter()
 
     def keep(k: int, sums: dict[str, dict]) -> None:
@@ -271,7 +265,7 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
 
     tasks = [(population, seed, index, shear, settings, walk, field_pixels)
              for population, _, index, shear, _, _ in (plan[place] for place in todo)]
-    run_tasks(_measure_set, tasks, jobs, keep)
+    run_tasks(_measure_set, tasks, jobs, keep, shared=model)
     if timing is not None:
         timing["seconds"] = timing.get("seconds", 0.0) + time.perf_counter() - start
     if shard is not None:

@@ -35,11 +35,10 @@ from functools import lru_cache
 import btk
 import galsim
 import numpy as np
-from surveycodex.utilities import mean_sky_level
 
 from deblend.core.config import ConditionsConfig, SimulationConfig
 from simulation.galsim_population import dilated, draw_psf_images, sheared, survey_psfs
-from simulation.surveys import get_survey
+from simulation.surveys import get_survey, survey_sky_levels
 
 NOMINAL_YEARS = {"LSST": 10.0, "DES": 6.0}
 """Years of each survey's full depth: the exposure time of surveycodex's definition."""
@@ -162,8 +161,7 @@ class SurveyConditions:
 
     def sky_levels(self, survey: btk.survey.Survey) -> np.ndarray:
         """(bands,) mean sky level (electrons per pixel) of ``survey`` as BTK computes it."""
-        return np.array([mean_sky_level(survey, survey.get_filter(b)).to_value("electron")
-                         for b in self.bands], np.float64)
+        return survey_sky_levels(survey, self.bands)
 
 
 def sky_residual(shape: tuple[int, int], level: np.ndarray, angle: np.ndarray,

@@ -364,11 +364,7 @@ class StampData:
         if not self.has_conditions:
             self.locate(indices)  # the same IndexError as for images
             return np.repeat(np.asarray(self.psf_images)[None], len(indices), axis=0)
-        shard_pos, local = self.locate(indices)
-        out = np.empty((len(indices), len(self.bands), self.stamp_pixels, self.stamp_pixels))
-        for pos in np.unique(shard_pos):
-            rows = np.flatnonzero(shard_pos == pos)
-            out[rows] = self._map(self.shards[pos], PSF_SET)[local[rows]]
+        out = self.images(PSF_SET, indices).astype(np.float64)
         return out / out.sum(axis=(2, 3), keepdims=True)
 
     def iter_batches(self, image_set: str, indices: np.ndarray, batch_size: int = 512

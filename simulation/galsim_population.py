@@ -62,9 +62,9 @@ from pathlib import Path
 
 import galsim
 import numpy as np
-from surveycodex.utilities import mag2counts, mean_sky_level
+from surveycodex.utilities import mag2counts
 
-from simulation.surveys import get_survey, survey_geometry
+from simulation.surveys import get_survey, survey_geometry, survey_sky_levels
 
 
 @dataclass(frozen=True)
@@ -165,8 +165,7 @@ class GalSimPopulation:
         self.bands: tuple[str, ...] = geometry.bands
         self.pixel_scale: float = geometry.pixel_scale
         filters = [survey.get_filter(b) for b in self.bands]
-        self.sky_levels = np.array(
-            [mean_sky_level(survey, f).to_value("electron") for f in filters], np.float64)
+        self.sky_levels = survey_sky_levels(survey, self.bands)
         # electrons of a magnitude-0 source; flux(m) = counts0 * 10^(-0.4 m) (mag2counts unrounded)
         self._counts0 = np.array(
             [mag2counts(0.0, survey, f).to_value("electron") for f in filters], np.float64)

@@ -44,7 +44,12 @@ def get_survey(name: str) -> btk.survey.Survey:
 def sky_levels(name: str, bands: Sequence[str]) -> np.ndarray:
     """(bands,) mean sky level of each band of survey ``name``, electrons per pixel: the
     variance of the (Poisson) sky noise of sky-subtracted images."""
-    survey = get_survey(name)
+    return survey_sky_levels(get_survey(name), bands)
+
+
+def survey_sky_levels(survey: btk.survey.Survey, bands: Sequence[str]) -> np.ndarray:
+    """:func:`sky_levels` of a BTK survey object as it stands (its filters' exposure times may
+    differ from the survey's own: :mod:`simulation.conditions`)."""
     return np.array([mean_sky_level(survey, survey.get_filter(b)).to_value("electron")
                      for b in bands], np.float64)
 

@@ -40,3 +40,24 @@ def test_a_failing_task_raises_its_error():
         run_tasks(fail_on_three, [(x,) for x in range(6)], 2, lambda i, r: None)
     with pytest.raises(ValueError, match="jobs"):
         run_tasks(fail_on_three, [(1,)], 0, lambda i, r: None)
+
+
+def scaled_by_shared(x: int) -> int:
+    from deblend.core.workers import shared
+    return x * shared()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_tasks_read_the_shared_object_in_every_process(jobs):
+    got: dict[int, int] = {}
+    run_tasks(scaled_by_shared, [(x,) for x in range(5)], jobs, got.__setitem__, shared=3)
+    assert got == {x: 3 * x for x in range(5)}
+
+
+def test_more_than_one_job_needs_the_cpu():
+    from deblend.core.workers import require_cpu
+
+    require_cpu(2, "cpu")
+    require_cpu(1, "cuda:0")
+    with pytest.raises(ValueError, match="CPU processes, the model is on cuda:0"):
+        require_cpu(2, "cuda:0")

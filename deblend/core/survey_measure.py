@@ -47,7 +47,7 @@ from deblend.core.metadetect import FLAGS, MetadetectSettings, metadetect_shear
 from deblend.core.metacal import DEFAULT_DELTA
 from deblend.core.outputs import mark, refuse_foreign
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey
-from deblend.core.workers import run_tasks
+from deblend.core.workers import require_cpu, run_tasks, shared
 
 CELLS_KIND = "measure-cells"
 """Marker of the cell cache directory ``<out>.cells``."""
@@ -65,17 +65,11 @@ COLUMN_NOTES = (
     "population shear: g = R^-1 <e>_noshear, R_ij = (<e_i>_{+j} - <e_i>_{-j}) / (2 MDETDLTA)",
 )
 
-_MODEL: Any = None
-"""The model that :func:`_measure` uses (set by :func:`run_cells` before the workers fork)."""
-
-
 # -- the model -----------------------------------------------------------------------------------
 def load_model(model_or_run: Any, device: str, jobs: int) -> Deblender:
     """A Deblender from a run directory (on the CPU when ``jobs`` > 1), or the one given."""
     if isinstance(model_or_run, Deblender):
-        if jobs > 1 and model_or_run.device.type != "cpu":
-            raise ValueError(f"jobs > 1 runs cells on CPU processes, the model is on "
-                             f"{model_or_run.device}: use jobs=1")
+        require_cpu(jobs, model_or_run.device)
         return model_or_run
     return Deblender.from_run(model_or_run, device="cpu" if jobs > 1 else device)
 
@@ -152,9 +146,9 @@ def write_cached(path: Path, key: str, table: Table) -> None:
 # -- measuring -----------------------------------------------------------------------------------
 def _measure(cell: CellImage, settings: MetadetectSettings, seed: int, views: int,
              per_object: bool) -> Table:
-    """One cell's metadetection catalogue with the process's model (set before the fork)."""
-    return _MODEL.measure_cells([cell], settings, seed=seed, views=views,
-                                per_object=per_object)
+    """One cell's metadetection catalogue with the shared model."""
+    return shared().measure_cells([cell], settings, seed=seed, views=views,
+                                  per_object=per_object)
 
 
 def run_cells(model: Deblender, todo: list[tuple[Tile, CellImage, str]], cells_dir: Path,
@@ -162,16 +156,13 @@ def run_cells(model: Deblender, todo: list[tuple[Tile, CellImage, str]], cells_d
               jobs: int, bar: tqdm) -> None:
     """Measure ``todo`` (tile, cell, key) on ``jobs`` processes
     (:func:`deblend.core.workers.run_tasks`), caching each as it ends."""
-    global _MODEL
-    _MODEL = model
-
     def cache(index: int, table: Table) -> None:
         where, _, key = todo[index]
         write_cached(cell_path(cells_dir, where.index), key, table)
         bar.update()
 
     run_tasks(_measure, [(cell, settings, seed + where.index, views, per_object)
-                         for where, cell, _ in todo], jobs, cache)
+                         for where, cell, _ in todo], jobs, cache, shared=model)
 
 
 # -- the catalogue -------------------------------------------------------------------------------

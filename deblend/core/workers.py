@@ -4,9 +4,11 @@ Cells of a survey tile and field sets of a benchmark are independent: on a CPU, 
 processes of ``cpu_count // jobs`` torch threads each beat one process of all the threads (SEP,
 NumPy and the FFT metacal's Python run on one core; 1.37x with 2 processes on 2 cores for the
 cell path). Workers are forked, so they share what the parent has loaded (a model, built
-operators) without pickling it; a task's function and arguments are pickled. On an error or an
-interrupt the queued tasks are cancelled and the running ones ended: a caller that caches each
-result as it arrives loses only the tasks in flight.
+operators) without pickling it: what a task needs beyond its own arguments (a model) is given
+to :func:`run_tasks` as ``shared`` and read back with :func:`shared`. A task's function (a
+module-level one) and its arguments are pickled. On an error or an interrupt the queued tasks are
+cancelled and the running ones ended: a caller that caches each result as it arrives loses only
+the tasks in flight.
 """
 
 from __future__ import annotations
@@ -22,6 +24,22 @@ import torch
 from deblend.core.arguments import require_positive_int
 
 
+_SHARED: Any = None
+
+
+def shared() -> Any:
+    """The ``shared`` object of the running :func:`run_tasks` (in this process or a worker)."""
+    return _SHARED
+
+
+def require_cpu(jobs: int, device: Any) -> None:
+    """Refuse ``jobs`` > 1 with a model on another device than the CPU (workers are CPU
+    processes), a ValueError saying so."""
+    if jobs > 1 and str(device).split(":")[0] != "cpu":
+        raise ValueError(f"jobs > 1 runs forked CPU processes, the model is on {device}: "
+                         f"use jobs=1, or the CPU")
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -35,10 +53,13 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 
 
 def run_tasks(function: Callable[..., Any], tasks: Sequence[tuple], jobs: int,
-              on_result: Callable[[int, Any], None]) -> None:
+              on_result: Callable[[int, Any], None], shared: Any = None) -> None:
     """``function(*task)`` for every task, ``on_result(index, result)`` in the parent as each
-    ends (in order of completion with ``jobs`` > 1, in order with 1, in this process)."""
+    ends (in order of completion with ``jobs`` > 1, in order with 1, in this process);
+    ``function`` reads ``shared`` with :func:`shared`."""
+    global _SHARED
     jobs = require_positive_int(jobs, "jobs")
+    _SHARED = shared
     if jobs == 1 or len(tasks) <= 1:
         for index, task in enumerate(tasks):
             on_result(index, function(*task))
