@@ -26,15 +26,18 @@ differ only by their condition:
 - sky-subtraction residuals: :func:`with_sky_residual`.
 
 Measured per row, with the run's ``metacal`` settings (g, delta, views, noise correction, margin,
-chunks, bootstrap, seed): m and c of the regressor's own output on the metacal images against the
-applied shear, with 1-sigma bootstrap errors over twin pairs
+chunks, bootstrap, seed, target PSF): m and c of the regressor's own output on the metacal images
+against the applied shear, with 1-sigma bootstrap errors over twin pairs
 (:func:`evaluation.metacal_shear.shear_bias`), and AnaCal's on the same stamps (left out of the
 missing-band rows, whose stamps AnaCal would read as the nominal row's); the regressor's mean
-metacal response R11, R22; and, on the +g stamps without metacal, the RMSE per component of the
+metacal response R11, R22; the shear noise per galaxy of both (:func:`shear_noise`); and, on the
++g stamps without metacal, the RMSE per component of the
 regressor's calibrated e against the true label (the uniform-weight distortion of the noiseless
 isolated target summed over the label bands, SPEC 6) and the median relative flux residual of the
-reconstruction (one view), summed over the label bands. Shears and c are reduced shears g;
-e and its RMSE are distortions; all in the pixel frame.
+reconstruction (one view), summed over the label bands. A model trained on images homogenised to
+a target PSF (``simulation.target_psf_fwhm``) is measured there on the +g stamps and truth
+homogenised the same way, as it was trained. Shears and c are reduced shears g; e and its RMSE
+are distortions; all in the pixel frame.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from tqdm.auto import tqdm
 from deblend.core.atomic import atomic_output, write_text_atomic
 from deblend.core.chunk_cache import chunk_key, join_chunks, read_chunk, write_chunk
 from deblend.core.config import Config
+from deblend.core.homogenize import homogenize
 from deblend.core.inference import Deblender
 from deblend.core.outputs import refuse_foreign
 from deblend.core.shapes import moments_ellipticity
@@ -232,7 +236,8 @@ def observe(pairs: NoiselessPairs, condition: Condition, seed: int, g: tuple[flo
 # -- measurement --------------------------------------------------------------------------------
 def measure_chunk(model: Deblender, batch: ShearPairBatch, truth: NoiselessPairs,
                   condition: Condition, config: Config) -> dict[str, np.ndarray]:
-    """The regressor (and AnaCal) at +g and -g, and the +g stamps against the truth."""
+    """The regressor (and AnaCal) at +g and -g, and the +g stamps against the truth (both
+    homogenised to the model's target PSF when its training images were)."""
     mc = config.metacal
     if tuple(batch.bands) != tuple(model.bands):
         raise ValueError(f"the scenes' bands {batch.bands} are not the model's {model.bands}")
@@ -242,15 +247,22 @@ def measure_chunk(model: Deblender, batch: ShearPairBatch, truth: NoiselessPairs
     for sign, stamps in (("plus", batch.plus), ("minus", batch.minus)):
         measured = measure_metacal(model, stamps, batch.psfs, correction_noise=noise,
                                    sky_variance=batch.sky_variance, views=mc.views,
-                                   estimators=estimators, delta=mc.delta)
+                                   estimators=estimators, delta=mc.delta,
+                                   target_fwhm=mc.target_psf_fwhm)
         for name, m in measured.items():
             arrays.update(measured_to_arrays(f"{sign}.{name}", m))
     size = model.stamp_pixels
     label = [model.bands.index(b) for b in config.simulation.label_bands]
-    prediction = model.predict(central(batch.plus, size), views=mc.views, reconstruct=True,
+    stamps, clean = batch.plus, truth.plus_target
+    if model.data.target_psf_fwhm is not None:  # what the networks saw in training
+        psfs = np.broadcast_to(batch.psfs, (len(stamps),) + batch.psfs.shape)
+        sigma = model.target_sigma()
+        stamps = homogenize(stamps, psfs, sigma, noise=noise, edge="zero")
+        clean = homogenize(clean, psfs, sigma, edge="zero")
+    prediction = model.predict(central(stamps, size), views=mc.views, reconstruct=True,
                                reconstruction_views=1)
     assert prediction.ellipticity is not None and prediction.reconstruction is not None
-    target = central(truth.plus_target, size)[:, label].astype(np.float64).sum(axis=1)
+    target = central(clean, size)[:, label].astype(np.float64).sum(axis=1)
     arrays["e_true"] = np.stack(moments_ellipticity(target), axis=1)
     arrays["e_pred"] = prediction.ellipticity.astype(np.float64)
     arrays["flux_true"] = target.sum(axis=(1, 2))
@@ -264,6 +276,8 @@ def _cache_key(config: Config, condition: Condition, chunk: int, n: int, model_i
     mc = config.metacal
     settings = {k: getattr(mc, k) for k in ("g", "delta", "views", "noise_correction",
                                             "margin_pixels", "seed")}
+    if mc.target_psf_fwhm is not None:  # keys of caches written before it stay valid
+        settings["target_psf_fwhm"] = mc.target_psf_fwhm
     return chunk_key({"version": CACHE_VERSION, "condition": dataclasses.asdict(condition),
                       "metacal": settings, "simulation": config.to_dict()["simulation"],
                       "chunk": chunk, "n": n, "model": model_id,
@@ -346,6 +360,7 @@ def row_result(condition: Condition, arrays: dict[str, np.ndarray],
             alpha, error = leakage(pair, _pair(reference, name), condition.psf_g,
                                    delta=mc.delta, n_bootstrap=mc.bootstrap)
             out[name].update(alpha=alpha, alpha_err=error)
+        out[name]["shear_noise"] = shear_noise(arrays, name)
     response = np.concatenate([arrays["plus.regressor.response"],
                                arrays["minus.regressor.response"]])
     out["regressor"].update(R11=float(np.nanmean(response[:, 0, 0])),
@@ -355,6 +370,19 @@ def row_result(condition: Condition, arrays: dict[str, np.ndarray],
     out["flux_residual"] = float(np.nanmedian(
         (arrays["flux_recon"] - arrays["flux_true"]) / arrays["flux_true"]))
     return out
+
+
+def shear_noise(arrays: dict[str, np.ndarray], name: str) -> float:
+    """Shear noise per galaxy of an estimator, sqrt(<e_i^2> - <e_i>^2) / <R_ii> averaged over
+    the two components, on the +g noshear images it keeps: the error on a survey's shear per
+    galaxy (shape noise and pixel noise together, over the response). m's errors here come from
+    +g / -g pairs with the same galaxies and noise, in which the shape noise cancels; this is
+    what a survey, without pairs, pays."""
+    e = arrays[f"plus.{name}.e"]
+    response = arrays[f"plus.{name}.response"]
+    kept = arrays[f"plus.{name}.kept.noshear"].astype(bool) & np.isfinite(e).all(axis=1)
+    spread = np.sqrt(e[kept].var(axis=0))
+    return float(np.mean(spread / np.diagonal(response[kept], axis1=1, axis2=2).mean(axis=0)))
 
 
 def row_calibrated_rmse(e_pred: np.ndarray, e_true: np.ndarray) -> float:
@@ -411,7 +439,7 @@ def run_conditions(run: str | Path, config: Config, out: str | Path | None = Non
     result = jsonable({
         "applied_g": [mc.g, mc.g], "delta": mc.delta, "views": mc.views,
         "noise_correction": mc.noise_correction, "seed": mc.seed,
-        "fwhm_band": FWHM_BAND,
+        "target_psf_fwhm": mc.target_psf_fwhm, "fwhm_band": FWHM_BAND,
         "reference_fwhm": reference_fwhm(config.simulation.survey),
         "targets": {"abs_m": TARGET_M, "abs_alpha": TARGET_ALPHA},
         "rows": {c.name: row_result(c, arrays[c.name], arrays[REFERENCE], config)
@@ -447,7 +475,8 @@ def training_sky(config: Config) -> str:
 def conditions_table(result: dict[str, Any]) -> str:
     """One markdown table: a row per condition."""
     header = ["condition", "m1", "m2", "c1", "c2", "alpha", "e RMSE", "row-cal. RMSE",
-              "flux resid.", "R11", "R22", "AnaCal m1", "AnaCal m2", "scenes"]
+              "flux resid.", "R11", "R22", "shear noise", "AnaCal m1", "AnaCal m2",
+              "AnaCal shear noise", "scenes"]
     lines = []
     for r in result["rows"].values():
         reg, ana = r["regressor"], r.get("anacal", {})
@@ -456,9 +485,11 @@ def conditions_table(result: dict[str, Any]) -> str:
             fmt_err(reg["m2"], reg["m2_err"], 4, True), fmt_err(reg["c1"], reg["c1_err"], 5, True),
             fmt_err(reg["c2"], reg["c2_err"], 5, True),
             fmt_err(reg.get("alpha"), reg.get("alpha_err"), 4, True), fmt(r["e_rmse"], 4),
-            fmt(r.get("e_rmse_row"), 4), fmt(r["flux_residual"], 3, True), fmt(reg["R11"], 3), fmt(reg["R22"], 3),
+            fmt(r.get("e_rmse_row"), 4), fmt(r["flux_residual"], 3, True), fmt(reg["R11"], 3),
+            fmt(reg["R22"], 3), fmt(reg.get("shear_noise"), 3),
             fmt_err(ana.get("m1"), ana.get("m1_err"), 4, True),
-            fmt_err(ana.get("m2"), ana.get("m2_err"), 4, True), str(r["n_scenes"])])
+            fmt_err(ana.get("m2"), ana.get("m2_err"), 4, True), fmt(ana.get("shear_noise"), 3),
+            str(r["n_scenes"])])
     targets = result["targets"]
     return (markdown_table(header, lines) + f"\nTargets for a conditions model: |m| <= "
             f"{targets['abs_m']:g}, |alpha| <= {targets['abs_alpha']:g}.\n")
@@ -473,7 +504,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "0-2 neighbours; all rows draw the same scenes and noise. Applied shear (g1, g2) = "
         f"({g[0]:+g}, {g[1]:+g}) and its negative; metacal delta = {result['delta']:g}; regressor "
         f"averaged over {result['views']} views; noise correction "
-        f"{'on' if result['noise_correction'] else 'off'}. m = g_hat / g - 1, c additive (reduced "
+        f"{'on' if result['noise_correction'] else 'off'}; {reconvolution_words(result)}. "
+        "m = g_hat / g - 1, c additive (reduced "
         "shear), 1-sigma bootstrap errors over twin pairs. alpha = (c - c_nominal) / g_psf on the "
         "sheared component, g_psf the PSF's reduced shear (paired with the nominal row). PSF FWHM "
         f"rows set the {result['fwhm_band']} band's PSF profile FWHM (nominal "
@@ -489,8 +521,19 @@ def report_markdown(result: dict[str, Any]) -> str:
         "the same after dividing each component by its least-squares slope on the row (the "
         "precision if the stored response were the row's); flux resid.: "
         "median (recon - true) / true of the label bands' flux (one decoded view). R11, R22: "
-        "the regressor's mean metacal response. AnaCal: FPFS on the same stamps (not on "
-        "missing-band rows).", "", conditions_table(result), f"![m per condition]({FIGURE})", ""])
+        "the regressor's mean metacal response. Shear noise: per galaxy, the spread of e on "
+        "the noshear images over the mean response (what a survey's shear error per galaxy is; "
+        "m's errors come from +g / -g pairs sharing galaxies and noise, which cancel the shape "
+        "noise). AnaCal: FPFS on the same stamps (not on missing-band rows).", "", conditions_table(result), f"![m per condition]({FIGURE})", ""])
+
+
+def reconvolution_words(result: dict[str, Any]) -> str:
+    """The metacal reconvolution of a result, in words."""
+    target = result.get("target_psf_fwhm")
+    if target is None:
+        return "metacal reconvolves each band to the narrowest round Gaussian its PSF allows"
+    values = ", ".join(f"{v:g}" for v in np.atleast_1d(target))
+    return f"metacal reconvolves every row to one round Gaussian per band, FWHM {values}\""
 
 
 def figure(result: dict[str, Any], path: Path) -> Path:

@@ -267,7 +267,8 @@ def map_shear_bias(model: Deblender, config: Config, prior: str, n_scenes: int,
     centre = float(model.stamp_pixels // 2)
     measured = {}
     for sign, stamps in (("plus", pairs.plus), ("minus", pairs.minus)):
-        mc = model.metacal(stamps, pairs.psfs, delta=metacal.delta, views=1, keep_inputs=True,
+        mc = model.metacal(stamps, pairs.psfs, delta=metacal.delta,
+                           target_fwhm=metacal.target_psf_fwhm, views=1, keep_inputs=True,
                            reconstruct=False)
         regressor, moments = {}, {}
         for name, images in mc.inputs.items():

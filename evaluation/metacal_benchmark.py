@@ -134,7 +134,8 @@ def measure_pairs(model: Deblender, batch: ShearPairBatch, config: Config
     for sign, stamps in (("plus", batch.plus), ("minus", batch.minus)):
         measured = measure_metacal(model, stamps, batch.psfs, correction_noise=noise,
                                    sky_variance=batch.sky_variance, views=mc.views,
-                                   estimators=mc.estimators, min_snr=mc.min_snr, delta=mc.delta)
+                                   estimators=mc.estimators, min_snr=mc.min_snr, delta=mc.delta,
+                                   target_fwhm=mc.target_psf_fwhm)
         for name, m in measured.items():
             arrays.update(measured_to_arrays(f"{sign}.{name}", m))
     return arrays

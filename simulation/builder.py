@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from deblend.core.atomic import write_json_atomic, write_text_atomic
 from deblend.core.config import SimulationConfig, plain
+from deblend.core.metacal import target_sigmas
 from deblend.core.normalization import MaxAccumulator
 from deblend.core.outputs import mark, refuse_foreign
 from simulation.catalogs import catalog_provenance, load_catalog, read_catsim_file
@@ -42,8 +43,15 @@ from simulation.dataset import (
 )
 from simulation.labels import LABEL_DESCRIPTIONS, scene_labels
 from simulation.sampling import CentralTargetSampling
-from simulation.scenes import SceneBatch, SceneDrawer
-from simulation.surveys import SurveyGeometry, check_bands, get_survey, survey_geometry
+from simulation.scenes import SceneBatch, SceneDrawer, homogenized
+from simulation.surveys import (
+    SurveyGeometry,
+    check_bands,
+    get_survey,
+    psf_images,
+    survey_geometry,
+    survey_sky_levels,
+)
 
 DATASET_KIND = "dataset"
 """The kind of output a dataset directory is (:mod:`deblend.core.outputs`)."""
@@ -119,9 +127,23 @@ class SceneSource:
                 name: np.concatenate([p.conditions[name] for p in parts])[:n]
                 for name in parts[0].conditions},
             psf=None if parts[0].psf is None else np.concatenate([p.psf for p in parts])[:n])
+        if self.sim.target_psf_fwhm is not None:
+            scenes = homogenized(scenes, self.target_sigma, self.nominal_psfs,
+                                 survey_sky_levels(self.survey, self.geometry.bands), seed)
         labels = scene_labels(scenes, self.geometry, self.sim.label_bands, self.sim.ref_band,
                               self.sim.max_neighbours)
         return scenes, labels
+
+    @property
+    def target_sigma(self) -> tuple[float, ...] | None:
+        """``simulation.target_psf_fwhm`` as Gaussian sigmas per band, pixels."""
+        return target_sigmas(self.sim.target_psf_fwhm, len(self.geometry.bands),
+                             self.geometry.pixel_scale)
+
+    @property
+    def nominal_psfs(self) -> np.ndarray:
+        """(bands, S, S) the survey's nominal effective PSF images."""
+        return psf_images(self.sim.survey, self.geometry.bands, self.sim.stamp_pixels)
 
 
 # -- worker side ---------------------------------------------------------------------------------

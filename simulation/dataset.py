@@ -333,6 +333,16 @@ class StampData:
         return out
 
     @property
+    def target_psf_fwhm(self) -> tuple[float, ...] | None:
+        """FWHM (arcsec) per band of the round Gaussian PSF every image was homogenised to
+        (``simulation.target_psf_fwhm``); None: images at the survey's PSFs."""
+        value = self.meta.get("simulation", {}).get("target_psf_fwhm")
+        if value is None:
+            return None
+        values = [float(v) for v in np.atleast_1d(value)]
+        return tuple(values * len(self.bands) if len(values) == 1 else values)
+
+    @property
     def has_conditions(self) -> bool:
         """Whether the scenes were drawn under ``simulation.conditions`` (each its own PSF,
         depth and bands, stored); otherwise every scene had the survey's nominal ones."""

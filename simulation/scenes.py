@@ -13,6 +13,8 @@ All three are float32 (bands, H, W) in electrons, pixel frame.
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import btk
@@ -21,6 +23,7 @@ import numpy as np
 from astropy.table import Table
 
 from deblend.core.config import ConditionsConfig
+from deblend.core.homogenize import homogenize
 from simulation.centring import crop_around, detection_offsets
 from simulation.conditions import Conditions, SurveyConditions, sky_residual, stack_conditions
 from simulation.morphology import MorphologyGenerator
@@ -49,6 +52,30 @@ class SceneBatch:
     psf: np.ndarray | None = None
     """Drawn under ``simulation.conditions``: (N, bands, S, S) float32 effective PSF of each
     scene and band, unit sum, centred at (S-1)/2 (S the stamp's pixels)."""
+
+
+def homogenized(scenes: SceneBatch, target_sigma: Sequence[float], nominal_psfs: np.ndarray,
+                nominal_sky: np.ndarray, seed: int) -> SceneBatch:
+    """``scenes`` with every image at the round Gaussian target of ``target_sigma`` (pixels, per
+    band; ``simulation.target_psf_fwhm``): each deconvolved by its scene's PSF (``scenes.psf``,
+    else ``nominal_psfs`` (bands, S, S)) and reconvolved (:func:`deblend.core.homogenize.
+    homogenize`). The noisy sets get metacal's correction noise, as metacal's noshear image
+    has it: an independent field of the sky's variance (``scenes.conditions["sky_level"]``,
+    else ``nominal_sky``), one per set, drawn from ``seed``; the noiseless target is extended
+    by zeros, the noisy sets by reflection."""
+    n = len(scenes.clean)
+    psfs = (scenes.psf.astype(np.float64) if scenes.psf is not None
+            else np.broadcast_to(nominal_psfs, (n,) + nominal_psfs.shape))
+    sky = (scenes.conditions["sky_level"] if scenes.conditions is not None
+           else np.broadcast_to(nominal_sky, (n, len(nominal_sky))))
+    rng = np.random.default_rng([seed, 23])
+    sigma = np.sqrt(np.asarray(sky, np.float64))[:, :, None, None]
+    out = {"clean": homogenize(scenes.clean, psfs, target_sigma, edge="zero")}
+    for name in ("noisy", "blend"):
+        images = getattr(scenes, name)
+        out[name] = homogenize(images, psfs, target_sigma, edge="reflect",
+                               noise=rng.normal(size=images.shape) * sigma)
+    return dataclasses.replace(scenes, **out)
 
 
 def add_btk_noise(images: np.ndarray, sky_level: float, seed: int, noise: str) -> np.ndarray:

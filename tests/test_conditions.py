@@ -229,6 +229,41 @@ def test_the_row_calibrated_rmse_is_the_noise_over_the_slope() -> None:
     assert np.sqrt(np.nanmean((predicted - truth) ** 2)) > 0.17
 
 
+def test_the_shear_noise_is_the_spread_over_the_response() -> None:
+    """e = R g_intrinsic-like spread 0.3 with R = 0.5 on both components: 0.6 per galaxy; rows a
+    selection dropped and NaNs are left out."""
+    from evaluation.conditions import shear_noise
+
+    rng = np.random.default_rng(2)
+    n = 4000
+    e = rng.normal(0.0, 0.3, (n, 2))
+    e[:10] = 5.0  # not kept: must not count
+    e[10] = np.nan
+    kept = np.ones(n, bool)
+    kept[:10] = False
+    arrays = {"plus.x.e": e, "plus.x.response": np.broadcast_to(np.diag([0.5, 0.5]), (n, 2, 2)),
+              "plus.x.kept.noshear": kept}
+    assert shear_noise(arrays, "x") == pytest.approx(0.6, rel=0.03)
+
+
+def test_cli_metacal_target_psf_is_used_cached_apart_and_reported(tmp_path, capsys) -> None:
+    """--target-psf-fwhm: another response than the rule's (a wider Gaussian), its own cache,
+    said in the report; one narrower than the PSF allows fails with the key's name."""
+    base = ["--run", str(RUN), "--n-scenes", "4", "--rows", "nominal", "--no-progress",
+            "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "rule")]) == 0
+    assert main([*base, "--out", str(tmp_path / "wide"), "--target-psf-fwhm", "2.2"]) == 0
+    rule, wide = (json.loads((tmp_path / d / "metrics.json").read_text())["conditions"]
+                  for d in ("rule", "wide"))
+    assert rule["target_psf_fwhm"] is None and wide["target_psf_fwhm"] == 2.2
+    assert (wide["rows"]["nominal"]["regressor"]["R11"]
+            != rule["rows"]["nominal"]["regressor"]["R11"])
+    assert 'FWHM 2.2"' in (tmp_path / "wide" / "report.md").read_text()
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "narrow"), "--target-psf-fwhm", "0.9"]) != 0
+    assert "metacal.target_psf_fwhm" in capsys.readouterr().err
+
+
 def test_the_report_says_what_sky_the_model_was_trained_on() -> None:
     from deblend.core.config import config_from_dict
     from evaluation.conditions import NOMINAL_SKY, training_sky

@@ -21,6 +21,7 @@ owned); a stamp that overhangs the cell is zero outside it and its rows carry th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -56,15 +57,16 @@ its Fourier filters per image shape; building one costs ~0.2 s per band set on a
 _OPERATORS: dict[tuple, tuple[FourierMetacal, FourierMetacal]] = {}
 
 
-def cell_operators(psfs: np.ndarray, delta: float, device) -> tuple[FourierMetacal,
-                                                                      FourierMetacal]:
-    """The FFT metacal operators of cells and of per-object stamps for these PSF images,
-    reused across calls (the last :data:`KEPT_OPERATORS` sets of PSFs)."""
-    key = (FourierMetacal.digest(psfs, delta), str(device))
+def cell_operators(psfs: np.ndarray, settings: MetadetectSettings, device
+                   ) -> tuple[FourierMetacal, FourierMetacal]:
+    """The FFT metacal operators of cells and of per-object stamps for these PSF images and
+    the settings' delta and target, reused across calls (the last :data:`KEPT_OPERATORS`)."""
+    delta, target = settings.delta, settings.target_sigma
+    key = (FourierMetacal.digest(psfs, delta, target), str(device))
     pair = _OPERATORS.pop(key, None)
     if pair is None:
-        pair = (FourierMetacal(psfs, delta, device=device),
-                FourierMetacal(psfs, delta, pad=STAMP_PAD, device=device))
+        pair = (FourierMetacal(psfs, delta, device=device, target_sigma=target),
+                FourierMetacal(psfs, delta, pad=STAMP_PAD, device=device, target_sigma=target))
     _OPERATORS[key] = pair
     while len(_OPERATORS) > KEPT_OPERATORS:
         _OPERATORS.pop(next(iter(_OPERATORS)))
@@ -88,6 +90,8 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
     views = VIEWS.require(views, "views")
     batch_size = require_positive_int(batch_size, "batch_size")
     settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels)
+    if settings.target_sigma is None and model.target_sigma() is not None:
+        settings = dataclasses.replace(settings, target_sigma=model.target_sigma())
     if settings.stamp_pixels != model.stamp_pixels:
         raise ValueError(f"settings.stamp_pixels is {settings.stamp_pixels}, the model's stamps "
                          f"are {model.stamp_pixels} pixels")
@@ -104,7 +108,7 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
         if len(cell.images) != len(bands):
             raise ValueError(f"cell {k} has {len(cell.images)} bands, the model "
                              f"{len(bands)} ({' '.join(bands)})")
-        operator, stamp_operator = cell_operators(cell.psfs, settings.delta, model.device)
+        operator, stamp_operator = cell_operators(cell.psfs, settings, model.device)
         images = np.where(np.isfinite(cell.variance), cell.images, 0.0)
         noise = correction_noise(np.asarray(cell.variance), seed + k)  # one field per cell
 

@@ -229,6 +229,14 @@ class SimulationConfig:
     conditions: ConditionsConfig | None = None
     """Observing conditions drawn per scene (PSF, depth, missing bands); None: the survey's
     nominal ones for every scene (its PSFs, full depth, every band)."""
+    target_psf_fwhm: StrictFloat | tuple[StrictFloat, ...] | None = None
+    """Homogenisation (issue 23, choice (a)): every stored image is deconvolved by its scene's
+    PSF and reconvolved to a round Gaussian of this FWHM (arcsec; one value, or one per band),
+    with metacal's correction noise, and the labels are measured on the result
+    (:mod:`deblend.core.homogenize`). The networks then see what metacal's noshear image with
+    that target is, whatever the seeing; metacal reconvolves to the model's target by default.
+    It must be at least as wide as every scene's PSF allows. None: images at the survey's
+    PSFs."""
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SimulationConfig:
@@ -241,6 +249,8 @@ class SimulationConfig:
              "simulation.neighbour_shift", "must be [min, max] with 0 <= min <= max"),
             (len(self.label_bands) >= 1, "simulation.label_bands", "must name at least one band"),
             (self.n_samples >= 1, "simulation.n_samples", "must be >= 1"),
+            (self.target_psf_fwhm is None or all(v > 0 for v in as_tuple(self.target_psf_fwhm)),
+             "simulation.target_psf_fwhm", "must be positive (arcsec)"),
             (self.shard_size >= 1, "simulation.shard_size", "must be >= 1"),
             (self.btk_batch_size >= 1, "simulation.btk_batch_size", "must be >= 1"),
             (0.0 <= self.val_fraction < 1.0, "simulation.val_fraction", "must be in [0, 1)"),
@@ -257,6 +267,10 @@ class SimulationConfig:
              "must be even when rotated_twins is true"),
         ])
         bands = _SURVEY_BANDS.get(self.survey)
+        if (bands is not None and isinstance(self.target_psf_fwhm, tuple)
+                and len(self.target_psf_fwhm) != len(bands)):
+            raise ConfigError(f"config key 'simulation.target_psf_fwhm': {len(self.target_psf_fwhm)} "
+                              f"values for the {len(bands)} {self.survey} bands")
         if bands is not None:
             for key, names in (("ref_band", (self.ref_band,)), ("label_bands", self.label_bands)):
                 unknown = [b for b in names if b not in bands]
@@ -265,6 +279,11 @@ class SimulationConfig:
                         f"config key 'simulation.{key}': band '{unknown[0]}' is not a "
                         f"{self.survey} band (bands: {' '.join(bands)})")
         return self
+
+
+def as_tuple(value: float | tuple[float, ...]) -> tuple[float, ...]:
+    """One value or a tuple of them, as a tuple."""
+    return value if isinstance(value, tuple) else (value,)
 
 
 @_section("model")
@@ -450,6 +469,14 @@ class MetacalConfig:
     g: StrictFloat = 0.02
     delta: StrictFloat = 0.01
     """Metacal shear step."""
+    target_psf_fwhm: StrictFloat | tuple[StrictFloat, ...] | None = None
+    """FWHM (arcsec) of the round Gaussian every metacal image of the stamp benchmarks (metacal,
+    conditions, MAP comparison) is reconvolved to: one value for every band or one per band
+    (homogenisation: one PSF whatever the seeing). None: the model's own target
+    (``simulation.target_psf_fwhm``) if it has one, else each band's narrowest Gaussian its PSF
+    allows (wider under worse seeing). A target narrower than a PSF allows is refused when met.
+    Cells (``deblend measure``, the field benchmark) take ``MetadetectSettings.target_sigma``
+    or the model's own target."""
     views: StrictInt = 8
     """Symmetric views the regressor is averaged over (a constant orientation preference of the
     network cancels from 2 on)."""
@@ -481,6 +508,8 @@ class MetacalConfig:
             (0 < self.g < 0.1, "metacal.g", "must be in (0, 0.1)"),
             _obeys(METACAL_DELTA, self.delta, "metacal.delta"),
             _obeys(VIEWS, self.views, "metacal.views"),
+            (self.target_psf_fwhm is None or all(v > 0 for v in as_tuple(self.target_psf_fwhm)),
+             "metacal.target_psf_fwhm", "must be positive (arcsec)"),
             (0 <= self.margin_pixels <= 50, "metacal.margin_pixels", "must be in [0, 50]"),
             (all(0.5 <= s <= 2 for s in self.galsim_psf_scales) and self.galsim_psf_scales,
              "metacal.galsim_psf_scales", "must be non-empty factors in [0.5, 2]"),

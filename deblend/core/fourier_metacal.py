@@ -37,6 +37,8 @@ from deblend.core.metacal import (
     MetacalOperator,
     check_delta,
     check_psf_images,
+    chosen_sigma,
+    per_band_targets,
     reconvolution_sigma,
     shear_matrix,
 )
@@ -51,16 +53,16 @@ def grid_size(pixels: int, pad: int = DEFAULT_PAD) -> int:
 
 
 def psf_transform(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The PSF image's Fourier transform about its centre on the rfft2 grid of ``shape``
-    (rows, columns): the PSF is wrapped so that its centre ((S-1)/2) falls on pixel 0, with a
-    half-pixel phase for even S."""
-    size = psf.shape[0]
+    """The PSF image's (or images', (..., S, S)) Fourier transform about its centre on the
+    rfft2 grid of ``shape`` (rows, columns): the PSF is wrapped so that its centre ((S-1)/2)
+    falls on pixel 0, with a half-pixel phase for even S."""
+    size = psf.shape[-1]
     if size > min(shape):
         raise ValueError(f"PSF images of {size} pixels do not fit a {shape} FFT grid")
     half = size // 2
-    wrapped = np.zeros(shape)
-    wrapped[:size, :size] = psf
-    wrapped = np.roll(wrapped, (-half, -half), axis=(0, 1))
+    wrapped = np.zeros(psf.shape[:-2] + tuple(shape))
+    wrapped[..., :size, :size] = psf
+    wrapped = np.roll(wrapped, (-half, -half), axis=(-2, -1))
     transform = np.fft.rfft2(wrapped)
     offset = (size - 1) / 2.0 - half  # 0 for odd sizes, -0.5 for even ones
     if offset:
@@ -101,6 +103,9 @@ class FourierMetacal:
     pad: int = DEFAULT_PAD
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32
+    target_sigma: tuple[float, ...] | None = None
+    """A fixed reconvolution Gaussian per band (pixels) instead of the rule's
+    (:func:`~deblend.core.metacal.chosen_sigma`)."""
     sigma: tuple[float, ...] = field(init=False)
     """Reconvolution Gaussian sigma of each band, pixels (the stamp operator's rule)."""
     _filters: dict = field(init=False, default_factory=dict, repr=False)
@@ -110,16 +115,20 @@ class FourierMetacal:
         self.delta = check_delta(self.delta)
         if int(self.pad) < 8:
             raise ValueError(f"pad must be at least 8 pixels, got {self.pad!r}")
-        self.sigma = tuple(reconvolution_sigma(p, self.delta) for p in self.psfs)
+        targets = per_band_targets(self.target_sigma, len(self.psfs))
+        self.sigma = tuple(chosen_sigma(reconvolution_sigma(p, self.delta), t)
+                           for p, t in zip(self.psfs, targets))
 
     @property
     def n_bands(self) -> int:
         return int(self.psfs.shape[0])
 
     @staticmethod
-    def digest(psfs: np.ndarray, delta: float = DEFAULT_DELTA) -> str:
-        """Identity of an operator's PSF images and ``delta`` (to reuse one across cells)."""
-        return f"{MetacalOperator.digest(psfs)}-{float(delta)!r}"
+    def digest(psfs: np.ndarray, delta: float = DEFAULT_DELTA,
+               target_sigma: tuple[float, ...] | None = None) -> str:
+        """Identity of an operator's PSF images, ``delta`` and target (to reuse one across
+        cells)."""
+        return f"{MetacalOperator.digest(psfs)}-{float(delta)!r}-{target_sigma!r}"
 
     @property
     def complex_dtype(self) -> torch.dtype:

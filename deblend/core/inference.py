@@ -28,7 +28,7 @@ populations, so shear uses the metacal response measured on each stamp's own ima
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from deblend.core.metacal import (
     MetacalOperator,
     check_psf_images,
     metacal_response,
+    target_sigmas,
 )
 from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants, denormalize, normalize
@@ -365,20 +366,35 @@ class Deblender:
         return (require_positive_int(batch_size, "batch_size"), VIEWS.require(views, "views"),
                 VIEWS.require(reconstruction_views, "reconstruction_views"))
 
+    def target_sigma(self, target_fwhm: float | Sequence[float] | None = None
+                     ) -> tuple[float, ...] | None:
+        """Metacal's reconvolution sigma per band (pixels) for a target FWHM (arcsec), by
+        default the one the model's images were homogenised to (``simulation.target_psf_fwhm``;
+        None when it was trained at the survey's PSFs: each band's narrowest)."""
+        if target_fwhm is None:
+            target_fwhm = self.data.target_psf_fwhm
+        return target_sigmas(target_fwhm, len(self.bands), self.data.pixel_scale)
+
     def metacal_operator(self, psfs: np.ndarray, delta: float = DEFAULT_DELTA,
-                         input_pixels: int | None = None) -> MetacalOperator:
+                         input_pixels: int | None = None,
+                         target_fwhm: float | Sequence[float] | None = None) -> MetacalOperator:
         """The metacal operator for (bands, S, S) PSF images and input stamps of
-        ``input_pixels`` (default: the model's stamp), on this deblender's device. The last
+        ``input_pixels`` (default: the model's stamp), on this deblender's device; every band
+        is reconvolved to the round Gaussian of :meth:`target_sigma` (``target_fwhm``, arcsec,
+        one for every band or one per band, else the model's own target, else the narrowest
+        each band's PSF allows). The last
         :data:`KEPT_OPERATORS` are kept (0.5 GB each for six 45x45 bands, 1 GB with a 10-pixel
-        margin) and reused for the same PSFs, ``delta`` and input size."""
+        margin) and reused for the same PSFs, ``delta``, input size and target."""
         check_psf_images(psfs, len(self.bands))
         input_pixels = (self.stamp_pixels if input_pixels is None
                         else require_positive_int(input_pixels, "input_pixels"))
-        key = (MetacalOperator.digest(psfs), float(delta), int(input_pixels))
+        target = self.target_sigma(target_fwhm)
+        key = (MetacalOperator.digest(psfs), float(delta), int(input_pixels), target)
         operator = self._metacal.pop(key, None)
         if operator is None:
             operator = MetacalOperator.build(psfs, self.stamp_pixels, delta,
-                                             input_pixels=input_pixels, device=self.device)
+                                             input_pixels=input_pixels, target_sigma=target,
+                                             device=self.device)
         self._metacal[key] = operator  # most recently used last
         while len(self._metacal) > KEPT_OPERATORS:
             self._metacal.pop(next(iter(self._metacal)))
@@ -387,7 +403,8 @@ class Deblender:
     def metacal(self, images: np.ndarray, psfs: np.ndarray, *, noise: np.ndarray | None = None,
                 delta: float = DEFAULT_DELTA, batch_size: int = 256, views: int = N_VIEWS,
                 keep_inputs: bool = False, reconstruct: bool = True,
-                reconstruction_views: int = N_VIEWS) -> MetacalPrediction:
+                reconstruction_views: int = N_VIEWS,
+                target_fwhm: float | Sequence[float] | None = None) -> MetacalPrediction:
         """:meth:`predict` on the five metacalibration images of raw stamps (N, bands, H, W).
 
         ``psfs`` is each band's effective PSF image (bands, S, S), as datasets store it.
@@ -400,12 +417,13 @@ class Deblender:
         noise, which the networks did not see in training). The regressor's response is then
         measured on each stamp's own images. ``views`` and ``reconstruction_views`` are
         :meth:`predict`'s; ``reconstruct=False`` skips the decoder (e and R only, several times
-        faster). No stamp (N = 0) gives five empty predictions.
+        faster); ``target_fwhm`` :meth:`metacal_operator`'s. No stamp (N = 0) gives five empty
+        predictions.
         """
         batch_size, views, reconstruction_views = self.check_batching(
             batch_size, views, reconstruction_views)
         array = self.check_images(images, margin=True)
-        operator = self.metacal_operator(psfs, delta, array.shape[2])
+        operator = self.metacal_operator(psfs, delta, array.shape[2], target_fwhm)
         if noise is not None:
             noise = self.check_images(noise, margin=True)
             if noise.shape != array.shape:

@@ -13,7 +13,9 @@ pixel, unit sum, centred like the stamps, as datasets store it), interpolated wi
 
 Reconvolution rule. The sheared images are reconvolved with the narrowest round Gaussian whose
 Fourier transform nowhere exceeds the modulus of the PSF image's, on the stamp's Fourier grid and
-for every one of the five sheared grids (:func:`reconvolution_sigma`). The ratio (Gaussian / PSF)
+for every one of the five sheared grids (:func:`reconvolution_sigma`), or with a fixed round
+Gaussian no narrower than that (``metacal.target_psf_fwhm``: one PSF for every image, whatever
+its seeing; :func:`chosen_sigma`). The ratio (Gaussian / PSF)
 is then at most 1 everywhere: no Fourier mode of the noise is amplified, and the PSF image's
 noise floor at high k (the truncated wings, ~1e-4) cannot leak in. (A PSF dilated by 1 + 2 delta,
 the other usual rule, amplifies that floor by 10 to 200 at the Nyquist frequency for BTK's PSF
@@ -41,6 +43,7 @@ variance.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import galsim
@@ -58,6 +61,8 @@ DEFAULT_DELTA = 0.01
 RULE_GRID = 64
 """Fourier grid size (per axis) on which the reconvolution rule is checked."""
 INTERPOLANT = "lanczos15"
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+"""FWHM of a Gaussian in units of its sigma."""
 REFERENCE_PAD_FACTOR = 8
 """GalSim ``InterpolatedImage`` zero padding of the reference: its default (4) leaves k-space
 interpolation errors of ~6e-5 of the peak in the sheared images of 100-pixel cells; 8 gives
@@ -138,6 +143,42 @@ def reconvolution_sigma(psf: np.ndarray, delta: float = DEFAULT_DELTA) -> float:
     return _sigma_from(sheared_psf_transforms(psf, RULE_GRID, check_delta(delta)))
 
 
+def chosen_sigma(rule: float, target: float | None) -> float:
+    """The reconvolution sigma (pixels) of one band: the rule's when ``target`` is None, else
+    ``target`` (a fixed round Gaussian, ``metacal.target_psf_fwhm``), refused when narrower than
+    the rule allows (it would amplify the noise where the PSF's transform is below it)."""
+    if target is None:
+        return rule
+    target = POSITIVE_FLOAT.require(target, "target sigma")
+    if target < rule * (1 - 1e-9):
+        raise ValueError(f"the metacal target PSF (Gaussian FWHM {target * FWHM_PER_SIGMA:.3f} px) "
+                         f"is narrower than this PSF allows ({rule * FWHM_PER_SIGMA:.3f} px): "
+                         f"choose a wider metacal.target_psf_fwhm")
+    return float(target)
+
+
+def target_sigmas(target_fwhm: float | Sequence[float] | None, n_bands: int,
+                  pixel_scale: float) -> tuple[float, ...] | None:
+    """Per-band reconvolution sigmas (pixels) of a target PSF FWHM (arcsec): one value for
+    every band or one per band; None stays None (the rule)."""
+    if target_fwhm is None:
+        return None
+    values = ([float(target_fwhm)] * n_bands if np.ndim(target_fwhm) == 0
+              else [float(v) for v in target_fwhm])  # type: ignore[union-attr]
+    return per_band_targets([v / FWHM_PER_SIGMA / pixel_scale for v in values], n_bands)
+
+
+def per_band_targets(target_sigma: Sequence[float] | None, n_bands: int
+                     ) -> tuple[float | None, ...]:
+    """``target_sigma`` checked to give one value per band (None: the rule in every band)."""
+    if target_sigma is None:
+        return (None,) * n_bands
+    targets = tuple(float(v) for v in target_sigma)
+    if len(targets) != n_bands:
+        raise ValueError(f"{len(targets)} target sigmas for {n_bands} bands")
+    return targets
+
+
 def _sigma_from(transforms: dict[str, np.ndarray]) -> float:
     """:func:`reconvolution_sigma` from the PSF's transforms on the :data:`RULE_GRID` grid."""
     floor = np.min([np.abs(t) for t in transforms.values()], axis=0)
@@ -160,10 +201,12 @@ def check_margin(input_pixels: int, stamp_pixels: int) -> int:
 
 
 def operator_matrices(psf: np.ndarray, stamp_pixels: int, delta: float, grid: int,
-                      input_pixels: int | None = None) -> tuple[np.ndarray, float]:
+                      input_pixels: int | None = None, target_sigma: float | None = None
+                      ) -> tuple[np.ndarray, float]:
     """(5, out^2, in^2) float64 matrices M_s with crop(metacal_s(image)).ravel() =
     M_s @ image.ravel(), for square input stamps of ``input_pixels`` (default ``stamp_pixels``)
-    whose central ``stamp_pixels`` are kept, one band's PSF image; and the reconvolution sigma.
+    whose central ``stamp_pixels`` are kept, one band's PSF image; and the reconvolution sigma
+    (the rule's, or ``target_sigma``: :func:`chosen_sigma`).
 
     Column r is the metacal image of a unit pixel at r: its Fourier transform at the sheared
     frequency A k is exp(-i (A k) . r), divided by the PSF's at A k and multiplied by the
@@ -174,8 +217,8 @@ def operator_matrices(psf: np.ndarray, stamp_pixels: int, delta: float, grid: in
     crop = slice((n - stamp_pixels) // 2, (n + stamp_pixels) // 2)
     centre = (n - 1) / 2.0
     transforms = sheared_psf_transforms(psf, grid, delta)
-    sigma = _sigma_from(transforms if grid == RULE_GRID else
-                        sheared_psf_transforms(psf, RULE_GRID, delta))
+    sigma = chosen_sigma(_sigma_from(transforms if grid == RULE_GRID else
+                                     sheared_psf_transforms(psf, RULE_GRID, delta)), target_sigma)
     k = fourier_grid(grid)
     gaussian = np.exp(-0.5 * sigma ** 2 * (k[None, :] ** 2 + k[:, None] ** 2))
     rows, cols = np.mgrid[0:n, 0:n]
@@ -222,10 +265,13 @@ class MetacalOperator:
     @classmethod
     def build(cls, psfs: np.ndarray, stamp_pixels: int, delta: float = DEFAULT_DELTA, *,
               input_pixels: int | None = None, grid: int | None = None,
+              target_sigma: Sequence[float] | None = None,
               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
               ) -> MetacalOperator:
         """Operator for (bands, S, S) PSF images, output stamps of ``stamp_pixels`` and input
         stamps of ``input_pixels`` (default the same; larger keeps a margin, see the class).
+        ``target_sigma`` (pixels, one per band): a fixed reconvolution Gaussian instead of the
+        rule's (:func:`chosen_sigma`).
 
         ``grid`` (default: input + 16 pixels rounded up to even, at least 64) is the FFT size on
         which the columns are computed; building costs about a second per band on CPU.
@@ -239,9 +285,10 @@ class MetacalOperator:
             raise ValueError(f"stamp_pixels must be at least 3, got {stamp_pixels!r}")
         check_margin(n_in, n)
         grid = max(RULE_GRID, n_in + 16 + (n_in % 2)) if grid is None else int(grid)
+        targets = per_band_targets(target_sigma, len(psfs))
         blocks, sigmas = [], []
-        for psf in psfs:
-            m, sigma = operator_matrices(psf, n, delta, grid, n_in)  # (5, out, in)
+        for psf, target in zip(psfs, targets):
+            m, sigma = operator_matrices(psf, n, delta, grid, n_in, target)  # (5, out, in)
             blocks.append(torch.from_numpy(m.transpose(2, 0, 1).reshape(n_in * n_in, -1)))
             sigmas.append(sigma)
         return cls(torch.stack(blocks).to(device=device, dtype=dtype), tuple(sigmas), delta, n,

@@ -79,10 +79,16 @@ class MetadetectSettings:
     min_snr: float = 10.0
     deblend_contrast: float = 0.005
     noise_correction: bool = True
+    target_sigma: tuple[float, ...] | None = None
+    """Metacal's reconvolution Gaussian per band, pixels (``metacal.target_psf_fwhm``); None:
+    the narrowest each band's PSF allows."""
 
     def __post_init__(self) -> None:
         require_positive_int(self.stamp_pixels, "stamp_pixels")
         check_delta(self.delta)
+        if self.target_sigma is not None:
+            for value in self.target_sigma:
+                POSITIVE_FLOAT.require(value, "target_sigma")
         POSITIVE_FLOAT.require(self.threshold, "threshold")
         require_positive_int(self.min_area, "min_area")
         NON_NEGATIVE_FLOAT.require(self.min_snr, "min_snr")
@@ -213,7 +219,7 @@ def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
                          "(give them infinite variance)")
     images = np.where(masked, 0.0, images)
     if operator is None:
-        operator = FourierMetacal(cell.psfs, settings.delta)
+        operator = FourierMetacal(cell.psfs, settings.delta, target_sigma=settings.target_sigma)
     if not settings.noise_correction:
         noise = None
     elif noise is None:

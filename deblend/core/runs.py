@@ -138,24 +138,35 @@ class DataIdentity:
     pixel_scale: float
     """arcsec per pixel"""
     normalization: NormalizationConstants
+    target_psf_fwhm: tuple[float, ...] | None = None
+    """FWHM (arcsec) per band of the round Gaussian PSF the images were homogenised to
+    (``simulation.target_psf_fwhm``); None: the survey's PSFs."""
 
     @classmethod
     def of(cls, data: Any) -> "DataIdentity":
         """The identity of an opened dataset (``simulation.dataset.StampData``, or anything with
         these fields and a ``root`` directory)."""
         return cls(str(Path(data.root).resolve()), data.dataset_id, data.survey, data.bands,
-                   data.stamp_pixels, data.pixel_scale, data.normalization)
+                   data.stamp_pixels, data.pixel_scale, data.normalization,
+                   getattr(data, "target_psf_fwhm", None))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON form; ``target_psf_fwhm`` only when set, so identities written before it keep
+        their form."""
+        extra = ({} if self.target_psf_fwhm is None
+                 else {"target_psf_fwhm": list(self.target_psf_fwhm)})
         return {"path": self.path, "dataset_id": self.dataset_id, "survey": self.survey,
                 "bands": list(self.bands), "stamp_pixels": self.stamp_pixels,
-                "pixel_scale": self.pixel_scale, "normalization": self.normalization.to_dict()}
+                "pixel_scale": self.pixel_scale, "normalization": self.normalization.to_dict(),
+                **extra}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataIdentity":
+        target = d.get("target_psf_fwhm")
         return cls(d["path"], d["dataset_id"], d["survey"], tuple(d["bands"]),
                    int(d["stamp_pixels"]), float(d["pixel_scale"]),
-                   NormalizationConstants.from_dict(d["normalization"]))
+                   NormalizationConstants.from_dict(d["normalization"]),
+                   None if target is None else tuple(float(v) for v in target))
 
     def check_compatible(self, other: "DataIdentity", what: str) -> None:
         """Refuse ``other`` unless bands, stamp size and normalisation equal this identity's.
@@ -167,6 +178,9 @@ class DataIdentity:
             problems.append(f"bands {' '.join(other.bands)} instead of {' '.join(self.bands)}")
         if self.stamp_pixels != other.stamp_pixels:
             problems.append(f"{other.stamp_pixels}-pixel stamps instead of {self.stamp_pixels}")
+        if self.target_psf_fwhm != other.target_psf_fwhm:
+            problems.append(f"images at target PSF {other.target_psf_fwhm} instead of "
+                            f"{self.target_psf_fwhm} (simulation.target_psf_fwhm)")
         if not problems and not self.normalization.matches(other.normalization):
             problems.append(f"normalisation constants {_fmt(other.normalization)} instead of "
                             f"{_fmt(self.normalization)}")

@@ -212,8 +212,8 @@ def catalogue_header(survey: SurveyImage, settings: MetadetectSettings,
     for bit, meaning in FLAGS.items():
         cards.append((f"FLAG{bit}", meaning, ""))
     for key, value in asdict(settings).items():
-        cards.append(("HIERARCH MDET " + key.upper(), " ".join(value) if isinstance(
-            value, tuple) else value, ""))
+        cards.append(("HIERARCH MDET " + key.upper(), " ".join(str(v) for v in value)
+                      if isinstance(value, tuple) else value, ""))
     return cards
 
 
@@ -270,7 +270,8 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
     if margin < model.stamp_pixels // 2:
         raise ValueError(f"margin must be at least {model.stamp_pixels // 2} pixels (half the "
                          f"model's {model.stamp_pixels}-pixel stamp), got {margin}")
-    settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels)
+    settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels,
+                                              target_sigma=model.target_sigma())
     survey = inputs if isinstance(inputs, SurveyImage) else read_survey(
         inputs, model.bands, model.data.pixel_scale, model_zeropoints=model_zero_points(model),
         psfex_pixels=model.stamp_pixels)
