@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import emit
-from deblend.core.arguments import non_negative_int_arg, positive_float_arg, positive_int_arg
+from deblend.core.arguments import (
+    add_target_psf_fwhm, non_negative_int_arg, positive_int_arg, target_psf_fwhm)
 from deblend.core.cli import fail_cleanly
 from deblend.core.runs import run_config
 from evaluation.conditions import MIN_SCENES, ROW_NAMES, conditions_table, run_conditions
@@ -54,9 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="GalSim real-galaxy catalogue of the cosmos row "
                         "(default: %(default)s)")
     parser.add_argument("--seed", type=non_negative_int_arg, help="overrides metacal.seed")
-    parser.add_argument("--target-psf-fwhm", type=positive_float_arg, nargs="+", metavar="ARCSEC",
-                        help="overrides metacal.target_psf_fwhm: every metacal image reconvolved "
-                        "to this round Gaussian (one FWHM, or one per band)")
+    add_target_psf_fwhm(parser, "overrides metacal.target_psf_fwhm: every metacal image "
+                        "reconvolved to this round Gaussian (one FWHM, or one per band)")
     parser.add_argument("--device", default="auto", help="torch device (default: auto)")
     parser.add_argument("--force", action="store_true", help="measure again over an existing "
                         "result (valid cached chunks are still reused)")
@@ -68,10 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = run_config(args.run)
-    target = args.target_psf_fwhm
     changes = {k: v for k, v in (("n_scenes", args.n_scenes), ("seed", args.seed),
-                                 ("target_psf_fwhm", target[0] if target and len(target) == 1
-                                  else tuple(target) if target else None))
+                                 ("target_psf_fwhm", target_psf_fwhm(args.target_psf_fwhm)))
                if v is not None}
     if changes:
         config = config.replace("metacal", **changes)

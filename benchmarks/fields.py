@@ -1,6 +1,6 @@
 """``python -m benchmarks.fields --run R [--config C] [--out DIR] [--n-fields N]
-[--population btk galsim] [--field-pixels P] [--cell C] [--g G] [--no-anacal] [--jobs J]
-[--shard K/N]``.
+[--population btk galsim] [--field-pixels P] [--cell C] [--g G] [--no-anacal]
+[--target-psf-fwhm ARCSEC ...] [--jobs J] [--shard K/N]``.
 
 Shear bias from pixels (:mod:`evaluation.field_shear`): constant-shear fields at LSST density,
 cut into cells, measured by metadetection with the deblender (population response and per-object
@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from deblend.core.arguments import positive_int_arg
+from deblend.core.arguments import add_target_psf_fwhm, positive_int_arg, target_psf_fwhm
 from deblend.core.cli import fail_cleanly
 from deblend.core.runs import run_config
 from deblend.core.workers import require_cpu
@@ -44,6 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cell", type=positive_int_arg)
     parser.add_argument("--g", type=float)
     parser.add_argument("--no-anacal", action="store_true", help="leave AnaCal out")
+    add_target_psf_fwhm(parser, "overrides metacal.target_psf_fwhm: every metacal image "
+                        "reconvolved to this round Gaussian (one FWHM, or one per band)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--jobs", type=positive_int_arg, default=1,
                         help="field sets measured at once on CPU processes (default 1)")
@@ -73,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_anacal:
         changes["anacal"] = False
     config = config.replace("fields", **changes)
+    if args.target_psf_fwhm:
+        config = config.replace("metacal", target_psf_fwhm=target_psf_fwhm(args.target_psf_fwhm))
     out = Path(args.out) if args.out else Path(args.run).parent / "fields"
     require_cpu(args.jobs, args.device)
     if run_field_report(args.run, config, out, device=args.device, jobs=args.jobs,

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from deblend.core.arguments import non_negative_int_arg, positive_int_arg
+from deblend.core.arguments import (
+    add_target_psf_fwhm, non_negative_int_arg, positive_int_arg, target_psf_fwhm)
 from deblend.core.cli import fail_cleanly
 from deblend.core.survey_input import PSF_AT, band_float_arg, band_path_arg
 
@@ -72,6 +73,9 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
                               "sky-subtracted)")
     measure.add_argument("--psf-at", choices=PSF_AT, default="cell",
                          help="where PSFEx models are drawn (default: each cell's centre)")
+    add_target_psf_fwhm(measure, "FWHM of the round Gaussian PSF metacal reconvolves every "
+                        "band to (one, or one per model band; default: the model's own target, "
+                        "else each band's narrowest)")
     measure.add_argument("--out", required=True, help="output FITS catalogue")
     measure.add_argument("--cell", type=positive_int_arg, default=200, help="cell size, pixels")
     measure.add_argument("--margin", type=non_negative_int_arg, default=40,
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                        jobs=args.jobs, progress=not args.no_progress,
                        resume=not args.no_resume, seed=args.seed, views=args.views,
                        force=args.force, per_object=not args.no_object_response,
-                       device=args.device)
+                       target_fwhm=target_psf_fwhm(args.target_psf_fwhm), device=args.device)
         return 0
     from deblend.pipeline import run_pipeline
 

@@ -249,7 +249,8 @@ def _validate_des(paths: RunPaths, config: Config, log: Callable[[str], None]) -
     ``des.real_frames``); an error when nothing validated."""
     metrics = validate_des(paths.train, paths.des_standin / "catalog.fits",
                            paths.des_standin / "mef", paths.des_validation, config.des,
-                           force=True, command=COMMAND, log=log)
+                           force=True, command=COMMAND,
+                           target_psf_fwhm=config.metacal.target_psf_fwhm, log=log)
     if metrics.counts["validated"] == 0:
         raise ValueError(f"no DES stand-in object could be validated: see "
                          f"{paths.des_validation / 'skipped.csv'}")

@@ -1,4 +1,5 @@
-"""``python -m des_validation.real --run R --data DIR --out DIR [--zeropoint BAND=ZP] [--force]``:
+"""``python -m des_validation.real --run R --data DIR --out DIR [--zeropoint BAND=ZP]
+[--target-psf-fwhm ARCSEC ...] [--force]``:
 the trained deblender on real DECam frames (:mod:`des_validation.real_pixels`)."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deblend.core.arguments import add_target_psf_fwhm, target_psf_fwhm
 from deblend.core.cli import fail_cleanly
 from deblend.core.survey_input import band_float_arg
 from des_validation.real_pixels import run_real_des
@@ -19,6 +21,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--zeropoint", action="append", type=band_float_arg, default=[],
                         metavar="BAND=ZP", help="image zero point (default: nominal DECam)")
+    add_target_psf_fwhm(parser, "FWHM of the round Gaussian PSF metacal reconvolves every "
+                        "band to (one, or one per model band; default: the model's own target, "
+                        "else each band's narrowest)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)
@@ -28,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     metrics = run_real_des(args.run, args.data, args.out, zeropoints=dict(args.zeropoint),
-                           force=args.force, device=args.device)
+                           force=args.force, target_fwhm=target_psf_fwhm(args.target_psf_fwhm),
+                           device=args.device)
     print(f"{metrics['noshear_detections']} noshear detections; report in {args.out}/real_des.md")
     return 0
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -37,6 +37,7 @@ from deblend.core.outputs import claim_directory, replace_directory  # noqa: E40
 from deblend.core.stamps import cut_stamps, paste_stamp  # noqa: E402
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey  # noqa: E402
 from deblend.core.survey_measure import measure_survey  # noqa: E402
+from evaluation.report_io import reconvolution_words  # noqa: E402
 from simulation.surveys import zero_points  # noqa: E402
 
 NOMINAL_ZP = {"g": 30.0, "r": 30.2, "z": 29.8}
@@ -171,11 +172,16 @@ def plot_real_des(survey: SurveyImage, scene: np.ndarray, rows: Table, path: Pat
 
 def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
                  zeropoints: Mapping[str, float] | None = None, force: bool = False,
-                 device: str = "cpu", log: Callable[[str], None] = print) -> dict:
+                 target_fwhm: float | Sequence[float] | None = None, device: str = "cpu",
+                 log: Callable[[str], None] = print) -> dict:
     """Measure the frames of ``data_dir`` with the model (module docstring); returns the
-    metrics also written to ``out/metrics.json``."""
+    metrics also written to ``out/metrics.json``. ``target_fwhm`` (arcsec, one or one per
+    band): the round Gaussian metacal reconvolves to (default: the model's own target, else
+    each band's narrowest)."""
     model = model_or_run if isinstance(model_or_run, Deblender) else \
         Deblender.from_run(model_or_run, device=device)
+    target_fwhm = model.target_fwhm(target_fwhm)
+    model.target_sigma(target_fwhm)  # a wrong band count is refused before anything is read
     frames = find_frames(data_dir)
     inputs = survey_inputs(frames, model, {**NOMINAL_ZP, **dict(zeropoints or {})})
     survey = read_survey(inputs, model.bands, model.data.pixel_scale,
@@ -186,7 +192,7 @@ def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        metrics = _measure_and_report(model, survey, tmp, log)
+        metrics = _measure_and_report(model, survey, tmp, target_fwhm, log)
         replace_directory(tmp, out, REAL_DES_KIND)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,9 +201,11 @@ def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
 
 
 def _measure_and_report(model: Deblender, survey: SurveyImage, out: Path,
+                        target_fwhm: float | Sequence[float] | None,
                         log: Callable[[str], None]) -> dict:
     catalogue_path = measure_survey(model, survey, out / "catalogue.fits", force=True,
-                                    per_object=False, progress=False, log=log)
+                                    per_object=False, progress=False, target_fwhm=target_fwhm,
+                                    log=log)
     catalogue = Table.read(catalogue_path)
     rows = catalogue[catalogue["mdet_step"] == "noshear"]
     scene = scene_model(model, survey, rows)
@@ -208,6 +216,8 @@ def _measure_and_report(model: Deblender, survey: SurveyImage, out: Path,
         "noshear_detections": len(rows),
         "unflagged_detections": int(np.sum(np.asarray(rows["flags"]) == 0)),
         "notes": list(survey.notes)}
+    if target_fwhm is not None:
+        metrics["target_psf_fwhm"] = target_fwhm
     if len(rows):
         brightest = int(np.argmax(np.asarray(rows["snr"])))
         x, y = float(rows["x"][brightest]), float(rows["y"][brightest])
@@ -241,6 +251,8 @@ def report(metrics: Mapping[str, Any]) -> str:
              f"{metrics['pixel_scale']:g}\"; a constant sky subtracted per band; image zero "
              f"points assumed (the frames carry none): " + ", ".join(
                  f"{b} {zp[0]:.2f}" for b, zp in metrics["zeropoints"].items()) + ".", "",
+             "PSF from PSFEx at the image centre; "
+             + reconvolution_words(metrics.get("target_psf_fwhm")) + ".", "",
              f"Noshear detections: {metrics['noshear_detections']} "
              f"({metrics['unflagged_detections']} unflagged).", ""]
     if "brightest" in metrics:

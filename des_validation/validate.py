@@ -28,8 +28,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cutouts", required=True,
                         help="directory of <id>.fits / <id>_<band>.fits files, or a .npz")
     parser.add_argument("--out", help="output directory (default: RUN/des_validation)")
-    parser.add_argument("--config", help="YAML config whose des section is used (default: the "
-                                         "run's)")
+    parser.add_argument("--config", help="YAML config whose des section and "
+                                         "metacal.target_psf_fwhm are used (default: the run's)")
     parser.add_argument("--u-strategy", choices=["zeros", "g_copy", "g_extrapolate"])
     parser.add_argument("--u-over-g", type=positive_float_arg,
                         help="u/g flux ratio for g_extrapolate")
@@ -56,7 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     run = Path(args.run)
-    des = run_config(run, args.config).des
+    config = run_config(run, args.config)
+    des = config.des
     overrides = {"u_strategy": args.u_strategy, "u_over_g": args.u_over_g,
                  "resample": args.resample, "normalization": args.normalization,
                  "catalog_ellipticity": args.catalog_ellipticity, "min_snr": args.min_snr,
@@ -66,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv[1:] if argv is None else list(argv))
     metrics = validate_des(run, args.catalog, args.cutouts, args.out, des,
                        training_data=args.training_data, pixel_scale=args.pixel_scale,
-                       force=args.force, device=args.device, command=command)
+                       force=args.force, device=args.device, command=command,
+                       target_psf_fwhm=config.metacal.target_psf_fwhm)
     return 0 if metrics.counts["validated"] > 0 else 1
 
 

@@ -245,10 +245,13 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
                  out: str | Path | None, des: DESConfig, *,
                  training_data: str | Path | None = None, pixel_scale: float | None = None,
                  force: bool = False, device: str = "auto", command: str | None = None,
+                 target_psf_fwhm: float | Sequence[float] | None = None,
                  log=print) -> DESValidationResult:
     """Run the whole DES validation and write the report; returns the metrics. With
     ``des.real_frames`` (a directory of DECam frames) the model also measures them into
-    ``out/real`` (:mod:`des_validation.real_pixels`), linked from the report."""
+    ``out/real`` (:mod:`des_validation.real_pixels`), linked from the report, metacal
+    reconvolving to ``target_psf_fwhm`` (``metacal.target_psf_fwhm``, arcsec; None: the
+    model's own target, else each band's narrowest)."""
 
     run = Path(run)
     out = Path(out) if out is not None else run / "des_validation"
@@ -335,7 +338,8 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
     try:
         if des.real_frames is not None:
             if Path(des.real_frames).is_dir():
-                metrics.real_pixels = run_real_des(model, des.real_frames, tmp / "real", log=log)
+                metrics.real_pixels = run_real_des(model, des.real_frames, tmp / "real",
+                                                   target_fwhm=target_psf_fwhm, log=log)
             else:
                 notes.append(f"the real DES frames {des.real_frames} (des.real_frames) are not "
                              f"there: the section on real pixels is left out")

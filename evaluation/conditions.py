@@ -70,7 +70,8 @@ from evaluation.metacal_shear import (
     selected_shear,
     shear_bias,
 )
-from evaluation.report_io import fmt, fmt_err, jsonable, markdown_table, read_metrics, write_metrics
+from evaluation.report_io import (
+    fmt, fmt_err, jsonable, markdown_table, read_metrics, reconvolution_words, write_metrics)
 from evaluation.shear_calibration import chunk_sizes
 from simulation.conditions import FWHM_BAND, nominal_fwhm, sky_residual
 from simulation.conditions import NOMINAL_YEARS as SURVEY_YEARS
@@ -256,7 +257,7 @@ def measure_chunk(model: Deblender, batch: ShearPairBatch, truth: NoiselessPairs
     stamps, clean = batch.plus, truth.plus_target
     if model.data.target_psf_fwhm is not None:  # what the networks saw in training
         psfs = np.broadcast_to(batch.psfs, (len(stamps),) + batch.psfs.shape)
-        sigma = model.target_sigma()
+        sigma = model.target_sigma(model.data.target_psf_fwhm)
         stamps = homogenize(stamps, psfs, sigma, noise=noise, edge="zero")
         clean = homogenize(clean, psfs, sigma, edge="zero")
     prediction = model.predict(central(stamps, size), views=mc.views, reconstruct=True,
@@ -433,6 +434,9 @@ def run_conditions(run: str | Path, config: Config, out: str | Path | None = Non
     started = time.time()
     model, model_id, cache = open_benchmark(run, out, KIND, complete, force,
                                             "a conditions result", device)
+    # the target metacal really uses (the config's, else the run's, else the training images')
+    config = config.replace("metacal", target_psf_fwhm=model.target_fwhm(mc.target_psf_fwhm))
+    mc = config.metacal
     with tqdm(total=len(conditions) * mc.n_scenes, desc="conditions", unit="scene",
               disable=not progress) as bar:
         arrays = measure_rows(model, config, conditions, cache, model_id, cosmos, bar)
@@ -504,7 +508,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "0-2 neighbours; all rows draw the same scenes and noise. Applied shear (g1, g2) = "
         f"({g[0]:+g}, {g[1]:+g}) and its negative; metacal delta = {result['delta']:g}; regressor "
         f"averaged over {result['views']} views; noise correction "
-        f"{'on' if result['noise_correction'] else 'off'}; {reconvolution_words(result)}. "
+        f"{'on' if result['noise_correction'] else 'off'}; "
+        f"{reconvolution_words(result.get('target_psf_fwhm'))}. "
         "m = g_hat / g - 1, c additive (reduced "
         "shear), 1-sigma bootstrap errors over twin pairs. alpha = (c - c_nominal) / g_psf on the "
         "sheared component, g_psf the PSF's reduced shear (paired with the nominal row). PSF FWHM "
@@ -525,15 +530,6 @@ def report_markdown(result: dict[str, Any]) -> str:
         "the noshear images over the mean response (what a survey's shear error per galaxy is; "
         "m's errors come from +g / -g pairs sharing galaxies and noise, which cancel the shape "
         "noise). AnaCal: FPFS on the same stamps (not on missing-band rows).", "", conditions_table(result), f"![m per condition]({FIGURE})", ""])
-
-
-def reconvolution_words(result: dict[str, Any]) -> str:
-    """The metacal reconvolution of a result, in words."""
-    target = result.get("target_psf_fwhm")
-    if target is None:
-        return "metacal reconvolves each band to the narrowest round Gaussian its PSF allows"
-    values = ", ".join(f"{v:g}" for v in np.atleast_1d(target))
-    return f"metacal reconvolves every row to one round Gaussian per band, FWHM {values}\""
 
 
 def figure(result: dict[str, Any], path: Path) -> Path:

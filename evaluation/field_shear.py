@@ -48,7 +48,7 @@ from evaluation.anacal_peer import (
     anacal_shear_sums,
     detection_margin,
 )
-from evaluation.report_io import read_metrics
+from evaluation.report_io import read_metrics, reconvolution_words
 from simulation.sheared_fields import ShearedField, draw_field_set
 
 ESTIMATORS = ("deblend", "deblend_object", "hsm", "anacal")
@@ -316,8 +316,8 @@ def field_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_markdown(results: dict[str, dict], g: float, field_pixels: int, pixel_scale: float
-                    ) -> str:
+def report_markdown(results: dict[str, dict], g: float, field_pixels: int, pixel_scale: float,
+                    target_psf_fwhm: float | Sequence[float] | None = None) -> str:
     """The report: what was measured, and :func:`field_table`."""
     arcmin = field_pixels * pixel_scale / 60
     return "\n".join([
@@ -328,7 +328,8 @@ def report_markdown(results: dict[str, dict], g: float, field_pixels: int, pixel
         f"1-sigma errors by jackknife over field sets. Estimators: `deblend` (population "
         f"response: detection, centroid and selection inside R), `deblend_object` (the same "
         f"detections and e, per-object stamp responses only), `hsm` (blend HSM on the same "
-        f"detections, population response), `anacal` (its own detection, analytic responses).\n",
+        f"detections, population response), `anacal` (its own detection, analytic responses); "
+        f"{reconvolution_words(target_psf_fwhm)}.\n",
         field_table(results)])
 
 
@@ -355,13 +356,14 @@ def run_field_report(run: str | Path, config, out: str | Path, *, device: str = 
     model_id = lineage_identity(RunLayout(Path(run)), "stage3")
     settings = FieldSettings(cell=fields.cell, margin=fields.margin, views=fields.views,
                              anacal=fields.anacal)
+    walk = field_walk(model, config)
     timing: dict = {}
     start = time.perf_counter()
     results = run_field_benchmark(model, model_id, out, populations=fields.populations,
                                   n_fields=fields.n_fields, g=fields.g,
                                   field_pixels=fields.field_pixels, seed=fields.seed,
-                                  settings=settings, jobs=jobs, shard=shard, log=log,
-                                  timing=timing)
+                                  settings=settings, walk=walk, jobs=jobs, shard=shard,
+                                  log=log, timing=timing)
     if results is None:
         return None
     pixel_scale = model.data.pixel_scale
@@ -371,8 +373,11 @@ def run_field_report(run: str | Path, config, out: str | Path, *, device: str = 
                "results": results, "seconds": round(time.perf_counter() - start, 1),
                "measured_seconds": round(timing.get("seconds", 0.0), 1),
                "kept_detections_measured": timing.get("objects", 0.0)}
-    figure = cell_figure(model, fields, settings, out / "cell.png")
-    text = report_markdown(results, fields.g, fields.field_pixels, pixel_scale)
+    target = model.target_fwhm(config.metacal.target_psf_fwhm)
+    if target is not None:
+        metrics["target_psf_fwhm"] = target
+    figure = cell_figure(model, fields, settings, out / "cell.png", walk)
+    text = report_markdown(results, fields.g, fields.field_pixels, pixel_scale, target)
     text += (f"\nOne measured cell (noshear detections kept, with the regressor's e sticks): "
              f"[{figure.name}]({figure.name}).\n")
     write_text_atomic(out / "report.md", text)
@@ -380,7 +385,16 @@ def run_field_report(run: str | Path, config, out: str | Path, *, device: str = 
     return metrics
 
 
-def cell_figure(model: Deblender, fields, settings: FieldSettings, path: Path) -> Path:
+def field_walk(model: Deblender, config) -> MetadetectSettings:
+    """The metadetection settings of a run's field benchmark: the model's stamp, and metacal
+    reconvolving to ``metacal.target_psf_fwhm`` (else the model's own target, else each band's
+    narrowest Gaussian); a target narrower than a band's PSF allows is refused when met."""
+    return MetadetectSettings(stamp_pixels=model.stamp_pixels,
+                              target_sigma=model.target_sigma(config.metacal.target_psf_fwhm))
+
+
+def cell_figure(model: Deblender, fields, settings: FieldSettings, path: Path,
+                walk: MetadetectSettings | None = None) -> Path:
     """PNG of the first cell-sized region of the galsim (or first) population's +g field: the
     r+i+z image, every kept noshear detection and a stick of length 40 |e| pixels along the
     regressor's position angle (pixel frame)."""
@@ -389,7 +403,7 @@ def cell_figure(model: Deblender, fields, settings: FieldSettings, path: Path) -
     field = draw_field_set(population, fields.seed, 0, (fields.g, 0.0),
                            field_pixels=size)["plus"]
     catalogue = measure_cells(model, field_cells(field, settings),
-                              MetadetectSettings(stamp_pixels=model.stamp_pixels),
+                              walk or MetadetectSettings(stamp_pixels=model.stamp_pixels),
                               seed=fields.seed, views=settings.views, per_object=False)
     rows = catalogue[(catalogue["mdet_step"] == "noshear") & (catalogue["flags"] == 0)]
     index = [model.bands.index(b) for b in HSM_BANDS]

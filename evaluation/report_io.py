@@ -134,3 +134,12 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]],
     for row in rows:
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def reconvolution_words(target_psf_fwhm: float | Sequence[float] | None) -> str:
+    """Metacal's reconvolution in words: to one round Gaussian of ``target_psf_fwhm`` (arcsec,
+    one for every band or one per band), or (None) to each band's narrowest."""
+    if target_psf_fwhm is None:
+        return "metacal reconvolves each band to the narrowest round Gaussian its PSF allows"
+    values = ", ".join(f"{v:g}" for v in np.atleast_1d(target_psf_fwhm))
+    return f"metacal reconvolves every image to one round Gaussian per band, FWHM {values}\""

@@ -124,8 +124,16 @@ def test_the_bright_galaxy_is_measured_where_the_sky_says(frames, tmp_path, caps
     ra, dec = WCS(fits.getheader(frames["g"]["image"], 1)).all_pix2world([centroid], 0)[0]
     offset = np.hypot((brightest["ra"] - ra) * np.cos(np.radians(dec)), brightest["dec"] - dec)
     assert offset * 3600 < 0.3
+    assert "narrowest round Gaussian its PSF allows" in (out / "real_des.md").read_text()
     assert main(["--run", str(WEIGHTS), "--data", str(DES_DIR), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
+    # a metacal target narrower than the frames' PSFs (FWHM 0.90-1.00") allows: refused, and
+    # the earlier result is kept
+    before = (out / "catalogue.fits").read_bytes()
+    assert main(["--run", str(WEIGHTS), "--data", str(DES_DIR), "--out", str(out), "--force",
+                 "--target-psf-fwhm", "0.8"]) == 2
+    assert "narrower than this PSF allows" in capsys.readouterr().err
+    assert (out / "catalogue.fits").read_bytes() == before
 
 
 def measure_arguments(frames, out: Path, *extra: str) -> list[str]:

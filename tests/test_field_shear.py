@@ -3,6 +3,8 @@ command line prints the table."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -66,10 +68,13 @@ def test_fields_command_prints_the_table(trained_run, tmp_path, capsys):
 
     assert main(["--run", str(trained_run), "--out", str(tmp_path), "--n-fields", "1",
                  "--population", "galsim", "--field-pixels", "100", "--cell", "50",
-                 "--no-anacal"]) == 0
+                 "--no-anacal", "--target-psf-fwhm", "1.9"]) == 0
     text = capsys.readouterr().out
     assert "| galsim | deblend |" in text and "| galsim | hsm |" in text
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "report.md").is_file()
+    # metacal reconvolved every image to the round Gaussian asked for, and says so
+    assert json.loads((tmp_path / "metrics.json").read_text())["fields"]["target_psf_fwhm"] == 1.9
+    assert 'one round Gaussian per band, FWHM 1.9"' in (tmp_path / "report.md").read_text()
     assert (tmp_path / "cell.png").stat().st_size > 1000
     assert main(["--run", str(trained_run), "--g", "0.5"]) == 2
     with pytest.raises(SystemExit):

@@ -5,6 +5,8 @@ too-narrow target refused; datasets drawn homogenised, and models that remember 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import galsim
@@ -158,3 +160,25 @@ def test_cells_are_metacalibrated_to_the_model_s_own_target() -> None:
     assert len(own) == len(given) > 0
     np.testing.assert_allclose(own["deblend_e1"], given["deblend_e1"], atol=1e-6)
     assert len(plain) != len(own) or not np.allclose(plain["deblend_e1"], own["deblend_e1"])
+
+
+def test_a_run_s_metacal_target_is_its_model_s_default(tmp_path) -> None:
+    """Deblender.from_run reads the run's metacal.target_psf_fwhm as the model's default
+    target; a target given explicitly wins, the run's choice comes before the training
+    images' homogenisation target, and a target of the wrong band count is refused."""
+    run = tmp_path / "weights"
+    shutil.copytree(WEIGHTS, run)
+    stored = json.loads((run / "run.json").read_text())
+    stored["config"]["metacal"]["target_psf_fwhm"] = 1.9
+    (run / "run.json").write_text(json.dumps(stored))
+    model = Deblender.from_run(run, device="cpu")
+    assert model.target_fwhm() == 1.9 and Deblender.from_run(WEIGHTS).target_fwhm() is None
+    assert model.target_sigma() == pytest.approx(target_sigmas(1.9, 6, SCALE))
+    assert model.target_fwhm(2.1) == 2.1 and model.target_fwhm([2.0] * 6) == (2.0,) * 6
+    both = Deblender(model.encoder, model.decoder, model.regressor,
+                     dataclasses.replace(model.data, target_psf_fwhm=(1.6,) * 6),
+                     metacal_target_fwhm=1.9)
+    assert both.target_fwhm() == 1.9
+    with pytest.raises(ValueError, match="3 target sigmas for 6 bands"):
+        Deblender(model.encoder, model.decoder, None, model.data,
+                  metacal_target_fwhm=(2.0, 2.0, 2.0))

@@ -9,6 +9,8 @@ damaged one), refuse to overwrite, and refuse every kind of bad input with exit 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import galsim
@@ -342,3 +344,36 @@ def test_model_zero_point_is_required(trained_run, inputs, tmp_path, capsys):
     assert main(args) == 2
     assert "--zeropoint-model r=VALUE" in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_the_run_s_metacal_target_reaches_the_catalogue(trained_run, inputs, tmp_path, capsys):
+    """A run whose config sets metacal.target_psf_fwhm is measured at that round Gaussian by
+    default (its header says so); --target-psf-fwhm overrides it, and one narrower than the
+    PSF allows is refused with one line, nothing written."""
+    from deblend.core.metacal import target_sigmas
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    stored = json.loads((run / "run.json").read_text())
+    stored["config"]["metacal"]["target_psf_fwhm"] = 1.9
+    (run / "run.json").write_text(json.dumps(stored))
+
+    def header_sigma(out: Path) -> list[float]:
+        card = fits.getheader(out, "MDET")["HIERARCH MDET TARGET_SIGMA"]
+        return [float(v) for v in card.split()]
+
+    out = tmp_path / "run_target.fits"
+    assert main(arguments(run, inputs, out)) == 0
+    assert header_sigma(out) == pytest.approx(target_sigmas(1.9, len(BANDS), SCALE), rel=1e-4)
+    given = tmp_path / "given_target.fits"
+    assert main(arguments(run, inputs, given, "--target-psf-fwhm", "2.2")) == 0
+    assert header_sigma(given) == pytest.approx(target_sigmas(2.2, len(BANDS), SCALE), rel=1e-4)
+    assert not np.array_equal(Table.read(out, hdu="MDET")["deblend_e1"],
+                              Table.read(given, hdu="MDET")["deblend_e1"])
+    capsys.readouterr()
+    narrow = tmp_path / "narrow.fits"
+    assert main(arguments(run, inputs, narrow, "--target-psf-fwhm", "0.3")) == 2
+    assert "narrower than this PSF allows" in one_error_line(capsys)
+    assert not narrow.exists()
+    assert main(arguments(run, inputs, narrow, "--target-psf-fwhm", "2", "2")) == 2
+    assert "2 target sigmas for 6 bands" in one_error_line(capsys)

@@ -80,3 +80,18 @@ positive_int_arg = POSITIVE_INT.argparse_type
 non_negative_int_arg = NON_NEGATIVE_INT.argparse_type
 positive_float_arg = POSITIVE_FLOAT.argparse_type
 non_negative_float_arg = NON_NEGATIVE_FLOAT.argparse_type
+
+
+def add_target_psf_fwhm(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """A ``--target-psf-fwhm ARCSEC [ARCSEC ...]`` option: one FWHM for every band or one per
+    band (read it with :func:`target_psf_fwhm`)."""
+    parser.add_argument("--target-psf-fwhm", type=positive_float_arg, nargs="+",
+                        metavar="ARCSEC", help=help_text)
+
+
+def target_psf_fwhm(values: list[float] | None) -> float | tuple[float, ...] | None:
+    """The value of :func:`add_target_psf_fwhm`'s option as the config's
+    ``metacal.target_psf_fwhm`` holds it: one float, a tuple per band, or None."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)

@@ -475,8 +475,9 @@ class MetacalConfig:
     (homogenisation: one PSF whatever the seeing). None: the model's own target
     (``simulation.target_psf_fwhm``) if it has one, else each band's narrowest Gaussian its PSF
     allows (wider under worse seeing). A target narrower than a PSF allows is refused when met.
-    Cells (``deblend measure``, the field benchmark) take ``MetadetectSettings.target_sigma``
-    or the model's own target."""
+    The field benchmark and the real DES frames of the DES validation use it too, and the run
+    keeps it: ``Deblender.from_run`` reads it as the model's default (``deblend measure``,
+    ``python -m des_validation.real``; ``--target-psf-fwhm`` overrides)."""
     views: StrictInt = 8
     """Symmetric views the regressor is averaged over (a constant orientation preference of the
     network cancels from 2 on)."""

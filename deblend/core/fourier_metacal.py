@@ -37,9 +37,7 @@ from deblend.core.metacal import (
     MetacalOperator,
     check_delta,
     check_psf_images,
-    chosen_sigma,
-    per_band_targets,
-    reconvolution_sigma,
+    reconvolution_sigmas,
     shear_matrix,
 )
 
@@ -115,9 +113,7 @@ class FourierMetacal:
         self.delta = check_delta(self.delta)
         if int(self.pad) < 8:
             raise ValueError(f"pad must be at least 8 pixels, got {self.pad!r}")
-        targets = per_band_targets(self.target_sigma, len(self.psfs))
-        self.sigma = tuple(chosen_sigma(reconvolution_sigma(p, self.delta), t)
-                           for p, t in zip(self.psfs, targets))
+        self.sigma = reconvolution_sigmas(self.psfs, self.delta, self.target_sigma)
 
     @property
     def n_bands(self) -> int:

@@ -62,6 +62,7 @@ from deblend.core.runs import (
     RunLayout,
     build_module,
     load_lineage,
+    run_config,
 )
 from deblend.core.symmetry import (
     N_VIEWS,
@@ -146,7 +147,8 @@ class Deblender:
 
     def __init__(self, encoder: Encoder, decoder: Decoder, regressor: Regressor | None,
                  data: DataIdentity, device: torch.device | str = "cpu",
-                 response: Response | None = None, flow: LatentFlow | None = None) -> None:
+                 response: Response | None = None, flow: LatentFlow | None = None,
+                 metacal_target_fwhm: float | Sequence[float] | None = None) -> None:
         stamp_keys = ("n_bands", "stamp_size", "latent_dim")
         if any(encoder.hparams()[key] != decoder.hparams()[key] for key in stamp_keys):
             raise ValueError(f"encoder {encoder.hparams()} and decoder {decoder.hparams()} differ")
@@ -165,6 +167,11 @@ class Deblender:
                              f"{encoder.latent_dim}")
         self.flow = None if flow is None else flow.eval().to(self.device)
         """The latent prior of :meth:`map_deblend` (None: the run has no trained flow)."""
+        target_sigmas(metacal_target_fwhm, len(data.bands), data.pixel_scale)  # checks it
+        self.metacal_target_fwhm = metacal_target_fwhm
+        """FWHM (arcsec, one or one per band) of the round Gaussian metacal reconvolves to
+        by default: the run's ``metacal.target_psf_fwhm`` (None: :meth:`target_fwhm`'s next
+        choice)."""
         self._metacal: dict[tuple[str, float, int], MetacalOperator] = {}
 
     @classmethod
@@ -200,7 +207,8 @@ class Deblender:
         return cls(build_module(nearest["encoder"]["entry"]),
                    build_module(nearest["decoder"]["entry"]), regressor,
                    DataIdentity.from_dict(nearest["encoder"]["payload"]["data"]),
-                   resolve_device(device), response, _lineage_flow(layout, stages))
+                   resolve_device(device), response, _lineage_flow(layout, stages),
+                   run_config(layout.root).metacal.target_psf_fwhm)
 
     @property
     def bands(self) -> tuple[str, ...]:
@@ -366,14 +374,22 @@ class Deblender:
         return (require_positive_int(batch_size, "batch_size"), VIEWS.require(views, "views"),
                 VIEWS.require(reconstruction_views, "reconstruction_views"))
 
+    def target_fwhm(self, target_fwhm: float | Sequence[float] | None = None
+                    ) -> float | tuple[float, ...] | None:
+        """The FWHM (arcsec, one or one per band) of the round Gaussian metacal reconvolves
+        to: ``target_fwhm`` when given, else the run's ``metacal.target_psf_fwhm``, else the
+        one the training images were homogenised to (``simulation.target_psf_fwhm``); None
+        when none is set (each band's narrowest Gaussian its PSF allows)."""
+        for choice in (target_fwhm, self.metacal_target_fwhm, self.data.target_psf_fwhm):
+            if choice is not None:
+                return choice if np.ndim(choice) == 0 else tuple(choice)
+        return None
+
     def target_sigma(self, target_fwhm: float | Sequence[float] | None = None
                      ) -> tuple[float, ...] | None:
-        """Metacal's reconvolution sigma per band (pixels) for a target FWHM (arcsec), by
-        default the one the model's images were homogenised to (``simulation.target_psf_fwhm``;
-        None when it was trained at the survey's PSFs: each band's narrowest)."""
-        if target_fwhm is None:
-            target_fwhm = self.data.target_psf_fwhm
-        return target_sigmas(target_fwhm, len(self.bands), self.data.pixel_scale)
+        """Metacal's reconvolution sigma per band (pixels) of :meth:`target_fwhm`."""
+        return target_sigmas(self.target_fwhm(target_fwhm), len(self.bands),
+                             self.data.pixel_scale)
 
     def metacal_operator(self, psfs: np.ndarray, delta: float = DEFAULT_DELTA,
                          input_pixels: int | None = None,

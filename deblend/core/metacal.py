@@ -153,8 +153,16 @@ def chosen_sigma(rule: float, target: float | None) -> float:
     if target < rule * (1 - 1e-9):
         raise ValueError(f"the metacal target PSF (Gaussian FWHM {target * FWHM_PER_SIGMA:.3f} px) "
                          f"is narrower than this PSF allows ({rule * FWHM_PER_SIGMA:.3f} px): "
-                         f"choose a wider metacal.target_psf_fwhm")
+                         f"choose a wider target (metacal.target_psf_fwhm, --target-psf-fwhm)")
     return float(target)
+
+
+def reconvolution_sigmas(psfs: np.ndarray, delta: float = DEFAULT_DELTA,
+                         target_sigma: Sequence[float] | None = None) -> tuple[float, ...]:
+    """Each band's reconvolution sigma (pixels) for (bands, S, S) PSF images: the rule's, or
+    the band's ``target_sigma`` (:func:`chosen_sigma`: refused where narrower than the rule)."""
+    targets = per_band_targets(target_sigma, len(psfs))
+    return tuple(chosen_sigma(reconvolution_sigma(p, delta), t) for p, t in zip(psfs, targets))
 
 
 def target_sigmas(target_fwhm: float | Sequence[float] | None, n_bands: int,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from deblend.core.cells import CellImage, Tile, tile
 from deblend.core.chunk_cache import chunk_key
 from deblend.core.inference import VIEW_COUNTS, Deblender
 from deblend.core.metadetect import FLAGS, MetadetectSettings, metadetect_shear
-from deblend.core.metacal import DEFAULT_DELTA
+from deblend.core.metacal import DEFAULT_DELTA, MetacalOperator, reconvolution_sigmas
 from deblend.core.outputs import mark, refuse_foreign
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey
 from deblend.core.workers import require_cpu, run_tasks, shared
@@ -212,8 +212,9 @@ def catalogue_header(survey: SurveyImage, settings: MetadetectSettings,
     for bit, meaning in FLAGS.items():
         cards.append((f"FLAG{bit}", meaning, ""))
     for key, value in asdict(settings).items():
-        cards.append(("HIERARCH MDET " + key.upper(), " ".join(str(v) for v in value)
-                      if isinstance(value, tuple) else value, ""))
+        if isinstance(value, tuple):  # six floats to 5 digits fit one 80-character card
+            value = " ".join(f"{v:.5g}" if isinstance(v, float) else str(v) for v in value)
+        cards.append(("HIERARCH MDET " + key.upper(), value, ""))
     return cards
 
 
@@ -248,6 +249,7 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
                    *, cell: int = 200, margin: int = 40, jobs: int = 1, progress: bool = True,
                    resume: bool = True, seed: int = 0, views: int = 1, force: bool = False,
                    per_object: bool = True, settings: MetadetectSettings | None = None,
+                   target_fwhm: float | Sequence[float] | None = None,
                    device: str = "auto", log: Callable[[str], None] = print) -> Path:
     """Measure a survey image (module docstring) and write its catalogue to ``out_path``.
 
@@ -255,7 +257,10 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
     (the margin at least half the model's stamp). ``resume=False`` measures every cell again.
     ``per_object=False`` leaves out the per-object response columns (``r11``...), whose dense
     per-stamp metacal operator takes about a minute to build on a CPU for each set of PSFs
-    (each cell, with a PSFEx model drawn per cell).
+    (each cell, with a PSFEx model drawn per cell). ``target_fwhm`` (arcsec, one for every
+    band or one per band; ignored with ``settings``): the round Gaussian metacal reconvolves
+    every band to, by default the model's (:meth:`Deblender.target_fwhm`), else each band's
+    narrowest; one narrower than a cell's PSF allows is refused before anything is written.
     Everything is validated before anything is written. Returns the catalogue's path.
     """
     cell = require_positive_int(cell, "cell")
@@ -271,7 +276,7 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
         raise ValueError(f"margin must be at least {model.stamp_pixels // 2} pixels (half the "
                          f"model's {model.stamp_pixels}-pixel stamp), got {margin}")
     settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels,
-                                              target_sigma=model.target_sigma())
+                                              target_sigma=model.target_sigma(target_fwhm))
     survey = inputs if isinstance(inputs, SurveyImage) else read_survey(
         inputs, model.bands, model.data.pixel_scale, model_zeropoints=model_zero_points(model),
         psfex_pixels=model.stamp_pixels)
@@ -285,6 +290,9 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
               "views": views, "per_object": per_object}
     cells = [(where, cell_image(survey, where)) for where in tiles]
     keyed = [(where, image, cell_key(image, where, common)) for where, image in cells]
+    if settings.target_sigma is not None:  # a too-narrow target is refused before writing
+        for psfs in {MetacalOperator.digest(image.psfs): image.psfs for _, image in cells}.values():
+            reconvolution_sigmas(psfs, settings.delta, settings.target_sigma)
 
     cells_dir.mkdir(parents=True, exist_ok=True)  # everything is validated: writing starts
     mark(cells_dir, CELLS_KIND)
