@@ -90,7 +90,7 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
     views = VIEWS.require(views, "views")
     batch_size = require_positive_int(batch_size, "batch_size")
     settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels)
-    if settings.target_sigma is None and model.target_sigma() is not None:
+    if settings.target_sigma is None:  # the model's target, if it has one
         settings = dataclasses.replace(settings, target_sigma=model.target_sigma())
     if settings.stamp_pixels != model.stamp_pixels:
         raise ValueError(f"settings.stamp_pixels is {settings.stamp_pixels}, the model's stamps "

@@ -97,6 +97,11 @@ def _obeys(rule: NumberRule, value: Any, key: str) -> tuple[bool, str, str]:
     return rule.accepts(value), key, f"must be {rule.says}"
 
 
+def _target_fwhm(value: float | tuple[float, ...] | None, key: str) -> tuple[bool, str, str]:
+    """A :func:`_require` check of a target PSF FWHM key: None, or positive values (arcsec)."""
+    return value is None or all(v > 0 for v in as_tuple(value)), key, "must be positive (arcsec)"
+
+
 def _at_least(value: int | None, minimum: int) -> bool:
     """``value >= minimum``, or ``value`` is None (the key's "not set")."""
     return value is None or value >= minimum
@@ -249,8 +254,7 @@ class SimulationConfig:
              "simulation.neighbour_shift", "must be [min, max] with 0 <= min <= max"),
             (len(self.label_bands) >= 1, "simulation.label_bands", "must name at least one band"),
             (self.n_samples >= 1, "simulation.n_samples", "must be >= 1"),
-            (self.target_psf_fwhm is None or all(v > 0 for v in as_tuple(self.target_psf_fwhm)),
-             "simulation.target_psf_fwhm", "must be positive (arcsec)"),
+            _target_fwhm(self.target_psf_fwhm, "simulation.target_psf_fwhm"),
             (self.shard_size >= 1, "simulation.shard_size", "must be >= 1"),
             (self.btk_batch_size >= 1, "simulation.btk_batch_size", "must be >= 1"),
             (0.0 <= self.val_fraction < 1.0, "simulation.val_fraction", "must be in [0, 1)"),
@@ -509,8 +513,7 @@ class MetacalConfig:
             (0 < self.g < 0.1, "metacal.g", "must be in (0, 0.1)"),
             _obeys(METACAL_DELTA, self.delta, "metacal.delta"),
             _obeys(VIEWS, self.views, "metacal.views"),
-            (self.target_psf_fwhm is None or all(v > 0 for v in as_tuple(self.target_psf_fwhm)),
-             "metacal.target_psf_fwhm", "must be positive (arcsec)"),
+            _target_fwhm(self.target_psf_fwhm, "metacal.target_psf_fwhm"),
             (0 <= self.margin_pixels <= 50, "metacal.margin_pixels", "must be in [0, 50]"),
             (all(0.5 <= s <= 2 for s in self.galsim_psf_scales) and self.galsim_psf_scales,
              "metacal.galsim_psf_scales", "must be non-empty factors in [0.5, 2]"),
