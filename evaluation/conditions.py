@@ -470,6 +470,9 @@ def training_sky(config: Config) -> str:
              f"{c.sky_residual:g} sigma")
     if sim.morphology is not None:
         words += "; knotty disks and off-centre bulges"
+        if sim.morphology.cosmos_fraction > 0:
+            words += (f", {sim.morphology.cosmos_fraction:.0%} of galaxies drawn as COSMOS "
+                      f"Sersic / bulge + disk fits")
     if config.model.availability_input:
         words += "; availability mask input"
     return words

@@ -10,4 +10,4 @@ fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -e ".[test,peers]"
+python -m pip install --quiet -e ".[test,peers,cosmos]"

@@ -42,6 +42,7 @@ from simulation.dataset import (
     write_shard,
 )
 from simulation.labels import LABEL_DESCRIPTIONS, scene_labels
+from simulation.morphology import morphology_cosmos
 from simulation.sampling import CentralTargetSampling
 from simulation.scenes import SceneBatch, SceneDrawer, homogenized
 from simulation.surveys import (
@@ -241,14 +242,17 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
 
 def plan_simulation(sim: SimulationConfig) -> dict[str, Any]:
     """The plan's ``simulation`` entry: the config section, without keys added since at their
-    defaults (``stamp_centre: truth``, ``conditions`` and ``morphology`` null), so that datasets
-    planned before keep their identity."""
+    defaults (``stamp_centre: truth``, ``conditions`` and ``morphology`` null, no COSMOS fits
+    in ``morphology``), so that datasets planned before keep their identity."""
     simulation = plain(asdict(sim))
     if sim.stamp_centre == "truth":
         del simulation["stamp_centre"]
     for key in ("conditions", "morphology"):
         if getattr(sim, key) is None:
             del simulation[key]
+    if sim.morphology is not None and sim.morphology.cosmos_fraction == 0:
+        for key in ("cosmos_fraction", "cosmos_catalog", "cosmos_withheld"):
+            del simulation["morphology"][key]
     return simulation
 
 
@@ -260,6 +264,8 @@ def check_catalog(sim: SimulationConfig) -> None:
     check_bands((sim.ref_band,), geometry, "simulation.ref_band")
     if sim.catalog is not None:
         read_catsim_file(sim.catalog, geometry.bands)
+    if sim.morphology is not None:
+        morphology_cosmos(sim.morphology)
 
 
 def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, shard: int = 0,
@@ -282,6 +288,8 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     plan = make_plan(plan_simulation(sim), plain(asdict(geometry)), provenance.get("sha256"))
     the_plan_id = plan_id(plan)
     source = SceneSource(sim)  # the catalog is read before anything is written or removed
+    if sim.morphology is not None:
+        morphology_cosmos(sim.morphology)  # and the COSMOS fits
     prepare_directory(root, plan, force, log)
 
     mine = [s for s in plan["shards"] if s["index"] % num_shards == shard]

@@ -17,11 +17,25 @@ draws each galaxy as
 - the bulge (and the AGN) shifted by (``bulge_dx``, ``bulge_dy``) disk half-light radii in the
   galaxy's frame (x along its major axis), turned to the disk's position angle.
 
+A galaxy with ``cosmos_index`` >= 0 (with ``cosmos_fraction`` > 0) is drawn instead as the
+parametric profile GalSim builds from that row of a COSMOS fit catalogue
+(``galsim.GalaxySample.makeGalaxy(gal_type="parametric")``: a Sersic or a bulge + disk fitted
+to the HST image, :class:`CosmosFits`), with BTK's total flux of the CatSim row in the band (so
+its colour is CatSim's) and turned by the row's ``pa_disk`` (so that random rotations and twins
+turn it); it gets no knots and no bulge offset. The row is picked among the
+:data:`COSMOS_WINDOW` fits nearest in magnitude (F814W ``mag_auto`` against the ``ref_band``
+magnitude), so sizes follow the real size-magnitude relation; galaxies fainter than the
+catalogue keep CatSim's profile.
+
 Then, as BTK does: rotated by ``btk_rotation``, sheared by (g1, g2), convolved with the PSF,
 shifted to (ra, dec) and drawn on the stamp. Rows without the columns are drawn by BTK itself.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
 
 import galsim
 import numpy as np
@@ -31,23 +45,137 @@ from btk.draw_blends import CatsimGenerator, SourceNotVisible, get_catsim_galaxy
 from deblend.core.config import MorphologyConfig
 
 MORPHOLOGY_COLUMNS = ("knot_fraction", "n_knots", "knot_seed", "bulge_dx", "bulge_dy")
+COSMOS_COLUMN = "cosmos_index"
+"""With ``cosmos_fraction`` > 0: the row of :class:`CosmosFits` a galaxy is drawn as, -1 for
+CatSim's profile."""
 MORPHOLOGY_DESCRIPTIONS = {
     "knot_fraction, n_knots, knot_seed": "with simulation.morphology: the target's fraction of "
                                          "disk flux in knots, their number and their seed",
     "bulge_dx, bulge_dy": "with simulation.morphology: the target's bulge offset from the disk "
                           "centre, disk half-light radii, galaxy frame",
+    COSMOS_COLUMN: "with simulation.morphology.cosmos_fraction: the row of the COSMOS fit "
+                   "catalogue (after withholding) the target is drawn as, -1 for CatSim's "
+                   "profile (where >= 0 its CatSim shape columns describe nothing drawn)",
 }
+COSMOS_WINDOW = 100
+"""Rows of the COSMOS fits, nearest in magnitude, among which a galaxy's fit is picked."""
+WITHHELD_RADIUS_ARCSEC = 1.0
 
 
-def draw_morphology(config: MorphologyConfig, n: int, rng: np.random.Generator
-                    ) -> dict[str, np.ndarray]:
-    """The :data:`MORPHOLOGY_COLUMNS` of ``n`` galaxies drawn by ``config``'s rules."""
+def packaged_cosmos_fits() -> Path:
+    """The COSMOS fit catalogue packaged with fpfs (found without importing fpfs and JAX)."""
+    spec = importlib.util.find_spec("fpfs")
+    path = (Path(spec.submodule_search_locations[0]) / "data" / "src_cosmos.fits"
+            if spec is not None and spec.submodule_search_locations else None)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            "simulation.morphology.cosmos_fraction needs the COSMOS fits packaged with fpfs "
+            "(pip install -e .[cosmos]) or simulation.morphology.cosmos_catalog")
+    return path
+
+
+class CosmosFits:
+    """Parametric fits of real COSMOS galaxies, through ``galsim.GalaxySample``.
+
+    ``catalog``: a GalSim parametric-fit catalogue (None: :func:`packaged_cosmos_fits`);
+    ``withheld``: a GalSim real-galaxy catalogue whose galaxies (``RA``/``DEC``, degrees) are
+    left out, with every fit within :data:`WITHHELD_RADIUS_ARCSEC` of one. Fits that GalSim
+    marks failed (``exclusion_level="bad_fits"``) are left out too. Indices count the rest.
+    """
+
+    def __init__(self, catalog: str | None = None, withheld: str | None = None) -> None:
+        path = Path(catalog) if catalog is not None else packaged_cosmos_fits()
+        if not path.is_file():
+            raise FileNotFoundError(f"simulation.morphology.cosmos_catalog: no file {path}")
+        try:
+            self.sample = galsim.GalaxySample(file_name=path.name, dir=str(path.parent),
+                                              use_real=False, exclusion_level="bad_fits")
+        except (OSError, KeyError, ValueError, galsim.GalSimError) as error:
+            raise ValueError(f"simulation.morphology.cosmos_catalog: {path} is not a GalSim "
+                             f"parametric-fit catalogue ({error})") from error
+        keep = np.arange(len(self.sample))
+        if withheld is not None:
+            keep = keep[~self._near(keep, Path(withheld))]
+        self.rows = keep
+        """Indices into ``sample`` of the fits that may be drawn."""
+        mags = self._column("mag_auto", keep)
+        self._order = np.argsort(mags, kind="stable")
+        self.mags = mags[self._order]
+        """F814W magnitudes of the drawable fits, ascending."""
+
+    def _near(self, rows: np.ndarray, withheld: Path) -> np.ndarray:
+        """Which of ``rows`` lie within the withholding radius of a galaxy of ``withheld``."""
+        from astropy.coordinates import SkyCoord
+
+        if not withheld.is_file():
+            raise FileNotFoundError(f"simulation.morphology.cosmos_withheld: no file {withheld}")
+        try:
+            others = Table.read(withheld, format="fits", hdu=1)
+            other = SkyCoord(np.asarray(others["RA"], float), np.asarray(others["DEC"], float),
+                             unit="deg")
+        except (OSError, KeyError, ValueError) as error:
+            raise ValueError(f"simulation.morphology.cosmos_withheld: {withheld} is not a "
+                             f"catalogue with RA and DEC columns ({error})") from error
+        fits = SkyCoord(self._column("ra", rows), self._column("dec", rows), unit="deg")
+        _, separation, _ = fits.match_to_catalog_sky(other)
+        return separation.arcsec < WITHHELD_RADIUS_ARCSEC
+
+    def _column(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Column ``name`` of the fits ``rows`` (indices of ``sample``)."""
+        try:
+            return np.asarray(self.sample.param_cat[name][self.sample.orig_index[rows]], float)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"simulation.morphology.cosmos_catalog lacks the column "
+                             f"'{name}'") from error
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def pick(self, mags: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """For each magnitude, a fit among the :data:`COSMOS_WINDOW` nearest in F814W
+        magnitude; -1 beyond the faintest fit."""
+        mags = np.asarray(mags, float)
+        width = min(COSMOS_WINDOW, len(self.mags))
+        start = np.clip(np.searchsorted(self.mags, mags) - width // 2, 0, len(self.mags) - width)
+        picked = start + rng.integers(0, width, size=len(mags))
+        return np.where(mags <= self.mags[-1], self._order[picked], -1)
+
+    def galaxy(self, index: int, flux: float) -> galsim.GSObject:
+        """GalSim's parametric profile of fit ``index`` (as :meth:`pick` gives), at ``flux``."""
+        return self.sample.makeGalaxy(int(self.rows[index]), gal_type="parametric"
+                                      ).withFlux(float(flux))
+
+
+@lru_cache(maxsize=2)
+def cosmos_fits(catalog: str | None, withheld: str | None) -> CosmosFits:
+    """One :class:`CosmosFits` per process and pair of files."""
+    return CosmosFits(catalog, withheld)
+
+
+def morphology_cosmos(config: MorphologyConfig) -> CosmosFits | None:
+    """The COSMOS fits ``config`` draws from, None without ``cosmos_fraction``."""
+    if config.cosmos_fraction <= 0:
+        return None
+    return cosmos_fits(config.cosmos_catalog, config.cosmos_withheld)
+
+
+def draw_morphology(config: MorphologyConfig, n: int, rng: np.random.Generator,
+                    mags: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The :data:`MORPHOLOGY_COLUMNS` of ``n`` galaxies drawn by ``config``'s rules, and with
+    ``cosmos_fraction`` > 0 their :data:`COSMOS_COLUMN`, picked by their ``mags`` (ref band)."""
     radius = config.bulge_offset * np.sqrt(rng.uniform(size=n))
     angle = rng.uniform(0.0, 2.0 * np.pi, n)
-    return {"knot_fraction": rng.uniform(*config.knot_fraction, n),
-            "n_knots": rng.integers(config.n_knots[0], config.n_knots[1] + 1, n),
-            "knot_seed": rng.integers(1, 2**31 - 1, n),
-            "bulge_dx": radius * np.cos(angle), "bulge_dy": radius * np.sin(angle)}
+    columns = {"knot_fraction": rng.uniform(*config.knot_fraction, n),
+               "n_knots": rng.integers(config.n_knots[0], config.n_knots[1] + 1, n),
+               "knot_seed": rng.integers(1, 2**31 - 1, n),
+               "bulge_dx": radius * np.cos(angle), "bulge_dy": radius * np.sin(angle)}
+    cosmos = morphology_cosmos(config)
+    if cosmos is not None:
+        if mags is None:
+            raise ValueError("COSMOS fits are picked by magnitude: give the galaxies' mags")
+        chosen = rng.uniform(size=n) < config.cosmos_fraction
+        columns[COSMOS_COLUMN] = np.where(chosen, cosmos.pick(mags, rng), -1).astype(np.int64)
+    return columns
 
 
 def _component(entry: Table, filt, survey, **which: bool) -> galsim.GSObject | None:
@@ -58,9 +186,17 @@ def _component(entry: Table, filt, survey, **which: bool) -> galsim.GSObject | N
         return None
 
 
-def morphology_galaxy(entry: Table, filt, survey) -> galsim.GSObject:
-    """The galaxy of one row with knots and an off-centre bulge (module docstring), before BTK's
-    rotation, shear, PSF and shift; raises BTK's ``SourceNotVisible`` when it has no flux."""
+def morphology_galaxy(entry: Table, filt, survey, cosmos: CosmosFits | None = None
+                      ) -> galsim.GSObject:
+    """The galaxy of one row with knots and an off-centre bulge, or as its COSMOS fit (module
+    docstring), before BTK's rotation, shear, PSF and shift; raises BTK's ``SourceNotVisible``
+    when it has no flux."""
+    index = int(entry[COSMOS_COLUMN]) if COSMOS_COLUMN in entry.colnames else -1
+    if index >= 0:
+        if cosmos is None:
+            raise ValueError(f"a row drawn as COSMOS fit {index} needs the COSMOS fits")
+        flux = get_catsim_galaxy(entry, filt, survey).flux
+        return cosmos.galaxy(index, flux).rotate(float(entry["pa_disk"]) * galsim.degrees)
     disk = _component(entry, filt, survey, no_bulge=True, no_agn=True)
     centre = _component(entry, filt, survey, no_disk=True)
     if disk is None and centre is None:
@@ -92,8 +228,9 @@ class MorphologyGenerator(CatsimGenerator):
     def render_single(self, entry: Table, filt, psf: galsim.GSObject, survey):
         if "knot_seed" not in entry.colnames:
             return super().render_single(entry, filt, psf, survey)
+        morphology = self.blend_generator.sampling_function.morphology
         try:
-            galaxy = morphology_galaxy(entry, filt, survey)
+            galaxy = morphology_galaxy(entry, filt, survey, morphology_cosmos(morphology))
         except SourceNotVisible:
             entry["not_drawn_" + filt.name] = 1
             return None

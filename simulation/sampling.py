@@ -39,7 +39,8 @@ class CentralTargetSampling(SamplingFunction):
 
     With ``morphology`` every galaxy also gets the columns of
     :data:`simulation.morphology.MORPHOLOGY_COLUMNS` (knots, bulge offset: in the galaxy's frame,
-    so a rotated twin keeps them and turns them with its position angle).
+    so a rotated twin keeps them and turns them with its position angle), and with its
+    ``cosmos_fraction`` the COSMOS fit each is drawn as, picked by its ``ref_band`` magnitude.
     """
 
     def __init__(
@@ -127,7 +128,8 @@ class CentralTargetSampling(SamplingFunction):
             scene["pa_bulge"] = (np.asarray(scene["pa_bulge"], float) + turn) % 180.0
         if self.morphology is not None:
             for name, column in draw_morphology(self.morphology, len(scene),
-                                                self._morphology_rng).items():
+                                                self._morphology_rng,
+                                                np.asarray(scene[self.mag_column])).items():
                 scene[name] = column
         scene["g1"] = float(self.shear[0])
         scene["g2"] = float(self.shear[1])

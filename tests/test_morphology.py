@@ -83,3 +83,102 @@ def test_the_knotty_profile_has_the_flux_of_btks_galaxy(sample_catalog) -> None:
         assert isinstance(knotty, galsim.Sum)
         checked += 1
     assert checked >= 3
+
+
+# -- COSMOS fits: index, size and ellipticity of real galaxies, CatSim's flux and colour --------
+WITHHELD = (Path(__file__).resolve().parents[2] / "shared" / "data" / "cosmos"
+            / "real_galaxy_catalog_26_extension_example.fits")
+COSMOS = MorphologyConfig(knot_fraction=(0.0, 0.0), bulge_offset=0.0, cosmos_fraction=1.0)
+
+
+@pytest.fixture(scope="module")
+def cosmos():
+    from simulation.morphology import CosmosFits, packaged_cosmos_fits
+
+    try:
+        packaged_cosmos_fits()
+    except FileNotFoundError:
+        pytest.skip("the COSMOS fits packaged with fpfs are not installed (.[cosmos])")
+    return CosmosFits()
+
+
+def test_cosmos_fits_are_picked_by_magnitude_and_keep_catsims_flux(sample_catalog, cosmos
+                                                                   ) -> None:
+    from simulation.morphology import COSMOS_COLUMN
+
+    smooth, _ = SceneSource(sim(sample_catalog)).draw(8, 5)
+    scenes, labels = SceneSource(sim(sample_catalog, morphology=COSMOS)).draw(8, 5)
+    picked = labels[COSMOS_COLUMN]
+    bright = labels["mag_i"] <= cosmos.mags[-1]
+    assert np.all(picked[bright] >= 0) and np.all(picked[~bright] == -1)
+    assert bright.sum() >= 4
+    # the fit comes from the rows nearest in magnitude (F814W against the i band)
+    fit_mags = np.array([cosmos.sample.param_cat["mag_auto"][cosmos.sample.orig_index[
+        cosmos.rows[i]]] for i in picked[bright]])
+    assert np.all(np.abs(fit_mags - labels["mag_i"][bright]) < 0.2)
+    # the flux is BTK's for the CatSim row; the profile is the fit's, so the size changes
+    flux = scenes.clean.sum(axis=(2, 3))
+    np.testing.assert_allclose(flux, smooth.clean.sum(axis=(2, 3)), rtol=0.1)
+    _, smooth_labels = SceneSource(sim(sample_catalog)).draw(8, 5)
+    assert np.any(np.abs(labels["hsm_sigma"][bright] / smooth_labels["hsm_sigma"][bright] - 1)
+                  > 0.1)
+    # a rotated twin turns its COSMOS fit with it
+    np.testing.assert_array_equal(picked[0::2], picked[1::2])
+    for k in (0, 2, 4, 6):
+        original, twin = scenes.clean[k], scenes.clean[k + 1]
+        assert np.abs(twin - np.rot90(original, k=1, axes=(1, 2))).max() < 2e-4 * original.max()
+
+
+def test_the_galaxies_a_benchmark_measures_on_are_withheld_from_the_fits(cosmos) -> None:
+    """The conditions benchmark's 100 real COSMOS galaxies: 14 of them have a fit in fpfs's
+    catalogue, and a training set withholding them cannot draw one."""
+    from astropy.coordinates import SkyCoord
+    from astropy.table import Table
+
+    from simulation.morphology import CosmosFits
+
+    if not WITHHELD.is_file():
+        pytest.skip(f"COSMOS galaxies missing: {WITHHELD}")
+    withheld = CosmosFits(withheld=str(WITHHELD))
+    assert 0 < len(cosmos) - len(withheld) <= 100
+    test = Table.read(WITHHELD, hdu=1)
+    kept = withheld.sample.orig_index[withheld.rows]
+    fits = SkyCoord(withheld.sample.param_cat["ra"][kept], withheld.sample.param_cat["dec"][kept],
+                    unit="deg")
+    _, separation, _ = SkyCoord(test["RA"], test["DEC"], unit="deg").match_to_catalog_sky(fits)
+    assert separation.arcsec.min() >= 1.0
+
+
+def test_a_bad_cosmos_catalogue_is_refused_before_anything_is_drawn(sample_catalog, tmp_path
+                                                                    ) -> None:
+    from simulation.builder import build_dataset, check_catalog
+
+    not_fits = tmp_path / "fits.fits"
+    not_fits.write_text("not a catalogue")
+    for config, key in ((dataclasses.replace(COSMOS, cosmos_catalog=str(tmp_path / "none.fits")),
+                         "cosmos_catalog"),
+                        (dataclasses.replace(COSMOS, cosmos_catalog=str(not_fits)),
+                         "cosmos_catalog"),
+                        (dataclasses.replace(COSMOS, cosmos_withheld=str(not_fits)),
+                         "cosmos_withheld"),
+                        (dataclasses.replace(COSMOS, cosmos_withheld=str(tmp_path / "none.fits")),
+                         "cosmos_withheld")):
+        if key == "cosmos_withheld":
+            pytest.importorskip("fpfs")
+        with pytest.raises((ValueError, FileNotFoundError), match=key):
+            check_catalog(sim(sample_catalog, morphology=config))
+        with pytest.raises((ValueError, FileNotFoundError), match=key):
+            build_dataset(sim(sample_catalog, morphology=config), tmp_path / "data",
+                          progress=False, log=lambda _: None)
+        assert not (tmp_path / "data").exists()
+    with pytest.raises(ValueError, match="cosmos_fraction"):
+        MorphologyConfig(cosmos_fraction=1.5)
+
+
+def test_knots_without_cosmos_fits_keep_their_plan_and_columns(sample_catalog) -> None:
+    from simulation.morphology import COSMOS_COLUMN
+
+    config = sim(sample_catalog, morphology=KNOTTY)
+    assert "cosmos_fraction" not in plan_simulation(config)["morphology"]
+    _, labels = SceneSource(config).draw(2, 5)
+    assert COSMOS_COLUMN not in labels

@@ -163,11 +163,25 @@ class MorphologyConfig:
     disk and sheared with it), and its bulge (with its AGN) sits off the disk's centre by up to
     ``bulge_offset`` disk half-light radii (uniform in the disc, in the galaxy's frame, so that it
     turns with the galaxy).
+
+    With ``cosmos_fraction`` > 0, that fraction of the galaxies brighter than the COSMOS fits'
+    limit (F814W ~ 25.2, matched to the ``ref_band`` magnitude) takes instead the Sersic or
+    bulge + disk profile fitted to a real COSMOS galaxy of about its magnitude: index, size and
+    ellipticity come jointly from one fit, the flux and colour stay the CatSim row's.
     """
 
     knot_fraction: tuple[StrictFloat, StrictFloat] = (0.0, 0.3)
     n_knots: tuple[StrictInt, StrictInt] = (10, 100)
     bulge_offset: StrictFloat = 0.1
+    cosmos_fraction: StrictFloat = 0.0
+    cosmos_catalog: StrictStr | None = None
+    """GalSim parametric-fit catalogue (the ``*_fits.fits`` schema: ``sersicfit``, ``bulgefit``,
+    ``hlr``, ``use_bulgefit``, ``mag_auto``, ``ra``/``dec``); None: the ~81,000 COSMOS fits
+    packaged with fpfs (``pip install -e .[cosmos]``)."""
+    cosmos_withheld: StrictStr | None = None
+    """A GalSim real-galaxy catalogue (``RA``/``DEC`` columns, degrees) whose galaxies no training
+    scene may show: fits within 1" of any of them are left out (e.g. the 100 COSMOS galaxies
+    the conditions benchmark measures on)."""
 
     @model_validator(mode="after")
     def _check_ranges(self) -> MorphologyConfig:
@@ -178,6 +192,8 @@ class MorphologyConfig:
              "must be [min, max] with 1 <= min <= max"),
             (0 <= self.bulge_offset <= 2, "simulation.morphology.bulge_offset",
              "must be in [0, 2] disk half-light radii"),
+            (0 <= self.cosmos_fraction <= 1, "simulation.morphology.cosmos_fraction",
+             "must be in [0, 1]"),
         ])
         return self
 
