@@ -39,6 +39,7 @@ from pathlib import Path
 
 import galsim
 import numpy as np
+from astropy.coordinates import SkyCoord
 from astropy.table import Table
 from btk.draw_blends import CatsimGenerator, SourceNotVisible, get_catsim_galaxy
 
@@ -105,8 +106,6 @@ class CosmosFits:
 
     def _near(self, rows: np.ndarray, withheld: Path) -> np.ndarray:
         """Which of ``rows`` lie within the withholding radius of a galaxy of ``withheld``."""
-        from astropy.coordinates import SkyCoord
-
         if not withheld.is_file():
             raise FileNotFoundError(f"simulation.morphology.cosmos_withheld: no file {withheld}")
         try:
