@@ -106,7 +106,7 @@ def test_cosmos_fits_are_picked_by_magnitude_and_keep_catsims_flux(sample_catalo
                                                                    ) -> None:
     from simulation.morphology import COSMOS_COLUMN
 
-    smooth, _ = SceneSource(sim(sample_catalog)).draw(8, 5)
+    smooth, smooth_labels = SceneSource(sim(sample_catalog)).draw(8, 5)
     scenes, labels = SceneSource(sim(sample_catalog, morphology=COSMOS)).draw(8, 5)
     picked = labels[COSMOS_COLUMN]
     bright = labels["mag_i"] <= cosmos.mags[-1]
@@ -119,7 +119,6 @@ def test_cosmos_fits_are_picked_by_magnitude_and_keep_catsims_flux(sample_catalo
     # the flux is BTK's for the CatSim row; the profile is the fit's, so the size changes
     flux = scenes.clean.sum(axis=(2, 3))
     np.testing.assert_allclose(flux, smooth.clean.sum(axis=(2, 3)), rtol=0.1)
-    _, smooth_labels = SceneSource(sim(sample_catalog)).draw(8, 5)
     assert np.any(np.abs(labels["hsm_sigma"][bright] / smooth_labels["hsm_sigma"][bright] - 1)
                   > 0.1)
     # a rotated twin turns its COSMOS fit with it
