@@ -132,20 +132,21 @@ def test_deblender_loads_the_flow_of_its_own_stage1(flow_run: Path, tmp_path: Pa
 def test_the_flow_gradient_is_clipped_to_its_norm_only_when_asked(flow_run: Path,
                                                                    tmp_path: Path) -> None:
     """``training.flow_max_grad_norm``: a bound the gradients never reach leaves the flow as
-    trained unclipped (bit for bit); a tiny one changes what it learns."""
+    trained unclipped (bit for bit), even under a tiny ``max_grad_norm`` (the flow's own bound
+    overrides it); a tiny one changes what it learns."""
     from deblend.core.config import load_config
 
-    def retrained(max_norm: float) -> dict[str, torch.Tensor]:
-        run = tmp_path / f"run-{max_norm:g}"
+    def retrained(max_norm: float, **training: float) -> dict[str, torch.Tensor]:
+        run = tmp_path / f"run-{max_norm:g}-{len(training)}"
         shutil.copytree(flow_run, run)
-        config = tmp_path / f"clip-{max_norm:g}.yaml"
+        config = tmp_path / f"clip-{max_norm:g}-{len(training)}.yaml"
         config.write_text(yaml.safe_dump({**TINY_CONFIG, "training": {
-            **TINY_CONFIG["training"], "flow_max_grad_norm": max_norm}}))
+            **TINY_CONFIG["training"], "flow_max_grad_norm": max_norm, **training}}))
         run_stage("flow", run, config=load_config(config), force=True, progress=False,
                   log=lambda _: None)
         return load_checkpoint(RunLayout(run).last("flow"))["modules"]["flow"]["state_dict"]
 
     unclipped = load_checkpoint(RunLayout(flow_run).last("flow"))["modules"]["flow"]["state_dict"]
-    loose, tight = retrained(1e12), retrained(1e-9)
+    loose, tight = retrained(1e12, max_grad_norm=1e-9), retrained(1e-9)
     assert all(torch.equal(loose[k], unclipped[k]) for k in unclipped)
     assert not all(torch.equal(tight[k], unclipped[k]) for k in unclipped)

@@ -175,6 +175,30 @@ def test_each_stage_writes_its_files_and_its_loss_falls(trained_run: Path) -> No
     assert list(read_history(layout.history("stage1"))[0]) == stage1_columns
 
 
+def test_every_stage_clips_its_gradient_only_when_asked(trained_run: Path,
+                                                        tmp_path: Path) -> None:
+    """``training.max_grad_norm`` (stage2 here): a bound never reached trains bit for bit as
+    unclipped, a tiny one changes what it learns; the history holds each epoch's median and
+    largest gradient norm before clipping."""
+    def retrained(name: str, max_norm: float) -> Path:
+        run = copy_stages(trained_run, tmp_path / name, ("stage1",))
+        config = load_config(write_config(tmp_path / f"{name}.yaml", max_grad_norm=max_norm))
+        run_stage("stage2", run, config=config, progress=False, log=lambda _: None)
+        return run
+
+    unclipped = RunLayout(trained_run)
+    loose, tight = RunLayout(retrained("loose", 1e12)), RunLayout(retrained("tight", 1e-9))
+    assert_same_weights(weights(loose.last("stage2")), weights(unclipped.last("stage2")))
+    tight_weights, reference = weights(tight.last("stage2")), weights(unclipped.last("stage2"))
+    assert not all(torch.equal(tight_weights[k], reference[k]) for k in reference)
+    rows = read_history(unclipped.history("stage2"))
+    assert all(0 < r["grad_norm_median"] <= r["grad_norm_max"] < np.inf for r in rows), rows
+    assert ([r["grad_norm_max"] for r in read_history(loose.history("stage2"))]
+            == [r["grad_norm_max"] for r in rows])
+    # the norms recorded are those before clipping, not the bound
+    assert read_history(tight.history("stage2"))[-1]["grad_norm_median"] > 1e-3
+
+
 def test_checkpoints_hold_what_later_stages_need(trained_run: Path, tiny_dataset: Path) -> None:
     layout = RunLayout(trained_run)
     data = open_dataset(tiny_dataset)

@@ -1,8 +1,10 @@
 """Loss history of a stage: one row per epoch, written as CSV and plotted as PNG.
 
 A row holds ``epoch`` (1-based), ``train_<term>`` and ``val_<term>`` for each loss term of the
-stage (stage1/2: total, reconstruction, kl; stage3: total, the (e1, e2) MSE), and ``seconds``
-(wall time of the epoch, validation included). Each term is its per-sample mean over the epoch
+stage (stage1/2: total, reconstruction, kl; stage3: total, the (e1, e2) MSE), the median and
+largest L2 norm of the epoch's batch gradients before any clipping (``grad_norm_median``,
+``grad_norm_max``; empty in rows written before they were recorded), and ``seconds`` (wall
+time of the epoch, validation included). Each term is its per-sample mean over the epoch
 (definitions in :mod:`deblend.core.losses`; images normalised as in SPEC 3). Validation runs in eval
 mode (z = mu, no dropout), so its KL and reconstruction can be below the training ones.
 """
@@ -19,7 +21,8 @@ from deblend.core.atomic import atomic_output
 def history_columns(loss_names: Sequence[str]) -> list[str]:
     """CSV header for a stage with these loss terms."""
     return (["epoch"] + [f"train_{name}" for name in loss_names]
-            + [f"val_{name}" for name in loss_names] + ["seconds"])
+            + [f"val_{name}" for name in loss_names]
+            + ["grad_norm_median", "grad_norm_max", "seconds"])
 
 
 def write_history(path: Path, rows: Sequence[dict[str, Any]], loss_names: Sequence[str]) -> None:
@@ -31,9 +34,9 @@ def write_history(path: Path, rows: Sequence[dict[str, Any]], loss_names: Sequen
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
-    """Rows of a history CSV, values as floats (epoch as int)."""
+    """Rows of a history CSV, values as floats (epoch as int; an empty cell as NaN)."""
     with open(path, newline="") as handle:
-        return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
+        return [{k: int(v) if k == "epoch" else float(v or "nan") for k, v in row.items()}
                 for row in csv.DictReader(handle)]
 
 

@@ -93,9 +93,8 @@ class StageLoop:
 
         task.to(device)
         self.wrapped = context.wrap(task.model, device)
-        self.optimizer = torch.optim.Adam(
-            [p for p in task.model.parameters() if p.requires_grad],
-            lr=task.learning_rate(training))
+        self.trained = [p for p in task.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.trained, lr=task.learning_rate(training))
 
     # -- resume ---------------------------------------------------------------------------------
     def restore(self, payload: dict[str, Any]) -> LoopState:
@@ -114,13 +113,14 @@ class StageLoop:
             epoch = state.epoch
             torch.manual_seed(epoch_seed(self.config.training.seed, epoch, self.context.rank))
             self.train_sampler.set_epoch(epoch)
-            train = self.train_epoch(epoch)
+            train, grad_norms = self.train_epoch(epoch)
             val = self.validate()
             self._check_finite(val[0], epoch, "validation")
             state.epoch = epoch + 1
             row: dict[str, Any] = {"epoch": state.epoch}
             row.update({f"train_{k}": v for k, v in zip(self.task.loss_names, train)})
             row.update({f"val_{k}": v for k, v in zip(self.task.loss_names, val)})
+            row.update(grad_norms)
             row["seconds"] = round(time.perf_counter() - started, 3)
             state.history.append(row)
             improved = val[0] < state.best_val
@@ -139,13 +139,15 @@ class StageLoop:
             self.context.barrier()
         return state
 
-    def train_epoch(self, epoch: int) -> list[float]:
-        """One pass over this process's training batches; mean loss terms over all processes."""
+    def train_epoch(self, epoch: int) -> tuple[list[float], dict[str, float]]:
+        """One pass over this process's training batches: mean loss terms over all processes,
+        and the median and largest gradient norm before clipping (history columns)."""
         self.wrapped.train()
         bar = tqdm(total=self.train_sampler.num_samples(), unit="sample", leave=False,
                    disable=not self.progress,
                    desc=f"{self.task.name} epoch {epoch + 1}/{self.epochs}")
         sums = torch.zeros(len(self.task.loss_names) + 1, dtype=torch.float64, device=self.device)
+        norms: list[torch.Tensor] = []
         with bar:
             for step, (x, y) in enumerate(self.train_loader, start=1):
                 x = x.to(self.device, non_blocking=True)
@@ -158,9 +160,7 @@ class StageLoop:
                     terms = self.task.losses(self.wrapped, x, y)
                 self.optimizer.zero_grad(set_to_none=True)
                 terms[0].backward()
-                if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.task.model.parameters(),
-                                                   self.max_grad_norm)
+                norms.append(self.clip_gradient())
                 self.optimizer.step()
                 n = x.shape[0]
                 sums[:-1] += torch.stack([t.detach().double() for t in terms]) * n
@@ -172,7 +172,18 @@ class StageLoop:
                     bar.set_postfix(loss=f"{running:.5g}")
         means = self._means(sums)
         self._check_finite(means[0], epoch, "train")
-        return means
+        norm = torch.stack(norms).float() if norms else torch.full((1,), math.nan)
+        return means, {"grad_norm_median": norm.median().item(), "grad_norm_max": norm.max().item()}
+
+    def clip_gradient(self) -> torch.Tensor:
+        """The batch gradient's L2 norm over all trained parameters (0-dim, on the device),
+        before it is clipped to ``max_grad_norm`` when the config asks; under DDP the
+        gradient is already the processes' mean, so every process sees the same norm."""
+        grads = [p.grad for p in self.trained if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.trained, self.max_grad_norm, norm)
+        return norm.detach()
 
     @torch.no_grad()
     def validate(self) -> list[float]:

@@ -128,8 +128,10 @@ class Stage(ABC):
 
     @classmethod
     def max_grad_norm(cls, training: TrainingConfig) -> float | None:
-        """``training.<name>_max_grad_norm`` when there is one, else None (unclipped)."""
-        return getattr(training, f"{cls.name}_max_grad_norm", None)
+        """``training.<name>_max_grad_norm`` when there is one and it is set, else
+        ``training.max_grad_norm`` (None: unclipped)."""
+        specific = getattr(training, f"{cls.name}_max_grad_norm", None)
+        return training.max_grad_norm if specific is None else specific
 
     @classmethod
     def learning_rate(cls, training: TrainingConfig) -> float:

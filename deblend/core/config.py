@@ -351,10 +351,17 @@ class TrainingConfig:
     stage2_epochs: StrictInt | None = None
     stage3_epochs: StrictInt | None = None
     flow_epochs: StrictInt | None = None
+    max_grad_norm: StrictFloat | None = None
+    """Clip every stage's gradient (the whole batch's, all parameters) to this L2 norm
+    (``torch.nn.utils.clip_grad_norm_``) before each step; None: unclipped. Each epoch's median
+    and largest norm before clipping are in the stage's ``history.csv``, the scale to set it
+    from. Scenes under many conditions (bright galaxies at 1-year depth and without a band)
+    give rare batches whose gradient is hundreds of times the median: one can throw a stage to
+    NaN at learning rate 1e-3."""
     flow_max_grad_norm: StrictFloat | None = None
-    """Clip the flow stage's gradient to this norm (``torch.nn.utils.clip_grad_norm_``); None:
-    unclipped. Latents with far tails (bright galaxies, a range of depths) otherwise blow its
-    coupling layers up to NaN within a few epochs."""
+    """The flow stage's own bound (overrides ``max_grad_norm`` for it); None: ``max_grad_norm``.
+    Latents with far tails (bright galaxies, a range of depths) otherwise blow its coupling
+    layers up to NaN within a few epochs."""
     amortize_epochs: StrictInt | None = None
     amortize_chunk: StrictInt = 500
     """Blends whose MAP targets are fitted and cached together (about 20 s on 2 CPU cores);
@@ -395,8 +402,9 @@ class TrainingConfig:
             *[(_at_least(getattr(self, f"stage{i}_epochs"), 1), f"training.stage{i}_epochs",
                "must be >= 1 or null") for i in (1, 2, 3)],
             (_at_least(self.flow_epochs, 1), "training.flow_epochs", "must be >= 1 or null"),
-            (self.flow_max_grad_norm is None or self.flow_max_grad_norm > 0,
-             "training.flow_max_grad_norm", "must be > 0 or null"),
+            *[(norm is None or norm > 0, f"training.{key}", "must be > 0 or null")
+              for key, norm in (("max_grad_norm", self.max_grad_norm),
+                                ("flow_max_grad_norm", self.flow_max_grad_norm))],
             (_at_least(self.amortize_epochs, 1), "training.amortize_epochs",
              "must be >= 1 or null"),
             (self.amortize_chunk >= 1, "training.amortize_chunk", "must be >= 1"),
