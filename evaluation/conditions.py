@@ -22,7 +22,10 @@ differ only by their condition:
 - real galaxies: the galaxies of a GalSim real-galaxy catalogue (COSMOS) in place of the
   bulge+disk profiles, with the population's positions, colours and magnitudes, the latter never
   more than 1 mag brighter than the galaxy's own (its HST noise brightens with it; pedestal
-  removal and the rule: :mod:`simulation.galsim_population`);
+  removal and the rule: :mod:`simulation.galsim_population`); row ``cosmos_held_out`` draws only
+  the catalogue's odd rows, which training never draws
+  (:func:`simulation.galsim_population.real_galaxy_split`); a run that trained on the
+  catalogue's images is measured on that row alone;
 - sky-subtraction residuals: :func:`with_sky_residual`.
 
 Measured per row, with the run's ``metacal`` settings (g, delta, views, noise correction, margin,
@@ -47,7 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -119,13 +122,15 @@ class Condition:
     """depth: exposure time in years; None: the survey's full depth (LSST 10, DES 6)"""
     missing_band: str | None = None
     real_galaxies: bool = False
+    real_rows: Literal["all", "held_out"] = "all"
+    """with real galaxies: all of the catalogue's, or the half training never draws"""
     sky_residual: float = 0.0
     """sky-subtraction residual, in units of the sky noise sigma per pixel"""
 
     @property
     def drawing(self) -> tuple[Any, ...]:
         """What the noiseless scenes depend on (rows sharing it share one drawing)."""
-        return self.psf_fwhm, self.psf_g, self.real_galaxies
+        return self.psf_fwhm, self.psf_g, self.real_galaxies, self.real_rows
 
     @property
     def leaks(self) -> bool:
@@ -144,6 +149,8 @@ def condition_grid(survey: str, bands: Sequence[str]) -> tuple[Condition, ...]:
         Condition("sky_0.3", "sky residual 0.3 sigma", sky_residual=0.3),
         *(Condition(f"no_{b}", f"{b} band missing (zeros)", missing_band=b) for b in bands),
         Condition("cosmos", "COSMOS real galaxies", real_galaxies=True),
+        Condition("cosmos_held_out", "COSMOS real galaxies, held-out half", real_galaxies=True,
+                  real_rows="held_out"),
         Condition("psf_g1", "PSF g1 = +0.05", psf_g=(0.05, 0.0)),
         Condition("psf_g2", "PSF g2 = +0.05", psf_g=(0.0, 0.05)),
         *(Condition(f"fwhm_{f:.1f}", f"PSF FWHM {f:.1f}\" ({FWHM_BAND})", psf_fwhm=f)
@@ -220,7 +227,7 @@ def draw_condition(condition: Condition, n: int, seed: int, g: tuple[float, floa
     return draw_noiseless_pairs(
         "galsim", n, seed, g, neighbours=True, sim=sim, psf_scale=psf_scale(condition, sim.survey),
         psf_scale_range=PSF_SCALE_LIMITS, psf_shear=condition.psf_g,
-        real_catalog=cosmos if condition.real_galaxies else None)
+        real_catalog=cosmos if condition.real_galaxies else None, real_rows=condition.real_rows)
 
 
 def observe(pairs: NoiselessPairs, condition: Condition, seed: int, g: tuple[float, float],
@@ -279,7 +286,10 @@ def _cache_key(config: Config, condition: Condition, chunk: int, n: int, model_i
                                             "margin_pixels", "seed")}
     if mc.target_psf_fwhm is not None:  # keys of caches written before it stay valid
         settings["target_psf_fwhm"] = mc.target_psf_fwhm
-    return chunk_key({"version": CACHE_VERSION, "condition": dataclasses.asdict(condition),
+    row = dataclasses.asdict(condition)
+    if condition.real_rows == "all":  # keys of caches written before it stay valid
+        del row["real_rows"]
+    return chunk_key({"version": CACHE_VERSION, "condition": row,
                       "metacal": settings, "simulation": config.to_dict()["simulation"],
                       "chunk": chunk, "n": n, "model": model_id,
                       "cosmos": [cosmos, PopulationSpec().real_max_brightening]
@@ -397,10 +407,12 @@ def row_calibrated_rmse(e_pred: np.ndarray, e_true: np.ndarray) -> float:
 
 
 def select_rows(rows: Sequence[str] | None, cosmos: str | None, log: Callable[[str], None],
-                grid: Sequence[Condition] = CONDITIONS) -> list[Condition]:
+                grid: Sequence[Condition] = CONDITIONS, trained_on_cosmos: bool = False
+                ) -> list[Condition]:
     """The requested rows of ``grid`` (default all) in grid order, the nominal row always among
-    them; the real-galaxy row is left out, with a note, when the catalogue ``cosmos`` is not
-    there."""
+    them; the real-galaxy rows are left out, with a note, when the catalogue ``cosmos`` is not
+    there, and the row of all its galaxies when the run trained on half of them
+    (``trained_on_cosmos``: only the held-out half measures something nothing was fitted on)."""
     names = [c.name for c in grid]
     wanted = set(names if rows is None else rows) | {REFERENCE}
     unknown = sorted(wanted - set(names))
@@ -410,7 +422,22 @@ def select_rows(rows: Sequence[str] | None, cosmos: str | None, log: Callable[[s
     if any(c.real_galaxies for c in chosen) and (cosmos is None or not Path(cosmos).is_file()):
         log(f"note: real-galaxy catalogue {cosmos} not found: the cosmos row is left out")
         chosen = [c for c in chosen if not c.real_galaxies]
+    if trained_on_cosmos and any(c.real_galaxies and c.real_rows == "all" for c in chosen):
+        log(f"note: the run trained on half of the galaxies of {cosmos}: only the held-out half "
+            f"is measured (row cosmos_held_out)")
+        chosen = [c for c in chosen if not (c.real_galaxies and c.real_rows == "all")]
     return chosen
+
+
+def trains_on(config: Config, catalog: str | None) -> bool:
+    """Whether the run of ``config`` drew training galaxies from the real-galaxy ``catalog``."""
+    morphology = config.simulation.morphology
+    if catalog is None or morphology is None or morphology.real_fraction == 0:
+        return False
+    trained, measured = Path(str(morphology.real_catalog)), Path(catalog)
+    if trained.is_file() and measured.is_file():
+        return trained.samefile(measured)
+    return trained.resolve() == measured.resolve()
 
 
 def run_conditions(run: str | Path, config: Config, out: str | Path | None = None, *,
@@ -425,7 +452,7 @@ def run_conditions(run: str | Path, config: Config, out: str | Path | None = Non
     run = Path(run)
     out = Path(out) if out is not None else run / KIND
     cosmos = None if cosmos is None else str(cosmos)
-    conditions = select_rows(rows, cosmos, log, run_grid(config))
+    conditions = select_rows(rows, cosmos, log, run_grid(config), trains_on(config, cosmos))
     mc = config.metacal
     if mc.n_scenes < MIN_SCENES:
         raise ValueError(f"n_scenes must be at least {MIN_SCENES} (two twin pairs for a "
@@ -473,6 +500,9 @@ def training_sky(config: Config) -> str:
         if sim.morphology.cosmos_fraction > 0:
             words += (f", {sim.morphology.cosmos_fraction:.0%} of galaxies drawn as COSMOS "
                       f"Sersic / bulge + disk fits")
+        if sim.morphology.real_fraction > 0:
+            words += (f", {sim.morphology.real_fraction:.0%} from real HST images (the even "
+                      f"rows of {sim.morphology.real_catalog})")
     if config.model.availability_input:
         words += "; availability mask input"
     return words

@@ -42,7 +42,7 @@ from simulation.dataset import (
     write_shard,
 )
 from simulation.labels import LABEL_DESCRIPTIONS, scene_labels
-from simulation.morphology import morphology_cosmos
+from simulation.morphology import morphology_cosmos, morphology_real
 from simulation.sampling import CentralTargetSampling
 from simulation.scenes import SceneBatch, SceneDrawer, homogenized
 from simulation.surveys import (
@@ -243,7 +243,7 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
 def plan_simulation(sim: SimulationConfig) -> dict[str, Any]:
     """The plan's ``simulation`` entry: the config section, without keys added since at their
     defaults (``stamp_centre: truth``, ``conditions`` and ``morphology`` null, no COSMOS fits
-    in ``morphology``), so that datasets planned before keep their identity."""
+    or real galaxies in ``morphology``), so that datasets planned before keep their identity."""
     simulation = plain(asdict(sim))
     if sim.stamp_centre == "truth":
         del simulation["stamp_centre"]
@@ -252,6 +252,9 @@ def plan_simulation(sim: SimulationConfig) -> dict[str, Any]:
             del simulation[key]
     if sim.morphology is not None and sim.morphology.cosmos_fraction == 0:
         for key in ("cosmos_fraction", "cosmos_catalog", "cosmos_withheld"):
+            del simulation["morphology"][key]
+    if sim.morphology is not None and sim.morphology.real_fraction == 0:
+        for key in ("real_fraction", "real_catalog"):
             del simulation["morphology"][key]
     return simulation
 
@@ -266,6 +269,7 @@ def check_catalog(sim: SimulationConfig) -> None:
         read_catsim_file(sim.catalog, geometry.bands)
     if sim.morphology is not None:
         morphology_cosmos(sim.morphology)
+        morphology_real(sim.morphology)
 
 
 def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, shard: int = 0,
@@ -290,6 +294,7 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     source = SceneSource(sim)  # the catalog is read before anything is written or removed
     if sim.morphology is not None:
         morphology_cosmos(sim.morphology)  # and the COSMOS fits
+        morphology_real(sim.morphology)  # and the real galaxies
     prepare_directory(root, plan, force, log)
 
     mine = [s for s in plan["shards"] if s["index"] % num_shards == shard]

@@ -45,7 +45,9 @@ rule. Its ``ref_band`` magnitude is the population's, but never more than
 F814W for COSMOS, taken as ``ref_band``): its HST noise is brightened with it (1 mag keeps that
 noise below ~6% of LSST's 10-year i-band sky noise per pixel for 90% of the COSMOS galaxies), so
 a neighbour may come out brighter than the target. Each HST image is used as
-:func:`real_galaxies` says: its background pedestal removed, its own HST noise kept.
+:func:`real_galaxies` says: its background pedestal removed, its own HST noise kept. With
+``real_rows="held_out"`` only the catalogue's odd rows are drawn, those that training scenes
+never show (:func:`real_galaxy_split`).
 
 Images: noiseless, electrons per pixel, pixel frame (x = array axis 1, the ra offset; y = axis 0,
 the dec offset), drawn with GalSim's default ``drawImage`` (the pixel included) with the stamp
@@ -59,6 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import galsim
 import numpy as np
@@ -143,6 +146,9 @@ class GalSimPopulation:
     real_catalog: str | None = None
     """Path of a GalSim real-galaxy catalogue whose galaxies replace the bulge+disk profiles
     (its image files beside it); None: bulge+disk."""
+    real_rows: Literal["all", "held_out"] = "all"
+    """Which of the catalogue's galaxies are drawn: all, or only the half that training never
+    shows (:func:`real_galaxy_split`)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.psf_scale, (int, float)) and np.isfinite(self.psf_scale)
@@ -176,6 +182,11 @@ class GalSimPopulation:
             for f in filters]
         self._real: RealGalaxies | None = (
             None if self.real_catalog is None else real_galaxies(str(self.real_catalog)))
+        if self.real_rows not in ("all", "held_out"):
+            raise ValueError(f"real_rows must be 'all' or 'held_out', got {self.real_rows!r}")
+        self._real_rows = (None if self._real is None else
+                           np.arange(len(self._real.profiles)) if self.real_rows == "all"
+                           else real_galaxy_split(len(self._real.profiles))[1])
 
     # -- sampling ---------------------------------------------------------------------------
     def sample(self, n: int, seed: int, neighbours: bool = True) -> list[GalSimScene]:
@@ -215,7 +226,8 @@ class GalSimPopulation:
             mags = ref_mag[:, None] + slope[:, None] * self._x + curvature[:, None] * self._x ** 2
             return GalSimScene(ra=ra, dec=dec, hlr=hlr, bulge_fraction=bulge, e1=e[:, 0].copy(),
                                e2=e[:, 1].copy(), mags=mags)
-        index = rng.integers(0, len(self._real.profiles), n)  # after the bulge+disk draws
+        assert self._real_rows is not None
+        index = self._real_rows[rng.integers(0, len(self._real_rows), n)]  # after bulge+disk draws
         angle = rng.uniform(0.0, np.pi, n)
         ref_mag = np.maximum(ref_mag, self._real.mags[index] - spec.real_max_brightening)
         mags = ref_mag[:, None] + slope[:, None] * self._x + curvature[:, None] * self._x ** 2
@@ -301,6 +313,14 @@ class RealGalaxies:
     """unit-flux profiles (HST image deconvolved by its PSF), before any PSF of ours"""
     mags: np.ndarray
     """(n,) catalogue magnitudes, in the catalogue's band (F814W for COSMOS)"""
+
+
+def real_galaxy_split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of an ``n``-galaxy real-galaxy catalogue that training may draw (the even ones) and
+    those held out for measurement (the odd ones). COSMOS's example catalogue is roughly ordered
+    by magnitude, so both halves span its range."""
+    rows = np.arange(n)
+    return rows[0::2], rows[1::2]
 
 
 @lru_cache(maxsize=4)

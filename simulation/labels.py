@@ -12,7 +12,12 @@ import numpy as np
 
 from deblend.core.shapes import hsm_shapes, moment_size, moments_ellipticity
 from simulation.conditions import CONDITION_DESCRIPTIONS
-from simulation.morphology import COSMOS_COLUMN, MORPHOLOGY_COLUMNS, MORPHOLOGY_DESCRIPTIONS
+from simulation.morphology import (
+    COSMOS_COLUMN,
+    MORPHOLOGY_COLUMNS,
+    MORPHOLOGY_DESCRIPTIONS,
+    REAL_COLUMN,
+)
 from simulation.scenes import SceneBatch
 from simulation.surveys import SurveyGeometry
 
@@ -96,6 +101,7 @@ def scene_labels(batch: SceneBatch, geometry: SurveyGeometry, label_bands: tuple
         for column in MORPHOLOGY_COLUMNS:
             labels[column] = np.array([t[column] for t in targets],
                                       np.int64 if column in ("n_knots", "knot_seed") else np.float64)
-    if COSMOS_COLUMN in batch.tables[0].colnames:
-        labels[COSMOS_COLUMN] = np.array([t[COSMOS_COLUMN] for t in targets], np.int64)
+    for column in (COSMOS_COLUMN, REAL_COLUMN):
+        if column in batch.tables[0].colnames:
+            labels[column] = np.array([t[column] for t in targets], np.int64)
     return labels

@@ -27,6 +27,16 @@ turn it); it gets no knots and no bulge offset. The row is picked among the
 magnitude), so sizes follow the real size-magnitude relation; galaxies fainter than the
 catalogue keep CatSim's profile.
 
+A galaxy with ``real_index`` >= 0 (with ``real_fraction`` > 0) is drawn instead from a real HST
+image: the unit-flux ``galsim.RealGalaxy`` of that row of the real-galaxy catalogue
+(:func:`simulation.galsim_population.real_galaxies`: deconvolved by its HST PSF, background
+pedestal removed, HST noise kept), at BTK's flux of the CatSim row and turned by its
+``pa_disk``. Only the catalogue's training half is drawn
+(:func:`~simulation.galsim_population.real_galaxy_split`; the other half is the benchmark's),
+picked among the :data:`REAL_WINDOW` nearest in magnitude of those at most
+``REAL_MAX_BRIGHTENING`` fainter in the catalogue than the row (its HST noise brightens with it);
+a row brighter than that keeps its profile. A real galaxy is never also a COSMOS fit.
+
 Then, as BTK does: rotated by ``btk_rotation``, sheared by (g1, g2), convolved with the PSF,
 shifted to (ra, dec) and drawn on the stamp. Rows without the columns are drawn by BTK itself.
 """
@@ -44,11 +54,15 @@ from astropy.table import Table
 from btk.draw_blends import CatsimGenerator, SourceNotVisible, get_catsim_galaxy
 
 from deblend.core.config import MorphologyConfig
+from simulation.galsim_population import PopulationSpec, real_galaxies, real_galaxy_split
 
 MORPHOLOGY_COLUMNS = ("knot_fraction", "n_knots", "knot_seed", "bulge_dx", "bulge_dy")
 COSMOS_COLUMN = "cosmos_index"
 """With ``cosmos_fraction`` > 0: the row of :class:`CosmosFits` a galaxy is drawn as, -1 for
 CatSim's profile."""
+REAL_COLUMN = "real_index"
+"""With ``real_fraction`` > 0: the row of the real-galaxy catalogue a galaxy is drawn from, -1
+for none."""
 MORPHOLOGY_DESCRIPTIONS = {
     "knot_fraction, n_knots, knot_seed": "with simulation.morphology: the target's fraction of "
                                          "disk flux in knots, their number and their seed",
@@ -57,10 +71,18 @@ MORPHOLOGY_DESCRIPTIONS = {
     COSMOS_COLUMN: "with simulation.morphology.cosmos_fraction: the row of the COSMOS fit "
                    "catalogue (after withholding) the target is drawn as, -1 for CatSim's "
                    "profile (where >= 0 its CatSim shape columns describe nothing drawn)",
+    REAL_COLUMN: "with simulation.morphology.real_fraction: the row of the real-galaxy "
+                 "catalogue whose HST image the target is drawn from, -1 for none",
 }
 COSMOS_WINDOW = 100
 """Rows of the COSMOS fits, nearest in magnitude, among which a galaxy's fit is picked."""
 WITHHELD_RADIUS_ARCSEC = 1.0
+REAL_WINDOW = 10
+"""Training galaxies of the real-galaxy catalogue, nearest in magnitude, among which one is
+picked."""
+REAL_MAX_BRIGHTENING = PopulationSpec().real_max_brightening
+"""mag: how much brighter than its catalogue magnitude a real galaxy may be drawn (the
+benchmark's rule)."""
 
 
 def packaged_cosmos_fits() -> Path:
@@ -158,10 +180,57 @@ def morphology_cosmos(config: MorphologyConfig) -> CosmosFits | None:
     return cosmos_fits(config.cosmos_catalog, config.cosmos_withheld)
 
 
+class RealImages:
+    """The training half of a GalSim real-galaxy catalogue, picked by magnitude."""
+
+    def __init__(self, catalog: str) -> None:
+        if not Path(catalog).is_file():
+            raise FileNotFoundError(f"simulation.morphology.real_catalog: no file {catalog}")
+        try:
+            real = real_galaxies(catalog)
+        except (OSError, KeyError, ValueError, galsim.GalSimError) as error:
+            raise ValueError(f"simulation.morphology.real_catalog: {catalog} is not a GalSim "
+                             f"real-galaxy catalogue with its images ({error})") from error
+        rows = real_galaxy_split(len(real.profiles))[0]
+        self.rows = rows[np.argsort(real.mags[rows], kind="stable")]
+        """Catalogue rows training may draw, by ascending catalogue magnitude."""
+        self.mags = real.mags[self.rows]
+        self.profiles = real.profiles
+
+    def pick(self, mags: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """For each magnitude, a catalogue row among the :data:`REAL_WINDOW` nearest in
+        magnitude of those no more than :data:`REAL_MAX_BRIGHTENING` fainter; -1 where none."""
+        mags = np.asarray(mags, float)
+        eligible = np.searchsorted(self.mags, mags + REAL_MAX_BRIGHTENING, side="right")
+        width = np.minimum(REAL_WINDOW, eligible)
+        start = np.clip(np.searchsorted(self.mags, mags) - width // 2, 0, eligible - width)
+        picked = start + np.floor(rng.uniform(size=len(mags)) * width).astype(np.int64)
+        return np.where(width > 0, self.rows[np.minimum(picked, len(self.rows) - 1)], -1)
+
+    def galaxy(self, row: int, flux: float) -> galsim.GSObject:
+        """The HST galaxy of catalogue ``row`` (PSF-deconvolved), at ``flux``."""
+        return self.profiles[row].withFlux(float(flux))
+
+
+@lru_cache(maxsize=2)
+def real_images(catalog: str) -> RealImages:
+    """One :class:`RealImages` per process and catalogue."""
+    return RealImages(catalog)
+
+
+def morphology_real(config: MorphologyConfig) -> RealImages | None:
+    """The real HST galaxies ``config`` draws from, None without ``real_fraction``."""
+    if config.real_fraction <= 0:
+        return None
+    assert config.real_catalog is not None  # the config refuses a fraction without one
+    return real_images(config.real_catalog)
+
+
 def draw_morphology(config: MorphologyConfig, n: int, rng: np.random.Generator,
                     mags: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The :data:`MORPHOLOGY_COLUMNS` of ``n`` galaxies drawn by ``config``'s rules, and with
-    ``cosmos_fraction`` > 0 their :data:`COSMOS_COLUMN`, picked by their ``mags`` (ref band)."""
+    """The :data:`MORPHOLOGY_COLUMNS` of ``n`` galaxies drawn by ``config``'s rules, with
+    ``cosmos_fraction`` > 0 their :data:`COSMOS_COLUMN` and with ``real_fraction`` > 0 their
+    :data:`REAL_COLUMN`, picked by their ``mags`` (ref band)."""
     radius = config.bulge_offset * np.sqrt(rng.uniform(size=n))
     angle = rng.uniform(0.0, 2.0 * np.pi, n)
     columns = {"knot_fraction": rng.uniform(*config.knot_fraction, n),
@@ -174,6 +243,14 @@ def draw_morphology(config: MorphologyConfig, n: int, rng: np.random.Generator,
             raise ValueError("COSMOS fits are picked by magnitude: give the galaxies' mags")
         chosen = rng.uniform(size=n) < config.cosmos_fraction
         columns[COSMOS_COLUMN] = np.where(chosen, cosmos.pick(mags, rng), -1).astype(np.int64)
+    real = morphology_real(config)
+    if real is not None:
+        if mags is None:
+            raise ValueError("real galaxies are picked by magnitude: give the galaxies' mags")
+        chosen = rng.uniform(size=n) < config.real_fraction
+        columns[REAL_COLUMN] = np.where(chosen, real.pick(mags, rng), -1).astype(np.int64)
+        if COSMOS_COLUMN in columns:
+            columns[COSMOS_COLUMN][columns[REAL_COLUMN] >= 0] = -1
     return columns
 
 
@@ -185,11 +262,17 @@ def _component(entry: Table, filt, survey, **which: bool) -> galsim.GSObject | N
         return None
 
 
-def morphology_galaxy(entry: Table, filt, survey, cosmos: CosmosFits | None = None
-                      ) -> galsim.GSObject:
-    """The galaxy of one row with knots and an off-centre bulge, or as its COSMOS fit (module
-    docstring), before BTK's rotation, shear, PSF and shift; raises BTK's ``SourceNotVisible``
-    when it has no flux."""
+def morphology_galaxy(entry: Table, filt, survey, cosmos: CosmosFits | None = None,
+                      real: RealImages | None = None) -> galsim.GSObject:
+    """The galaxy of one row with knots and an off-centre bulge, or as its COSMOS fit, or from
+    its real HST image (module docstring), before BTK's rotation, shear, PSF and shift; raises
+    BTK's ``SourceNotVisible`` when it has no flux."""
+    row = int(entry[REAL_COLUMN]) if REAL_COLUMN in entry.colnames else -1
+    if row >= 0:
+        if real is None:
+            raise ValueError(f"a row drawn from real galaxy {row} needs the real-galaxy catalogue")
+        flux = get_catsim_galaxy(entry, filt, survey).flux
+        return real.galaxy(row, flux).rotate(float(entry["pa_disk"]) * galsim.degrees)
     index = int(entry[COSMOS_COLUMN]) if COSMOS_COLUMN in entry.colnames else -1
     if index >= 0:
         if cosmos is None:
@@ -229,7 +312,8 @@ class MorphologyGenerator(CatsimGenerator):
             return super().render_single(entry, filt, psf, survey)
         morphology = self.blend_generator.sampling_function.morphology
         try:
-            galaxy = morphology_galaxy(entry, filt, survey, morphology_cosmos(morphology))
+            galaxy = morphology_galaxy(entry, filt, survey, morphology_cosmos(morphology),
+                                       morphology_real(morphology))
         except SourceNotVisible:
             entry["not_drawn_" + filt.name] = 1
             return None

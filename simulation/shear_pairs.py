@@ -204,8 +204,11 @@ def draw_noiseless_pairs(population: Literal["btk", "galsim"], n: int, seed: int
                          sim: SimulationConfig | None = None, psf_scale: float = 1.0,
                          psf_scale_range: tuple[float, float] = PSF_SCALE_RANGE,
                          psf_shear: tuple[float, float] = (0.0, 0.0),
-                         real_catalog: str | None = None) -> NoiselessPairs:
-    """The noiseless +g / -g scenes of :func:`draw_shear_pairs` (same arguments)."""
+                         real_catalog: str | None = None,
+                         real_rows: Literal["all", "held_out"] = "all") -> NoiselessPairs:
+    """The noiseless +g / -g scenes of :func:`draw_shear_pairs` (same arguments); ``real_rows``:
+    all of ``real_catalog``'s galaxies, or only the half training never draws
+    (:func:`~simulation.galsim_population.real_galaxy_split`)."""
     g = _check(population, n, seed, g, neighbours, sim, psf_scale, psf_scale_range)
     sim = sim if sim is not None else Config().simulation
     if population == "btk":
@@ -213,7 +216,7 @@ def draw_noiseless_pairs(population: Literal["btk", "galsim"], n: int, seed: int
             raise ValueError("psf_shear and real_catalog are options of the galsim population")
         return _btk_pairs(n, seed, g, neighbours, sim, float(psf_scale))
     return _galsim_pairs(n, seed, g, neighbours, sim, float(psf_scale),
-                         (float(psf_shear[0]), float(psf_shear[1])), real_catalog)
+                         (float(psf_shear[0]), float(psf_shear[1])), real_catalog, real_rows)
 
 
 def _check(population, n, seed, g, neighbours, sim, psf_scale, psf_scale_range
@@ -304,12 +307,13 @@ def _unsheared_offsets(table) -> np.ndarray:
 
 def _galsim_pairs(n: int, seed: int, g: tuple[float, float], neighbours: bool,
                   sim: SimulationConfig, psf_scale: float, psf_shear: tuple[float, float],
-                  real_catalog: str | None) -> NoiselessPairs:
+                  real_catalog: str | None, real_rows: Literal["all", "held_out"]
+                  ) -> NoiselessPairs:
     spec = PopulationSpec(ref_band="i", min_neighbours=sim.min_neighbours,
                           max_neighbours=sim.max_neighbours,
                           neighbour_shift=tuple(sim.neighbour_shift))
     pop = GalSimPopulation(sim.survey, sim.stamp_pixels, psf_scale, spec, psf_shear,
-                           real_catalog)
+                           real_catalog, real_rows)
     scenes = pop.sample(n, seed, neighbours=neighbours)
     shape = (n, len(pop.bands), sim.stamp_pixels, sim.stamp_pixels)
     out = {k: np.empty(shape, np.float32) for k in ("pb", "pt", "mb", "mt")}

@@ -187,6 +187,34 @@ def test_real_galaxies_keep_flux_and_rotate_with_their_twin() -> None:
                                atol=2e-3 * image.max())
 
 
+@pytest.mark.skipif(not DEFAULT_COSMOS.is_file(), reason="COSMOS sample data not found")
+def test_the_held_out_row_draws_only_galaxies_training_never_draws() -> None:
+    """Row ``cosmos_held_out`` draws the catalogue's odd rows, those a run trained with
+    ``simulation.morphology.real_fraction`` never saw; a run that trained on the catalogue is
+    measured on that row alone."""
+    from deblend.core.config import config_from_dict
+    from evaluation.conditions import CONDITIONS, select_rows, trains_on
+    from simulation.galsim_population import real_galaxy_split
+
+    spec = PopulationSpec(min_neighbours=2, max_neighbours=2)
+    held_out = GalSimPopulation("LSST", 45, 1.0, spec, real_catalog=str(DEFAULT_COSMOS),
+                                real_rows="held_out")
+    rows = np.concatenate([s.real_index for s in held_out.sample(40, 3)])
+    training, odd = real_galaxy_split(100)
+    assert set(rows.tolist()) <= set(odd.tolist()) and len(set(rows.tolist())) > 25
+    every = GalSimPopulation("LSST", 45, 1.0, spec, real_catalog=str(DEFAULT_COSMOS))
+    assert np.isin(np.concatenate([s.real_index for s in every.sample(40, 3)]), training).any()
+
+    trained = config_from_dict({"simulation": {"morphology": {
+        "real_fraction": 0.3, "real_catalog": str(DEFAULT_COSMOS)}}})
+    assert trains_on(trained, str(DEFAULT_COSMOS)) and not trains_on(Config(), str(DEFAULT_COSMOS))
+    notes: list[str] = []
+    names = [c.name for c in select_rows(None, str(DEFAULT_COSMOS), notes.append, CONDITIONS,
+                                         trained_on_cosmos=True)]
+    assert "cosmos_held_out" in names and "cosmos" not in names and "held-out" in notes[0]
+    assert "cosmos" in [c.name for c in select_rows(None, str(DEFAULT_COSMOS), notes.append)]
+
+
 def test_cli_tiny_run_writes_its_files_and_resumes(tmp_path, capsys) -> None:
     out, report = tmp_path / "grid", tmp_path / "grid.json"
     args = ["--run", str(RUN), "--n-scenes", "4", "--rows", "no_y", "--out", str(out),
@@ -270,10 +298,12 @@ def test_the_report_says_what_sky_the_model_was_trained_on() -> None:
 
     assert training_sky(Config()) == NOMINAL_SKY
     varied = config_from_dict({"simulation": {"conditions": {"depth_years": [2.0, 10.0]},
-                                              "morphology": {}},
+                                              "morphology": {"real_fraction": 0.3,
+                                                             "real_catalog": "real.fits"}},
                                "model": {"availability_input": True}})
     words = training_sky(varied)
     assert "depth 2-10 years" in words and "knotty" in words and "availability" in words
+    assert "30% from real HST images" in words
 
 
 def test_a_des_run_gets_des_rows_and_des_depths() -> None:

@@ -181,3 +181,80 @@ def test_knots_without_cosmos_fits_keep_their_plan_and_columns(sample_catalog) -
     assert "cosmos_fraction" not in plan_simulation(config)["morphology"]
     _, labels = SceneSource(config).draw(2, 5)
     assert COSMOS_COLUMN not in labels
+
+
+# -- real HST images: the training half of the real-galaxy catalogue --------------------------
+REAL = MorphologyConfig(knot_fraction=(0.0, 0.0), bulge_offset=0.0, real_fraction=1.0,
+                        real_catalog=str(WITHHELD))
+
+
+def test_real_galaxies_come_from_the_training_half_and_keep_catsims_flux(sample_catalog
+                                                                         ) -> None:
+    from simulation.galsim_population import real_galaxies, real_galaxy_split
+    from simulation.morphology import COSMOS_COLUMN, REAL_COLUMN, REAL_MAX_BRIGHTENING
+
+    if not WITHHELD.is_file():
+        pytest.skip(f"COSMOS galaxies missing: {WITHHELD}")
+    smooth, smooth_labels = SceneSource(sim(sample_catalog)).draw(8, 5)
+    scenes, labels = SceneSource(sim(sample_catalog, morphology=REAL)).draw(8, 5)
+    assert COSMOS_COLUMN not in labels
+    rows, target_mag = labels[REAL_COLUMN], labels["mag_i"]
+    drawn = rows >= 0
+    assert drawn.sum() >= 4
+    mags = real_galaxies(str(WITHHELD)).mags
+    training, held_out = real_galaxy_split(len(mags))
+    assert np.isin(rows[drawn], training).all() and not np.isin(rows, held_out).any()
+    # never more than REAL_MAX_BRIGHTENING brighter than the HST galaxy, and among the nearest
+    assert np.all(target_mag[drawn] >= mags[rows[drawn]] - REAL_MAX_BRIGHTENING)
+    assert np.all(np.abs(mags[rows[drawn]] - target_mag[drawn]) < 1.0)
+    assert np.all(target_mag[~drawn] < mags[training].min() - REAL_MAX_BRIGHTENING)
+    # CatSim's flux, the HST galaxy's light: a rotated twin is its original turned by 90 degrees
+    np.testing.assert_allclose(scenes.clean.sum(axis=(2, 3))[drawn],
+                               smooth.clean.sum(axis=(2, 3))[drawn], rtol=0.1)
+    assert np.any(np.abs(labels["hsm_sigma"][drawn] / smooth_labels["hsm_sigma"][drawn] - 1)
+                  > 0.1)
+    np.testing.assert_array_equal(rows[0::2], rows[1::2])
+    for k in np.flatnonzero(drawn[0::2]) * 2:
+        original, twin = scenes.clean[k], scenes.clean[k + 1]
+        assert np.abs(twin - np.rot90(original, k=1, axes=(1, 2))).max() < 2e-4 * original.max()
+
+
+def test_real_galaxies_and_cosmos_fits_share_the_galaxies(sample_catalog) -> None:
+    """With both fractions, a galaxy drawn from an HST image is not also a COSMOS fit, and the
+    COSMOS picks of the galaxies that stay fits are those drawn without real galaxies."""
+    from simulation.morphology import COSMOS_COLUMN, REAL_COLUMN, draw_morphology
+
+    pytest.importorskip("fpfs")
+    if not WITHHELD.is_file():
+        pytest.skip(f"COSMOS galaxies missing: {WITHHELD}")
+    mags = np.linspace(21.0, 25.0, 400)
+    both = draw_morphology(dataclasses.replace(REAL, real_fraction=0.3, cosmos_fraction=0.5),
+                           400, np.random.default_rng(4), mags)
+    fits = draw_morphology(dataclasses.replace(REAL, real_fraction=0.0, cosmos_fraction=0.5),
+                           400, np.random.default_rng(4), mags)
+    real = both[REAL_COLUMN] >= 0
+    assert 0.2 < real.mean() < 0.4
+    assert np.all(both[COSMOS_COLUMN][real] == -1)
+    np.testing.assert_array_equal(both[COSMOS_COLUMN][~real], fits[COSMOS_COLUMN][~real])
+
+
+def test_a_bad_real_galaxy_catalogue_is_refused_before_anything_is_drawn(sample_catalog, tmp_path
+                                                                         ) -> None:
+    from deblend.core.config import ConfigError
+    from simulation.builder import build_dataset, check_catalog
+
+    not_fits = tmp_path / "real.fits"
+    not_fits.write_text("not a catalogue")
+    for path in (tmp_path / "none.fits", not_fits):
+        config = sim(sample_catalog, morphology=dataclasses.replace(REAL, real_catalog=str(path)))
+        with pytest.raises((ValueError, FileNotFoundError), match="real_catalog"):
+            check_catalog(config)
+        with pytest.raises((ValueError, FileNotFoundError), match="real_catalog"):
+            build_dataset(config, tmp_path / "data", progress=False, log=lambda _: None)
+        assert not (tmp_path / "data").exists()
+    with pytest.raises(ConfigError, match="real_catalog"):
+        MorphologyConfig(real_fraction=0.5)
+    with pytest.raises(ConfigError, match="real_fraction"):
+        MorphologyConfig(real_fraction=-0.1, real_catalog=str(WITHHELD))
+    assert "real_fraction" not in plan_simulation(sim(sample_catalog, morphology=KNOTTY))[
+        "morphology"]

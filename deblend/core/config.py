@@ -168,6 +168,13 @@ class MorphologyConfig:
     limit (F814W ~ 25.2, matched to the ``ref_band`` magnitude) takes instead the Sersic or
     bulge + disk profile fitted to a real COSMOS galaxy of about its magnitude: index, size and
     ellipticity come jointly from one fit, the flux and colour stay the CatSim row's.
+
+    With ``real_fraction`` > 0, that fraction of the galaxies is drawn instead from the real HST
+    images of the GalSim real-galaxy catalogue ``real_catalog`` (``galsim.RealGalaxy``: the
+    image deconvolved by its HST PSF, background pedestal removed, HST noise kept), but only
+    from its even rows: the odd rows are held out for the conditions benchmark's real-galaxy
+    row (``simulation.galsim_population.real_galaxy_split``). Flux and colour stay the CatSim
+    row's; a galaxy is never drawn more than 1 mag brighter than its catalogue magnitude.
     """
 
     knot_fraction: tuple[StrictFloat, StrictFloat] = (0.0, 0.3)
@@ -182,6 +189,10 @@ class MorphologyConfig:
     """A GalSim real-galaxy catalogue (``RA``/``DEC`` columns, degrees) whose galaxies no training
     scene may show: fits within 1" of any of them are left out (e.g. the 100 COSMOS galaxies
     the conditions benchmark measures on)."""
+    real_fraction: StrictFloat = 0.0
+    real_catalog: StrictStr | None = None
+    """GalSim real-galaxy catalogue (``real_galaxy_catalog_*.fits``, its image and PSF files
+    beside it) whose training half ``real_fraction`` draws from."""
 
     @model_validator(mode="after")
     def _check_ranges(self) -> MorphologyConfig:
@@ -194,6 +205,10 @@ class MorphologyConfig:
              "must be in [0, 2] disk half-light radii"),
             (0 <= self.cosmos_fraction <= 1, "simulation.morphology.cosmos_fraction",
              "must be in [0, 1]"),
+            (0 <= self.real_fraction <= 1, "simulation.morphology.real_fraction",
+             "must be in [0, 1]"),
+            (self.real_fraction == 0 or self.real_catalog is not None,
+             "simulation.morphology.real_catalog", "must be set when real_fraction > 0"),
         ])
         return self
 
