@@ -224,6 +224,7 @@ def run_benchmark(run: str | Path, out: str | Path | None = None, *, n: int = 20
     out = Path(out) if out is not None else run / "reconstruction_defects"
     refuse_foreign(out, KIND)
     model = Deblender.from_run(run, stage=stage, device=device)
+    model.require_survey_psf("the reconstruction-defect benchmark")
     started = time.time()
     galaxies = draw_isolated_galaxies(n, seed, model.data.survey, model.stamp_pixels)
     result = measure_defects(model, galaxies, sigma=sigma, map_prior=map_prior)

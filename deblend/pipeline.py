@@ -184,6 +184,13 @@ def run_pipeline(config_path: str | Path | None, out: str | Path, *, jobs: int =
     """
     config_path = Path(config_path) if config_path is not None else None
     config = load_config(config_path)
+    if config.simulation.target_psf_fwhm is not None:
+        raise ValueError(
+            "config key 'simulation.target_psf_fwhm': the main job's reports (the shear "
+            "calibration, the MAP comparison, the DES validation) give the networks images at the "
+            "survey's PSF, which a model trained on homogenised images never saw; train it with "
+            "python -m deblend.train and measure it through metacal (python -m "
+            "benchmarks.metacal, benchmarks.conditions)")
     paths = RunPaths(Path(out))
     if not (dataset_is_whole(paths.data) and recorded_config(paths)[0] == config.to_dict()):
         check_catalog(config.simulation)  # the first step's input, before the run is claimed

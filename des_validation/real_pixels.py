@@ -180,6 +180,7 @@ def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
     each band's narrowest)."""
     model = model_or_run if isinstance(model_or_run, Deblender) else \
         Deblender.from_run(model_or_run, device=device)
+    model.require_survey_psf("the real DES frames' measurement")
     target_fwhm = model.target_fwhm(target_fwhm)
     model.target_sigma(target_fwhm)  # a wrong band count is refused before anything is read
     frames = find_frames(data_dir)

@@ -257,6 +257,7 @@ def validate_des(run: str | Path, catalog: str | Path, cutouts: str | Path,
     out = Path(out) if out is not None else run / "des_validation"
     claim_directory(out, VALIDATION_KIND, force)
     model = Deblender.from_run(run, device=device)
+    model.require_survey_psf("the DES validation")
     info = training_info(run, model, training_data)
     notes: list[str] = [info.dataset_note] if info.dataset_note else []
 

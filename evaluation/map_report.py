@@ -82,6 +82,7 @@ def run_map_comparison(run: str | Path, config: Config, out: str | Path, *, data
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = Deblender.from_run(run, device=config.training.device)
+    model.require_survey_psf("the MAP comparison")
     n_blends = config.map.n_blends if n_blends is None else n_blends
     metrics: dict[str, Any] = {"settings": config.to_dict()["map"], "run": str(run),
                                "flow": model.flow is not None}

@@ -382,6 +382,7 @@ def measure_shear(run: str | Path, config: Config, out: str | Path | None = None
         raise FileExistsError(f"{out / 'metrics.json'} already holds a shear result; pass --force "
                               f"to replace it")
     model = Deblender.from_run(run)
+    model.require_survey_psf("the shear calibration")
     out.mkdir(parents=True, exist_ok=True)
     model_id = lineage_identity(RunLayout(run), FINAL_STAGE)
     populations = simulate_populations(config, model, out / CACHE_DIR, model_id,

@@ -182,3 +182,28 @@ def test_a_run_s_metacal_target_is_its_model_s_default(tmp_path) -> None:
     with pytest.raises(ValueError, match="3 target sigmas for 6 bands"):
         Deblender(model.encoder, model.decoder, None, model.data,
                   metacal_target_fwhm=(2.0, 2.0, 2.0))
+
+
+def test_a_homogenised_model_is_never_shown_the_survey_s_psf(tmp_path) -> None:
+    """A model trained on images at a target PSF (simulation.target_psf_fwhm) is refused by every
+    path that gives it images at the survey's PSF (it would see a sky it never saw), and the main
+    job refuses such a config before it claims its directory; metacal's paths keep it."""
+    import yaml
+
+    from deblend.core.btk_deblender import VAEDeblender
+    from deblend.pipeline import run_pipeline
+
+    model = Deblender.from_run(WEIGHTS, device="cpu")
+    model.require_survey_psf("anything")  # trained at the survey's PSFs: accepted
+    homogenised = Deblender(model.encoder, model.decoder, model.regressor,
+                            dataclasses.replace(model.data, target_psf_fwhm=(1.6,) * 6))
+    with pytest.raises(ValueError, match="simulation.target_psf_fwhm"):
+        homogenised.require_survey_psf("the shear calibration")
+    with pytest.raises(ValueError, match="BTK's deblender interface"):
+        VAEDeblender(homogenised, 3)
+    assert homogenised.target_sigma() is not None  # metacal still measures it
+    config = tmp_path / "homogenised.yaml"
+    config.write_text(yaml.safe_dump({"simulation": {"target_psf_fwhm": 1.6}}))
+    with pytest.raises(ValueError, match="simulation.target_psf_fwhm"):
+        run_pipeline(config, tmp_path / "run", log=lambda _: None)
+    assert not (tmp_path / "run").exists()

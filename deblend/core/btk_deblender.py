@@ -51,6 +51,7 @@ class VAEDeblender(btk.deblend.Deblender):
                  map_steps: int | None = None) -> None:
         """``map_steps``: Adam steps of the MAP mode (default :data:`DEFAULT_STEPS`); only with
         a ``map_prior``."""
+        model.require_survey_psf("BTK's deblender interface")
         max_n_sources = require_positive_int(max_n_sources, "max_n_sources")
         thresh = POSITIVE_FLOAT.require(thresh, "thresh")
         min_area = require_positive_int(min_area, "min_area")

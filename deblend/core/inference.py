@@ -385,6 +385,19 @@ class Deblender:
                 return choice if np.ndim(choice) == 0 else tuple(choice)
         return None
 
+    def require_survey_psf(self, what: str) -> None:
+        """Refuse to let ``what`` give the networks images at the survey's own PSF when they were
+        trained on images homogenised to a round target PSF (``simulation.target_psf_fwhm``):
+        they would be shown a sky they never saw. Metacal's images are at the target, so such a
+        model is measured through metacal (a ValueError saying so)."""
+        if self.data.target_psf_fwhm is not None:
+            raise ValueError(
+                f"{what} gives the networks images at the survey's PSF, but this model was "
+                f"trained on images homogenised to a round PSF of FWHM "
+                f"{self.data.target_psf_fwhm} arcsec (simulation.target_psf_fwhm): measure it "
+                f"through metacal, whose images are at that target (python -m "
+                f"benchmarks.metacal, benchmarks.conditions, deblend measure)")
+
     def target_sigma(self, target_fwhm: float | Sequence[float] | None = None
                      ) -> tuple[float, ...] | None:
         """Metacal's reconvolution sigma per band (pixels) of :meth:`target_fwhm`."""
