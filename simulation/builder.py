@@ -42,7 +42,7 @@ from simulation.dataset import (
     write_shard,
 )
 from simulation.labels import LABEL_DESCRIPTIONS, scene_labels
-from simulation.morphology import morphology_cosmos, morphology_real
+from simulation.morphology import load_morphology_sources
 from simulation.sampling import CentralTargetSampling
 from simulation.scenes import SceneBatch, SceneDrawer, homogenized
 from simulation.surveys import (
@@ -250,12 +250,11 @@ def plan_simulation(sim: SimulationConfig) -> dict[str, Any]:
     for key in ("conditions", "morphology"):
         if getattr(sim, key) is None:
             del simulation[key]
-    if sim.morphology is not None and sim.morphology.cosmos_fraction == 0:
-        for key in ("cosmos_fraction", "cosmos_catalog", "cosmos_withheld"):
-            del simulation["morphology"][key]
-    if sim.morphology is not None and sim.morphology.real_fraction == 0:
-        for key in ("real_fraction", "real_catalog"):
-            del simulation["morphology"][key]
+    for fraction, files in (("cosmos_fraction", ("cosmos_catalog", "cosmos_withheld")),
+                            ("real_fraction", ("real_catalog",))):
+        if sim.morphology is not None and getattr(sim.morphology, fraction) == 0:
+            for key in (fraction, *files):
+                del simulation["morphology"][key]
     return simulation
 
 
@@ -268,8 +267,7 @@ def check_catalog(sim: SimulationConfig) -> None:
     if sim.catalog is not None:
         read_catsim_file(sim.catalog, geometry.bands)
     if sim.morphology is not None:
-        morphology_cosmos(sim.morphology)
-        morphology_real(sim.morphology)
+        load_morphology_sources(sim.morphology)
 
 
 def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, shard: int = 0,
@@ -293,8 +291,7 @@ def build_dataset(sim: SimulationConfig, root: str | Path, *, jobs: int = 1, sha
     the_plan_id = plan_id(plan)
     source = SceneSource(sim)  # the catalog is read before anything is written or removed
     if sim.morphology is not None:
-        morphology_cosmos(sim.morphology)  # and the COSMOS fits
-        morphology_real(sim.morphology)  # and the real galaxies
+        load_morphology_sources(sim.morphology)  # and the galaxy catalogues
     prepare_directory(root, plan, force, log)
 
     mine = [s for s in plan["shards"] if s["index"] % num_shards == shard]

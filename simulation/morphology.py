@@ -237,21 +237,24 @@ def draw_morphology(config: MorphologyConfig, n: int, rng: np.random.Generator,
                "n_knots": rng.integers(config.n_knots[0], config.n_knots[1] + 1, n),
                "knot_seed": rng.integers(1, 2**31 - 1, n),
                "bulge_dx": radius * np.cos(angle), "bulge_dy": radius * np.sin(angle)}
-    cosmos = morphology_cosmos(config)
-    if cosmos is not None:
-        if mags is None:
-            raise ValueError("COSMOS fits are picked by magnitude: give the galaxies' mags")
-        chosen = rng.uniform(size=n) < config.cosmos_fraction
-        columns[COSMOS_COLUMN] = np.where(chosen, cosmos.pick(mags, rng), -1).astype(np.int64)
-    real = morphology_real(config)
-    if real is not None:
-        if mags is None:
-            raise ValueError("real galaxies are picked by magnitude: give the galaxies' mags")
-        chosen = rng.uniform(size=n) < config.real_fraction
-        columns[REAL_COLUMN] = np.where(chosen, real.pick(mags, rng), -1).astype(np.int64)
-        if COSMOS_COLUMN in columns:
-            columns[COSMOS_COLUMN][columns[REAL_COLUMN] >= 0] = -1
+    for column, source, fraction in (
+            (COSMOS_COLUMN, morphology_cosmos(config), config.cosmos_fraction),
+            (REAL_COLUMN, morphology_real(config), config.real_fraction)):
+        if source is not None:
+            if mags is None:
+                raise ValueError(f"{column} is picked by magnitude: give the galaxies' mags")
+            chosen = rng.uniform(size=n) < fraction
+            columns[column] = np.where(chosen, source.pick(mags, rng), -1).astype(np.int64)
+    if COSMOS_COLUMN in columns and REAL_COLUMN in columns:  # a real galaxy is not also a fit
+        columns[COSMOS_COLUMN][columns[REAL_COLUMN] >= 0] = -1
     return columns
+
+
+def load_morphology_sources(config: MorphologyConfig) -> None:
+    """Load (and so check, one line naming the key) the catalogues ``config`` draws from, for a
+    command to refuse a bad one before it writes anything."""
+    morphology_cosmos(config)
+    morphology_real(config)
 
 
 def _component(entry: Table, filt, survey, **which: bool) -> galsim.GSObject | None:
@@ -267,18 +270,13 @@ def morphology_galaxy(entry: Table, filt, survey, cosmos: CosmosFits | None = No
     """The galaxy of one row with knots and an off-centre bulge, or as its COSMOS fit, or from
     its real HST image (module docstring), before BTK's rotation, shear, PSF and shift; raises
     BTK's ``SourceNotVisible`` when it has no flux."""
-    row = int(entry[REAL_COLUMN]) if REAL_COLUMN in entry.colnames else -1
-    if row >= 0:
-        if real is None:
-            raise ValueError(f"a row drawn from real galaxy {row} needs the real-galaxy catalogue")
-        flux = get_catsim_galaxy(entry, filt, survey).flux
-        return real.galaxy(row, flux).rotate(float(entry["pa_disk"]) * galsim.degrees)
-    index = int(entry[COSMOS_COLUMN]) if COSMOS_COLUMN in entry.colnames else -1
-    if index >= 0:
-        if cosmos is None:
-            raise ValueError(f"a row drawn as COSMOS fit {index} needs the COSMOS fits")
-        flux = get_catsim_galaxy(entry, filt, survey).flux
-        return cosmos.galaxy(index, flux).rotate(float(entry["pa_disk"]) * galsim.degrees)
+    for column, source in ((REAL_COLUMN, real), (COSMOS_COLUMN, cosmos)):
+        index = int(entry[column]) if column in entry.colnames else -1
+        if index >= 0:
+            if source is None:
+                raise ValueError(f"a row with {column} {index} needs its catalogue")
+            flux = get_catsim_galaxy(entry, filt, survey).flux
+            return source.galaxy(index, flux).rotate(float(entry["pa_disk"]) * galsim.degrees)
     disk = _component(entry, filt, survey, no_bulge=True, no_agn=True)
     centre = _component(entry, filt, survey, no_disk=True)
     if disk is None and centre is None:
