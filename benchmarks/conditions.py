@@ -1,6 +1,6 @@
 """``python -m benchmarks.conditions --run R [--n-scenes N] [--rows NAME ...] [--out DIR]
-[--json FILE] [--cosmos FILE] [--seed S] [--target-psf-fwhm ARCSEC ...] [--device D] [--force]
-[--no-progress]``.
+[--json FILE] [--cosmos FILE] [--seed S] [--target-psf-fwhm ARCSEC ...] [--hold-sky-plane]
+[--device D] [--force] [--no-progress]``.
 
 A grid of observing conditions of a run's survey (LSST or DES): PSF FWHM, PSF
 ellipticity, depth (1 and 3 years against the survey's full depth), each missing band, real COSMOS galaxies, sky-subtraction residuals
@@ -57,6 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=non_negative_int_arg, help="overrides metacal.seed")
     add_target_psf_fwhm(parser, "overrides metacal.target_psf_fwhm: every metacal image "
                         "reconvolved to this round Gaussian (one FWHM, or one per band)")
+    parser.add_argument("--hold-sky-plane", action="store_true", help="sets metacal.hold_sky_plane: "
+                        "metacal shears each stamp less its fitted sky plane and puts the plane "
+                        "back unsheared")
     parser.add_argument("--device", default="auto", help="torch device (default: auto)")
     parser.add_argument("--force", action="store_true", help="measure again over an existing "
                         "result (valid cached chunks are still reused)")
@@ -69,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = run_config(args.run)
     changes = {k: v for k, v in (("n_scenes", args.n_scenes), ("seed", args.seed),
-                                 ("target_psf_fwhm", target_psf_fwhm(args.target_psf_fwhm)))
+                                 ("target_psf_fwhm", target_psf_fwhm(args.target_psf_fwhm)),
+                                 ("hold_sky_plane", args.hold_sky_plane or None))
                if v is not None}
     if changes:
         config = config.replace("metacal", **changes)

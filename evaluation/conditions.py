@@ -91,6 +91,8 @@ from simulation.surveys import survey_geometry
 KIND = "conditions"
 """The kind of output a conditions directory is (:mod:`deblend.core.outputs`)."""
 REPORT = "report.md"
+HELD_WORDS = "; each stamp sheared less its fitted sky plane, the plane put back unsheared"
+"""What the report says of ``metacal.hold_sky_plane``."""
 FIGURE = "fig_conditions.png"
 CACHE_DIR = "cache"
 CACHE_VERSION = 2
@@ -256,7 +258,8 @@ def measure_chunk(model: Deblender, batch: ShearPairBatch, truth: NoiselessPairs
         measured = measure_metacal(model, stamps, batch.psfs, correction_noise=noise,
                                    sky_variance=batch.sky_variance, views=mc.views,
                                    estimators=estimators, delta=mc.delta,
-                                   target_fwhm=mc.target_psf_fwhm)
+                                   target_fwhm=mc.target_psf_fwhm,
+                                   hold_sky_plane=mc.hold_sky_plane)
         for name, m in measured.items():
             arrays.update(measured_to_arrays(f"{sign}.{name}", m))
     size = model.stamp_pixels
@@ -286,6 +289,8 @@ def _cache_key(config: Config, condition: Condition, chunk: int, n: int, model_i
                                             "margin_pixels", "seed")}
     if mc.target_psf_fwhm is not None:  # keys of caches written before it stay valid
         settings["target_psf_fwhm"] = mc.target_psf_fwhm
+    if mc.hold_sky_plane:  # likewise
+        settings["hold_sky_plane"] = True
     row = dataclasses.asdict(condition)
     if condition.real_rows == "all":  # keys of caches written before it stay valid
         del row["real_rows"]
@@ -470,7 +475,8 @@ def run_conditions(run: str | Path, config: Config, out: str | Path | None = Non
     result = jsonable({
         "applied_g": [mc.g, mc.g], "delta": mc.delta, "views": mc.views,
         "noise_correction": mc.noise_correction, "seed": mc.seed,
-        "target_psf_fwhm": mc.target_psf_fwhm, "fwhm_band": FWHM_BAND,
+        "target_psf_fwhm": mc.target_psf_fwhm, "hold_sky_plane": mc.hold_sky_plane,
+        "fwhm_band": FWHM_BAND,
         "reference_fwhm": reference_fwhm(config.simulation.survey),
         "targets": {"abs_m": TARGET_M, "abs_alpha": TARGET_ALPHA},
         "rows": {c.name: row_result(c, arrays[c.name], arrays[REFERENCE], config)
@@ -542,7 +548,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"({g[0]:+g}, {g[1]:+g}) and its negative; metacal delta = {result['delta']:g}; regressor "
         f"averaged over {result['views']} views; noise correction "
         f"{'on' if result['noise_correction'] else 'off'}; "
-        f"{reconvolution_words(result.get('target_psf_fwhm'))}. "
+        f"{reconvolution_words(result.get('target_psf_fwhm'))}"
+        f"{HELD_WORDS if result.get('hold_sky_plane') else ''}. "
         "m = g_hat / g - 1, c additive (reduced "
         "shear), 1-sigma bootstrap errors over twin pairs. alpha = (c - c_nominal) / g_psf on the "
         "sheared component, g_psf the PSF's reduced shear (paired with the nominal row). PSF FWHM "

@@ -269,7 +269,7 @@ def map_shear_bias(model: Deblender, config: Config, prior: str, n_scenes: int,
     for sign, stamps in (("plus", pairs.plus), ("minus", pairs.minus)):
         mc = model.metacal(stamps, pairs.psfs, delta=metacal.delta,
                            target_fwhm=metacal.target_psf_fwhm, views=1, keep_inputs=True,
-                           reconstruct=False)
+                           reconstruct=False, hold_sky_plane=metacal.hold_sky_plane)
         regressor, moments = {}, {}
         for name, images in mc.inputs.items():
             positions = detect_around_target(images, config.simulation.survey, model.bands,

@@ -120,6 +120,8 @@ def chunk_psf_scale(config: Config, variant: Variant, chunk: int) -> float:
 
 def _cache_key(config: Config, variant: Variant, chunk: int, n: int, model_id: str) -> str:
     measured = {k: v for k, v in config.to_dict()["metacal"].items() if k not in NOT_IN_CHUNKS}
+    if not measured["hold_sky_plane"]:  # keys of caches written before it stay valid
+        del measured["hold_sky_plane"]
     return chunk_key({"version": CACHE_VERSION, "metacal": measured,
                       "simulation": config.to_dict()["simulation"], "variant": variant.name,
                       "chunk": chunk, "n": n, "model": model_id})
@@ -135,7 +137,8 @@ def measure_pairs(model: Deblender, batch: ShearPairBatch, config: Config
         measured = measure_metacal(model, stamps, batch.psfs, correction_noise=noise,
                                    sky_variance=batch.sky_variance, views=mc.views,
                                    estimators=mc.estimators, min_snr=mc.min_snr, delta=mc.delta,
-                                   target_fwhm=mc.target_psf_fwhm)
+                                   target_fwhm=mc.target_psf_fwhm,
+                                   hold_sky_plane=mc.hold_sky_plane)
         for name, m in measured.items():
             arrays.update(measured_to_arrays(f"{sign}.{name}", m))
     return arrays

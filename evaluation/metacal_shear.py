@@ -92,13 +92,14 @@ def measure_metacal(model: Deblender, stamps: np.ndarray, psfs: np.ndarray, *,
                     views: int = 1, estimators: Sequence[str] = tuple(METACAL_ESTIMATORS),
                     min_snr: float | None = None, batch_size: int = 256,
                     delta: float = DEFAULT_DELTA,
-                    target_fwhm: float | Sequence[float] | None = None) -> dict[str, Measured]:
+                    target_fwhm: float | Sequence[float] | None = None,
+                    hold_sky_plane: bool = False) -> dict[str, Measured]:
     """Every requested estimator of :data:`METACAL_ESTIMATORS` on raw blends (n, bands, H, W),
     which may be larger than the model's stamps (a margin around the same centre: see
     :meth:`~deblend.core.inference.Deblender.metacal`); everything is measured on the central
     model-sized stamp. ``delta``: metacal's shear step (the run's ``metacal.delta``);
     ``target_fwhm``: its reconvolution target (``metacal.target_psf_fwhm``, arcsec; None: each
-    band's narrowest).
+    band's narrowest); ``hold_sky_plane``: ``metacal.hold_sky_plane``.
 
     ``min_snr`` applies one cut to every estimator: the Gaussian-weighted S/N
     (:func:`weighted_snr`) of the blend's label-band image, measured on each metacal image, so
@@ -111,7 +112,7 @@ def measure_metacal(model: Deblender, stamps: np.ndarray, psfs: np.ndarray, *,
     reconstruct = any(name.startswith("recon_") for name in estimators)
     mc = model.metacal(stamps, psfs, noise=correction_noise, delta=delta, batch_size=batch_size,
                        views=views, keep_inputs=True, reconstruct=reconstruct,
-                       target_fwhm=target_fwhm)
+                       target_fwhm=target_fwhm, hold_sky_plane=hold_sky_plane)
     out: dict[str, Measured] = {}
     assert mc.inputs is not None
     recon = {n: label_image(p.reconstruction, bands, LABEL_BANDS)

@@ -276,7 +276,8 @@ def test_the_shear_noise_is_the_spread_over_the_response() -> None:
 
 def test_cli_metacal_target_psf_is_used_cached_apart_and_reported(tmp_path, capsys) -> None:
     """--target-psf-fwhm: another response than the rule's (a wider Gaussian), its own cache,
-    said in the report; one narrower than the PSF allows fails with the key's name."""
+    said in the report; one narrower than the PSF allows fails with the key's name. Likewise
+    --hold-sky-plane is recorded, said and not read from the plain measurement's cache."""
     base = ["--run", str(RUN), "--n-scenes", "4", "--rows", "nominal", "--no-progress",
             "--device", "cpu"]
     assert main([*base, "--out", str(tmp_path / "rule")]) == 0
@@ -287,6 +288,13 @@ def test_cli_metacal_target_psf_is_used_cached_apart_and_reported(tmp_path, caps
     assert (wide["rows"]["nominal"]["regressor"]["R11"]
             != rule["rows"]["nominal"]["regressor"]["R11"])
     assert 'FWHM 2.2"' in (tmp_path / "wide" / "report.md").read_text()
+    # metacal.hold_sky_plane: recorded, said, and cached apart from the plain measurement
+    assert main([*base, "--out", str(tmp_path / "rule"), "--hold-sky-plane", "--force"]) == 0
+    held = json.loads((tmp_path / "rule" / "metrics.json").read_text())["conditions"]
+    assert held["hold_sky_plane"] is True and rule["hold_sky_plane"] is False
+    assert "fitted sky plane" in (tmp_path / "rule" / "report.md").read_text()
+    assert (held["rows"]["nominal"]["regressor"]["R11"]  # measured again, not the cached chunk
+            != rule["rows"]["nominal"]["regressor"]["R11"])
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "narrow"), "--target-psf-fwhm", "0.9"]) != 0
     assert "metacal.target_psf_fwhm" in capsys.readouterr().err

@@ -97,7 +97,7 @@ def test_a_run_recorded_before_a_key_was_added_resumes_at_its_default(tmp_path):
     claim_run_directory(paths, None, _config("a"), force=False)
     recorded = yaml.safe_load(paths.config.read_text())
     del recorded["model"]["availability_input"], recorded["training"]["flow_max_grad_norm"]
-    del recorded["training"]["max_grad_norm"]
+    del recorded["training"]["max_grad_norm"], recorded["metacal"]["hold_sky_plane"]
     paths.config.write_text(yaml.safe_dump(recorded))
     (paths.root / "data").mkdir()
     claim_run_directory(paths, None, _config("a"), force=False)  # resumes

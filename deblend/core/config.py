@@ -535,6 +535,12 @@ class MetacalConfig:
     """Scenes are drawn this many pixels larger on each side than the model's stamp; metacal
     runs on the larger stamp and its images are cropped, which keeps the sheared stamp edge out
     of what the estimators see (without it the regressor's m1 was -0.020 +- 0.006)."""
+    hold_sky_plane: StrictBool = False
+    """Metacal shears each stamp less its fitted sky plane (a constant and a gradient per band,
+    :mod:`deblend.core.sky_plane`) and adds the plane back unsheared to the five images: a
+    sky-subtraction residual is left in what the networks see, as the real shear left it, but
+    not sheared into a false response (a 0.3-sigma residual biased the conditions model's m by
+    about -0.008 without it). The stamp benchmarks (metacal, conditions, MAP comparison) use it."""
     galsim_psf_scales: tuple[StrictFloat, ...] = (0.9, 1.0, 1.1)
     """PSF width factors of the galsim population, taken in turn by its chunks."""
     bootstrap: StrictInt = 200

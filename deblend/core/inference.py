@@ -56,6 +56,7 @@ from deblend.core.metacal import (
 from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants, denormalize, normalize
 from deblend.core.response import Response
+from deblend.core.sky_plane import sky_plane
 from deblend.core.runs import (
     DataIdentity,
     RunError,
@@ -433,7 +434,8 @@ class Deblender:
                 delta: float = DEFAULT_DELTA, batch_size: int = 256, views: int = N_VIEWS,
                 keep_inputs: bool = False, reconstruct: bool = True,
                 reconstruction_views: int = N_VIEWS,
-                target_fwhm: float | Sequence[float] | None = None) -> MetacalPrediction:
+                target_fwhm: float | Sequence[float] | None = None,
+                hold_sky_plane: bool = False) -> MetacalPrediction:
         """:meth:`predict` on the five metacalibration images of raw stamps (N, bands, H, W).
 
         ``psfs`` is each band's effective PSF image (bands, S, S), as datasets store it.
@@ -446,13 +448,23 @@ class Deblender:
         noise, which the networks did not see in training). The regressor's response is then
         measured on each stamp's own images. ``views`` and ``reconstruction_views`` are
         :meth:`predict`'s; ``reconstruct=False`` skips the decoder (e and R only, several times
-        faster); ``target_fwhm`` :meth:`metacal_operator`'s. No stamp (N = 0) gives five empty
-        predictions.
+        faster); ``target_fwhm`` :meth:`metacal_operator`'s. ``hold_sky_plane``: each stamp's
+        fitted sky plane (:func:`~deblend.core.sky_plane.sky_plane`, on the whole input) is taken
+        out before the shear and put back, unsheared, in the five images: a sky-subtraction
+        residual stays in the images as the real shear left it instead of being sheared by
+        metacal into a response to shear (``metacal.hold_sky_plane``). No stamp (N = 0) gives
+        five empty predictions.
         """
         batch_size, views, reconstruction_views = self.check_batching(
             batch_size, views, reconstruction_views)
         array = self.check_images(images, margin=True)
         operator = self.metacal_operator(psfs, delta, array.shape[2], target_fwhm)
+        held = None
+        if hold_sky_plane and array.shape[0]:
+            plane = sky_plane(array)
+            array = array - plane
+            edge = (array.shape[2] - self.stamp_pixels) // 2
+            held = plane[:, :, edge:edge + self.stamp_pixels, edge:edge + self.stamp_pixels]
         if noise is not None:
             noise = self.check_images(noise, margin=True)
             if noise.shape != array.shape:
@@ -466,6 +478,8 @@ class Deblender:
             field = None if noise is None else torch.from_numpy(noise[part]).to(self.device)
             for name, image in operator.apply(stamps, field).items():
                 image = image.float().cpu().numpy()
+                if held is not None:
+                    image = image + held[part]
                 outputs.setdefault(name, []).append(
                     self.predict(image, batch_size, views, reconstruct, reconstruction_views))
                 if keep_inputs:

@@ -1,0 +1,105 @@
+"""The sky plane of a stamp (:mod:`deblend.core.sky_plane`): fitted away from galaxies, and held
+out of metacal's shear (``metacal.hold_sky_plane``)."""
+
+from __future__ import annotations
+
+import galsim
+import numpy as np
+import pytest
+import torch
+
+from deblend.core.inference import Deblender
+from deblend.core.networks import Decoder, Encoder, Regressor
+from deblend.core.normalization import NormalizationConstants
+from deblend.core.runs import DataIdentity
+from deblend.core.sky_plane import sky_plane, sky_plane_coefficients, subtract_sky_plane
+
+SIZE, SIGMA = 45, 10.0
+BANDS = ("r", "i")
+
+
+def plane(a: float, b: float, c: float, size: int = SIZE) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size] - (size - 1) / 2
+    return a + b * x + c * y
+
+
+def galaxy_stamps(n: int, seed: int = 0, flux: float = 3e4) -> np.ndarray:
+    """(n, 2, SIZE, SIZE) GalSim exponential galaxies (half-light 0.6", random shapes) under a
+    0.7" Moffat PSF at 0.2"/pixel, with Gaussian sky noise of SIGMA electrons per pixel."""
+    rng = np.random.default_rng(seed)
+    psf = galsim.Moffat(beta=3.0, fwhm=0.7)
+    out = np.empty((n, len(BANDS), SIZE, SIZE), np.float32)
+    for i in range(n):
+        e1, e2 = rng.uniform(-0.4, 0.4, 2)
+        galaxy = galsim.Exponential(half_light_radius=0.6, flux=flux).shear(e1=e1, e2=e2)
+        image = galsim.Convolve(galaxy, psf).drawImage(nx=SIZE, ny=SIZE, scale=0.2).array
+        out[i] = image + rng.normal(0.0, SIGMA, (len(BANDS), SIZE, SIZE))
+    return out
+
+
+def test_the_plane_is_fitted_away_from_the_galaxy() -> None:
+    """A constant and a gradient under a bright galaxy are recovered to a small fraction of the
+    noise; the galaxy itself (2,000 sigma of flux) is clipped, not fitted: a least-squares
+    plane through every pixel would sit 1.5 sigma above the sky."""
+    stamps = galaxy_stamps(20)
+    truth = (0.3 * SIGMA, 0.3 * SIGMA / 22, -0.2 * SIGMA / 22)
+    fitted = sky_plane_coefficients(stamps + plane(*truth).astype(np.float32))
+    assert fitted.shape == (20, 2, 3)
+    errors = fitted - np.array(truth)
+    assert np.abs(errors[..., 0]).max() < 0.1 * SIGMA  # what is left of the wings: above
+    assert np.abs(errors[..., 1:]).max() < 0.01 * SIGMA  # gradients: symmetric wings cancel
+    assert stamps.mean() > 1.4 * SIGMA  # what an unclipped fit of the constant would be off by
+    # a plane is removed whole: the stamps with it are those without, to the fit's noise
+    with_plane = subtract_sky_plane(stamps + plane(*truth).astype(np.float32))
+    np.testing.assert_allclose(with_plane, subtract_sky_plane(stamps), atol=0.02 * SIGMA)
+
+
+def test_a_constant_band_and_bad_pixels() -> None:
+    """A missing band (all 0 by the fill rule) has a zero plane; non-finite pixels are refused
+    (missing bands are filled before); shapes and dtype are kept."""
+    stamps = galaxy_stamps(2)
+    stamps[0, 1] = 0.0
+    fitted = sky_plane(stamps)
+    assert fitted.shape == stamps.shape and fitted.dtype == np.float32
+    assert np.all(fitted[0, 1] == 0.0) and np.all(np.isfinite(fitted))
+    stamps[1, 0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        sky_plane(stamps)
+    with pytest.raises(ValueError, match="bands, H, W"):
+        sky_plane(np.zeros((SIZE, SIZE)))
+
+
+def deblender() -> Deblender:
+    torch.manual_seed(0)
+    data = DataIdentity("tiny", "tiny", "LSST", BANDS, SIZE, 0.2,
+                        NormalizationConstants(BANDS, (2000.0, 2000.0)))
+    return Deblender(Encoder(2, SIZE, 8), Decoder(2, SIZE, 8), Regressor(8, (16,)), data)
+
+
+def test_metacal_holds_the_sky_plane_unsheared() -> None:
+    """``hold_sky_plane``: a residual plane under the galaxies reaches the five metacal images
+    as it was (what the real shear did to it: nothing), and the networks' inputs differ from the
+    residual-free stamps' by the residual alone; without it metacal shears the residual's
+    gradient, which differs between the +delta and -delta images, a false response to shear."""
+    stamps = np.pad(galaxy_stamps(6, seed=1), ((0, 0), (0, 0), (10, 10), (10, 10)),
+                    mode="reflect")
+    residual = plane(0.5 * SIGMA, 0.5 * SIGMA / 22, 0.3 * SIGMA / 22, SIZE + 20)
+    psf = galsim.Moffat(beta=3.0, fwhm=0.7).drawImage(nx=SIZE, ny=SIZE, scale=0.2).array
+    psfs = np.stack([psf, psf])
+    model = deblender()
+    common = dict(views=1, reconstruct=False, keep_inputs=True)
+    inner = residual[10:-10, 10:-10]
+    for hold in (True, False):
+        clean = model.metacal(stamps, psfs, hold_sky_plane=hold, **common)
+        dirty = model.metacal(stamps + residual.astype(np.float32), psfs, hold_sky_plane=hold,
+                              **common)
+        added = {k: dirty.inputs[k] - clean.inputs[k] for k in clean.inputs}
+        shear_1 = np.abs(added["1p"] - added["1m"]).max()
+        if hold:
+            for image in added.values():
+                np.testing.assert_allclose(image, np.broadcast_to(inner, image.shape),
+                                           atol=1e-3 * SIGMA)
+            assert shear_1 < 1e-3 * SIGMA
+        else:  # the gradient sheared by +-delta: about delta x gradient x radius
+            assert shear_1 > 5e-3 * SIGMA
+    assert len(model.metacal(stamps[:0], psfs, hold_sky_plane=True).images["noshear"].mu) == 0
