@@ -56,7 +56,6 @@ from deblend.core.metacal import (
 from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants, denormalize, normalize
 from deblend.core.response import Response
-from deblend.core.sky_plane import sky_plane
 from deblend.core.runs import (
     DataIdentity,
     RunError,
@@ -65,6 +64,7 @@ from deblend.core.runs import (
     load_lineage,
     run_config,
 )
+from deblend.core.sky_plane import sky_plane
 from deblend.core.symmetry import (
     N_VIEWS,
     ellipticity_in_view,
