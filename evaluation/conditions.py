@@ -62,10 +62,10 @@ from deblend.core.homogenize import homogenize
 from deblend.core.inference import Deblender
 from deblend.core.outputs import refuse_foreign
 from deblend.core.shapes import moments_ellipticity
+from deblend.core.stamps import central
 from evaluation.metacal_benchmark import chunk_seed, drawing_simulation, open_benchmark
 from evaluation.metacal_shear import (
     Measured,
-    central,
     measure_metacal,
     measured_from_arrays,
     measured_to_arrays,

@@ -40,6 +40,7 @@ from deblend.core.shapes import (
     hsm_shapes,
     second_moments,
 )
+from deblend.core.stamps import central
 from evaluation.anacal_peer import anacal_shapes
 from evaluation.estimators import label_image
 
@@ -147,13 +148,6 @@ def weighted_snr(images: np.ndarray, variance: float, sigma: float = WEIGHT_SIGM
     every metacal image)."""
     weight = gaussian_weight(images.shape[-1], sigma)
     return (images * weight).sum(axis=(-2, -1)) / np.sqrt((weight ** 2).sum() * variance)
-
-
-def central(images: np.ndarray, size: int) -> np.ndarray:
-    """The central ``size`` x ``size`` pixels of images (..., H, W) (all of them when smaller)."""
-    h, w = images.shape[-2:]
-    top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
-    return images[..., top:top + min(size, h), left:left + min(size, w)]
 
 
 def anacal_measurement(stamps: np.ndarray, psfs: np.ndarray, sky_variance: np.ndarray,

@@ -65,6 +65,7 @@ from deblend.core.runs import (
     run_config,
 )
 from deblend.core.sky_plane import sky_plane
+from deblend.core.stamps import central
 from deblend.core.symmetry import (
     N_VIEWS,
     ellipticity_in_view,
@@ -463,8 +464,7 @@ class Deblender:
         if hold_sky_plane and array.shape[0]:
             plane = sky_plane(array)
             array = array - plane
-            edge = (array.shape[2] - self.stamp_pixels) // 2
-            held = plane[:, :, edge:edge + self.stamp_pixels, edge:edge + self.stamp_pixels]
+            held = central(plane, self.stamp_pixels)
         if noise is not None:
             noise = self.check_images(noise, margin=True)
             if noise.shape != array.shape:

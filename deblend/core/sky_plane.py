@@ -87,11 +87,5 @@ def sky_plane(images: np.ndarray, sigma: float = CLIP_SIGMA, iterations: int = I
     return plane.reshape(np.shape(images)).astype(np.asarray(images).dtype)
 
 
-def subtract_sky_plane(images: np.ndarray, sigma: float = CLIP_SIGMA,
-                       iterations: int = ITERATIONS) -> np.ndarray:
-    """(..., bands, H, W) ``images`` less each band's fitted sky plane (:func:`sky_plane`)."""
-    return images - sky_plane(images, sigma, iterations)
-
-
-__all__ = ["CLIP_ITERATIONS", "CLIP_SIGMA", "DILATION", "ITERATIONS", "plane_design", "sky_plane", "sky_plane_coefficients",
-           "subtract_sky_plane"]
+__all__ = ["CLIP_ITERATIONS", "CLIP_SIGMA", "DILATION", "ITERATIONS", "plane_design", "sky_plane",
+           "sky_plane_coefficients"]

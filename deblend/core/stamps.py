@@ -35,6 +35,13 @@ def check_centre(x: float, y: float, shape: tuple[int, ...], what: str = "stamp 
     return cx, cy
 
 
+def central(images: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` pixels of images (..., H, W) (all of them when smaller)."""
+    h, w = images.shape[-2:]
+    top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    return images[..., top:top + min(size, h), left:left + min(size, w)]
+
+
 def cut_stamp(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
     """(..., size, size) stamp of (..., H, W) ``image`` centred on the pixel nearest (x, y);
     zero where the stamp overhangs the image. Same dtype as ``image``. A centre outside the
