@@ -76,6 +76,9 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
     add_target_psf_fwhm(measure, "FWHM of the round Gaussian PSF metacal reconvolves every "
                         "band to (one, or one per model band; default: the model's own target, "
                         "else each band's narrowest)")
+    measure.add_argument("--hold-sky-plane", action=argparse.BooleanOptionalAction,
+                         help="hold each cell's fitted sky plane out of metacal's shear "
+                              "(default: as the run's metacal.hold_sky_plane)")
     measure.add_argument("--out", required=True, help="output FITS catalogue")
     measure.add_argument("--cell", type=positive_int_arg, default=200, help="cell size, pixels")
     measure.add_argument("--margin", type=non_negative_int_arg, default=40,
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                        jobs=args.jobs, progress=not args.no_progress,
                        resume=not args.no_resume, seed=args.seed, views=args.views,
                        force=args.force, per_object=not args.no_object_response,
-                       target_fwhm=target_psf_fwhm(args.target_psf_fwhm), device=args.device)
+                       target_fwhm=target_psf_fwhm(args.target_psf_fwhm),
+                       hold_sky_plane=args.hold_sky_plane, device=args.device)
         return 0
     from deblend.pipeline import run_pipeline
 

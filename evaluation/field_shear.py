@@ -241,7 +241,7 @@ def run_field_benchmark(model: Deblender, model_id: str, out: Path, *,
                 key = chunk_key({"version": CACHE_VERSION, "model": model_id,
                                  "population": population, "g": shear,
                                  "index": index, "seed": seed, "pixels": field_pixels,
-                                 "settings": settings.__dict__, "walk": walk.__dict__})
+                                 "settings": settings.__dict__, "walk": walk.identity()})
                 path = Path(out) / "cache" / f"{population}-g{component + 1}-{index:04d}.npz"
                 place = len(plan)
                 plan.append((population, component, index, shear, path, key))
@@ -388,9 +388,11 @@ def run_field_report(run: str | Path, config, out: str | Path, *, device: str = 
 def field_walk(model: Deblender, config) -> MetadetectSettings:
     """The metadetection settings of a run's field benchmark: the model's stamp, and metacal
     reconvolving to ``metacal.target_psf_fwhm`` (else the model's own target, else each band's
-    narrowest Gaussian); a target narrower than a band's PSF allows is refused when met."""
+    narrowest Gaussian), holding each cell's sky plane out of its shear with
+    ``metacal.hold_sky_plane``; a target narrower than a band's PSF allows is refused when met."""
     return MetadetectSettings(stamp_pixels=model.stamp_pixels,
-                              target_sigma=model.target_sigma(config.metacal.target_psf_fwhm))
+                              target_sigma=model.target_sigma(config.metacal.target_psf_fwhm),
+                              hold_sky_plane=config.metacal.hold_sky_plane)
 
 
 def cell_figure(model: Deblender, fields, settings: FieldSettings, path: Path,

@@ -94,13 +94,13 @@ def measure_metacal(model: Deblender, stamps: np.ndarray, psfs: np.ndarray, *,
                     min_snr: float | None = None, batch_size: int = 256,
                     delta: float = DEFAULT_DELTA,
                     target_fwhm: float | Sequence[float] | None = None,
-                    hold_sky_plane: bool = False) -> dict[str, Measured]:
+                    hold_sky_plane: bool | None = None) -> dict[str, Measured]:
     """Every requested estimator of :data:`METACAL_ESTIMATORS` on raw blends (n, bands, H, W),
     which may be larger than the model's stamps (a margin around the same centre: see
     :meth:`~deblend.core.inference.Deblender.metacal`); everything is measured on the central
     model-sized stamp. ``delta``: metacal's shear step (the run's ``metacal.delta``);
     ``target_fwhm``: its reconvolution target (``metacal.target_psf_fwhm``, arcsec; None: each
-    band's narrowest); ``hold_sky_plane``: ``metacal.hold_sky_plane``.
+    band's narrowest); ``hold_sky_plane``: ``metacal.hold_sky_plane`` (None: the run's).
 
     ``min_snr`` applies one cut to every estimator: the Gaussian-weighted S/N
     (:func:`weighted_snr`) of the blend's label-band image, measured on each metacal image, so

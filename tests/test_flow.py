@@ -150,3 +150,21 @@ def test_the_flow_gradient_is_clipped_to_its_norm_only_when_asked(flow_run: Path
     loose, tight = retrained(1e12, max_grad_norm=1e-9), retrained(1e-9)
     assert all(torch.equal(loose[k], unclipped[k]) for k in unclipped)
     assert not all(torch.equal(tight[k], unclipped[k]) for k in unclipped)
+
+
+def test_a_diverging_flow_stops_with_advice_not_a_support_error(flow_run: Path,
+                                                                 tmp_path: Path) -> None:
+    """A flow driven to NaN (learning rate 1e6) stops the stage with the training loop's
+    non-finite-loss error naming the flow's gradient bound, not with a distribution's support
+    error from its NaN latents."""
+    from deblend.core.config import load_config
+    from deblend.core.runs import RunError
+
+    run = tmp_path / "run"
+    shutil.copytree(flow_run, run)
+    config = tmp_path / "diverging.yaml"
+    config.write_text(yaml.safe_dump({**TINY_CONFIG, "training": {
+        **TINY_CONFIG["training"], "learning_rate": 1e6}}))
+    with pytest.raises(RunError, match="loss became nan.*training.flow_max_grad_norm"):
+        run_stage("flow", run, config=load_config(config), force=True, progress=False,
+                  log=lambda _: None)

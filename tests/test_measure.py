@@ -347,8 +347,9 @@ def test_model_zero_point_is_required(trained_run, inputs, tmp_path, capsys):
 
 
 def test_the_run_s_metacal_target_reaches_the_catalogue(trained_run, inputs, tmp_path, capsys):
-    """A run whose config sets metacal.target_psf_fwhm is measured at that round Gaussian by
-    default (its header says so); --target-psf-fwhm overrides it, and one narrower than the
+    """A run whose config sets metacal.target_psf_fwhm and metacal.hold_sky_plane is measured
+    at that round Gaussian, holding the sky plane, by default (its header says so);
+    --target-psf-fwhm and --no-hold-sky-plane override them, and a target narrower than the
     PSF allows is refused with one line, nothing written."""
     from deblend.core.metacal import target_sigmas
 
@@ -356,18 +357,25 @@ def test_the_run_s_metacal_target_reaches_the_catalogue(trained_run, inputs, tmp
     shutil.copytree(trained_run, run)
     stored = json.loads((run / "run.json").read_text())
     stored["config"]["metacal"]["target_psf_fwhm"] = 1.9
+    stored["config"]["metacal"]["hold_sky_plane"] = True
     (run / "run.json").write_text(json.dumps(stored))
 
     def header_sigma(out: Path) -> list[float]:
         card = fits.getheader(out, "MDET")["HIERARCH MDET TARGET_SIGMA"]
         return [float(v) for v in card.split()]
 
+    def header_held(out: Path) -> bool:
+        return fits.getheader(out, "MDET")["HIERARCH MDET HOLD_SKY_PLANE"]
+
     out = tmp_path / "run_target.fits"
     assert main(arguments(run, inputs, out)) == 0
     assert header_sigma(out) == pytest.approx(target_sigmas(1.9, len(BANDS), SCALE), rel=1e-4)
+    assert header_held(out) is True
     given = tmp_path / "given_target.fits"
-    assert main(arguments(run, inputs, given, "--target-psf-fwhm", "2.2")) == 0
+    assert main(arguments(run, inputs, given, "--target-psf-fwhm", "2.2",
+                          "--no-hold-sky-plane")) == 0
     assert header_sigma(given) == pytest.approx(target_sigmas(2.2, len(BANDS), SCALE), rel=1e-4)
+    assert header_held(given) is False
     assert not np.array_equal(Table.read(out, hdu="MDET")["deblend_e1"],
                               Table.read(given, hdu="MDET")["deblend_e1"])
     capsys.readouterr()

@@ -156,7 +156,7 @@ def test_an_snr_cut_is_made_on_every_metacal_image_for_every_estimator(model, pa
     assert 0 < cut["anacal"].kept["noshear"].sum() < 4
 
 
-def test_deblender_metacal_checks_its_inputs(model, pairs):
+def test_deblender_metacal_checks_its_inputs(model, pairs, trained_run):
     with pytest.raises(ValueError, match="one PSF per band"):
         model.metacal(pairs.plus, pairs.psfs[:3])
     with pytest.raises(ValueError, match="views"):
@@ -174,8 +174,12 @@ def test_deblender_metacal_checks_its_inputs(model, pairs):
     bare = model.metacal(pairs.plus[:2], pairs.psfs, views=1, reconstruct=False)
     assert bare.images["noshear"].reconstruction is None
     np.testing.assert_array_equal(bare.response, out.response)
-    # the same PSFs reuse the operator
-    assert model.metacal_operator(pairs.psfs) is model.metacal_operator(pairs.psfs)
+    # the same PSFs reuse the operator, in any Deblender of the process
+    from deblend import Deblender
+
+    operator = model.metacal_operator(pairs.psfs)
+    assert model.metacal_operator(pairs.psfs) is operator
+    assert Deblender.from_run(trained_run, device="cpu").metacal_operator(pairs.psfs) is operator
     # cutouts with a margin give model-sized metacal images; odd margins are refused
     padded = np.pad(pairs.plus[:2], ((0, 0), (0, 0), (4, 4), (4, 4)))
     assert model.metacal(padded, pairs.psfs, views=1).images["1p"].reconstruction.shape == \

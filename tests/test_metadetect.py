@@ -3,6 +3,8 @@ the selection that a per-object response misses, and the deblender measures tile
 
 from __future__ import annotations
 
+import dataclasses
+
 import galsim
 import numpy as np
 import pytest
@@ -15,9 +17,12 @@ from deblend.core.metadetect import (
     FLAGS,
     LOW_SNR,
     MetadetectSettings,
+    cell_plane,
     detect_cell,
+    held_metacal,
     measure_cell,
     metadetect_shear,
+    step_means,
 )
 from deblend.core.shapes import ellipticity_from_moments, gaussian_weight, second_moments
 from deblend.core.stamps import cut_stamp
@@ -232,3 +237,62 @@ def test_deblender_measures_tiled_cells_once(trained_run):
     np.testing.assert_array_equal(again["deblend_e1"], catalogue["deblend_e1"])
     with pytest.raises(ValueError, match="bands"):
         model.measure_cells([CellImage(cube[:3], variance[:3], psfs[:3])])
+
+
+def background_gradient(stamps: np.ndarray) -> np.ndarray:
+    """A stand-in for an estimator that reads the sky: the first band's mean of the stamp's
+    last column less its first (x) and of its last row less its first (y)."""
+    first = stamps[:, 0]
+    return np.stack([first[:, :, -1].mean(1) - first[:, :, 0].mean(1),
+                     first[:, -1, :].mean(1) - first[:, 0, :].mean(1)], axis=1)
+
+
+def test_cells_hold_the_sky_plane_out_of_metacal():
+    """``hold_sky_plane`` on cells: each cell's fitted plane (masked pixels left out) is put
+    back unsheared in the five images, so an estimator that reads the sky's gradient sees the
+    same gradient at +delta and -delta (no false response); without the hold metacal shears the
+    gradient into one. The walk applies it (population response through ``measure_cell``)."""
+    rng = np.random.default_rng(2)
+    offsets = np.array([[-25.0, -20.0], [22.0, -18.0], [-15.0, 24.0], [20.0, 25.0]])
+    image, _ = field(offsets, rng.uniform(-0.2, 0.2, (4, 2)), (0.0, 0.0), 101, flux=3e3)
+    slope = 0.05  # electrons per pixel: 0.25 sigma at the cell's edges, never detected
+    sky = (np.arange(101) - 50.0)[None, None, :] * slope + 0.2 * SKY_SIGMA
+    variance = np.full(image.shape, SKY_SIGMA ** 2)
+    variance[:, 5:12, 80:90] = np.inf  # masked: garbage that the plane must not see
+    dirty = np.where(np.isfinite(variance), image + sky, 1e5)
+    psfs = psf_images()
+    settings = MetadetectSettings(stamp_pixels=25, threshold=3.0, detection_bands=BANDS,
+                                  noise_correction=False)
+    held = dataclasses.replace(settings, hold_sky_plane=True)
+    masked = ~np.isfinite(variance)
+    plane = cell_plane(np.where(masked, 0.0, dirty), masked, held)
+    assert cell_plane(dirty, masked, settings) is None
+    np.testing.assert_allclose(plane, np.broadcast_to(sky, plane.shape), atol=0.02 * SKY_SIGMA)
+    operator = FourierMetacal(psfs, settings.delta)
+    clean = held_metacal(operator, np.where(masked, 0.0, image), None, None)
+    for name, sheared in held_metacal(operator, np.where(masked, 0.0, dirty), None, plane,
+                                      masked).items():
+        np.testing.assert_allclose(sheared - clean[name], plane, atol=1e-3 * SKY_SIGMA)
+
+    def response(cell: np.ndarray, walk: MetadetectSettings) -> float:
+        """R11 of the sky-reading estimator (galaxies' wings in the stamps' edges, and the sky)."""
+        means = step_means(measure_cell(CellImage(cell, variance, psfs), BANDS,
+                                        {"sky": background_gradient}, walk), "sky")
+        return (means["1p"][0] - means["1m"][0]) / (2 * settings.delta)
+
+    galaxies = response(np.where(masked, 1e5, image), held)  # the galaxies' own, no sky
+    gradient = slope * 24  # what the estimator reads off the plane
+    assert abs(response(dirty, held) - galaxies) < 1e-3 * gradient
+    assert response(dirty, settings) - galaxies < -0.7 * gradient  # the plane sheared, read as R
+
+
+def test_the_hold_leaves_cache_keys_alone_when_off():
+    """Settings without the hold key caches as before it existed; with it, differently; a
+    non-boolean is refused."""
+    settings = MetadetectSettings(stamp_pixels=25)
+    assert "hold_sky_plane" not in settings.identity()
+    assert settings.identity() == {k: v for k, v in settings.__dict__.items()
+                                   if k != "hold_sky_plane"}
+    assert dataclasses.replace(settings, hold_sky_plane=True).identity()["hold_sky_plane"]
+    with pytest.raises(ValueError, match="hold_sky_plane"):
+        MetadetectSettings(hold_sky_plane="yes")

@@ -70,11 +70,32 @@ def test_a_constant_band_and_bad_pixels() -> None:
         sky_plane(np.zeros((SIZE, SIZE)))
 
 
-def deblender() -> Deblender:
+def test_excluded_pixels_are_never_fitted() -> None:
+    """``exclude`` (masked pixels): whatever they hold, the plane is the same; a band wholly
+    excluded fits to 0; an exclusion of another shape is refused. Excluding pixels is not a
+    no-op: the plane of a stamp with 1e5 in a corner moves when they are kept (by 0.1 sigma:
+    the clipping catches most of it)."""
+    stamps = galaxy_stamps(3) + plane(0.3 * SIGMA, 0.01 * SIGMA, 0.0).astype(np.float32)
+    exclude = np.zeros(stamps.shape, bool)
+    exclude[:, :, :6, :9] = True
+    exclude[2, 1] = True
+    garbage = np.where(exclude, np.float32(1e5), stamps)
+    np.testing.assert_array_equal(sky_plane(garbage, exclude=exclude),
+                                  sky_plane(np.where(exclude, 0.0, stamps).astype(np.float32),
+                                            exclude=exclude))
+    assert np.all(sky_plane_coefficients(garbage, exclude=exclude)[2, 1] == 0.0)
+    assert np.abs(sky_plane(garbage) - sky_plane(garbage, exclude=exclude))[:2].max() > 0.05 * SIGMA
+    with pytest.raises(ValueError, match="exclude"):
+        sky_plane(stamps, exclude=exclude[0])
+
+
+def deblender(hold: bool = False) -> Deblender:
+    """A tiny untrained deblender; ``hold``: its run's ``metacal.hold_sky_plane``."""
     torch.manual_seed(0)
     data = DataIdentity("tiny", "tiny", "LSST", BANDS, SIZE, 0.2,
                         NormalizationConstants(BANDS, (2000.0, 2000.0)))
-    return Deblender(Encoder(2, SIZE, 8), Decoder(2, SIZE, 8), Regressor(8, (16,)), data)
+    return Deblender(Encoder(2, SIZE, 8), Decoder(2, SIZE, 8), Regressor(8, (16,)), data,
+                     metacal_hold_sky_plane=hold)
 
 
 def test_metacal_holds_the_sky_plane_unsheared() -> None:
@@ -104,3 +125,43 @@ def test_metacal_holds_the_sky_plane_unsheared() -> None:
         else:  # the gradient sheared by +-delta: about delta x gradient x radius
             assert shear_1 > 5e-3 * SIGMA
     assert len(model.metacal(stamps[:0], psfs, hold_sky_plane=True).images["noshear"].mu) == 0
+    # a run that holds the plane holds it by default (the same images as asked explicitly)
+    dirty = stamps + residual.astype(np.float32)
+    by_default = deblender(hold=True).metacal(dirty, psfs, **common).inputs
+    for name, image in model.metacal(dirty, psfs, hold_sky_plane=True, **common).inputs.items():
+        np.testing.assert_array_equal(by_default[name], image)
+    assert not np.array_equal(model.metacal(dirty, psfs, **common).inputs["1p"],
+                              by_default["1p"])
+
+
+def test_per_object_responses_in_cells_hold_the_cell_s_plane() -> None:
+    """The per-object metacal responses of the cells' walk (``r11``...) shear each stamp less
+    the cell's held plane: with it, a sky-reading estimator responds on a cell with a plane
+    exactly as on the same cell without; without it, by the plane's sheared gradient."""
+    from deblend.core.cell_measure import object_columns
+    from deblend.core.fourier_metacal import FourierMetacal
+
+    cell = np.zeros((len(BANDS), 101, 101), np.float32)
+    for k, (x, y) in enumerate(((30, 30), (70, 35), (50, 72))):
+        cell[:, y - 22:y + 23, x - 22:x + 23] += galaxy_stamps(1, seed=k)[0]
+    positions = np.array([[30.0, 30.0], [70.0, 35.0], [50.0, 72.0]])
+    slope = 0.01 * SIGMA
+    sky = np.broadcast_to(plane(0.0, slope, 0.0, 101), cell.shape).astype(np.float32)
+    masked = np.zeros(cell.shape, bool)
+    model = deblender()
+    psf = galsim.Moffat(beta=3.0, fwhm=0.7).drawImage(nx=33, ny=33, scale=0.2).array
+    operator = FourierMetacal(np.stack([psf, psf]), pad=12)
+
+    def gradient(stamps: np.ndarray) -> np.ndarray:  # reads the sky: right edge less left
+        return np.stack([stamps[:, 0, :, -1].mean(1) - stamps[:, 0, :, 0].mean(1),
+                         stamps[:, 0, -1].mean(1) - stamps[:, 0, 0].mean(1)], axis=1)
+
+    def r11(image: np.ndarray, held: np.ndarray | None) -> np.ndarray:
+        columns = object_columns(model, image, np.zeros_like(image), positions, gradient,
+                                 operator, False, 1, 8, held, masked)
+        return columns["r11"]
+
+    clean = r11(cell, sky_plane(cell))
+    np.testing.assert_allclose(r11(cell + sky, sky_plane(cell + sky)), clean,
+                               atol=1e-3 * slope * SIZE)
+    assert np.all(r11(cell + sky, None) - r11(cell, None) < -0.7 * slope * (SIZE - 1))

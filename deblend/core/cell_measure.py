@@ -35,8 +35,10 @@ from deblend.core.metacal import metacal_response
 from deblend.core.metadetect import (
     Estimator,
     MetadetectSettings,
-    correction_noise,
     cell_columns,
+    cell_plane,
+    correction_noise,
+    held_metacal,
 )
 from deblend.core.stamps import cut_stamps
 
@@ -89,7 +91,8 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
     seed = NON_NEGATIVE_INT.require(seed, "seed")
     views = VIEWS.require(views, "views")
     batch_size = require_positive_int(batch_size, "batch_size")
-    settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels)
+    settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels,
+                                              hold_sky_plane=model.metacal_hold_sky_plane)
     if settings.target_sigma is None:  # the model's target, if it has one
         settings = dataclasses.replace(settings, target_sigma=model.target_sigma())
     if settings.stamp_pixels != model.stamp_pixels:
@@ -109,17 +112,20 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
             raise ValueError(f"cell {k} has {len(cell.images)} bands, the model "
                              f"{len(bands)} ({' '.join(bands)})")
         operator, stamp_operator = cell_operators(cell.psfs, settings, model.device)
-        images = np.where(np.isfinite(cell.variance), cell.images, 0.0)
+        masked = ~np.isfinite(cell.variance)
+        images = np.where(masked, 0.0, cell.images)
         noise = correction_noise(np.asarray(cell.variance), seed + k)  # one field per cell
+        plane = cell_plane(images, masked, settings)  # one plane per cell, held by both
 
-        def extra(positions: np.ndarray, images=images, noise=noise,
-                  stamp_operator=stamp_operator) -> dict[str, np.ndarray]:
+        def extra(positions: np.ndarray, images=images, noise=noise, plane=plane,
+                  masked=masked, stamp_operator=stamp_operator) -> dict[str, np.ndarray]:
             return object_columns(model, images, noise, positions, regressor,
                                   stamp_operator if per_object else None,
-                                  settings.noise_correction, views, batch_size)
+                                  settings.noise_correction, views, batch_size, plane, masked)
 
         columns = cell_columns(cell, bands, {ESTIMATOR: regressor, **(peers or {})}, settings,
-                               seed=seed + k, operator=operator, extra=extra, noise=noise)
+                               seed=seed + k, operator=operator, extra=extra, noise=noise,
+                               plane=plane)
         columns["x"] = columns["x"] + cell.origin[0]
         columns["y"] = columns["y"] + cell.origin[1]
         columns["cell"] = np.full(len(columns["x"]), k, np.int32)
@@ -141,10 +147,13 @@ def empty_catalogue(bands: tuple[str, ...], estimators: list[str], per_object: b
 
 def object_columns(model: Deblender, images: np.ndarray, noise: np.ndarray,
                    positions: np.ndarray, regressor, stamp_operator: FourierMetacal | None,
-                   noise_correction: bool, views: int, batch_size: int
+                   noise_correction: bool, views: int, batch_size: int,
+                   plane: np.ndarray | None = None, masked: np.ndarray | None = None
                    ) -> dict[str, np.ndarray]:
     """Fluxes per band from the reconstruction and (with a ``stamp_operator``) the per-object
-    metacal response, for the noshear detections at ``positions`` of the original cell."""
+    metacal response, for the noshear detections at ``positions`` of the original cell;
+    ``plane``: the cell's held sky plane (its stamps held out of the stamps' shear), or None;
+    ``masked``: the cell's masked pixels (:func:`~deblend.core.metadetect.held_metacal`)."""
     size = model.stamp_pixels
     stamps = cell_stamps(images, positions, size)
     columns: dict[str, np.ndarray] = {}
@@ -161,12 +170,14 @@ def object_columns(model: Deblender, images: np.ndarray, noise: np.ndarray,
     if len(stamps):
         wide = size + 2 * STAMP_MARGIN
         crop = slice(STAMP_MARGIN, STAMP_MARGIN + size)
-        sheared = stamp_operator.apply(
-            cell_stamps(images, positions, wide),
-            cell_stamps(noise, positions, wide) if noise_correction else None)
+        sheared = held_metacal(
+            stamp_operator, cell_stamps(images, positions, wide),
+            cell_stamps(noise, positions, wide) if noise_correction else None,
+            None if plane is None else cell_stamps(plane, positions, wide),
+            None if masked is None else cut_stamps(masked, positions, wide))
         response = metacal_response(
-            {name: regressor(image[..., crop, crop].cpu().numpy())
-             for name, image in sheared.items()}, stamp_operator.delta)
+            {name: regressor(image[..., crop, crop]) for name, image in sheared.items()},
+            stamp_operator.delta)
     for i in (1, 2):
         for j in (1, 2):
             columns[f"r{i}{j}"] = response[:, i - 1, j - 1]

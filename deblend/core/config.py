@@ -540,7 +540,9 @@ class MetacalConfig:
     :mod:`deblend.core.sky_plane`) and adds the plane back unsheared to the five images: a
     sky-subtraction residual is left in what the networks see, as the real shear left it, but
     not sheared into a false response (a 0.3-sigma residual biased the conditions model's m by
-    about -0.008 without it). The stamp benchmarks (metacal, conditions, MAP comparison) use it."""
+    about -0.008 without it). The stamp benchmarks (metacal, conditions, MAP comparison) use it;
+    the cells of metadetection (field benchmark, ``deblend measure``, real DES frames) hold one
+    plane per cell (:func:`deblend.core.metadetect.cell_plane`)."""
     galsim_psf_scales: tuple[StrictFloat, ...] = (0.9, 1.0, 1.1)
     """PSF width factors of the galsim population, taken in turn by its chunks."""
     bootstrap: StrictInt = 200

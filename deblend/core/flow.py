@@ -95,8 +95,10 @@ class LatentFlow(nn.Module):
         for index, coupling in enumerate(self.couplings):
             transforms += [coupling, T.Permute(getattr(self, f"permutation_{index}"))]
         transforms.append(self.standardize)
-        base = dist.Normal(self.base_loc, self.base_scale).to_event(1)
-        return dist.TransformedDistribution(base, transforms)
+        # no argument validation: latents pushed to NaN by a diverging flow give a NaN
+        # log-density, which training reports as a non-finite loss, not a support error
+        base = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(1)
+        return dist.TransformedDistribution(base, transforms, validate_args=False)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log p_flow(z) (nats) of (..., latent_dim) latents, shape (...); differentiable in z.

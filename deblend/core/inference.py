@@ -74,7 +74,16 @@ from deblend.core.symmetry import (
 )
 
 KEPT_OPERATORS = 3
-"""Metacal operators a :class:`Deblender` keeps (one per set of PSFs)."""
+"""Metacal operators kept in a process, whichever :class:`Deblender` built them (one per set of
+PSFs, delta, stamp sizes, target and device): building one takes 10-30 s on a CPU, and the steps
+of a job (benchmark rows, reports) each load their own Deblender of the same run."""
+_OPERATORS: dict[tuple, MetacalOperator] = {}
+"""The kept operators, most recently used last."""
+
+
+def release_metacal_operators() -> None:
+    """Drop every kept metacal operator (their memory; the next use builds afresh)."""
+    _OPERATORS.clear()
 VIEW_COUNTS = arguments.VIEW_COUNTS
 """How many symmetric views the regressor may be averaged over (the rule :data:`deblend.core.
 arguments.VIEWS`, shared with the config's ``views`` keys)."""
@@ -150,7 +159,8 @@ class Deblender:
     def __init__(self, encoder: Encoder, decoder: Decoder, regressor: Regressor | None,
                  data: DataIdentity, device: torch.device | str = "cpu",
                  response: Response | None = None, flow: LatentFlow | None = None,
-                 metacal_target_fwhm: float | Sequence[float] | None = None) -> None:
+                 metacal_target_fwhm: float | Sequence[float] | None = None,
+                 metacal_hold_sky_plane: bool = False) -> None:
         stamp_keys = ("n_bands", "stamp_size", "latent_dim")
         if any(encoder.hparams()[key] != decoder.hparams()[key] for key in stamp_keys):
             raise ValueError(f"encoder {encoder.hparams()} and decoder {decoder.hparams()} differ")
@@ -174,7 +184,9 @@ class Deblender:
         """FWHM (arcsec, one or one per band) of the round Gaussian metacal reconvolves to
         by default: the run's ``metacal.target_psf_fwhm`` (None: :meth:`target_fwhm`'s next
         choice)."""
-        self._metacal: dict[tuple[str, float, int], MetacalOperator] = {}
+        self.metacal_hold_sky_plane = bool(metacal_hold_sky_plane)
+        """Whether metacal holds each image's sky plane out of its shear by default: the run's
+        ``metacal.hold_sky_plane``."""
 
     @classmethod
     def from_run(cls, run: str | Path, *, stage: str = FINAL_STAGE,
@@ -206,11 +218,12 @@ class Deblender:
             entry = nearest["regressor"]["payload"].get("response") or {}
             if entry.get("status") == "calibrated":
                 response = Response.from_dict(entry)
+        metacal = run_config(layout.root).metacal
         return cls(build_module(nearest["encoder"]["entry"]),
                    build_module(nearest["decoder"]["entry"]), regressor,
                    DataIdentity.from_dict(nearest["encoder"]["payload"]["data"]),
                    resolve_device(device), response, _lineage_flow(layout, stages),
-                   run_config(layout.root).metacal.target_psf_fwhm)
+                   metacal.target_psf_fwhm, metacal.hold_sky_plane)
 
     @property
     def bands(self) -> tuple[str, ...]:
@@ -414,21 +427,23 @@ class Deblender:
         is reconvolved to the round Gaussian of :meth:`target_sigma` (``target_fwhm``, arcsec,
         one for every band or one per band, else the model's own target, else the narrowest
         each band's PSF allows). The last
-        :data:`KEPT_OPERATORS` are kept (0.5 GB each for six 45x45 bands, 1 GB with a 10-pixel
-        margin) and reused for the same PSFs, ``delta``, input size and target."""
+        :data:`KEPT_OPERATORS` of the process are kept (0.5 GB each for six 45x45 bands, 1 GB
+        with a 10-pixel margin) and reused for the same PSFs, ``delta``, sizes, target and
+        device, by any Deblender."""
         check_psf_images(psfs, len(self.bands))
         input_pixels = (self.stamp_pixels if input_pixels is None
                         else require_positive_int(input_pixels, "input_pixels"))
         target = self.target_sigma(target_fwhm)
-        key = (MetacalOperator.digest(psfs), float(delta), int(input_pixels), target)
-        operator = self._metacal.pop(key, None)
+        key = (MetacalOperator.digest(psfs), float(delta), self.stamp_pixels, int(input_pixels),
+               target, str(self.device))
+        operator = _OPERATORS.pop(key, None)
         if operator is None:
             operator = MetacalOperator.build(psfs, self.stamp_pixels, delta,
                                              input_pixels=input_pixels, target_sigma=target,
                                              device=self.device)
-        self._metacal[key] = operator  # most recently used last
-        while len(self._metacal) > KEPT_OPERATORS:
-            self._metacal.pop(next(iter(self._metacal)))
+        _OPERATORS[key] = operator  # most recently used last
+        while len(_OPERATORS) > KEPT_OPERATORS:
+            _OPERATORS.pop(next(iter(_OPERATORS)))
         return operator
 
     def metacal(self, images: np.ndarray, psfs: np.ndarray, *, noise: np.ndarray | None = None,
@@ -436,7 +451,7 @@ class Deblender:
                 keep_inputs: bool = False, reconstruct: bool = True,
                 reconstruction_views: int = N_VIEWS,
                 target_fwhm: float | Sequence[float] | None = None,
-                hold_sky_plane: bool = False) -> MetacalPrediction:
+                hold_sky_plane: bool | None = None) -> MetacalPrediction:
         """:meth:`predict` on the five metacalibration images of raw stamps (N, bands, H, W).
 
         ``psfs`` is each band's effective PSF image (bands, S, S), as datasets store it.
@@ -453,14 +468,16 @@ class Deblender:
         fitted sky plane (:func:`~deblend.core.sky_plane.sky_plane`, on the whole input) is taken
         out before the shear and put back, unsheared, in the five images: a sky-subtraction
         residual stays in the images as the real shear left it instead of being sheared by
-        metacal into a response to shear (``metacal.hold_sky_plane``). No stamp (N = 0) gives
-        five empty predictions.
+        metacal into a response to shear (default: the run's ``metacal.hold_sky_plane``). No
+        stamp (N = 0) gives five empty predictions.
         """
         batch_size, views, reconstruction_views = self.check_batching(
             batch_size, views, reconstruction_views)
         array = self.check_images(images, margin=True)
         operator = self.metacal_operator(psfs, delta, array.shape[2], target_fwhm)
         held = None
+        if hold_sky_plane is None:
+            hold_sky_plane = self.metacal_hold_sky_plane
         if hold_sky_plane and array.shape[0]:
             plane = sky_plane(array)
             array = array - plane

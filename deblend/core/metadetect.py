@@ -43,6 +43,7 @@ from deblend.core.arguments import (
 from deblend.core.cells import CellImage
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import DEFAULT_DELTA, METACAL_SHEARS, check_delta
+from deblend.core.sky_plane import sky_plane
 from deblend.core.stamps import cut_stamp, cut_stamps, nearest_pixel
 
 Estimator = Callable[[np.ndarray], np.ndarray]
@@ -82,6 +83,9 @@ class MetadetectSettings:
     target_sigma: tuple[float, ...] | None = None
     """Metacal's reconvolution Gaussian per band, pixels (``metacal.target_psf_fwhm``); None:
     the narrowest each band's PSF allows."""
+    hold_sky_plane: bool = False
+    """Shear the cell less its fitted sky plane and put the plane back unsheared in the five
+    images (``metacal.hold_sky_plane``; :func:`held_metacal`)."""
 
     def __post_init__(self) -> None:
         require_positive_int(self.stamp_pixels, "stamp_pixels")
@@ -95,6 +99,16 @@ class MetadetectSettings:
         FRACTION.require(self.deblend_contrast, "deblend_contrast")
         if not self.detection_bands:
             raise ValueError("detection_bands must name at least one band")
+        if not isinstance(self.hold_sky_plane, bool):
+            raise ValueError(f"hold_sky_plane must be True or False, got {self.hold_sky_plane!r}")
+
+    def identity(self) -> dict:
+        """The settings as a dict for cache keys; ``hold_sky_plane`` only when on, so that keys
+        written before it existed stay valid."""
+        fields = dict(self.__dict__)
+        if not self.hold_sky_plane:
+            del fields["hold_sky_plane"]
+        return fields
 
 
 def detection_weights(variance: np.ndarray, bands: tuple[str, ...],
@@ -180,6 +194,30 @@ def correction_noise(variance: np.ndarray, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=variance.shape) * sigma
 
 
+def held_metacal(operator: FourierMetacal, images: np.ndarray, noise: np.ndarray | None,
+                 plane: np.ndarray | None, masked: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
+    """The five metacal images (float64, the input's shape) of raw ``images`` ([N,] bands, H,
+    W) with the correction ``noise`` (or None); a sky ``plane`` (the images' shape, or None) is
+    taken out before the shear and put back, unsheared, in each image
+    (:mod:`deblend.core.sky_plane`); ``masked`` pixels (no data, 0 in ``images``) stay 0 before
+    the shear, not minus the plane."""
+    if plane is None:
+        return {name: image.double().cpu().numpy()
+                for name, image in operator.apply(images, noise).items()}
+    held = plane if masked is None else np.where(masked, 0.0, plane)
+    return {name: image.double().cpu().numpy() + plane
+            for name, image in operator.apply(images - held, noise).items()}
+
+
+def cell_plane(images: np.ndarray, masked: np.ndarray, settings: MetadetectSettings
+               ) -> np.ndarray | None:
+    """The sky plane held out of metacal's shear (:func:`~deblend.core.sky_plane.sky_plane` of
+    each band of the cell, its masked pixels left out), or None without
+    ``settings.hold_sky_plane``."""
+    return sky_plane(images, exclude=masked) if settings.hold_sky_plane else None
+
+
 def measure_cell(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[str, Estimator],
                  settings: MetadetectSettings = MetadetectSettings(), *, seed: int = 0,
                  operator: FourierMetacal | None = None,
@@ -194,7 +232,8 @@ def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
                  settings: MetadetectSettings = MetadetectSettings(), *, seed: int = 0,
                  operator: FourierMetacal | None = None,
                  extra: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
-                 noise: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 noise: np.ndarray | None = None, plane: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
     """The metadetection catalogue of one cell (module docstring): one row per owned detection
     and metacal image, columns ``mdet_step``, ``x``, ``y`` (this cell's pixels), ``snr``,
     ``flags`` and ``<name>_e1``, ``<name>_e2`` per estimator. ``seed`` draws the correction
@@ -205,6 +244,8 @@ def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     a stamp that overhangs the cell is zero outside it and flagged EDGE. ``seed`` >= 0 (checked
     even without the noise correction). ``noise``: the correction noise field (bands, H, W)
     when the caller draws it (to use the same field elsewhere); by default drawn from ``seed``.
+    ``plane``: with ``settings.hold_sky_plane``, the cell's held sky plane (bands, H, W) when
+    the caller fits it (:func:`cell_plane`); by default fitted here.
     """
     seed = NON_NEGATIVE_INT.require(seed, "seed")
     if not estimators:
@@ -226,8 +267,13 @@ def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
         noise = correction_noise(variance, seed)
     elif np.shape(noise) != variance.shape:
         raise ValueError(f"noise has shape {np.shape(noise)}, the cell {variance.shape}")
-    metacal = {name: image.double().numpy() for name, image in operator.apply(
-        images, noise).items()}
+    if not settings.hold_sky_plane:
+        plane = None
+    elif plane is None:
+        plane = cell_plane(images, masked, settings)
+    elif np.shape(plane) != images.shape:
+        raise ValueError(f"plane has shape {np.shape(plane)}, the cell {images.shape}")
+    metacal = held_metacal(operator, images, noise, plane, masked)
     index, weights = detection_weights(variance, bands, settings.detection_bands)
     gain = operator.noise_gain(cell.shape)[index] * (2.0 if noise is not None else 1.0)
     sigma = noise_sigma(variance[index], weights, gain)

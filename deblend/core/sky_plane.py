@@ -6,8 +6,9 @@ everything in the stamp, that residual included, which the real shear never move
 whose output depends on the residual's gradient then reads metacal's shear of it as a response
 to shear (a 0.3-sigma residual biased the conditions model's metacal shear by about -0.008:
 ``python -m benchmarks.conditions --rows sky_0.3``). With ``metacal.hold_sky_plane``
-(:meth:`deblend.core.inference.Deblender.metacal`) each stamp's plane is taken out before the
-shear and put back unsheared: the networks see the residual as the real shear left it.
+(:meth:`deblend.core.inference.Deblender.metacal`; a cell's, :func:`deblend.core.metadetect.
+held_metacal`) each stamp's or cell's plane is taken out before the shear and put back
+unsheared: the networks see the residual as the real shear left it.
 
 The plane of a band is the least-squares fit ``a + b x + c y`` (pixels from the stamp centre,
 x along axis 1) to the pixels within ``sigma`` standard deviations of the current fit (astropy's
@@ -49,16 +50,22 @@ def plane_design(height: int, width: int) -> np.ndarray:
 
 
 def sky_plane_coefficients(images: np.ndarray, sigma: float = CLIP_SIGMA,
-                           iterations: int = ITERATIONS) -> np.ndarray:
+                           iterations: int = ITERATIONS, exclude: np.ndarray | None = None
+                           ) -> np.ndarray:
     """(..., bands, 3) plane coefficients (a, b, c) of each band of (..., bands, H, W) finite
     images, in the images' units per pixel (a: the level at the centre; b, c: per pixel along
-    x and y). A band whose kept pixels cannot fix a plane (a constant band, e.g. a missing one
-    filled with 0) gets the least-norm solution."""
+    x and y). ``exclude`` (boolean, the images' shape): pixels never used (masked ones). A band
+    whose kept pixels cannot fix a plane (a constant band, e.g. a missing one filled with 0, or
+    one wholly excluded) gets the least-norm solution (0 when nothing is kept)."""
     images = np.asarray(images)
     if images.ndim < 3:
         raise ValueError(f"images must have shape (..., bands, H, W), got {images.shape}")
     if not np.isfinite(images).all():
         raise ValueError("images contain non-finite pixels: fill missing bands first")
+    excluded = np.zeros(images.shape, bool) if exclude is None else np.asarray(exclude, bool)
+    if excluded.shape != images.shape:
+        raise ValueError(f"exclude must have the images' shape {images.shape}, got "
+                         f"{excluded.shape}")
     height, width = images.shape[-2:]
     design = plane_design(height, width)
     outer = (design[:, :, None] * design[:, None, :]).reshape(-1, 9)  # (H W, 9)
@@ -68,21 +75,26 @@ def sky_plane_coefficients(images: np.ndarray, sigma: float = CLIP_SIGMA,
         normal = (weight @ outer).reshape(weight.shape[:-1] + (3, 3))
         return np.einsum("...ij,...j->...i", np.linalg.pinv(normal), (weight * data) @ design)
 
-    coefficients = fit(np.ones_like(data))
+    excluded = excluded.reshape(data.shape)
+    coefficients = fit((~excluded).astype(np.float64))
     for _ in range(iterations):
-        clipped = sigma_clip(data - coefficients @ design.T, sigma=sigma, maxiters=CLIP_ITERATIONS,
-                             axis=-1, masked=True)
-        masked = np.ma.getmaskarray(clipped).reshape(images.shape)
+        residual = data - coefficients @ design.T
+        if exclude is not None:
+            residual = np.ma.masked_array(residual, excluded)
+        clipped = sigma_clip(residual, sigma=sigma, maxiters=CLIP_ITERATIONS, axis=-1,
+                             masked=True)
+        masked = (np.ma.getmaskarray(clipped) & ~excluded).reshape(images.shape)
         masked = binary_dilation(masked, DISK[(None,) * (masked.ndim - 2)])
-        coefficients = fit((~masked).reshape(data.shape).astype(np.float64))
+        coefficients = fit((~(masked.reshape(data.shape) | excluded)).astype(np.float64))
     return coefficients
 
 
-def sky_plane(images: np.ndarray, sigma: float = CLIP_SIGMA, iterations: int = ITERATIONS
-              ) -> np.ndarray:
-    """The fitted sky plane of every band of (..., bands, H, W) images, same shape and dtype."""
+def sky_plane(images: np.ndarray, sigma: float = CLIP_SIGMA, iterations: int = ITERATIONS,
+              exclude: np.ndarray | None = None) -> np.ndarray:
+    """The fitted sky plane of every band of (..., bands, H, W) images, same shape and dtype
+    (``exclude``: :func:`sky_plane_coefficients`')."""
     height, width = np.shape(images)[-2:]
-    coefficients = sky_plane_coefficients(images, sigma, iterations)
+    coefficients = sky_plane_coefficients(images, sigma, iterations, exclude)
     plane = coefficients @ plane_design(height, width).T
     return plane.reshape(np.shape(images)).astype(np.asarray(images).dtype)
 

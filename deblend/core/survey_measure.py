@@ -250,7 +250,8 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
                    resume: bool = True, seed: int = 0, views: int = 1, force: bool = False,
                    per_object: bool = True, settings: MetadetectSettings | None = None,
                    target_fwhm: float | Sequence[float] | None = None,
-                   device: str = "auto", log: Callable[[str], None] = print) -> Path:
+                   hold_sky_plane: bool | None = None, device: str = "auto",
+                   log: Callable[[str], None] = print) -> Path:
     """Measure a survey image (module docstring) and write its catalogue to ``out_path``.
 
     ``model_or_run``: a Deblender or a training run directory. ``cell``, ``margin``: pixels
@@ -261,6 +262,9 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
     band or one per band; ignored with ``settings``): the round Gaussian metacal reconvolves
     every band to, by default the model's (:meth:`Deblender.target_fwhm`), else each band's
     narrowest; one narrower than a cell's PSF allows is refused before anything is written.
+    ``hold_sky_plane`` (ignored with ``settings``): hold each cell's fitted sky plane out of
+    metacal's shear (:attr:`MetadetectSettings.hold_sky_plane`), by default as the run's
+    ``metacal.hold_sky_plane`` says.
     Everything is validated before anything is written. Returns the catalogue's path.
     """
     cell = require_positive_int(cell, "cell")
@@ -275,8 +279,11 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
     if margin < model.stamp_pixels // 2:
         raise ValueError(f"margin must be at least {model.stamp_pixels // 2} pixels (half the "
                          f"model's {model.stamp_pixels}-pixel stamp), got {margin}")
+    if hold_sky_plane is None:
+        hold_sky_plane = model.metacal_hold_sky_plane
     settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels,
-                                              target_sigma=model.target_sigma(target_fwhm))
+                                              target_sigma=model.target_sigma(target_fwhm),
+                                              hold_sky_plane=hold_sky_plane)
     survey = inputs if isinstance(inputs, SurveyImage) else read_survey(
         inputs, model.bands, model.data.pixel_scale, model_zeropoints=model_zero_points(model),
         psfex_pixels=model.stamp_pixels)
