@@ -79,11 +79,6 @@ PSFs, delta, stamp sizes, target and device): building one takes 10-30 s on a CP
 of a job (benchmark rows, reports) each load their own Deblender of the same run."""
 _OPERATORS: dict[tuple, MetacalOperator] = {}
 """The kept operators, most recently used last."""
-
-
-def release_metacal_operators() -> None:
-    """Drop every kept metacal operator (their memory; the next use builds afresh)."""
-    _OPERATORS.clear()
 VIEW_COUNTS = arguments.VIEW_COUNTS
 """How many symmetric views the regressor may be averaged over (the rule :data:`deblend.core.
 arguments.VIEWS`, shared with the config's ``views`` keys)."""
@@ -91,6 +86,11 @@ FINAL_STAGE = "stage3"
 """The stage whose lineage makes the full deblender (stage3 -> stage2 -> stage1)."""
 FLOW_STAGE = "flow"
 """The stage that fits the latent prior of the MAP deblender (on the same stage1)."""
+
+
+def release_metacal_operators() -> None:
+    """Drop every kept metacal operator (their memory; the next use builds afresh)."""
+    _OPERATORS.clear()
 
 
 @dataclass(frozen=True)
