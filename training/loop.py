@@ -214,7 +214,7 @@ class StageLoop:
             raise RunError(f"{self.task.name}: the {split} loss is {value} in epoch {epoch + 1} "
                            f"because the data are not finite: {bad} in {loader.dataset.root}; "
                            f"regenerate the dataset")
-        bound = "flow_max_grad_norm" if self.task.name == "flow" else "max_grad_norm"
+        bound = self.task.grad_norm_key(self.config.training)
         raise RunError(f"{self.task.name}: the {split} loss became {value} in epoch {epoch + 1} "
                        f"on finite data; bound the gradient (training.{bound}, e.g. 10) or "
                        f"lower training.learning_rate, and train the stage again with --force")

@@ -127,6 +127,13 @@ class Stage(ABC):
         return training.epochs if specific is None else specific
 
     @classmethod
+    def grad_norm_key(cls, training: TrainingConfig) -> str:
+        """The ``training`` key that bounds this stage's gradient: ``<name>_max_grad_norm``
+        when the config has one, else ``max_grad_norm``."""
+        specific = f"{cls.name}_max_grad_norm"
+        return specific if hasattr(training, specific) else "max_grad_norm"
+
+    @classmethod
     def max_grad_norm(cls, training: TrainingConfig) -> float | None:
         """``training.<name>_max_grad_norm`` when there is one and it is set, else
         ``training.max_grad_norm`` (None: unclipped)."""

@@ -78,9 +78,7 @@ def sky_plane_coefficients(images: np.ndarray, sigma: float = CLIP_SIGMA,
     excluded = excluded.reshape(data.shape)
     coefficients = fit((~excluded).astype(np.float64))
     for _ in range(iterations):
-        residual = data - coefficients @ design.T
-        if exclude is not None:
-            residual = np.ma.masked_array(residual, excluded)
+        residual = np.ma.masked_array(data - coefficients @ design.T, excluded)
         clipped = sigma_clip(residual, sigma=sigma, maxiters=CLIP_ITERATIONS, axis=-1,
                              masked=True)
         masked = (np.ma.getmaskarray(clipped) & ~excluded).reshape(images.shape)
