@@ -56,7 +56,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deblend.core.atomic import atomic_output, write_text_atomic
-from deblend.core.chunk_cache import chunk_key, join_chunks, read_chunk, write_chunk
+from deblend.core.chunk_cache import (
+    chunk_key,
+    join_chunks,
+    read_chunk,
+    without_defaults,
+    write_chunk,
+)
 from deblend.core.config import Config
 from deblend.core.homogenize import homogenize
 from deblend.core.inference import Deblender
@@ -285,15 +291,11 @@ def measure_chunk(model: Deblender, batch: ShearPairBatch, truth: NoiselessPairs
 def _cache_key(config: Config, condition: Condition, chunk: int, n: int, model_id: str,
                cosmos: str | None) -> str:
     mc = config.metacal
-    settings = {k: getattr(mc, k) for k in ("g", "delta", "views", "noise_correction",
-                                            "margin_pixels", "seed")}
-    if mc.target_psf_fwhm is not None:  # keys of caches written before it stay valid
-        settings["target_psf_fwhm"] = mc.target_psf_fwhm
-    if mc.hold_sky_plane:  # likewise
-        settings["hold_sky_plane"] = True
-    row = dataclasses.asdict(condition)
-    if condition.real_rows == "all":  # keys of caches written before it stay valid
-        del row["real_rows"]
+    settings = without_defaults(
+        {k: getattr(mc, k) for k in ("g", "delta", "views", "noise_correction", "margin_pixels",
+                                     "seed", "target_psf_fwhm", "hold_sky_plane")},
+        {"target_psf_fwhm": None, "hold_sky_plane": False})
+    row = without_defaults(dataclasses.asdict(condition), {"real_rows": "all"})
     return chunk_key({"version": CACHE_VERSION, "condition": row,
                       "metacal": settings, "simulation": config.to_dict()["simulation"],
                       "chunk": chunk, "n": n, "model": model_id,

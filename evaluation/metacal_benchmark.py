@@ -29,7 +29,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deblend.core.atomic import atomic_output, write_text_atomic
-from deblend.core.chunk_cache import chunk_key, join_chunks, read_chunk, write_chunk
+from deblend.core.chunk_cache import (
+    chunk_key,
+    join_chunks,
+    read_chunk,
+    without_defaults,
+    write_chunk,
+)
 from deblend.core.config import Config
 from deblend.core.inference import FINAL_STAGE, Deblender
 from deblend.core.outputs import mark, refuse_foreign
@@ -119,9 +125,8 @@ def chunk_psf_scale(config: Config, variant: Variant, chunk: int) -> float:
 
 
 def _cache_key(config: Config, variant: Variant, chunk: int, n: int, model_id: str) -> str:
-    measured = {k: v for k, v in config.to_dict()["metacal"].items() if k not in NOT_IN_CHUNKS}
-    if not measured["hold_sky_plane"]:  # keys of caches written before it stay valid
-        del measured["hold_sky_plane"]
+    measured = without_defaults({k: v for k, v in config.to_dict()["metacal"].items()
+                                 if k not in NOT_IN_CHUNKS}, {"hold_sky_plane": False})
     return chunk_key({"version": CACHE_VERSION, "metacal": measured,
                       "simulation": config.to_dict()["simulation"], "variant": variant.name,
                       "chunk": chunk, "n": n, "model": model_id})

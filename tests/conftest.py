@@ -7,6 +7,8 @@
 * ``trained_run``: a run directory with stage1, stage2, stage3 and flow trained on ``tiny_dataset``
   with ``tiny_config`` through the CLI (``python -m deblend.train``), :data:`TINY_EPOCHS` each.
 
+``background_gradient`` is a stand-in estimator that reads the sky (sky-plane tests).
+
 Treat the session fixtures as read-only: copy them before changing anything.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -26,6 +29,14 @@ TINY_CONFIG = {
     "training": {"batch_size": 16, "epochs": TINY_EPOCHS, "learning_rate": 1e-3,
                  "beta_kl": 1e-3, "seed": 0, "num_workers": 0, "device": "cpu"},
 }
+
+
+def background_gradient(stamps: np.ndarray) -> np.ndarray:
+    """A stand-in for an estimator that reads the sky: the first band's mean of the stamp's
+    last column less its first (x) and of its last row less its first (y)."""
+    first = stamps[:, 0]
+    return np.stack([first[:, :, -1].mean(1) - first[:, :, 0].mean(1),
+                     first[:, -1, :].mean(1) - first[:, 0, :].mean(1)], axis=1)
 
 
 @pytest.fixture(scope="session")

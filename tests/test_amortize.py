@@ -197,3 +197,29 @@ def test_torchrun_processes_share_the_map_targets(amortized: tuple[Path, Path],
     same = np.isclose(shared, whole["latent"], atol=1e-4).all(axis=1)
     assert same.sum() >= len(same) - 2, np.flatnonzero(~same)
     assert load_checkpoint(RunLayout(run).last("amortize"))["finished"]
+
+
+def test_fraction_fits_and_trains_on_the_first_part_of_each_split(
+        amortized: tuple[Path, Path], tmp_path: Path) -> None:
+    from training.data import make_loader
+
+    run = tmp_path / "run"
+    shutil.copytree(amortized[0], run)
+    config = load_config(amortized[1]).replace("training", amortize_fraction=0.5,
+                                               amortize_epochs=1)
+    data = open_dataset(load_checkpoint(RunLayout(run).best("amortize"))["data"]["path"])
+    train, validation = data.split_indices("train"), data.split_indices("validation")
+    kept = -(-len(train) // 2) + -(-len(validation) // 2)
+    messages: list[str] = []
+    run_stage("amortize", run, config=config, force=True, progress=False, log=messages.append)
+    assert f"MAP targets: {kept} blends ({kept} fitted now, 0 from" in " ".join(messages)
+    targets = np.load(run / "amortize" / "map_targets" / "chunk_00000.npz")
+    assert len(targets["latent"]) == kept
+    # the loaders read the same first halves, and nothing else
+    loader = make_loader(data.root, input_set="blend", target="clean", split="train",
+                         batch_size=8, fraction=0.5)
+    np.testing.assert_array_equal(np.sort(loader.sampler.indices), train[:-(-len(train) // 2)])
+    # a run trained on one fraction is not resumed on another
+    with pytest.raises(RunError, match="amortize_fraction"):
+        run_stage("amortize", run, config=config.replace("training", amortize_fraction=1.0),
+                  resume=True, progress=False, log=messages.append)

@@ -26,6 +26,7 @@ from deblend.core.metadetect import (
 )
 from deblend.core.shapes import ellipticity_from_moments, gaussian_weight, second_moments
 from deblend.core.stamps import cut_stamp
+from tests.conftest import background_gradient
 
 SCALE = 0.2
 BANDS = ("r", "i")
@@ -237,14 +238,6 @@ def test_deblender_measures_tiled_cells_once(trained_run):
     np.testing.assert_array_equal(again["deblend_e1"], catalogue["deblend_e1"])
     with pytest.raises(ValueError, match="bands"):
         model.measure_cells([CellImage(cube[:3], variance[:3], psfs[:3])])
-
-
-def background_gradient(stamps: np.ndarray) -> np.ndarray:
-    """A stand-in for an estimator that reads the sky: the first band's mean of the stamp's
-    last column less its first (x) and of its last row less its first (y)."""
-    first = stamps[:, 0]
-    return np.stack([first[:, :, -1].mean(1) - first[:, :, 0].mean(1),
-                     first[:, -1, :].mean(1) - first[:, 0, :].mean(1)], axis=1)
 
 
 def test_cells_hold_the_sky_plane_out_of_metacal():

@@ -13,6 +13,7 @@ from deblend.core.networks import Decoder, Encoder, Regressor
 from deblend.core.normalization import NormalizationConstants
 from deblend.core.runs import DataIdentity
 from deblend.core.sky_plane import plane_design, sky_plane, sky_plane_coefficients
+from tests.conftest import background_gradient
 
 SIZE, SIGMA = 45, 10.0
 BANDS = ("r", "i")
@@ -152,12 +153,8 @@ def test_per_object_responses_in_cells_hold_the_cell_s_plane() -> None:
     psf = galsim.Moffat(beta=3.0, fwhm=0.7).drawImage(nx=33, ny=33, scale=0.2).array
     operator = FourierMetacal(np.stack([psf, psf]), pad=12)
 
-    def gradient(stamps: np.ndarray) -> np.ndarray:  # reads the sky: right edge less left
-        return np.stack([stamps[:, 0, :, -1].mean(1) - stamps[:, 0, :, 0].mean(1),
-                         stamps[:, 0, -1].mean(1) - stamps[:, 0, 0].mean(1)], axis=1)
-
     def r11(image: np.ndarray, held: np.ndarray | None) -> np.ndarray:
-        columns = object_columns(model, image, np.zeros_like(image), positions, gradient,
+        columns = object_columns(model, image, np.zeros_like(image), positions, background_gradient,
                                  operator, False, 1, 8, held, masked)
         return columns["r11"]
 

@@ -450,9 +450,11 @@ def test_each_stage_declares_its_data_parent_epochs_and_last_step():
         ["stage1", "stage2", "flow", "stage3"], names]
     assert [STAGES["stage3"].parent_of(c) for c in configs] == ["stage2", "amortize"]
     training = Config().replace("training", epochs=7, stage2_epochs=3, amortize_epochs=2,
-                                amortize_learning_rate=3e-4).training
+                                stage1_learning_rate=2e-3, amortize_learning_rate=3e-4,
+                                amortize_fraction=0.25).training
     assert [STAGES[n].epochs(training) for n in names] == [7, 3, 7, 2, 7]
-    assert [STAGES[n].learning_rate(training) for n in names] == [1e-4, 1e-4, 1e-4, 3e-4, 1e-4]
+    assert [STAGES[n].learning_rate(training) for n in names] == [2e-3, 1e-4, 1e-4, 3e-4, 1e-4]
+    assert [STAGES[n].sample_fraction(training) for n in names] == [1, 1, 1, 0.25, 1]
     assert [(s.input_set, s.target) for s in STAGES.values()] == [
         ("noisy", "clean"), ("blend", "clean"), ("noisy", "ellipticity"), ("blend", "map_latent"),
         ("blend", "ellipticity")]

@@ -22,6 +22,7 @@ normalisation. :func:`make_loader` keeps them when they fit ``cache_bytes``
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,13 +40,15 @@ TARGETS = ("clean", "ellipticity", "map_latent")
 MAP latent of its target (:mod:`training.map_targets`)."""
 
 
-def select_indices(data: StampData, split: str, min_target_e: float) -> np.ndarray:
-    """Sample indices of ``split`` whose target has label ``e > min_target_e`` (all if 0)."""
+def select_indices(data: StampData, split: str, min_target_e: float,
+                   fraction: float = 1.0) -> np.ndarray:
+    """Sample indices of ``split`` whose target has label ``e > min_target_e`` (all if 0), the
+    first ``fraction`` of them (rounded up)."""
     indices = data.split_indices(split)
     if min_target_e > 0:
         e = data.labels()["e"]
         indices = indices[e[indices] > min_target_e]
-    return indices
+    return indices[:math.ceil(fraction * len(indices))]
 
 
 def ellipticity_targets(data: StampData) -> np.ndarray:
@@ -232,11 +235,13 @@ class BlockBatchSampler(Sampler[np.ndarray]):
 
 def make_loader(data_dir: str | Path, *, input_set: str, target: str, split: str,
                 batch_size: int,
-                epoch: int = 0, seed: int = 0, min_target_e: float = 0.0, num_workers: int = 0,
+                epoch: int = 0, seed: int = 0, min_target_e: float = 0.0, fraction: float = 1.0,
+                num_workers: int = 0,
                 pin_memory: bool = False, rank: int = 0, world_size: int = 1,
                 latent_targets: LatentTargets | None = None, cache_bytes: int = 0,
                 fill_unavailable: bool = False) -> DataLoader:
-    """DataLoader of (``input_set`` images, ``target``) batches over ``split`` of a dataset.
+    """DataLoader of (``input_set`` images, ``target``) batches over ``split`` of a dataset
+    (its first ``fraction``, :func:`select_indices`).
 
     The training split is shuffled by blocks (``loader.sampler.set_epoch`` picks the epoch) and
     split evenly between DDP ranks; other splits are read in order. ``batch_size=None`` in the
@@ -250,7 +255,7 @@ def make_loader(data_dir: str | Path, *, input_set: str, target: str, split: str
     shuffle = split == "train"
     reader = BatchReader(data_dir, input_set, target, latent_targets,
                          fill_unavailable=fill_unavailable)
-    indices = select_indices(reader.data, split, min_target_e)
+    indices = select_indices(reader.data, split, min_target_e, fraction)
     if len(indices) == 0:
         cut = f" with target e > {min_target_e} (training.min_target_e)" if min_target_e else ""
         raise ValueError(f"the {split} split of {data_dir} has no samples{cut}")

@@ -80,7 +80,8 @@ class StageLoop:
 
         common = dict(input_set=task.input_set, target=task.target,
                       batch_size=training.batch_size, seed=training.seed,
-                      min_target_e=training.min_target_e, num_workers=training.num_workers,
+                      min_target_e=training.min_target_e,
+                      fraction=task.sample_fraction(training), num_workers=training.num_workers,
                       pin_memory=device.type == "cuda", rank=context.rank,
                       world_size=context.world_size, latent_targets=task.latent_targets,
                       fill_unavailable=task.drops_bands)

@@ -141,6 +141,12 @@ class Stage(ABC):
         return training.max_grad_norm if specific is None else specific
 
     @classmethod
+    def sample_fraction(cls, training: TrainingConfig) -> float:
+        """``training.<name>_fraction`` when there is one: the fraction of each split the stage
+        trains on (:func:`training.data.select_indices`), else 1."""
+        return getattr(training, f"{cls.name}_fraction", 1.0)
+
+    @classmethod
     def learning_rate(cls, training: TrainingConfig) -> float:
         """``training.<name>_learning_rate`` when there is one and it is set, else
         ``training.learning_rate``."""
@@ -361,7 +367,8 @@ class AmortizeStage(Stage):
         """Fit (or read back) the MAP targets of the training and validation blends; under DDP
         each process fits its share of the chunks, then every process reads them all."""
         config = self.config
-        indices = np.concatenate([select_indices(dataset, split, config.training.min_target_e)
+        indices = np.concatenate([select_indices(dataset, split, config.training.min_target_e,
+                                                 self.sample_fraction(config.training))
                                   for split in ("train", "validation")])
         model = Deblender(self.frozen["stage2_encoder"], self.frozen["decoder"], None,
                           self.data, device, flow=self.frozen["flow"])

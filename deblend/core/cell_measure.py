@@ -39,6 +39,7 @@ from deblend.core.metadetect import (
     cell_plane,
     correction_noise,
     held_metacal,
+    unmasked,
 )
 from deblend.core.stamps import cut_stamps
 
@@ -112,8 +113,7 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
             raise ValueError(f"cell {k} has {len(cell.images)} bands, the model "
                              f"{len(bands)} ({' '.join(bands)})")
         operator, stamp_operator = cell_operators(cell.psfs, settings, model.device)
-        masked = ~np.isfinite(cell.variance)
-        images = np.where(masked, 0.0, cell.images)
+        images, masked = unmasked(cell.images, cell.variance)
         noise = correction_noise(np.asarray(cell.variance), seed + k)  # one field per cell
         plane = cell_plane(images, masked, settings)  # one plane per cell, held by both
 

@@ -27,6 +27,14 @@ def chunk_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def without_defaults(payload: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` less each key of ``defaults`` whose value is that default: a setting added
+    after caches were written enters the key only when it differs from the value every earlier
+    chunk was made with, so those chunks stay valid."""
+    return {key: value for key, value in payload.items()
+            if key not in defaults or value != defaults[key]}
+
+
 def read_chunk(path: Path, key: str) -> dict[str, np.ndarray] | None:
     """The arrays of a cached chunk made with ``key``, or None (absent, other key, unreadable:
     then with a warning naming the file, which the caller measures again and replaces)."""

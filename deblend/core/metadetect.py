@@ -41,6 +41,7 @@ from deblend.core.arguments import (
     require_positive_int,
 )
 from deblend.core.cells import CellImage
+from deblend.core.chunk_cache import without_defaults
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import DEFAULT_DELTA, METACAL_SHEARS, check_delta
 from deblend.core.sky_plane import sky_plane
@@ -105,10 +106,7 @@ class MetadetectSettings:
     def identity(self) -> dict:
         """The settings as a dict for cache keys; ``hold_sky_plane`` only when on, so that keys
         written before it existed stay valid."""
-        fields = dict(self.__dict__)
-        if not self.hold_sky_plane:
-            del fields["hold_sky_plane"]
-        return fields
+        return without_defaults(dict(self.__dict__), {"hold_sky_plane": False})
 
 
 def detection_weights(variance: np.ndarray, bands: tuple[str, ...],
@@ -210,6 +208,16 @@ def held_metacal(operator: FourierMetacal, images: np.ndarray, noise: np.ndarray
             for name, image in operator.apply(images - held, noise).items()}
 
 
+def unmasked(images: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``images`` with their masked pixels set to 0, ``masked``) of a cell: masked pixels are
+    those of infinite (or NaN) ``variance``; a non-finite image pixel elsewhere is refused."""
+    masked = ~np.isfinite(variance)
+    if (~np.isfinite(images) & ~masked).any():
+        raise ValueError("cell images hold non-finite pixels that are not masked "
+                         "(give them infinite variance)")
+    return np.where(masked, 0.0, images), masked
+
+
 def cell_plane(images: np.ndarray, masked: np.ndarray, settings: MetadetectSettings
                ) -> np.ndarray | None:
     """The sky plane held out of metacal's shear (:func:`~deblend.core.sky_plane.sky_plane` of
@@ -254,11 +262,7 @@ def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     variance = np.asarray(cell.variance, np.float64)
     if len(bands) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} image bands for {len(bands)} band names")
-    masked = ~np.isfinite(variance)
-    if (~np.isfinite(images) & ~masked).any():
-        raise ValueError("cell images hold non-finite pixels that are not masked "
-                         "(give them infinite variance)")
-    images = np.where(masked, 0.0, images)
+    images, masked = unmasked(images, variance)
     if operator is None:
         operator = FourierMetacal(cell.psfs, settings.delta, target_sigma=settings.target_sigma)
     if not settings.noise_correction:
