@@ -393,7 +393,8 @@ class TrainingConfig:
     stage1_learning_rate: StrictFloat | None = None
     """Stage1's (the VAE on isolated galaxies, trained from scratch); null: learning_rate. Its
     loss sits on a plateau (reconstruction near 7-8 in the quick config) before it drops to about
-    2, after more epochs at a lower rate: README, configs."""
+    2; a higher rate, with the gradient clipped (``max_grad_norm``), gets there in fewer epochs
+    (README: "The quick job's time budget")."""
     amortize_learning_rate: StrictFloat | None = None
     """The amortize stage's (it fine-tunes the trained stage2 encoder); null: learning_rate."""
     beta_kl: StrictFloat = 1e-3
