@@ -137,7 +137,7 @@ class Stage(ABC):
     def max_grad_norm(cls, training: TrainingConfig) -> float | None:
         """``training.<name>_max_grad_norm`` when there is one and it is set, else
         ``training.max_grad_norm`` (None: unclipped)."""
-        specific = getattr(training, f"{cls.name}_max_grad_norm", None)
+        specific = getattr(training, cls.grad_norm_key(training))
         return training.max_grad_norm if specific is None else specific
 
     @classmethod
