@@ -40,12 +40,13 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
              "memory": {"n": 1000}, "metacal_speed": {"n": 1024},
              "cell_speed": {"n_fields": 4}},
     "quick": {"simulation": {"n": 200}, "training": {"n": 640},
-              "memory": {"n": 250}, "metacal_speed": {"n": 256},
+              "memory": {"n": 250, "jobs": 2}, "metacal_speed": {"n": 256},
               "cell_speed": {"n_fields": 1}},
     # a smoke run (tests/test_benchmarks.py): every path, figures too small to mean anything
     "tiny": {"simulation": {"n": 16, "catalog_rows": 2000},
              "training": {"n": 64, "batch_size": 16, "repeats": 1},
-             "memory": {"n": 16, "shard_size": 8}, "metacal_speed": {"n": 16, "repeats": 1},
+             "memory": {"n": 16, "shard_size": 8, "jobs": 2},
+             "metacal_speed": {"n": 16, "repeats": 1},
              "cell_speed": {"n_fields": 1}},
 }
 """The keyword arguments of each benchmark's ``run`` at each ``--size``."""

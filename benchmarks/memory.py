@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -90,15 +91,24 @@ def _in_child(what: str, root: Path, n: int, shard_size: int) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def run(n: int = 1000, shard_size: int = 500) -> dict[str, float]:
-    """Peak anonymous memory of generating and streaming N, 2N, 4N samples (fresh processes)."""
+def _generate_and_stream(root: Path, count: int, shard_size: int) -> tuple[float, float]:
+    """Peaks (MiB) of generating ``count`` samples into ``root``, then of streaming them."""
+    generate = _in_child("generate", root, count, shard_size)
+    return generate, _in_child("stream", root, count, shard_size)
+
+
+def run(n: int = 1000, shard_size: int = 500, jobs: int = 1) -> dict[str, float]:
+    """Peak anonymous memory of generating and streaming N, 2N, 4N samples (fresh processes,
+    ``jobs`` sizes at a time: each process's own peak does not depend on the others)."""
     results: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, count in (("n", n), ("2n", 2 * n), ("4n", 4 * n)):
-            root = Path(tmp) / label
+    sizes = {"n": n, "2n": 2 * n, "4n": 4 * n}
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
+        peaks = {label: pool.submit(_generate_and_stream, Path(tmp) / label, count, shard_size)
+                 for label, count in sizes.items()}
+        for label, count in sizes.items():
             results[f"generate_{label}_samples"] = count
-            results[f"generate_{label}_peak_mib"] = _in_child("generate", root, count, shard_size)
-            results[f"stream_{label}_peak_mib"] = _in_child("stream", root, count, shard_size)
+            (results[f"generate_{label}_peak_mib"],
+             results[f"stream_{label}_peak_mib"]) = peaks[label].result()
     for what in ("generate", "stream"):
         peaks = [results[f"{what}_{label}_peak_mib"] for label in ("n", "2n", "4n")]
         growth = peaks[2] - peaks[0]
@@ -126,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=positive_int_arg, default=1000,
                         help="samples of the smallest dataset")
+    parser.add_argument("--jobs", type=positive_int_arg, default=1,
+                        help="dataset sizes measured at a time, each in its own processes")
     parser.add_argument("--json", help="also write the results as JSON here")
     parser.add_argument("--child", nargs=4, metavar=("WHAT", "ROOT", "N", "SHARD"),
                         help=argparse.SUPPRESS)
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         what, root, n, shard = args.child
         print(_measure(what, Path(root), int(n), int(shard)))
         return 0
-    results = run(args.n)
+    results = run(args.n, jobs=args.jobs)
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

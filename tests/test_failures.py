@@ -285,10 +285,18 @@ def test_predict_refuses_a_batch_size_that_is_not_a_positive_integer(trained_run
       "--pixel-scale", "-0.26"], "--pixel-scale"),
     (["des_validation.standin", "--out", "o", "--stamp", "0"], "--stamp"),
 ])
-def test_zero_or_negative_sizes_are_refused_naming_the_argument(tmp_path, argv, culprit):
-    result = run_command(argv, tmp_path)
-    assert result.returncode == 2
-    assert f"argument {culprit}: must be" in result.stderr and "Traceback" not in result.stderr
+def test_zero_or_negative_sizes_are_refused_naming_the_argument(tmp_path, monkeypatch, capsys,
+                                                                 argv, culprit):
+    """Refused by the parser (exit status 2, the argument named), in the command's own ``main``
+    run in an empty working directory."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(argv[0]).main(argv[1:])
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert f"argument {culprit}: must be" in stderr and "Traceback" not in stderr
     assert not any(tmp_path.iterdir())  # nothing written
 
 

@@ -208,17 +208,19 @@ def test_existing_dataset_is_not_overwritten_without_force(tmp_path, dataset):
     config = tmp_path / "c.yaml"
     config.write_text(f"simulation:\n  catalog: {SAMPLE}\n  n_samples: 8\n  shard_size: 8\n"
                       f"  btk_batch_size: 8\n")
+    from simulation.generate import main
+
     out = tmp_path / "d"
-    base = [sys.executable, "-m", "simulation.generate", "--config", str(config), "--out",
-            str(out), "--no-progress"]
-    assert subprocess.run(base, cwd=ROOT, capture_output=True).returncode == 0
+    args = ["--config", str(config), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
     before = file_digests(out)
-    again = subprocess.run(base + ["--seed", "4"], cwd=ROOT, capture_output=True, text=True)
+    # the refusal as a user meets it: the command's exit status and one line on stderr
+    again = subprocess.run([sys.executable, "-m", "simulation.generate", *args, "--seed", "4"],
+                           cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 2
     assert "--force" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     assert file_digests(out) == before
-    forced = subprocess.run(base + ["--seed", "4", "--force"], cwd=ROOT, capture_output=True)
-    assert forced.returncode == 0 and file_digests(out) != before
+    assert main([*args, "--seed", "4", "--force"]) == 0 and file_digests(out) != before
 
 
 def test_des_config_gives_five_bands_at_des_pixel(tmp_path):
