@@ -19,12 +19,12 @@ from deblend.core.metadetect import (
     MetadetectSettings,
     cell_plane,
     detect_cell,
-    held_metacal,
     measure_cell,
     metadetect_shear,
     step_means,
 )
 from deblend.core.shapes import ellipticity_from_moments, gaussian_weight, second_moments
+from deblend.core.sky_plane import held_metacal
 from deblend.core.stamps import cut_stamp
 from tests.conftest import background_gradient
 

@@ -38,9 +38,9 @@ from deblend.core.metadetect import (
     cell_columns,
     cell_plane,
     correction_noise,
-    held_metacal,
     unmasked,
 )
+from deblend.core.sky_plane import held_metacal
 from deblend.core.stamps import cut_stamps
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def object_columns(model: Deblender, images: np.ndarray, noise: np.ndarray,
     """Fluxes per band from the reconstruction and (with a ``stamp_operator``) the per-object
     metacal response, for the noshear detections at ``positions`` of the original cell;
     ``plane``: the cell's held sky plane (its stamps held out of the stamps' shear), or None;
-    ``masked``: the cell's masked pixels (:func:`~deblend.core.metadetect.held_metacal`)."""
+    ``masked``: the cell's masked pixels (:func:`~deblend.core.sky_plane.held_metacal`)."""
     size = model.stamp_pixels
     stamps = cell_stamps(images, positions, size)
     columns: dict[str, np.ndarray] = {}

@@ -64,8 +64,7 @@ from deblend.core.runs import (
     load_lineage,
     run_config,
 )
-from deblend.core.sky_plane import sky_plane
-from deblend.core.stamps import central
+from deblend.core.sky_plane import held_metacal, sky_plane
 from deblend.core.symmetry import (
     N_VIEWS,
     ellipticity_in_view,
@@ -75,7 +74,7 @@ from deblend.core.symmetry import (
 
 KEPT_OPERATORS = 3
 """Metacal operators kept in a process, whichever :class:`Deblender` built them (one per set of
-PSFs, delta, stamp sizes, target and device): building one takes 10-30 s on a CPU, and the steps
+PSFs, delta, stamp sizes, target and device): building one takes 5-25 s on a CPU, and the steps
 of a job (benchmark rows, reports) each load their own Deblender of the same run."""
 _OPERATORS: dict[tuple, MetacalOperator] = {}
 """The kept operators, most recently used last."""
@@ -475,13 +474,9 @@ class Deblender:
             batch_size, views, reconstruction_views)
         array = self.check_images(images, margin=True)
         operator = self.metacal_operator(psfs, delta, array.shape[2], target_fwhm)
-        held = None
         if hold_sky_plane is None:
             hold_sky_plane = self.metacal_hold_sky_plane
-        if hold_sky_plane and array.shape[0]:
-            plane = sky_plane(array)
-            array = array - plane
-            held = central(plane, self.stamp_pixels)
+        plane = sky_plane(array) if hold_sky_plane and array.shape[0] else None
         if noise is not None:
             noise = self.check_images(noise, margin=True)
             if noise.shape != array.shape:
@@ -491,12 +486,9 @@ class Deblender:
         inputs: dict[str, list[np.ndarray]] = {}
         for start in range(0, max(array.shape[0], 1), batch_size):  # no stamp: one empty batch
             part = slice(start, start + batch_size)
-            stamps = torch.from_numpy(array[part]).to(self.device)
-            field = None if noise is None else torch.from_numpy(noise[part]).to(self.device)
-            for name, image in operator.apply(stamps, field).items():
-                image = image.float().cpu().numpy()
-                if held is not None:
-                    image = image + held[part]
+            for name, image in held_metacal(
+                    operator, array[part], None if noise is None else noise[part],
+                    None if plane is None else plane[part], dtype=torch.float32).items():
                 outputs.setdefault(name, []).append(
                     self.predict(image, batch_size, views, reconstruct, reconstruction_views))
                 if keep_inputs:

@@ -44,7 +44,7 @@ from deblend.core.cells import CellImage
 from deblend.core.chunk_cache import without_defaults
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import DEFAULT_DELTA, METACAL_SHEARS, check_delta
-from deblend.core.sky_plane import sky_plane
+from deblend.core.sky_plane import held_metacal, sky_plane
 from deblend.core.stamps import cut_stamp, cut_stamps, nearest_pixel
 
 Estimator = Callable[[np.ndarray], np.ndarray]
@@ -190,22 +190,6 @@ def correction_noise(variance: np.ndarray, seed: int) -> np.ndarray:
     """An independent Gaussian noise field of the cell's per-pixel variance (0 where masked)."""
     sigma = np.sqrt(np.where(np.isfinite(variance), variance, 0.0))
     return np.random.default_rng(seed).normal(size=variance.shape) * sigma
-
-
-def held_metacal(operator: FourierMetacal, images: np.ndarray, noise: np.ndarray | None,
-                 plane: np.ndarray | None, masked: np.ndarray | None = None
-                 ) -> dict[str, np.ndarray]:
-    """The five metacal images (float64, the input's shape) of raw ``images`` ([N,] bands, H,
-    W) with the correction ``noise`` (or None); a sky ``plane`` (the images' shape, or None) is
-    taken out before the shear and put back, unsheared, in each image
-    (:mod:`deblend.core.sky_plane`); ``masked`` pixels (no data, 0 in ``images``) stay 0 before
-    the shear, not minus the plane."""
-    if plane is None:
-        return {name: image.double().cpu().numpy()
-                for name, image in operator.apply(images, noise).items()}
-    held = plane if masked is None else np.where(masked, 0.0, plane)
-    return {name: image.double().cpu().numpy() + plane
-            for name, image in operator.apply(images - held, noise).items()}
 
 
 def unmasked(images: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,9 +6,9 @@ everything in the stamp, that residual included, which the real shear never move
 whose output depends on the residual's gradient then reads metacal's shear of it as a response
 to shear (a 0.3-sigma residual biased the conditions model's metacal shear by about -0.008:
 ``python -m benchmarks.conditions --rows sky_0.3``). With ``metacal.hold_sky_plane``
-(:meth:`deblend.core.inference.Deblender.metacal`; a cell's, :func:`deblend.core.metadetect.
-held_metacal`) each stamp's or cell's plane is taken out before the shear and put back
-unsheared: the networks see the residual as the real shear left it.
+(:func:`held_metacal`, for stamps in :meth:`deblend.core.inference.Deblender.metacal` and for
+cells in :mod:`deblend.core.metadetect`) each stamp's or cell's plane is taken out before the
+shear and put back unsheared: the networks see the residual as the real shear left it.
 
 The plane of a band is the least-squares fit ``a + b x + c y`` (pixels from the stamp centre,
 x along axis 1) to the pixels within ``sigma`` standard deviations of the current fit (astropy's
@@ -21,7 +21,10 @@ bright galaxy.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
+import torch
 from astropy.stats import sigma_clip
 from scipy.ndimage import binary_dilation
 
@@ -99,3 +102,32 @@ def sky_plane(images: np.ndarray, sigma: float = CLIP_SIGMA, iterations: int = I
 
 __all__ = ["CLIP_ITERATIONS", "CLIP_SIGMA", "DILATION", "ITERATIONS", "plane_design", "sky_plane",
            "sky_plane_coefficients"]
+
+
+class MetacalOperation(Protocol):
+    """What :func:`held_metacal` needs of a metacal operator (the stamps' dense
+    :class:`~deblend.core.metacal.MetacalOperator`, the cells' FFT
+    :class:`~deblend.core.fourier_metacal.FourierMetacal`)."""
+
+    def apply(self, images, noise=None) -> dict[str, torch.Tensor]: ...
+
+
+def held_metacal(operator: MetacalOperation, images: np.ndarray, noise: np.ndarray | None,
+                 plane: np.ndarray | None, masked: np.ndarray | None = None, *,
+                 dtype: torch.dtype = torch.float64) -> dict[str, np.ndarray]:
+    """The five metacal images of raw ``images`` ([N,] bands, H, W) with the correction
+    ``noise`` (or None), as numpy arrays of ``dtype``; a sky ``plane`` (the images' shape, or
+    None) is taken out before the shear and put back, unsheared and in float64, in each image,
+    cropped to the operator's output (the central pixels, where the operator crops a margin);
+    ``masked`` pixels (no data, 0 in ``images``) stay 0 before the shear, not minus the
+    plane."""
+    if plane is None:
+        return {name: image.to(dtype).cpu().numpy()
+                for name, image in operator.apply(images, noise).items()}
+    held = plane if masked is None else np.where(masked, 0.0, plane)
+    sheared = {name: image.to(dtype).cpu().numpy()
+               for name, image in operator.apply(images - held, noise).items()}
+    height, width = next(iter(sheared.values())).shape[-2:]
+    top, left = (plane.shape[-2] - height) // 2, (plane.shape[-1] - width) // 2
+    kept = plane[..., top:top + height, left:left + width]
+    return {name: image + kept for name, image in sheared.items()}
