@@ -100,10 +100,6 @@ def sky_plane(images: np.ndarray, sigma: float = CLIP_SIGMA, iterations: int = I
     return plane.reshape(np.shape(images)).astype(np.asarray(images).dtype)
 
 
-__all__ = ["CLIP_ITERATIONS", "CLIP_SIGMA", "DILATION", "ITERATIONS", "plane_design", "sky_plane",
-           "sky_plane_coefficients"]
-
-
 class MetacalOperation(Protocol):
     """What :func:`held_metacal` needs of a metacal operator (the stamps' dense
     :class:`~deblend.core.metacal.MetacalOperator`, the cells' FFT
@@ -117,9 +113,9 @@ def held_metacal(operator: MetacalOperation, images: np.ndarray, noise: np.ndarr
                  dtype: torch.dtype = torch.float64) -> dict[str, np.ndarray]:
     """The five metacal images of raw ``images`` ([N,] bands, H, W) with the correction
     ``noise`` (or None), as numpy arrays of ``dtype``; a sky ``plane`` (the images' shape, or
-    None) is taken out before the shear and put back, unsheared and in float64, in each image,
-    cropped to the operator's output (the central pixels, where the operator crops a margin);
-    ``masked`` pixels (no data, 0 in ``images``) stay 0 before the shear, not minus the
+    None) is taken out before the shear and put back, unsheared, in each image (which makes it
+    float64), cropped to the operator's output (its central pixels, where the operator crops a
+    margin); ``masked`` pixels (no data, 0 in ``images``) stay 0 before the shear, not minus the
     plane."""
     if plane is None:
         return {name: image.to(dtype).cpu().numpy()
@@ -131,3 +127,7 @@ def held_metacal(operator: MetacalOperation, images: np.ndarray, noise: np.ndarr
     top, left = (plane.shape[-2] - height) // 2, (plane.shape[-1] - width) // 2
     kept = plane[..., top:top + height, left:left + width]
     return {name: image + kept for name, image in sheared.items()}
+
+
+__all__ = ["CLIP_ITERATIONS", "CLIP_SIGMA", "DILATION", "ITERATIONS", "MetacalOperation",
+           "held_metacal", "plane_design", "sky_plane", "sky_plane_coefficients"]
