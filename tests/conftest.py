@@ -75,3 +75,14 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path,
     assert main(["stage3", *common]) == 0
     assert main(["flow", *common]) == 0
     return run
+
+
+def parser_refusal(module: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The stderr of ``module``'s ``main(args)``, which must stop with argparse's exit status
+    2 (a refusal before any work)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(module).main(args)
+    assert stop.value.code == 2
+    return capsys.readouterr().err

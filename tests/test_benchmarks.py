@@ -9,7 +9,6 @@ own tests). They check that the figures exist and are finite, never how fast any
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import subprocess
@@ -17,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import parser_refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,11 +80,7 @@ def test_a_benchmark_command_in_its_smallest_form(tmp_path: Path) -> None:
 ])
 def test_benchmark_commands_refuse_bad_sizes_before_running(module: str, args: list[str],
                                                             capsys) -> None:
-    main = importlib.import_module(module).main
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    assert stop.value.code == 2
-    error = capsys.readouterr().err
+    error = parser_refusal(module, args, capsys)
     assert args[0] in error and "usage:" in error
 
 

@@ -289,13 +289,10 @@ def test_zero_or_negative_sizes_are_refused_naming_the_argument(tmp_path, monkey
                                                                  argv, culprit):
     """Refused by the parser (exit status 2, the argument named), in the command's own ``main``
     run in an empty working directory."""
-    import importlib
+    from tests.conftest import parser_refusal
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        importlib.import_module(argv[0]).main(argv[1:])
-    assert exit_.value.code == 2
-    stderr = capsys.readouterr().err
+    stderr = parser_refusal(argv[0], argv[1:], capsys)
     assert f"argument {culprit}: must be" in stderr and "Traceback" not in stderr
     assert not any(tmp_path.iterdir())  # nothing written
 
