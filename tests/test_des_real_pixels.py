@@ -4,6 +4,7 @@ resampling and sky subtraction, `deblend measure`'s catalogue, des_validation.re
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -103,12 +104,20 @@ def test_masked_pixels_of_a_real_frame_change_nothing(frames, model, tmp_path) -
     assert np.isinf(reference.variance[k, y, x])
 
 
-def test_the_bright_galaxy_is_measured_where_the_sky_says(frames, tmp_path, capsys) -> None:
-    """python -m des_validation.real on the frames with the packaged weights: a catalogue,
-    a figure and a report; the brightest detection's (ra, dec) is the sky position of the
-    bright galaxy's peak in the native g frame (through resampling and two WCSs), to 0.3"."""
-    out = tmp_path / "real"
+@pytest.fixture(scope="module")
+def real_run(frames, tmp_path_factory) -> Path:
+    """``python -m des_validation.real`` on the frames with the packaged weights, once."""
+    out = tmp_path_factory.mktemp("real_des") / "real"
     assert main(["--run", str(WEIGHTS), "--data", str(DES_DIR), "--out", str(out)]) == 0
+    return out
+
+
+def test_the_bright_galaxy_is_measured_where_the_sky_says(frames, real_run, capsys) -> None:
+    """A catalogue, a figure and a report; the brightest detection's (ra, dec) is the sky
+    position of the bright galaxy's peak in the native g frame (through resampling and two
+    WCSs), to 0.3"; a second run is refused without --force, and a refused target keeps the
+    earlier result."""
+    out = real_run
     for name in ("catalogue.fits", "real_des.png", "real_des.md", "metrics.json"):
         assert (out / name).is_file(), name
     catalogue = Table.read(out / "catalogue.fits")
@@ -134,6 +143,21 @@ def test_the_bright_galaxy_is_measured_where_the_sky_says(frames, tmp_path, caps
                  "--target-psf-fwhm", "0.8"]) == 2
     assert "narrower than this PSF allows" in capsys.readouterr().err
     assert (out / "catalogue.fits").read_bytes() == before
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap (README, 'Real DES pixels'): the bright galaxy (S/N 13,000, wider than the "
+    "45-pixel stamp, its peak 200-400 times the normalisation constants) is outside what the "
+    "networks were trained on; measured residual rms 39 sigma (packaged weights), 10 sigma at "
+    "best with a flux scale and MAP on the conditions model"))
+def test_the_bright_galaxy_residual_is_at_the_noise_level_away_from_its_core(real_run) -> None:
+    """The issue's check: image minus the pasted reconstructions, in units of the weights'
+    noise, over the present bands' unmasked pixels 3 to 12 pixels from the brightest
+    detection, has an rms within 1.5 (1.0 is the noise level; the margin allows for the
+    resampling's correlated noise). Strict: the day the model passes, this test says so."""
+    chi = json.loads((real_run / "metrics.json").read_text())["brightest"]["residual_chi"]
+    assert chi["pixels"] > 1000
+    assert chi["rms"] < 1.5, chi
 
 
 def measure_arguments(frames, out: Path, *extra: str) -> list[str]:
