@@ -45,7 +45,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     # a smoke run (tests/test_benchmarks.py): every path, figures too small to mean anything
     "tiny": {"simulation": {"n": 16, "catalog_rows": 2000},
              "training": {"n": 64, "batch_size": 16, "repeats": 1},
-             "memory": {"n": 16, "shard_size": 8, "jobs": 2},
+             "memory": {"n": 16, "shard_size": 8, "jobs": 3},  # all three sizes at once
              "metacal_speed": {"n": 16, "repeats": 1},
              "cell_speed": {"n_fields": 1}},
 }
