@@ -14,6 +14,8 @@ Treat the session fixtures as read-only: copy them before changing anything.
 
 from __future__ import annotations
 
+import importlib
+
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +82,6 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path,
 def parser_refusal(module: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """The stderr of ``module``'s ``main(args)``, which must stop with argparse's exit status
     2 (a refusal before any work)."""
-    import importlib
-
     with pytest.raises(SystemExit) as stop:
         importlib.import_module(module).main(args)
     assert stop.value.code == 2

@@ -153,8 +153,10 @@ def test_the_bright_galaxy_is_measured_where_the_sky_says(frames, real_run, caps
 def test_the_bright_galaxy_residual_is_at_the_noise_level_away_from_its_core(real_run) -> None:
     """The issue's check: image minus the pasted reconstructions, in units of the weights'
     noise, over the present bands' unmasked pixels 3 to 12 pixels from the brightest
-    detection, has an rms within 1.5 (1.0 is the noise level; the margin allows for the
-    resampling's correlated noise). Strict: the day the model passes, this test says so."""
+    detection, has an rms within 1.5. Far from both galaxies the same chi of the resampled,
+    sky-subtracted frames has rms 0.98-1.06 and mean -0.26 to -0.35 per band (the subtracted
+    sky median holds some galaxy light), so 1.5 leaves room for that offset, not for a model
+    error. Strict: the day the model passes, this test says so."""
     chi = json.loads((real_run / "metrics.json").read_text())["brightest"]["residual_chi"]
     assert chi["pixels"] > 1000
     assert chi["rms"] < 1.5, chi

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import parser_refusal
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -289,8 +291,6 @@ def test_zero_or_negative_sizes_are_refused_naming_the_argument(tmp_path, monkey
                                                                  argv, culprit):
     """Refused by the parser (exit status 2, the argument named), in the command's own ``main``
     run in an empty working directory."""
-    from tests.conftest import parser_refusal
-
     monkeypatch.chdir(tmp_path)
     stderr = parser_refusal(argv[0], argv[1:], capsys)
     assert f"argument {culprit}: must be" in stderr and "Traceback" not in stderr
