@@ -7,9 +7,10 @@ multiplicative bias of the reconstruction's moment ellipticity (uniform and Gaus
 r+i+z) against the noiseless truth, the same per symmetric view in the network's frame, the
 flux residual in bins of i magnitude (and of magnitude and true size), and where in the profile
 the defects live (light kept per annulus, slope of the uniform-weight e inside apertures of
-growing radius), for the plain reconstruction and for the average of the 8 views'
-reconstructions (and, with ``--map PRIOR``, for MAP deblending's reconstructions under that
-prior). Prints the tables; writes ``reconstruction_defects.json``, ``flux_residual.png``,
+growing radius), and the residual in units of the noise 3-12 pixels from the centre by S/N
+(where the reconstruction stops being at the noise level), for the plain reconstruction and for
+the average of the 8 views' reconstructions (and, with ``--map PRIOR``, for MAP deblending's
+reconstructions under that prior). Prints the tables; writes ``reconstruction_defects.json``, ``flux_residual.png``,
 ``radial_profile.png`` and ``report.md`` into ``--out`` (default
 ``RUN/reconstruction_defects``).
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from deblend.core.arguments import non_negative_int_arg, positive_int_arg
 from deblend.core.atomic import atomic_output, write_json_atomic, write_text_atomic
@@ -33,10 +35,13 @@ from deblend.core.inference import Deblender
 from deblend.core.map_deblend import PRIORS
 from deblend.core.outputs import mark, refuse_foreign
 from evaluation.reconstruction_defects import (
+    CORE_RADIUS,
+    GALAXY_RADIUS,
     WEIGHTS,
     draw_isolated_galaxies,
     measure_defects,
 )
+from simulation.galsim_population import PopulationSpec
 
 KIND = "reconstruction-defects"
 RESULTS = "reconstruction_defects.json"
@@ -63,9 +68,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Gaussian weight sigma in pixels (default 3)")
     parser.add_argument("--map", choices=PRIORS, dest="map_prior",
                         help="also measure MAP deblending's reconstructions under this prior")
+    parser.add_argument("--mag", type=float, nargs=2, metavar=("BRIGHT", "FAINT"),
+                        default=PopulationSpec().target_mag,
+                        help="the galaxies' reference-band (i) magnitude range, drawn uniformly "
+                             "(default %(default)s; brighter to probe where the reconstruction "
+                             "leaves the noise level)")
     parser.add_argument("--out", help="output directory (default: RUN/reconstruction_defects)")
     parser.add_argument("--device", default="auto", help="torch device (default: auto)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.mag[0]) and math.isfinite(args.mag[1])
+            and args.mag[0] < args.mag[1]):
+        parser.error(f"--mag needs two finite magnitudes, bright first, got {args.mag}")
+    return args
 
 
 def _pm(entry: dict[str, Any], key: str, error: str, digits: int = 4, sign: str = "+") -> str:
@@ -82,8 +96,9 @@ def _label(result: dict[str, Any], variant: str) -> str:
 def table(result: dict[str, Any]) -> str:
     """Markdown tables: the e bias (additive c over twin pairs, multiplicative m), then the
     flux residual per magnitude bin, for each variant."""
+    bright, faint = result.get("target_mag", PopulationSpec().target_mag)
     lines = [(f"n = {result['n']} isolated GalSim galaxies ({result['n'] // 2} rotated-twin "
-              f"pairs), shapes from {'+'.join(result['shape_bands'])}; Gaussian weight sigma "
+              f"pairs, i = {bright:g}-{faint:g}), shapes from {'+'.join(result['shape_bands'])}; Gaussian weight sigma "
               f"{result['gaussian_sigma_pixels']:g} px"), "",
              "| variant | weight | c1 | c2 | m1 | m2 |", "|:---|:---|---:|---:|---:|---:|"]
     for variant in VARIANTS:
@@ -107,6 +122,7 @@ def table(result: dict[str, Any]) -> str:
     lines.append("| slope per mag | | " + " | ".join(cells) + " |")
     lines += _size_table(result, variants)
     lines += _profile_tables(result, variants)
+    lines += _residual_table(result, variants)
     if "view_biases" in result:
         lines += ["", ("Residual e per symmetric view (uniform weight), in the stamp frame and "
                        "in the network's frame (a fixed network-frame bias is constant in the "
@@ -159,6 +175,26 @@ def _profile_tables(result: dict[str, Any], variants: list[str]) -> list[str]:
         cells = [" / ".join(f"{result[v]['slope_by_aperture'][k][c]['slope']:.3f}"
                             for c in ("e1", "e2")) for v in variants]
         lines.append(f"| < {row['radius']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _residual_table(result: dict[str, Any], variants: list[str]) -> list[str]:
+    """Ring rms of (image - reconstruction) / sigma by S/N: median (90th percentile)."""
+    rows = result[variants[0]]["residual_by_snr"]
+    lines = ["", (f"image - reconstruction in units of the noise (sky + galaxy Poisson), rms over "
+                  f"the pixels {CORE_RADIUS:g}-{GALAXY_RADIUS:g} px from the centre in all bands, "
+                  f"median (90th percentile) by the galaxy's matched-filter S/N against the sky "
+                  f"(1.0: the noise level; noise alone gives the floor):"), "",
+             "| S/N | n | floor | " + " | ".join(_label(result, v) for v in variants) + " |",
+             "|:---|---:|---:|" + "---:|" * len(variants)]
+    for k, row in enumerate(rows):
+        if not row["n"]:
+            continue
+        cells = [f"{result[v]['residual_by_snr'][k]['median']:.2f} "
+                 f"({result[v]['residual_by_snr'][k]['p90']:.2f})" for v in variants]
+        hi = "" if math.isinf(row["hi"]) else f"{row['hi']:g}"
+        lines.append(f"| {row['lo']:g}-{hi} | {row['n']} | {row['floor']:.2f} | "
+                     + " | ".join(cells) + " |")
     return lines
 
 
@@ -216,8 +252,11 @@ def figure(result: dict[str, Any], path: Path) -> Path:
 
 def run_benchmark(run: str | Path, out: str | Path | None = None, *, n: int = 2000,
                   seed: int = 2024, stage: str = "stage3", sigma: float = 3.0,
-                  device: str = "auto", map_prior: str | None = None) -> dict[str, Any]:
-    """Draw the population, measure, write the JSON, figure and report; return the results."""
+                  device: str = "auto", map_prior: str | None = None,
+                  mag: Sequence[float] = PopulationSpec().target_mag) -> dict[str, Any]:
+    """Draw the population (i magnitudes uniform in ``mag``), measure, write the JSON, figure
+    and report; return the results. The flux residual is binned by whole magnitudes over
+    ``mag``."""
     if n % 2:
         raise ValueError(f"--n must be even (rotated-twin pairs), got {n}")
     run = Path(run)
@@ -226,9 +265,13 @@ def run_benchmark(run: str | Path, out: str | Path | None = None, *, n: int = 20
     model = Deblender.from_run(run, stage=stage, device=device)
     model.require_survey_psf("the reconstruction-defect benchmark")
     started = time.time()
-    galaxies = draw_isolated_galaxies(n, seed, model.data.survey, model.stamp_pixels)
-    result = measure_defects(model, galaxies, sigma=sigma, map_prior=map_prior)
+    spec = PopulationSpec(target_mag=(float(mag[0]), float(mag[1])))
+    galaxies = draw_isolated_galaxies(n, seed, model.data.survey, model.stamp_pixels, spec)
+    mag_edges = tuple(float(m) for m in np.arange(math.floor(mag[0]), math.ceil(mag[1]) + 1))
+    result = measure_defects(model, galaxies, sigma=sigma, map_prior=map_prior,
+                             mag_edges=mag_edges)
     result.update({"run": str(run), "stage": stage, "seed": seed,
+                   "target_mag": list(spec.target_mag),
                    "population": "simulation.galsim_population.GalSimPopulation, "
                                  "neighbours=False, BTK-like noise (add_btk_noise, 'all')",
                    "seconds": time.time() - started})
@@ -256,7 +299,8 @@ def write_outputs(result: dict[str, Any], out: Path, title: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     run_benchmark(args.run, args.out, n=args.n, seed=args.seed, stage=args.stage,
-                  sigma=args.sigma, device=args.device, map_prior=args.map_prior)
+                  sigma=args.sigma, device=args.device, map_prior=args.map_prior,
+                  mag=args.mag)
     return 0
 
 

@@ -37,6 +37,7 @@ from deblend.core.outputs import claim_directory, replace_directory  # noqa: E40
 from deblend.core.stamps import cut_stamps, paste_stamp  # noqa: E402
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey  # noqa: E402
 from deblend.core.survey_measure import measure_survey  # noqa: E402
+from evaluation.reconstruction_defects import CORE_RADIUS, GALAXY_RADIUS  # noqa: E402
 from evaluation.report_io import reconvolution_words  # noqa: E402
 from simulation.surveys import zero_points  # noqa: E402
 
@@ -46,10 +47,6 @@ NOMINAL_ZP = {"g": 30.0, "r": 30.2, "z": 29.8}
 checked against the frames' sky levels; about +-0.3 mag."""
 REAL_DES_KIND = "real-des"
 """The kind of output directory :func:`run_real_des` writes (:mod:`deblend.core.outputs`)."""
-CORE_RADIUS = 3.0
-"""Pixels (model grid) around the brightest detection left out of its residual."""
-GALAXY_RADIUS = 12.0
-"""Pixels (model grid) around the brightest detection whose residual is reported."""
 _FRAME = re.compile(r"^(?P<stem>.+)_ooi_(?P<band>[A-Za-z])_(?P<tail>[^-]+)\.fits$")
 
 

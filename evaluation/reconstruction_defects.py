@@ -30,6 +30,9 @@ What is measured:
   fixed magnitude a larger galaxy has a lower surface brightness, so a deficit that grows with
   size there comes from faint outskirts the estimator does not see (its training population's
   sizes acting as a prior), not from the brightness itself.
+* :func:`residual_by_snr`: the residual image - reconstruction in units of the noise, between
+  :data:`CORE_RADIUS` and :data:`GALAXY_RADIUS` pixels of the centre (the real DES frames'
+  check), in bins of the galaxy's S/N: where the reconstruction stops being at the noise level.
 * :func:`light_by_radius`: the light the reconstruction keeps in circular annuli about the
   stamp centre, flux(reconstruction) / flux(truth) per annulus, and
   :func:`slope_by_aperture`, the slope of the reconstruction's uniform-weight e against the
@@ -80,6 +83,15 @@ RADIUS_EDGES: tuple[float, ...] = (0.0, 3.0, 6.0, 10.0, 15.0, 23.0, 32.0)
 stamp's corners."""
 APERTURE_RADII: tuple[float, ...] = (4.0, 8.0, 12.0, 16.0, 23.0)
 """Aperture radii (pixels) of :func:`slope_by_aperture`; 23 holds a 45-pixel stamp's disc."""
+CORE_RADIUS = 3.0
+"""Pixels (model grid) about a galaxy's centre left out of its residual in noise units (the
+core, where a PSF-sized peak dominates)."""
+GALAXY_RADIUS = 12.0
+"""Pixels (model grid) about a galaxy's centre out to which its residual in noise units is
+compared with the noise (:func:`residual_by_snr`; the real DES frames' check alike)."""
+SNR_EDGES: tuple[float, ...] = (0.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0,
+                                 float("inf"))
+"""Bins of :func:`residual_by_snr` in the galaxy's S/N (:func:`optimal_snr`)."""
 
 
 @dataclass(frozen=True)
@@ -447,6 +459,52 @@ def slope_by_aperture(recon: np.ndarray, truth: np.ndarray,
     return rows
 
 
+# -- the residual against the noise -------------------------------------------------------------
+
+def ring_mask(stamp_pixels: int) -> np.ndarray:
+    """(S, S) True on the pixels more than :data:`CORE_RADIUS` and at most
+    :data:`GALAXY_RADIUS` from the stamp centre."""
+    radius = radius_map(stamp_pixels)
+    return (radius > CORE_RADIUS) & (radius <= GALAXY_RADIUS)
+
+
+def optimal_snr(clean: np.ndarray, sky_levels: np.ndarray) -> np.ndarray:
+    """(N,) matched-filter S/N of noiseless galaxies (N, bands, S, S) against the sky's noise
+    alone, all bands together: sqrt(sum over bands and pixels of clean^2 / sky_b)."""
+    sky = np.asarray(sky_levels, np.float64).reshape(1, -1, 1, 1)
+    return np.sqrt((np.asarray(clean, np.float64) ** 2 / sky).sum(axis=(1, 2, 3)))
+
+
+def residual_by_snr(recon: np.ndarray, galaxies: IsolatedGalaxies,
+                    edges: Sequence[float] = SNR_EDGES) -> list[dict[str, Any]]:
+    """Whether the reconstruction leaves only noise away from the core, in bins of S/N.
+
+    Per galaxy: the rms over every band's pixels of the ring (:func:`ring_mask`) of
+    (noisy - recon) / sigma, sigma^2 = sky level + clean (BTK's noise: Poisson on the sky and on
+    the galaxy), and the same with the truth in place of the reconstruction (noise alone: 1 up to
+    chance, the floor). Per S/N bin (:func:`optimal_snr`, [lo, hi)): ``n``, the ``median`` and
+    ``p90`` of the first, ``floor`` the median of the second (NaN for an empty bin)."""
+    clean = np.asarray(galaxies.clean, np.float64)
+    noisy = np.asarray(galaxies.noisy, np.float64)
+    sigma = np.sqrt(np.asarray(galaxies.sky_levels, np.float64).reshape(1, -1, 1, 1) + clean)
+    ring = ring_mask(clean.shape[-1])
+
+    def ring_rms(model: np.ndarray) -> np.ndarray:
+        chi = ((noisy - model) / sigma)[:, :, ring]
+        return np.sqrt((chi ** 2).mean(axis=(1, 2)))
+
+    rms, floor = ring_rms(np.asarray(recon, np.float64)), ring_rms(clean)
+    snr = optimal_snr(clean, galaxies.sky_levels)
+    rows = []
+    for lo, hi in itertools.pairwise(edges):
+        chosen = (snr >= lo) & (snr < hi)
+        row: dict[str, Any] = {"lo": float(lo), "hi": float(hi), "n": int(chosen.sum())}
+        for name, values, q in (("median", rms, 0.5), ("p90", rms, 0.9), ("floor", floor, 0.5)):
+            row[name] = float(np.quantile(values[chosen], q)) if chosen.any() else float("nan")
+        rows.append(row)
+    return rows
+
+
 # -- everything at once ----------------------------------------------------------------------------
 
 def measure_reconstruction(recon: np.ndarray, galaxies: IsolatedGalaxies,
@@ -455,9 +513,9 @@ def measure_reconstruction(recon: np.ndarray, galaxies: IsolatedGalaxies,
                            shape_bands: Sequence[str] = SHAPE_BANDS,
                            mag_edges: Sequence[float] = MAG_EDGES) -> dict[str, Any]:
     """Shape bias (summed ``shape_bands`` and per band, for each weight), flux residuals
-    (by magnitude, per band, by normalised pixel level, by magnitude and size) and the light and
-    shape slope by radius (summed ``shape_bands``) of raw-flux reconstructions of ``galaxies``
-    (N, bands, S, S)."""
+    (by magnitude, per band, by normalised pixel level, by magnitude and size), the light and
+    shape slope by radius (summed ``shape_bands``) and the residual in noise units by S/N (all
+    bands) of raw-flux reconstructions of ``galaxies`` (N, bands, S, S)."""
     idx = band_indices(galaxies.bands, shape_bands)
     truth_img = shape_image(galaxies.clean, galaxies.bands, shape_bands)
     recon_img = shape_image(recon, galaxies.bands, shape_bands)
@@ -479,6 +537,7 @@ def measure_reconstruction(recon: np.ndarray, galaxies: IsolatedGalaxies,
                                                    galaxies.hlr, band_index=idx)
     result["light_by_radius"] = light_by_radius(recon_img, truth_img)
     result["slope_by_aperture"] = slope_by_aperture(recon_img, truth_img)
+    result["residual_by_snr"] = residual_by_snr(recon, galaxies)
     return result
 
 

@@ -4,6 +4,7 @@ reconstruction that removes the orientation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,13 +28,17 @@ from evaluation.reconstruction_defects import (
     light_by_radius,
     measure_defects,
     network_frame_bias,
+    optimal_snr,
     orientation_bias,
     radius_map,
     reconstruct,
+    residual_by_snr,
+    ring_mask,
     slope_by_aperture,
     view_biases,
     view_reconstructions,
 )
+from tests.conftest import parser_refusal
 
 STAMP = 25
 PIXEL = 0.2
@@ -231,7 +236,36 @@ def test_light_and_shape_by_radius_locate_a_defect_in_the_outskirts() -> None:
         light_by_radius(recon[None], truth[None])
 
 
-def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path) -> None:
+def test_residual_by_snr_is_the_ring_residual_in_units_of_the_noise() -> None:
+    galaxies = draw_isolated_galaxies(8, seed=3)
+    sky = galaxies.sky_levels.reshape(1, -1, 1, 1)
+    sigma = np.sqrt(sky + galaxies.clean.astype(np.float64))
+    snr = optimal_snr(galaxies.clean, galaxies.sky_levels)
+    edges = (0.0, float(np.median(snr)), float("inf"))
+    # the truth as the model: noise alone, rms 1 up to chance, equal to the floor
+    exact = residual_by_snr(galaxies.clean, galaxies, edges)
+    assert [r["n"] for r in exact] == [4, 4]
+    for row in exact:
+        assert row["median"] == pytest.approx(row["floor"], abs=1e-9)
+        assert 0.9 < row["floor"] < 1.1
+    # a noiseless image and a model 2 sigma too faint on every pixel: exactly 2 in the ring
+    noiseless = dataclasses.replace(galaxies, noisy=galaxies.clean)
+    two = residual_by_snr(galaxies.clean - 2.0 * sigma, noiseless, edges)
+    assert all(r["median"] == pytest.approx(2.0, rel=1e-6) and r["floor"] == 0.0 for r in two)
+    # no model at all: the brighter half leaves the larger residual, well above the noise
+    empty = residual_by_snr(np.zeros_like(galaxies.clean), galaxies, edges)
+    assert empty[1]["median"] > empty[0]["median"] > 1.1
+    # the ring: more than 3 and at most 12 pixels from the centre
+    ring = ring_mask(45)
+    assert ring[22, 22 + 4] and ring[22, 22 + 12] and not ring[22, 22 + 3]
+    assert not ring[22, 22 + 13] and not ring[22, 22]
+    # the S/N: sqrt(sum clean^2 / sky) over bands and pixels
+    one = np.zeros((1, 2, 5, 5))
+    one[0, 0, 2, 2], one[0, 1, 1, 1] = 30.0, 40.0
+    assert optimal_snr(one, np.array([100.0, 400.0]))[0] == pytest.approx(np.hypot(3.0, 2.0))
+
+
+def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path, capsys) -> None:
     from benchmarks.reconstruction_defects import main, write_outputs
 
     galaxies = draw_isolated_galaxies(4, seed=0)
@@ -252,6 +286,7 @@ def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path) -> None:
     text = write_outputs(result, out, "untrained")
     assert "8-view average" in text and "slope per mag" in text and "MAP (normal prior)" in text
     assert "light kept per annulus" in text and "inside a circular aperture" in text
+    assert "in units of the noise" in text and len(result["plain"]["residual_by_snr"]) == 8
     assert "true half-light radius" in text and len(result["plain"]["flux_by_size"]) == 3
     assert len(result["map"]["light_by_radius"]) == 6
     assert len(result["plain"]["slope_by_aperture"]) == 5
@@ -265,4 +300,7 @@ def test_benchmark_measures_and_writes_its_outputs(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         write_outputs(result, foreign, "untrained")
     assert main(["--run", str(tmp_path / "no-run"), "--n", "3"]) == 2  # odd: no twin pairs
+    for mag in (["20", "16"], ["16", "nan"]):  # faint first, or not a magnitude
+        assert "--mag needs two finite magnitudes, bright first" in parser_refusal(
+            "benchmarks.reconstruction_defects", ["--run", "r", "--mag", *mag], capsys)
     assert main(["--run", str(tmp_path / "no-run"), "--n", "4"]) == 2  # no such run
