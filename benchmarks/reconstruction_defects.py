@@ -1,5 +1,5 @@
 """``python -m benchmarks.reconstruction_defects --run R [--n N] [--stage S] [--map PRIOR]
-[--out DIR]``.
+[--mag BRIGHT FAINT] [--out DIR]``.
 
 The reconstruction's own defects (:mod:`evaluation.reconstruction_defects`) on N isolated
 galaxies drawn directly with GalSim (rotated-twin pairs, BTK-like noise): the additive and
@@ -10,8 +10,9 @@ the defects live (light kept per annulus, slope of the uniform-weight e inside a
 growing radius), and the residual in units of the noise 3-12 pixels from the centre by S/N
 (where the reconstruction stops being at the noise level), for the plain reconstruction and for
 the average of the 8 views' reconstructions (and, with ``--map PRIOR``, for MAP deblending's
-reconstructions under that prior). Prints the tables; writes ``reconstruction_defects.json``, ``flux_residual.png``,
-``radial_profile.png`` and ``report.md`` into ``--out`` (default
+reconstructions under that prior). ``--mag`` draws brighter (or fainter) galaxies than the
+default i = 20-24. Prints the tables; writes ``reconstruction_defects.json``,
+``flux_residual.png``, ``radial_profile.png`` and ``report.md`` into ``--out`` (default
 ``RUN/reconstruction_defects``).
 """
 
@@ -98,8 +99,8 @@ def table(result: dict[str, Any]) -> str:
     flux residual per magnitude bin, for each variant."""
     bright, faint = result.get("target_mag", PopulationSpec().target_mag)
     lines = [(f"n = {result['n']} isolated GalSim galaxies ({result['n'] // 2} rotated-twin "
-              f"pairs, i = {bright:g}-{faint:g}), shapes from {'+'.join(result['shape_bands'])}; Gaussian weight sigma "
-              f"{result['gaussian_sigma_pixels']:g} px"), "",
+              f"pairs, i = {bright:g}-{faint:g}), shapes from {'+'.join(result['shape_bands'])}; "
+              f"Gaussian weight sigma {result['gaussian_sigma_pixels']:g} px"), "",
              "| variant | weight | c1 | c2 | m1 | m2 |", "|:---|:---|---:|---:|---:|---:|"]
     for variant in VARIANTS:
         if variant not in result:
