@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 from deblend.core.arguments import non_negative_int_arg, positive_int_arg
 from deblend.core.atomic import atomic_output, write_json_atomic, write_text_atomic
@@ -268,7 +267,7 @@ def run_benchmark(run: str | Path, out: str | Path | None = None, *, n: int = 20
     started = time.time()
     spec = PopulationSpec(target_mag=(float(mag[0]), float(mag[1])))
     galaxies = draw_isolated_galaxies(n, seed, model.data.survey, model.stamp_pixels, spec)
-    mag_edges = tuple(float(m) for m in np.arange(math.floor(mag[0]), math.ceil(mag[1]) + 1))
+    mag_edges = tuple(float(m) for m in range(math.floor(mag[0]), math.ceil(mag[1]) + 1))
     result = measure_defects(model, galaxies, sigma=sigma, map_prior=map_prior,
                              mag_edges=mag_edges)
     result.update({"run": str(run), "stage": stage, "seed": seed,

@@ -37,7 +37,11 @@ from deblend.core.outputs import claim_directory, replace_directory  # noqa: E40
 from deblend.core.stamps import cut_stamps, paste_stamp  # noqa: E402
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey  # noqa: E402
 from deblend.core.survey_measure import measure_survey  # noqa: E402
-from evaluation.reconstruction_defects import CORE_RADIUS, GALAXY_RADIUS  # noqa: E402
+from evaluation.reconstruction_defects import (  # noqa: E402
+    CORE_RADIUS,
+    GALAXY_RADIUS,
+    ring_mask,
+)
 from evaluation.report_io import reconvolution_words  # noqa: E402
 from simulation.surveys import zero_points  # noqa: E402
 
@@ -113,9 +117,7 @@ def scene_model(model: Deblender, survey: SurveyImage, rows: Table) -> np.ndarra
 def residual_in_noise(survey: SurveyImage, scene: np.ndarray, x: float, y: float) -> dict:
     """The residual (image - model) / sigma over the present bands' unmasked pixels between
     :data:`CORE_RADIUS` and :data:`GALAXY_RADIUS` of (x, y): its rms and mean."""
-    ys, xs = np.indices(survey.shape)
-    radius = np.hypot(xs - x, ys - y)
-    ring = (radius > CORE_RADIUS) & (radius <= GALAXY_RADIUS)
+    ring = ring_mask(survey.shape, x, y)
     chi = []
     for k, band in enumerate(survey.bands):
         if band in survey.missing:

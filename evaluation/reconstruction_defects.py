@@ -461,10 +461,11 @@ def slope_by_aperture(recon: np.ndarray, truth: np.ndarray,
 
 # -- the residual against the noise -------------------------------------------------------------
 
-def ring_mask(stamp_pixels: int) -> np.ndarray:
-    """(S, S) True on the pixels more than :data:`CORE_RADIUS` and at most
-    :data:`GALAXY_RADIUS` from the stamp centre."""
-    radius = radius_map(stamp_pixels)
+def ring_mask(shape: tuple[int, int], x: float, y: float) -> np.ndarray:
+    """(H, W) True on the pixels more than :data:`CORE_RADIUS` and at most
+    :data:`GALAXY_RADIUS` from (x, y) (pixel frame: x = column, pixel centres at integers)."""
+    rows, columns = np.indices(shape)
+    radius = np.hypot(columns - x, rows - y)
     return (radius > CORE_RADIUS) & (radius <= GALAXY_RADIUS)
 
 
@@ -479,7 +480,8 @@ def residual_by_snr(recon: np.ndarray, galaxies: IsolatedGalaxies,
                     edges: Sequence[float] = SNR_EDGES) -> list[dict[str, Any]]:
     """Whether the reconstruction leaves only noise away from the core, in bins of S/N.
 
-    Per galaxy: the rms over every band's pixels of the ring (:func:`ring_mask`) of
+    Per galaxy: the rms over every band's pixels of the ring about the stamp centre
+    (:func:`ring_mask`) of
     (noisy - recon) / sigma, sigma^2 = sky level + clean (BTK's noise: Poisson on the sky and on
     the galaxy), and the same with the truth in place of the reconstruction (noise alone: 1 up to
     chance, the floor). Per S/N bin (:func:`optimal_snr`, [lo, hi)): ``n``, the ``median`` and
@@ -487,7 +489,8 @@ def residual_by_snr(recon: np.ndarray, galaxies: IsolatedGalaxies,
     clean = np.asarray(galaxies.clean, np.float64)
     noisy = np.asarray(galaxies.noisy, np.float64)
     sigma = np.sqrt(np.asarray(galaxies.sky_levels, np.float64).reshape(1, -1, 1, 1) + clean)
-    ring = ring_mask(clean.shape[-1])
+    centre = (clean.shape[-1] - 1) / 2.0
+    ring = ring_mask(clean.shape[-2:], centre, centre)
 
     def ring_rms(model: np.ndarray) -> np.ndarray:
         chi = ((noisy - model) / sigma)[:, :, ring]

@@ -15,7 +15,6 @@ Treat the session fixtures as read-only: copy them before changing anything.
 from __future__ import annotations
 
 import importlib
-
 from pathlib import Path
 
 import numpy as np

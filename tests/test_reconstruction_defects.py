@@ -256,9 +256,12 @@ def test_residual_by_snr_is_the_ring_residual_in_units_of_the_noise() -> None:
     empty = residual_by_snr(np.zeros_like(galaxies.clean), galaxies, edges)
     assert empty[1]["median"] > empty[0]["median"] > 1.1
     # the ring: more than 3 and at most 12 pixels from the centre
-    ring = ring_mask(45)
+    ring = ring_mask((45, 45), 22.0, 22.0)
     assert ring[22, 22 + 4] and ring[22, 22 + 12] and not ring[22, 22 + 3]
     assert not ring[22, 22 + 13] and not ring[22, 22]
+    # about any point, x the column: 3.5 px along a row is in, its transpose is far out
+    off = ring_mask((45, 45), 10.5, 30.0)
+    assert off[30, 14] and not off[30, 13] and not off[14, 30]
     # the S/N: sqrt(sum clean^2 / sky) over bands and pixels
     one = np.zeros((1, 2, 5, 5))
     one[0, 0, 2, 2], one[0, 1, 1, 1] = 30.0, 40.0
