@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from deblend.core.arguments import (
-    add_target_psf_fwhm, non_negative_int_arg, positive_int_arg, target_psf_fwhm)
+    add_deblend_contrast, add_target_psf_fwhm, non_negative_int_arg, positive_int_arg,
+    target_psf_fwhm)
 from deblend.core.cli import fail_cleanly
 from deblend.core.survey_input import PSF_AT, band_float_arg, band_path_arg
 
@@ -79,6 +80,7 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
     measure.add_argument("--hold-sky-plane", action=argparse.BooleanOptionalAction,
                          help="hold each cell's fitted sky plane out of metacal's shear "
                               "(default: as the run's metacal.hold_sky_plane)")
+    add_deblend_contrast(measure)
     measure.add_argument("--out", required=True, help="output FITS catalogue")
     measure.add_argument("--cell", type=positive_int_arg, default=200, help="cell size, pixels")
     measure.add_argument("--margin", type=non_negative_int_arg, default=40,
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                        resume=not args.no_resume, seed=args.seed, views=args.views,
                        force=args.force, per_object=not args.no_object_response,
                        target_fwhm=target_psf_fwhm(args.target_psf_fwhm),
-                       hold_sky_plane=args.hold_sky_plane, device=args.device)
+                       hold_sky_plane=args.hold_sky_plane,
+                       deblend_contrast=args.deblend_contrast, device=args.device)
         return 0
     from deblend.pipeline import run_pipeline
 

@@ -1,5 +1,5 @@
 """``python -m des_validation.real --run R --data DIR --out DIR [--zeropoint BAND=ZP]
-[--target-psf-fwhm ARCSEC ...] [--force]``:
+[--target-psf-fwhm ARCSEC ...] [--deblend-contrast C] [--force]``:
 the trained deblender on real DECam frames (:mod:`des_validation.real_pixels`)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deblend.core.arguments import add_target_psf_fwhm, target_psf_fwhm
+from deblend.core.arguments import add_deblend_contrast, add_target_psf_fwhm, target_psf_fwhm
 from deblend.core.cli import fail_cleanly
 from deblend.core.survey_input import band_float_arg
 from des_validation.real_pixels import run_real_des
@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_target_psf_fwhm(parser, "FWHM of the round Gaussian PSF metacal reconvolves every "
                         "band to (one, or one per model band; default: the model's own target, "
                         "else each band's narrowest)")
+    add_deblend_contrast(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     metrics = run_real_des(args.run, args.data, args.out, zeropoints=dict(args.zeropoint),
                            force=args.force, target_fwhm=target_psf_fwhm(args.target_psf_fwhm),
-                           device=args.device)
+                           deblend_contrast=args.deblend_contrast, device=args.device)
     print(f"{metrics['noshear_detections']} noshear detections; report in {args.out}/real_des.md")
     return 0
 

@@ -171,12 +171,14 @@ def plot_real_des(survey: SurveyImage, scene: np.ndarray, rows: Table, path: Pat
 
 def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
                  zeropoints: Mapping[str, float] | None = None, force: bool = False,
-                 target_fwhm: float | Sequence[float] | None = None, device: str = "cpu",
+                 target_fwhm: float | Sequence[float] | None = None,
+                 deblend_contrast: float | None = None, device: str = "cpu",
                  log: Callable[[str], None] = print) -> dict:
     """Measure the frames of ``data_dir`` with the model (module docstring); returns the
     metrics also written to ``out/metrics.json``. ``target_fwhm`` (arcsec, one or one per
     band): the round Gaussian metacal reconvolves to (default: the model's own target, else
-    each band's narrowest)."""
+    each band's narrowest). ``deblend_contrast``: the detection's
+    (:func:`~deblend.core.survey_measure.measure_survey`'s, default SEP's 0.005)."""
     model = model_or_run if isinstance(model_or_run, Deblender) else \
         Deblender.from_run(model_or_run, device=device)
     model.require_survey_psf("the real DES frames' measurement")
@@ -192,7 +194,7 @@ def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        metrics = _measure_and_report(model, survey, tmp, target_fwhm, log)
+        metrics = _measure_and_report(model, survey, tmp, target_fwhm, deblend_contrast, log)
         replace_directory(tmp, out, REAL_DES_KIND)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,10 +204,10 @@ def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
 
 def _measure_and_report(model: Deblender, survey: SurveyImage, out: Path,
                         target_fwhm: float | Sequence[float] | None,
-                        log: Callable[[str], None]) -> dict:
+                        deblend_contrast: float | None, log: Callable[[str], None]) -> dict:
     catalogue_path = measure_survey(model, survey, out / "catalogue.fits", force=True,
                                     per_object=False, progress=False, target_fwhm=target_fwhm,
-                                    log=log)
+                                    deblend_contrast=deblend_contrast, log=log)
     catalogue = Table.read(catalogue_path)
     rows = catalogue[catalogue["mdet_step"] == "noshear"]
     scene = scene_model(model, survey, rows)

@@ -145,6 +145,36 @@ def test_the_bright_galaxy_is_measured_where_the_sky_says(frames, real_run, caps
     assert (out / "catalogue.fits").read_bytes() == before
 
 
+def test_a_low_deblending_contrast_splits_the_faint_pair_and_nothing_else(real_run,
+                                                                           tmp_path) -> None:
+    """At SEP's contrast 1e-5 the faint pair left of the bright galaxy, one detection at the
+    default 0.005, is two (about 8 pixels apart); the bright galaxy's detection and residual do
+    not move (its windowed centroid by 4e-5 pixels), and the catalogue's header records the
+    contrast."""
+    out = tmp_path / "low"
+    assert main(["--run", str(WEIGHTS), "--data", str(DES_DIR), "--out", str(out),
+                 "--deblend-contrast", "1e-5"]) == 0
+
+    def noshear(run: Path) -> Table:
+        catalogue = Table.read(run / "catalogue.fits")
+        return catalogue[catalogue["mdet_step"] == "noshear"]
+
+    default, low = noshear(real_run), noshear(out)
+    assert len(low) == len(default) + 1
+    brightest = [rows[np.argmax(rows["snr"])] for rows in (default, low)]
+    assert (brightest[1]["x"], brightest[1]["y"]) == pytest.approx(
+        (brightest[0]["x"], brightest[0]["y"]), abs=1e-3)
+    fainter = [rows[rows["snr"] < top["snr"]] for rows, top in zip((default, low), brightest)]
+    assert len(fainter[0]) == 1 and len(fainter[1]) == 2
+    pair = fainter[1]
+    assert 4 < np.hypot(*np.diff(np.stack([pair["x"], pair["y"]]), axis=1)) < 12
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (real_run, out)]
+    chi = [m["brightest"]["residual_chi"] for m in metrics]
+    assert chi[1]["rms"] == pytest.approx(chi[0]["rms"], rel=1e-3)
+    header = fits.getheader(out / "catalogue.fits", "MDET")
+    assert header["HIERARCH MDET DEBLEND_CONTRAST"] == 1e-5
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "known gap (README, 'Real DES pixels'): the bright galaxy (S/N 13,000, wider than the "
     "45-pixel stamp, its peak 200-400 times the normalisation constants) is outside what the "

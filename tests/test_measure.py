@@ -385,3 +385,29 @@ def test_the_run_s_metacal_target_reaches_the_catalogue(trained_run, inputs, tmp
     assert not narrow.exists()
     assert main(arguments(run, inputs, narrow, "--target-psf-fwhm", "2", "2")) == 2
     assert "2 target sigmas for 6 bands" in one_error_line(capsys)
+
+
+def test_the_deblending_contrast_is_used_recorded_and_checked(trained_run, inputs, tmp_path,
+                                                              capsys):
+    """--deblend-contrast reaches SEP: at 1 (no deblending) the two touching galaxies of the
+    field (13 pixels apart, equal flux) are one detection on every metacal image, split at the
+    default 0.005; the header records the contrast; one outside [0, 1] is refused before
+    anything is written."""
+    def noshear(out: Path) -> int:
+        catalogue = Table.read(out, hdu="MDET")
+        return int(np.sum(catalogue["mdet_step"] == "noshear"))
+
+    default, merged = tmp_path / "default.fits", tmp_path / "merged.fits"
+    assert main(arguments(trained_run, inputs, default)) == 0
+    assert main(arguments(trained_run, inputs, merged, "--deblend-contrast", "1")) == 0
+    assert noshear(merged) == noshear(default) - 1
+    assert fits.getheader(default, "MDET")["HIERARCH MDET DEBLEND_CONTRAST"] == 0.005
+    assert fits.getheader(merged, "MDET")["HIERARCH MDET DEBLEND_CONTRAST"] == 1.0
+    capsys.readouterr()
+    for bad in ("2", "nan", "-0.1"):
+        wrong = tmp_path / f"wrong{bad}.fits"
+        with pytest.raises(SystemExit) as stop:
+            main(arguments(trained_run, inputs, wrong, "--deblend-contrast", bad))
+        assert stop.value.code == 2
+        assert "--deblend-contrast: must be a number in [0, 1]" in capsys.readouterr().err
+        assert not wrong.exists() and not wrong.with_name(wrong.name + ".cells").exists()

@@ -89,6 +89,15 @@ def add_target_psf_fwhm(parser: argparse.ArgumentParser, help_text: str) -> None
                         metavar="ARCSEC", help=help_text)
 
 
+def add_deblend_contrast(parser: argparse.ArgumentParser) -> None:
+    """A ``--deblend-contrast C`` option: SEP's deblending contrast of metadetection's
+    detection, in [0, 1] (None when not given: the walk's default)."""
+    parser.add_argument("--deblend-contrast", type=FRACTION.argparse_type, metavar="C",
+                        help="SEP's deblending contrast of the detection, in [0, 1] (default "
+                             "0.005; 1e-5 splits fainter neighbours off bright galaxies, "
+                             "python -m benchmarks.detection_contrast says what else it does)")
+
+
 def target_psf_fwhm(values: list[float] | None) -> float | tuple[float, ...] | None:
     """The value of :func:`add_target_psf_fwhm`'s option as the config's
     ``metacal.target_psf_fwhm`` holds it: one float, a tuple per band, or None."""

@@ -64,6 +64,10 @@ windowed centroid (:func:`detect_cell`'s ``near``; windowed centroids move by we
 pixel on isolated objects, by a few on blends)."""
 SNR_SIGMA = 2.0
 """Sigma (pixels) of the Gaussian aperture of the S/N cut."""
+DEBLEND_CONTRAST = 0.005
+"""SEP's (SExtractor's DEBLEND_MINCONT) default: a branch of the detection's isophote tree is
+split off when it holds this fraction of the object's flux (``python -m
+benchmarks.detection_contrast`` measures what lower values find and shred)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class MetadetectSettings:
     threshold: float = 3.0
     min_area: int = 5
     min_snr: float = 10.0
-    deblend_contrast: float = 0.005
+    deblend_contrast: float = DEBLEND_CONTRAST
     noise_correction: bool = True
     target_sigma: tuple[float, ...] | None = None
     """Metacal's reconvolution Gaussian per band, pixels (``metacal.target_psf_fwhm``); None:
@@ -239,9 +243,55 @@ def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     ``plane``: with ``settings.hold_sky_plane``, the cell's held sky plane (bands, H, W) when
     the caller fits it (:func:`cell_plane`); by default fitted here.
     """
-    seed = NON_NEGATIVE_INT.require(seed, "seed")
     if not estimators:
         raise ValueError("give at least one estimator")
+    walk = metacal_cell(cell, bands, settings, seed=seed, operator=operator, noise=noise,
+                        plane=plane)
+    steps = [detect_step(cell, walk.images[step], walk.detection[step], walk.sigma,
+                         walk.any_masked, settings) for step in METACAL_SHEARS]
+    counts = [len(step["x"]) for step in steps]
+    columns = {"mdet_step": np.repeat(np.array(list(METACAL_SHEARS), dtype="U7"), counts),
+               **{key: np.concatenate([step[key] for step in steps])
+                  for key in ("x", "y", "snr")}}
+    flags = np.concatenate([step["flags"] for step in steps])
+    stamps = np.concatenate([step["stamps"] for step in steps])
+    for name, estimator in estimators.items():  # one call per cell: all five images' stamps
+        e = np.asarray(estimator(stamps), np.float64).reshape(len(stamps), 2)
+        flags[~np.isfinite(e).all(axis=1)] |= FAILED
+        columns[f"{name}_e1"], columns[f"{name}_e2"] = e[:, 0], e[:, 1]
+    if extra is not None:
+        k = list(METACAL_SHEARS).index("noshear")
+        rows = slice(sum(counts[:k]), sum(counts[:k + 1]))
+        for key, value in extra(np.stack([steps[k]["x"], steps[k]["y"]], axis=1)).items():
+            column = np.full(len(stamps), np.nan)
+            column[rows] = np.asarray(value, np.float64)
+            columns[key] = column
+    columns["flags"] = flags
+    return columns
+
+
+@dataclass(frozen=True)
+class MetacalCell:
+    """Step 1 of one cell, and what step 2 searches: its five metacal images and their
+    detection images, keyed by the names of :data:`~deblend.core.metacal.METACAL_SHEARS`."""
+
+    images: dict[str, np.ndarray]
+    """(bands, H, W) metacal images (masked pixels 0 before metacal)"""
+    detection: dict[str, np.ndarray]
+    """(H, W) the weighted sums of the detection bands (:func:`detection_weights`)"""
+    sigma: float
+    """per-pixel noise of the detection images (:func:`noise_sigma`)"""
+    any_masked: np.ndarray
+    """(H, W) 1 where a band present in the cell is masked, else 0"""
+
+
+def metacal_cell(cell: CellImage, bands: tuple[str, ...],
+                 settings: MetadetectSettings = MetadetectSettings(), *, seed: int = 0,
+                 operator: FourierMetacal | None = None, noise: np.ndarray | None = None,
+                 plane: np.ndarray | None = None) -> MetacalCell:
+    """Step 1 of the walk on one cell, and the detection images step 2 searches
+    (:func:`cell_columns`' ``seed``, ``operator``, ``noise``, ``plane``)."""
+    seed = NON_NEGATIVE_INT.require(seed, "seed")
     images = np.asarray(cell.images, np.float64)
     variance = np.asarray(cell.variance, np.float64)
     if len(bands) != images.shape[0]:
@@ -264,38 +314,18 @@ def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     metacal = held_metacal(operator, images, noise, plane, masked)
     index, weights = detection_weights(variance, bands, settings.detection_bands)
     gain = operator.noise_gain(cell.shape)[index] * (2.0 if noise is not None else 1.0)
-    sigma = noise_sigma(variance[index], weights, gain)
     partly = ~masked.all(axis=(1, 2))  # a band missing from the whole cell flags nothing
-    any_masked = masked[partly].any(axis=0).astype(np.float64)
-    steps = [detect_step(cell, metacal[step], index, weights, sigma, any_masked, settings)
-             for step in METACAL_SHEARS]
-    counts = [len(step["x"]) for step in steps]
-    columns = {"mdet_step": np.repeat(np.array(list(METACAL_SHEARS), dtype="U7"), counts),
-               **{key: np.concatenate([step[key] for step in steps])
-                  for key in ("x", "y", "snr")}}
-    flags = np.concatenate([step["flags"] for step in steps])
-    stamps = np.concatenate([step["stamps"] for step in steps])
-    for name, estimator in estimators.items():  # one call per cell: all five images' stamps
-        e = np.asarray(estimator(stamps), np.float64).reshape(len(stamps), 2)
-        flags[~np.isfinite(e).all(axis=1)] |= FAILED
-        columns[f"{name}_e1"], columns[f"{name}_e2"] = e[:, 0], e[:, 1]
-    if extra is not None:
-        k = list(METACAL_SHEARS).index("noshear")
-        rows = slice(sum(counts[:k]), sum(counts[:k + 1]))
-        for key, value in extra(np.stack([steps[k]["x"], steps[k]["y"]], axis=1)).items():
-            column = np.full(len(stamps), np.nan)
-            column[rows] = np.asarray(value, np.float64)
-            columns[key] = column
-    columns["flags"] = flags
-    return columns
+    detection = {step: np.tensordot(weights, image[index], axes=1)
+                 for step, image in metacal.items()}
+    return MetacalCell(metacal, detection, noise_sigma(variance[index], weights, gain),
+                       masked[partly].any(axis=0).astype(np.float64))
 
 
-def detect_step(cell: CellImage, image: np.ndarray, index: list[int], weights: np.ndarray,
-                sigma: float, any_masked: np.ndarray, settings: MetadetectSettings
-                ) -> dict[str, np.ndarray]:
-    """Steps 2, 3 and 5 of the walk on one metacal ``image`` (bands, H, W): the owned
-    detections' x, y, S/N, flags (EDGE, MASKED, LOW_SNR) and the model's stamps around them."""
-    det = np.tensordot(weights, image[index], axes=1)
+def detect_step(cell: CellImage, image: np.ndarray, det: np.ndarray, sigma: float,
+                any_masked: np.ndarray, settings: MetadetectSettings) -> dict[str, np.ndarray]:
+    """Steps 2, 3 and 5 of the walk on one metacal ``image`` (bands, H, W) and its detection
+    image ``det`` (H, W) of per-pixel noise ``sigma``: the owned detections' x, y, S/N, flags
+    (EDGE, MASKED, LOW_SNR) and the model's stamps around them."""
     positions = detect_cell(det, sigma, settings.threshold, settings.min_area,
                             settings.deblend_contrast, near=cell.owned_box)
     if len(positions):

@@ -250,7 +250,8 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
                    resume: bool = True, seed: int = 0, views: int = 1, force: bool = False,
                    per_object: bool = True, settings: MetadetectSettings | None = None,
                    target_fwhm: float | Sequence[float] | None = None,
-                   hold_sky_plane: bool | None = None, device: str = "auto",
+                   hold_sky_plane: bool | None = None,
+                   deblend_contrast: float | None = None, device: str = "auto",
                    log: Callable[[str], None] = print) -> Path:
     """Measure a survey image (module docstring) and write its catalogue to ``out_path``.
 
@@ -264,7 +265,9 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
     narrowest; one narrower than a cell's PSF allows is refused before anything is written.
     ``hold_sky_plane`` (ignored with ``settings``): hold each cell's fitted sky plane out of
     metacal's shear (:attr:`MetadetectSettings.hold_sky_plane`), by default as the run's
-    ``metacal.hold_sky_plane`` says.
+    ``metacal.hold_sky_plane`` says. ``deblend_contrast`` (ignored with ``settings``): SEP's
+    deblending contrast in [0, 1] (lower splits fainter neighbours off a bright object), by
+    default :data:`~deblend.core.metadetect.DEBLEND_CONTRAST`.
     Everything is validated before anything is written. Returns the catalogue's path.
     """
     cell = require_positive_int(cell, "cell")
@@ -281,9 +284,11 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
                          f"model's {model.stamp_pixels}-pixel stamp), got {margin}")
     if hold_sky_plane is None:
         hold_sky_plane = model.metacal_hold_sky_plane
-    settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels,
-                                              target_sigma=model.target_sigma(target_fwhm),
-                                              hold_sky_plane=hold_sky_plane)
+    walk: dict[str, Any] = {"stamp_pixels": model.stamp_pixels, "hold_sky_plane": hold_sky_plane,
+                            "target_sigma": model.target_sigma(target_fwhm)}
+    if deblend_contrast is not None:
+        walk["deblend_contrast"] = deblend_contrast
+    settings = settings or MetadetectSettings(**walk)
     survey = inputs if isinstance(inputs, SurveyImage) else read_survey(
         inputs, model.bands, model.data.pixel_scale, model_zeropoints=model_zero_points(model),
         psfex_pixels=model.stamp_pixels)
