@@ -23,7 +23,13 @@ from deblend.core.arguments import (
     add_target_psf_fwhm, non_negative_int_arg, positive_int_arg, target_psf_fwhm)
 from deblend.core.cli import fail_cleanly
 from deblend.core.runs import run_config
-from evaluation.conditions import MIN_SCENES, ROW_NAMES, conditions_table, run_conditions
+from evaluation.conditions import (
+    MIN_SCENES,
+    ROW_NAMES,
+    conditions_table,
+    response_table,
+    run_conditions,
+)
 
 DEFAULT_COSMOS = (Path(__file__).resolve().parents[2] / "shared" / "data" / "cosmos"
                   / "real_galaxy_catalog_26_extension_example.fits")
@@ -79,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config.replace("metacal", **changes)
     result = run_conditions(args.run, config, args.out, rows=args.rows, cosmos=args.cosmos,
                             force=args.force, progress=not args.no_progress, device=args.device)
-    emit(result, conditions_table(result), args.json)
+    emit(result, conditions_table(result) + "\n" + response_table(result), args.json)
     return 0
 
 

@@ -70,6 +70,7 @@ from deblend.core.outputs import refuse_foreign
 from deblend.core.shapes import moments_ellipticity
 from deblend.core.stamps import central
 from evaluation.metacal_benchmark import chunk_seed, drawing_simulation, open_benchmark
+from evaluation.reconstruction_defects import SNR_EDGES
 from evaluation.metacal_shear import (
     Measured,
     measure_metacal,
@@ -383,10 +384,34 @@ def row_result(condition: Condition, arrays: dict[str, np.ndarray],
                                arrays["minus.regressor.response"]])
     out["regressor"].update(R11=float(np.nanmean(response[:, 0, 0])),
                             R22=float(np.nanmean(response[:, 1, 1])))
+    out["response_by_snr"] = response_by_snr(arrays)
     out["e_rmse"] = float(np.sqrt(np.nanmean((arrays["e_pred"] - arrays["e_true"]) ** 2)))
     out["e_rmse_row"] = row_calibrated_rmse(arrays["e_pred"], arrays["e_true"])
     out["flux_residual"] = float(np.nanmedian(
         (arrays["flux_recon"] - arrays["flux_true"]) / arrays["flux_true"]))
+    return out
+
+
+def response_by_snr(arrays: dict[str, np.ndarray], edges: Sequence[float] = SNR_EDGES
+                    ) -> list[dict[str, Any]]:
+    """Each estimator's mean metacal response (R11 + R22) / 2 over the +g and -g stamps, in
+    bins of the target's S/N (``target_snr``): one dict per bin holding a scene, ``snr`` [low,
+    high] (high None when open), ``scenes``, and a mean per estimator measured. Where a row's
+    galaxies lose their response, and whether an estimator loses more than its peer."""
+    snr = np.asarray(arrays["target_snr"], np.float64)
+    out = []
+    for low, high in zip(edges[:-1], edges[1:]):
+        chosen = (snr >= low) & (snr < high)
+        if not chosen.any():
+            continue
+        row: dict[str, Any] = {"snr": [float(low), None if np.isinf(high) else float(high)],
+                               "scenes": int(chosen.sum())}
+        for name in ESTIMATORS:
+            if f"plus.{name}.response" in arrays:
+                r = np.concatenate([arrays[f"{sign}.{name}.response"][chosen]
+                                    for sign in ("plus", "minus")])
+                row[name] = float(np.nanmean(0.5 * (r[:, 0, 0] + r[:, 1, 1])))
+        out.append(row)
     return out
 
 
@@ -540,6 +565,29 @@ def conditions_table(result: dict[str, Any]) -> str:
             f"{targets['abs_m']:g}, |alpha| <= {targets['abs_alpha']:g}.\n")
 
 
+def response_table(result: dict[str, Any]) -> str:
+    """A markdown table of each row's :func:`response_by_snr`: per S/N bin, the regressor's
+    mean response, AnaCal's where measured, and the scenes."""
+    bins = sorted({tuple(b["snr"]) for r in result["rows"].values()
+                   for b in r.get("response_by_snr", [])}, key=lambda b: b[0])
+    header = ["condition"] + [f"S/N {low:g}-{'' if high is None else f'{high:g}'}"
+                              for low, high in bins]
+    lines = []
+    for r in result["rows"].values():
+        cells = {tuple(b["snr"]): b for b in r.get("response_by_snr", [])}
+        line = [r["label"]]
+        for key in bins:
+            b = cells.get(key)
+            if b is None:
+                line.append("")
+                continue
+            line.append(f"{b['regressor']:.2f}" + (f" / {b['anacal']:.2f}" if "anacal" in b
+                                                   else "") + f" ({b['scenes']})")
+        lines.append(line)
+    return ("Mean metacal response (R11 + R22) / 2 by the target's S/N: regressor / AnaCal "
+            "(scenes).\n\n" + markdown_table(header, lines))
+
+
 def report_markdown(result: dict[str, Any]) -> str:
     g = result["applied_g"]
     return "\n".join([
@@ -571,7 +619,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "the regressor's mean metacal response. Shear noise: per galaxy, the spread of e on "
         "the noshear images over the mean response (what a survey's shear error per galaxy is; "
         "m's errors come from +g / -g pairs sharing galaxies and noise, which cancel the shape "
-        "noise). AnaCal: FPFS on the same stamps (not on missing-band rows).", "", conditions_table(result), f"![m per condition]({FIGURE})", ""])
+        "noise). AnaCal: FPFS on the same stamps (not on missing-band rows).", "", conditions_table(result), f"![m per condition]({FIGURE})", "",
+        response_table(result), ""])
 
 
 def figure(result: dict[str, Any], path: Path) -> Path:

@@ -228,6 +228,13 @@ def test_cli_tiny_run_writes_its_files_and_resumes(tmp_path, capsys) -> None:
     assert list(result["rows"]) == ["nominal", "no_y"]
     assert result["rows"]["no_y"]["n_scenes"] == 4
     assert "anacal" in result["rows"]["nominal"] and "anacal" not in result["rows"]["no_y"]
+    nominal = result["rows"]["nominal"]
+    bins = nominal["response_by_snr"]
+    assert sum(b["scenes"] for b in bins) == 4 and all("anacal" in b for b in bins)
+    mean = sum(b["scenes"] * b["regressor"] for b in bins) / 4
+    assert mean == pytest.approx(0.5 * (nominal["regressor"]["R11"] + nominal["regressor"]["R22"]))
+    assert "Mean metacal response (R11 + R22) / 2 by the target's S/N" in table
+    assert "Mean metacal response" in (out / "report.md").read_text()
     chunks = sorted(p.name for p in (out / "cache").iterdir())
     assert chunks == ["no_y_chunk0000.npz", "nominal_chunk0000.npz"]
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
@@ -235,6 +242,27 @@ def test_cli_tiny_run_writes_its_files_and_resumes(tmp_path, capsys) -> None:
     assert main([*args, "--force"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").iterdir()} == stamps  # cached
     assert json.loads(report.read_text())["rows"] == result["rows"]
+
+
+def test_the_response_is_averaged_in_bins_of_the_target_snr() -> None:
+    """Scenes at S/N 50 and 2,000 and 50,000 fall in their bins (the last open-ended), each
+    bin's mean response is (R11 + R22) / 2 over the +g and -g stamps, and an estimator not
+    measured on the row is left out."""
+    from evaluation.conditions import response_by_snr
+
+    def response(values):
+        r = np.zeros((len(values), 2, 2))
+        r[:, 0, 0], r[:, 1, 1] = values, np.asarray(values) + 0.2
+        return r
+
+    arrays = {"target_snr": np.array([50.0, 60.0, 2000.0, 5e4]),
+              "plus.regressor.response": response([0.1, 0.3, 0.5, 0.7]),
+              "minus.regressor.response": response([0.3, 0.5, 0.7, 0.9])}
+    bins = response_by_snr(arrays)
+    assert [b["snr"] for b in bins] == [[30.0, 100.0], [1000.0, 3000.0], [30000.0, None]]
+    assert [b["scenes"] for b in bins] == [2, 1, 1]
+    assert [b["regressor"] for b in bins] == pytest.approx([0.4, 0.7, 0.9])
+    assert all("anacal" not in b for b in bins)
 
 
 def test_cli_refuses_odd_or_tiny_sizes(capsys) -> None:
