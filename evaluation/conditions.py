@@ -619,8 +619,9 @@ def report_markdown(result: dict[str, Any]) -> str:
         "the regressor's mean metacal response. Shear noise: per galaxy, the spread of e on "
         "the noshear images over the mean response (what a survey's shear error per galaxy is; "
         "m's errors come from +g / -g pairs sharing galaxies and noise, which cancel the shape "
-        "noise). AnaCal: FPFS on the same stamps (not on missing-band rows).", "", conditions_table(result), f"![m per condition]({FIGURE})", "",
-        response_table(result), ""])
+        "noise). AnaCal: FPFS on the same stamps (not on missing-band rows).", "",
+        conditions_table(result), f"![m per condition]({FIGURE})", "", response_table(result),
+        ""])
 
 
 def figure(result: dict[str, Any], path: Path) -> Path:

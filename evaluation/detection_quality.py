@@ -6,12 +6,12 @@ metacalibrated and detected as one cell exactly as the walk does it
 (:func:`~deblend.core.metadetect.metacal_cell`: noise correction, r + i + z weighted detection
 image, the noshear image's detections), once per contrast on the same metacal images. Every
 detection is matched to the nearest true centre (after the shear) within :data:`MATCH_RADIUS`
-arcsec; a detection with none is *spurious* (a knot or an arm of a large galaxy split off it, or
-noise). Counted on the *gold* galaxies (every galaxy drawn, all brighter than the field's
-``max_mag``, 25.3 in i by default, whose centre lies at least :data:`EDGE_PIXELS` inside the
-field; detections the same): *found* (at least one detection matched to it), *shredded* (two or more), *missed*
-(none; *merged* when another galaxy's matched detection lies within :data:`MERGE_RADIUS`
-arcsec: its light went into a neighbour's detection).
+arcsec; a detection with none is *spurious* (a knot or an arm of a large galaxy split off it,
+a blend's centroid between its members, or noise). Counted on the *gold* galaxies (every galaxy
+drawn, all brighter than the field's ``max_mag``, 25.3 in i by default, whose centre lies at
+least :data:`EDGE_PIXELS` inside the field; detections the same): *found* (at least one
+detection matched to it), *shredded* (two or more), *missed* (none; *merged* when another
+galaxy's matched detection lies within :data:`MERGE_RADIUS` arcsec).
 
 Frames: pixel frame of the field, x = column, y = row, pixel centres at integers.
 """
