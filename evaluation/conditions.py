@@ -70,7 +70,6 @@ from deblend.core.outputs import refuse_foreign
 from deblend.core.shapes import moments_ellipticity
 from deblend.core.stamps import central
 from evaluation.metacal_benchmark import chunk_seed, drawing_simulation, open_benchmark
-from evaluation.reconstruction_defects import SNR_EDGES
 from evaluation.metacal_shear import (
     Measured,
     measure_metacal,
@@ -80,6 +79,7 @@ from evaluation.metacal_shear import (
     selected_shear,
     shear_bias,
 )
+from evaluation.reconstruction_defects import SNR_EDGES
 from evaluation.report_io import (
     fmt, fmt_err, jsonable, markdown_table, read_metrics, reconvolution_words, write_metrics)
 from evaluation.shear_calibration import chunk_sizes
@@ -569,12 +569,12 @@ def response_table(result: dict[str, Any]) -> str:
     """A markdown table of each row's :func:`response_by_snr`: per S/N bin, the regressor's
     mean response, AnaCal's where measured, and the scenes."""
     bins = sorted({tuple(b["snr"]) for r in result["rows"].values()
-                   for b in r.get("response_by_snr", [])}, key=lambda b: b[0])
+                   for b in r["response_by_snr"]}, key=lambda b: b[0])
     header = ["condition"] + [f"S/N {low:g}-{'' if high is None else f'{high:g}'}"
                               for low, high in bins]
     lines = []
     for r in result["rows"].values():
-        cells = {tuple(b["snr"]): b for b in r.get("response_by_snr", [])}
+        cells = {tuple(b["snr"]): b for b in r["response_by_snr"]}
         line = [r["label"]]
         for key in bins:
             b = cells.get(key)

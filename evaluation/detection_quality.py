@@ -24,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from deblend.core.arguments import FRACTION, NON_NEGATIVE_INT, require_positive_int
-from deblend.core.cells import CellImage
 from deblend.core.metadetect import MetadetectSettings, detect_cell, metacal_cell
+from evaluation.field_shear import FieldSettings, field_cells
 from simulation.sheared_fields import draw_field_set
 
 MATCH_RADIUS = 1.0
@@ -85,12 +85,10 @@ def field_counts(positions: np.ndarray, truth_xy: np.ndarray, gold: np.ndarray,
 
 def contrast_counts(field, settings: MetadetectSettings, contrasts: Sequence[float], seed: int
                     ) -> dict[float, dict[str, int]]:
-    """One :class:`~simulation.sheared_fields.ShearedField`'s counts at each contrast: the walk's
-    noshear detection image, metacalibrated once (``settings``' other choices), detected at
-    each contrast."""
-    variance = np.broadcast_to(np.asarray(field.variance, np.float64)[:, None, None],
-                               field.images.shape)
-    cell = CellImage(field.images, variance, field.psfs)
+    """One :class:`~simulation.sheared_fields.ShearedField`'s counts at each contrast: the field
+    as one cell (:func:`~evaluation.field_shear.field_cells`), the walk's noshear detection
+    image, metacalibrated once (``settings``' other choices), detected at each contrast."""
+    cell, = field_cells(field, FieldSettings(cell=max(field.images.shape[1:]), margin=0))
     walk = metacal_cell(cell, field.bands, settings, seed=seed)
     noshear = walk.detection["noshear"]
     truth = field.truth

@@ -43,7 +43,12 @@ from deblend.core.cell_measure import ESTIMATOR
 from deblend.core.cells import CellImage, Tile, tile
 from deblend.core.chunk_cache import chunk_key
 from deblend.core.inference import VIEW_COUNTS, Deblender
-from deblend.core.metadetect import FLAGS, MetadetectSettings, metadetect_shear
+from deblend.core.metadetect import (
+    DEBLEND_CONTRAST,
+    FLAGS,
+    MetadetectSettings,
+    metadetect_shear,
+)
 from deblend.core.metacal import DEFAULT_DELTA, MetacalOperator, reconvolution_sigmas
 from deblend.core.outputs import mark, refuse_foreign
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey
@@ -284,11 +289,12 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
                          f"model's {model.stamp_pixels}-pixel stamp), got {margin}")
     if hold_sky_plane is None:
         hold_sky_plane = model.metacal_hold_sky_plane
-    walk: dict[str, Any] = {"stamp_pixels": model.stamp_pixels, "hold_sky_plane": hold_sky_plane,
-                            "target_sigma": model.target_sigma(target_fwhm)}
-    if deblend_contrast is not None:
-        walk["deblend_contrast"] = deblend_contrast
-    settings = settings or MetadetectSettings(**walk)
+    if deblend_contrast is None:
+        deblend_contrast = DEBLEND_CONTRAST
+    settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels,
+                                              target_sigma=model.target_sigma(target_fwhm),
+                                              hold_sky_plane=hold_sky_plane,
+                                              deblend_contrast=deblend_contrast)
     survey = inputs if isinstance(inputs, SurveyImage) else read_survey(
         inputs, model.bands, model.data.pixel_scale, model_zeropoints=model_zero_points(model),
         psfex_pixels=model.stamp_pixels)
