@@ -17,6 +17,7 @@ from deblend.core.arguments import (
     add_deblend_contrast, add_target_psf_fwhm, non_negative_int_arg, positive_int_arg,
     target_psf_fwhm)
 from deblend.core.cli import fail_cleanly
+from deblend.core.metadetect import DEBLEND_CONTRAST
 from deblend.core.survey_input import PSF_AT, band_float_arg, band_path_arg
 
 PACKAGED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "quick"
@@ -80,7 +81,7 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
     measure.add_argument("--hold-sky-plane", action=argparse.BooleanOptionalAction,
                          help="hold each cell's fitted sky plane out of metacal's shear "
                               "(default: as the run's metacal.hold_sky_plane)")
-    add_deblend_contrast(measure)
+    add_deblend_contrast(measure, DEBLEND_CONTRAST)
     measure.add_argument("--out", required=True, help="output FITS catalogue")
     measure.add_argument("--cell", type=positive_int_arg, default=200, help="cell size, pixels")
     measure.add_argument("--margin", type=non_negative_int_arg, default=40,

@@ -9,6 +9,7 @@ import sys
 
 from deblend.core.arguments import add_deblend_contrast, add_target_psf_fwhm, target_psf_fwhm
 from deblend.core.cli import fail_cleanly
+from deblend.core.metadetect import DEBLEND_CONTRAST
 from deblend.core.survey_input import band_float_arg
 from des_validation.real_pixels import run_real_des
 
@@ -24,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_target_psf_fwhm(parser, "FWHM of the round Gaussian PSF metacal reconvolves every "
                         "band to (one, or one per model band; default: the model's own target, "
                         "else each band's narrowest)")
-    add_deblend_contrast(parser)
+    add_deblend_contrast(parser, DEBLEND_CONTRAST)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)

@@ -411,3 +411,21 @@ def test_the_deblending_contrast_is_used_recorded_and_checked(trained_run, input
         assert stop.value.code == 2
         assert "--deblend-contrast: must be a number in [0, 1]" in capsys.readouterr().err
         assert not wrong.exists() and not wrong.with_name(wrong.name + ".cells").exists()
+
+
+def test_the_deblending_contrast_help_states_the_walks_default(capsys) -> None:
+    """Both entry points' help give metadetect.DEBLEND_CONTRAST as the default, from the
+    constant itself (a changed constant changes the help)."""
+    import argparse
+
+    from deblend.core.arguments import add_deblend_contrast
+    from deblend.core.metadetect import DEBLEND_CONTRAST
+    from des_validation.real import main as real_main
+
+    parser = argparse.ArgumentParser()
+    add_deblend_contrast(parser, 0.02)
+    assert "(default 0.02;" in " ".join(parser.format_help().split())
+    for entry in (lambda: main(["measure", "--help"]), lambda: real_main(["--help"])):
+        with pytest.raises(SystemExit):
+            entry()
+        assert f"(default {DEBLEND_CONTRAST:g};" in " ".join(capsys.readouterr().out.split())

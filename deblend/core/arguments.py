@@ -89,12 +89,14 @@ def add_target_psf_fwhm(parser: argparse.ArgumentParser, help_text: str) -> None
                         metavar="ARCSEC", help=help_text)
 
 
-def add_deblend_contrast(parser: argparse.ArgumentParser) -> None:
+def add_deblend_contrast(parser: argparse.ArgumentParser, default: float) -> None:
     """A ``--deblend-contrast C`` option: SEP's deblending contrast of metadetection's
-    detection, in [0, 1] (None when not given: the walk's default)."""
+    detection, in [0, 1] (None when not given: the walk's ``default``, which the help states;
+    the caller passes :data:`deblend.core.metadetect.DEBLEND_CONTRAST`, which this bottom
+    module cannot import)."""
     parser.add_argument("--deblend-contrast", type=FRACTION.argparse_type, metavar="C",
-                        help="SEP's deblending contrast of the detection, in [0, 1] (default "
-                             "0.005; 1e-5 splits fainter neighbours off bright galaxies, "
+                        help=f"SEP's deblending contrast of the detection, in [0, 1] (default "
+                             f"{default:g}; 1e-5 splits fainter neighbours off bright galaxies, "
                              "python -m benchmarks.detection_contrast says what else it does)")
 
 
