@@ -110,9 +110,10 @@ def measure(data_dir: Path, batch_size: int = 64, workers: int = 0,
             with torch.inference_mode():
                 for batch in tensors:
                     for view in range(N_VIEWS):
-                        mu = deblender.encoder(image_view(batch, view))[0]
+                        seen = image_view(batch, view)
+                        mu = deblender.encoder(seen)[0]
                         deblender.decoder(mu)
-                        deblender.regressor(mu)
+                        deblender.regressor(mu, deblender.regressor.stamp_features(seen))
 
         deblender.predict(raw[:256])
         encoder_only()
@@ -144,7 +145,8 @@ def _regressor(config: Config) -> torch.nn.Module:
     from deblend.core.networks import Regressor
 
     model = config.model
-    return Regressor(model.latent_dim, model.regressor_hidden, model.regressor_dropout)
+    return Regressor(model.latent_dim, model.regressor_hidden, model.regressor_dropout,
+                     model.regressor_moments)
 
 
 def run(data: str | Path | None = None, n: int = 1280, **kwargs: Any) -> dict[str, Any]:

@@ -13,7 +13,8 @@ format (:mod:`deblend.core.runs`) are the same for all.
   ``training.stage2_init: scratch``) under the stage1 decoder, frozen; noisy blend -> clean
   isolated; beta-VAE loss.
 * stage3: the regressor on mu of the stage2 encoder (of the amortize encoder with
-  ``training.amortized_map``), frozen; noisy blend -> label (e1, e2); MSE; then its response on
+  ``training.amortized_map``), frozen, and on the stamp's weighted moments with
+  ``model.regressor_moments``; noisy blend -> label (e1, e2); MSE; then its response on
   the calibration split (:mod:`training.calibration`).
 * flow: the latent prior of the MAP deblender (:mod:`deblend.core.flow`), a normalising flow on
   the stage1 encoder's latent means of the noisy isolated galaxies, frozen encoder; negative
@@ -261,7 +262,7 @@ class RegressionStage(Stage):
         encoder_entry = parent["modules"]["encoder"]
         model = config.model
         regressor = Regressor(encoder_entry["hparams"]["latent_dim"], model.regressor_hidden,
-                              model.regressor_dropout)
+                              model.regressor_dropout, model.regressor_moments)
         return cls(regressor, build_module(encoder_entry), parent_record)
 
     def saved_modules(self) -> dict[str, nn.Module]:
@@ -270,7 +271,8 @@ class RegressionStage(Stage):
     def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
         with torch.no_grad():
             mu, _ = self.frozen["encoder"](x)
-        return (regression_loss(model(mu), y),)
+            features = self.model.stamp_features(x)
+        return (regression_loss(model(mu, features), y),)
 
     def finish(self, layout: RunLayout, dataset: StampData, device: str,
                log: Callable[[str], None]) -> None:

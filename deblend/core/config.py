@@ -336,6 +336,10 @@ class ModelConfig:
     :class:`deblend.core.networks.Encoder`); False: the images alone."""
     regressor_hidden: tuple[StrictInt, ...] = (128, 64, 32)
     regressor_dropout: StrictFloat = 0.1
+    regressor_moments: tuple[StrictFloat, ...] = ()
+    """Gaussian weight sigmas (pixels) of the stamp moments the regressor reads beside mu
+    (:mod:`deblend.core.stamp_moments`); empty: mu alone (SPEC 4). README, "The regressor reads
+    the stamp's moments", measures what they do on real galaxy profiles."""
     flow_transform: Literal["affine_coupling", "spline_coupling"] = "affine_coupling"
     """The latent prior's bijection (pyro.distributions.transforms): coupling layers, whose
     density and inverse are each one pass (:mod:`deblend.core.flow`)."""
@@ -352,6 +356,8 @@ class ModelConfig:
             (all(h >= 1 for h in self.regressor_hidden), "model.regressor_hidden",
              "entries must be >= 1"),
             (0.0 <= self.regressor_dropout < 1.0, "model.regressor_dropout", "must be in [0, 1)"),
+            (all(0.0 < s < float("inf") for s in self.regressor_moments),
+             "model.regressor_moments", "entries must be finite and > 0 (pixels)"),
         ])
         return self
 

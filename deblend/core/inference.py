@@ -313,13 +313,18 @@ class Deblender:
         already computed by the caller."""
         return [mu] + [self.encoder(image_view(x, view))[0] for view in range(1, views)]
 
-    def symmetrized_ellipticity(self, view_mu: list[Tensor]) -> Tensor:
+    def symmetrized_ellipticity(self, x: Tensor, view_mu: list[Tensor]) -> Tensor:
         """Raw regressor (e1, e2) averaged over the views whose latents are ``view_mu``
-        (:meth:`view_latents`), each output mapped back to the stamps' frame first. float32."""
-        assert self.regressor is not None
-        total = self.regressor(view_mu[0]).float()
-        for view, view_mu_v in enumerate(view_mu[1:], start=1):
-            total += ellipticity_in_view(self.regressor(view_mu_v).float(), view)
+        (:meth:`view_latents` of normalised stamps ``x``), each output mapped back to the
+        stamps' frame first; a regressor that reads the stamps' moments reads those of the same
+        view. float32."""
+        regressor = self.regressor
+        assert regressor is not None
+        total = torch.zeros(x.shape[0], 2, device=x.device)
+        for view, view_mu_v in enumerate(view_mu):
+            features = (regressor.stamp_features(image_view(x, view)) if regressor.reads_stamps
+                        else None)
+            total += ellipticity_in_view(regressor(view_mu_v, features).float(), view)
         return total / len(view_mu)
 
     def symmetrized_reconstruction(self, view_mu: list[Tensor]) -> Tensor:
@@ -340,8 +345,9 @@ class Deblender:
         """Deblend raw-flux stamps (N, bands, H, W), ``batch_size`` stamps at a time.
 
         Each of the stamp's symmetric views (:mod:`deblend.core.symmetry`) is encoded once. The
-        ellipticity is the regressor's average over the first ``views`` of them (default all 8),
-        calibrated by the run's response. The reconstruction decodes z = mu (no sampling) of the
+        ellipticity is the regressor's average over the first ``views`` of them (default all 8;
+        a regressor that reads the stamp's moments, ``model.regressor_moments``, reads each
+        view's own), calibrated by the run's response. The reconstruction decodes z = mu (no sampling) of the
         first ``reconstruction_views`` views and averages them mapped back, in raw flux (default
         all 8, which removes the decoder's preferred orientation; 1 is the plain decoding of
         the stamp). ``reconstruct=False`` skips the decoder, which costs about three encoders
@@ -374,7 +380,7 @@ class Deblender:
             mu[part] = batch_mu.float().cpu().numpy()
             sigma[part] = torch.exp(0.5 * logvar).float().cpu().numpy()
             if ellipticity is not None:
-                ellipticity[part] = self.symmetrized_ellipticity(view_mu[:views]).cpu().numpy()
+                ellipticity[part] = self.symmetrized_ellipticity(x, view_mu[:views]).cpu().numpy()
         if ellipticity is None or self.response is None:
             return Prediction(reconstruction, mu, sigma, ellipticity)
         return Prediction(reconstruction, mu, sigma, self.response.calibrate(ellipticity),

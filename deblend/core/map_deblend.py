@@ -64,6 +64,7 @@ from deblend.core.map_fit import (
     render_scene,
     stamp_indices,
 )
+from deblend.core.normalization import normalize
 from deblend.core.posterior import (
     EllipticityPosterior,
     decoder_jacobian,
@@ -345,21 +346,37 @@ def _fit_batch(model: Deblender, scene_model: SceneModel, scenes: np.ndarray,
     with torch.no_grad():
         out["model"] = render_scene(fit.stamps, sources, scenes.shape[-2],
                                     scenes.shape[-1]).float().cpu().numpy()
+        features = source_features(model, stamps)
         if model.regressor is not None:
-            out["ellipticity_raw"] = model.regressor(fit.z[mask]).float().cpu().numpy()
+            out["ellipticity_raw"] = model.regressor(fit.z[mask], features).float().cpu().numpy()
     if posterior_samples > 0 and model.regressor is not None and not mask.any():
         out["samples"] = np.zeros((posterior_samples, 0, 2), np.float32)
     elif posterior_samples > 0 and model.regressor is not None:
         out["samples"] = _posterior_samples(model, scene_model, fit, sources, log_prior,
-                                            posterior_samples, generator)
+                                            posterior_samples, generator, features)
     return out
+
+
+def source_features(model: Deblender, stamps: list[np.ndarray]) -> torch.Tensor | None:
+    """The regressor's stamp features (:meth:`Regressor.stamp_features`) of each source's raw
+    blend stamp, as in training (the stamp the encoder's first guess was read from), in source
+    order; None when the regressor reads mu alone."""
+    regressor = model.regressor
+    if regressor is None or not regressor.reads_stamps:
+        return None
+    size = model.stamp_pixels
+    raw = np.stack(stamps) if stamps else np.zeros((0, len(model.bands), size, size), np.float32)
+    x = torch.from_numpy(normalize(raw.astype(np.float32), model.normalization))
+    return regressor.stamp_features(x.to(model.device))
 
 
 def _posterior_samples(model: Deblender, scene_model: SceneModel, fit: MapFit,
                        sources: SceneSources, log_prior: LogPrior, n_samples: int,
-                       generator: torch.Generator) -> np.ndarray:
+                       generator: torch.Generator, features: torch.Tensor | None
+                       ) -> np.ndarray:
     """(n_samples, M, 2) regressor outputs of Laplace draws around each source's MAP latent,
-    under the fit's own pixel weights."""
+    under the fit's own pixel weights; ``features``: :func:`source_features`, the same for
+    every draw of a source."""
     mask = sources.mask
     z = fit.z[mask].detach()
     size = model.stamp_pixels
@@ -376,5 +393,7 @@ def _posterior_samples(model: Deblender, scene_model: SceneModel, fit: MapFit,
                                   prior_hessian(log_prior, z).double())
     draws = laplace_samples(z.double(), precision, n_samples, generator).float()
     with torch.no_grad():
-        e = model.regressor(draws.reshape(-1, z.shape[1])).reshape(n_samples, z.shape[0], 2)
+        repeated = None if features is None else features.repeat(n_samples, 1)
+        e = model.regressor(draws.reshape(-1, z.shape[1]), repeated).reshape(
+            n_samples, z.shape[0], 2)
     return e.cpu().numpy()

@@ -28,7 +28,8 @@ Architecture (see the spec):
   encoder's sizes exactly (3 -> 6 -> 12 -> 23 -> 45), which makes the spec's
   final bilinear interpolation to ``stamp_size`` an identity for every stamp size:
   it is therefore not applied.
-* Regressor: [Linear + PReLU + Dropout] x (128, 64, 32), then Linear(2) + Tanh.
+* Regressor: [Linear + PReLU + Dropout] x (128, 64, 32), then Linear(2) + Tanh, on mu (and,
+  optionally, the stamp's weighted moments: :mod:`deblend.core.stamp_moments`).
 
 PReLU layers have one learnable slope per channel (conv) / per unit (dense).
 """
@@ -39,6 +40,8 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from deblend.core.stamp_moments import FEATURES_PER_SCALE, check_scales, stamp_moments
 
 __all__ = [
     "ENCODER_CHANNELS",
@@ -343,11 +346,15 @@ class VAE(nn.Module):
 class Regressor(nn.Module):
     """MLP ``mu (N, latent_dim) -> (e1, e2)`` of shape ``(N, 2)`` in ``[-1, 1]``.
 
-    Hidden blocks are Linear + PReLU + Dropout(``dropout``); output Linear(2) + Tanh.
+    Hidden blocks are Linear + PReLU + Dropout(``dropout``); output Linear(2) + Tanh. With
+    ``moment_scales`` (Gaussian weight sigmas, pixels; ``model.regressor_moments``) the first
+    layer also reads the Gaussian-weighted moments of the normalised stamp mu came from
+    (:mod:`deblend.core.stamp_moments`): callers pass :meth:`stamp_features` of that stamp.
     """
 
     def __init__(
-        self, latent_dim: int = 32, hidden: Sequence[int] = (128, 64, 32), dropout: float = 0.1
+        self, latent_dim: int = 32, hidden: Sequence[int] = (128, 64, 32), dropout: float = 0.1,
+        moment_scales: Sequence[float] = (),
     ) -> None:
         super().__init__()
         _check_positive_int("latent_dim", latent_dim)
@@ -359,9 +366,11 @@ class Regressor(nn.Module):
         self.latent_dim = latent_dim
         self.hidden = hidden
         self.dropout = float(dropout)
+        self.moment_scales = check_scales(moment_scales)
+        self.n_features = FEATURES_PER_SCALE * len(self.moment_scales)
 
         layers: list[nn.Module] = []
-        in_f = latent_dim
+        in_f = latent_dim + self.n_features
         for units in hidden:
             layers += [nn.Linear(in_f, units), nn.PReLU(units), nn.Dropout(self.dropout)]
             in_f = units
@@ -369,12 +378,36 @@ class Regressor(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def hparams(self) -> dict[str, Any]:
-        """Constructor arguments (plain ints / list / float) for checkpointing."""
-        return {"latent_dim": self.latent_dim, "hidden": list(self.hidden), "dropout": self.dropout}
+        """Constructor arguments (plain ints / list / float) for checkpointing
+        (``moment_scales`` only when set, so that older checkpoints keep their form)."""
+        extra = {"moment_scales": list(self.moment_scales)} if self.moment_scales else {}
+        return {"latent_dim": self.latent_dim, "hidden": list(self.hidden),
+                "dropout": self.dropout, **extra}
 
-    def forward(self, mu: Tensor) -> Tensor:
-        """``mu``: ``(N, latent_dim)`` -> ``(N, 2)`` ellipticities ``(e1, e2)`` in ``[-1, 1]``."""
+    @property
+    def reads_stamps(self) -> bool:
+        """Whether :meth:`forward` needs the stamps' features beside mu."""
+        return bool(self.moment_scales)
+
+    def stamp_features(self, stamps: Tensor) -> Tensor:
+        """``(N, n_features)`` inputs from normalised stamps ``(N, bands, S, S)``: those mu was
+        encoded from (``(N, 0)`` when the regressor reads mu alone)."""
+        return stamp_moments(stamps, self.moment_scales)
+
+    def forward(self, mu: Tensor, features: Tensor | None = None) -> Tensor:
+        """``mu``: ``(N, latent_dim)`` (and ``features``, :meth:`stamp_features` of the stamps mu
+        came from, when :attr:`reads_stamps`) -> ``(N, 2)`` ellipticities ``(e1, e2)`` in
+        ``[-1, 1]``."""
         _check_vector(mu, self.latent_dim, "Regressor", "mu")
+        if self.reads_stamps:
+            if features is None:
+                raise ValueError("Regressor: this regressor reads the stamps' weighted moments "
+                                 "(moment_scales): pass stamp_features(stamps)")
+            _check_vector(features, self.n_features, "Regressor", "features")
+            if features.shape[0] != mu.shape[0]:
+                raise ValueError(f"Regressor: {features.shape[0]} feature rows for "
+                                 f"{mu.shape[0]} latents")
+            mu = torch.cat([mu, features.to(mu.dtype)], dim=1)
         return self.net(mu)
 
 
