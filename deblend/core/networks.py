@@ -8,7 +8,7 @@ Conventions
 * Ellipticities are ``(N, 2)`` tensors ``(e1, e2)`` in ``[-1, 1]``.
 
 Every network is built from plain ints only (``n_bands``, ``stamp_size``,
-``latent_dim``, plus ``hidden``/``dropout`` for the regressor), and exposes
+``latent_dim``, plus ``hidden``/``dropout``/``moment_scales`` for the regressor), and exposes
 ``hparams()`` returning exactly those constructor arguments, so a checkpoint
 can store them and rebuild the module with ``Cls(**hparams)`` before loading
 the ``state_dict``.

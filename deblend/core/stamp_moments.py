@@ -8,7 +8,8 @@ moments beside mu, so that it can fall back on them where the latent says little
 
 For each weight scale s (pixels), on the band sum I of the normalised stamp (SPEC 3's
 tanh(asinh), which keeps every isophote's shape) and a round Gaussian weight W of sigma s centred
-on the central pixel (pixel frame, x to the right, y up the rows):
+on the central pixel (pixel frame: x the column index, y the row index, as
+:func:`deblend.core.shapes.second_moments`):
 
     F0 = sum W I / sum W                        the weighted level
     F+ = sum W I (x^2 - y^2) / (s^2 sum W)      the distortion's e1 numerator
