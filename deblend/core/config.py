@@ -356,7 +356,7 @@ class ModelConfig:
             (all(h >= 1 for h in self.regressor_hidden), "model.regressor_hidden",
              "entries must be >= 1"),
             (0.0 <= self.regressor_dropout < 1.0, "model.regressor_dropout", "must be in [0, 1)"),
-            (all(0.0 < s < float("inf") for s in self.regressor_moments),
+            (all(POSITIVE_FLOAT.accepts(s) for s in self.regressor_moments),
              "model.regressor_moments", "entries must be finite and > 0 (pixels)"),
         ])
         return self

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from deblend.core.arguments import POSITIVE_FLOAT
+
 FEATURES_PER_SCALE = 6
 """F0, F+, Fx, Fr and the two ratios, per weight scale."""
 RATIO_FLOOR = 0.02
@@ -38,10 +40,11 @@ RATIO_FLOOR = 0.02
 
 
 def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
-    """The weight sigmas (pixels) as floats, each finite and > 0, or a ValueError."""
+    """The weight sigmas (pixels) as floats, each finite and > 0 (the library's
+    :data:`~deblend.core.arguments.POSITIVE_FLOAT`), or a ValueError."""
     out = tuple(float(s) for s in scales)
     for s in out:
-        if not s > 0 or s == float("inf"):
+        if not POSITIVE_FLOAT.accepts(s):
             raise ValueError(f"moment weight scales must be finite and > 0 pixels, got {s!r}")
     return out
 
@@ -51,6 +54,8 @@ def stamp_moments(stamps: Tensor, scales: Sequence[float]) -> Tensor:
     S)``, scale by scale in the module's order; ``(N, 0)`` for no scale."""
     if stamps.dim() != 4 or stamps.shape[-1] != stamps.shape[-2]:
         raise ValueError(f"stamps must have shape (N, bands, S, S), got {tuple(stamps.shape)}")
+    if not scales:  # a regressor of mu alone: nothing to compute on the training's hot path
+        return stamps.new_zeros((stamps.shape[0], 0))
     image = stamps.sum(dim=1)
     size = image.shape[-1]
     axis = torch.arange(size, dtype=image.dtype, device=image.device) - (size - 1) / 2
@@ -65,6 +70,4 @@ def stamp_moments(stamps: Tensor, scales: Sequence[float]) -> Tensor:
                               for kernel in (x ** 2 - y ** 2, 2.0 * x * y, r2))
         floor = size2.abs() + RATIO_FLOOR
         features += [level, plus, cross, size2, plus / floor, cross / floor]
-    if not features:
-        return image.new_zeros((image.shape[0], 0))
     return torch.stack(features, dim=1)
