@@ -34,10 +34,13 @@ Conventions.
   ``noise_variance``), so the estimator does not depend on the image's flux units. A larger ``c0``
   down-weights faint objects and reduces noise bias; the noiseless limit (tiny variance) gives
   ``C0 -> 0``, i.e. ``e = M22 / M00``.
-- Noise bias: with ``rng`` given, a pure-noise stamp of ``noise_variance`` is drawn per object and
-  AnaCal adds it, measured through the PSF rotated by 90 degrees, which removes the second-order
-  noise bias of the ratio at the price of doubling the noise (AnaCal's standard practice). Without
-  ``rng`` nothing is added: right for noiseless or high-S/N stamps.
+- Noise bias: with ``rng`` given, a pure-noise stamp of ``noise_variance`` is drawn per object
+  (or, with ``noise``, the given one is used) and AnaCal adds it, measured through the PSF
+  rotated by 90 degrees, which removes the noise bias of its response at the price of doubling
+  the noise (AnaCal's standard practice). Without either nothing is added: right for noiseless
+  or high-S/N stamps only. Measured (tests/test_anacal.py): one exponential at flux S/N ~ 20 on
+  DES's grid (0.263"/pixel, Moffat FWHM 1.0") has m = -0.08 without the correction and 0 within
+  0.01 with it; the peer columns of the benchmarks therefore always correct when metacal does.
 
 Flags (bits of ``AnacalShapes.flags``): :data:`FLAG_NONFINITE` a non-finite output,
 :data:`FLAG_NONPOSITIVE_DENOMINATOR` ``M00 + C0 <= 0`` (no usable flux: the ratio is meaningless).
@@ -82,7 +85,12 @@ on pure noise to a few per cent); the catalogue is then the same whatever the im
 variance per band; a per-pixel variance map is reduced to its mean per band (AnaCal assumes
 homogeneous noise within a cell). With ``rng`` given, a pure-noise image of the stated variance
 (per pixel) is handed to AnaCal for its noise-bias correction, which doubles the variance AnaCal
-works with (its thresholds then follow the doubled noise).
+works with (its thresholds then follow the doubled noise). Not usable with anacal 0.8.3 on
+simulated multi-band cells (2026-12-07, a 100-pixel cell of the GalSim sheared field, 6 LSST
+bands): the same cell and noise gave 32 or 40 detections on a process's first call and 47 after
+(2 without the noise image), with sums of w e1 of 83 against 0.1 and of the response of 6e8;
+scaling the noise image to unit variance did no better. So the fields benchmark's AnaCal column
+does not correct its noise bias (the forced stamps' path above does, and is reproducible).
 
 Geometry. Detection needs a margin of :func:`detection_margin` pixels (16 at 0.2"/pixel: the
 reach of AnaCal's local-background rings, 3" + 1 pixel) on every side of the cell: detections are
@@ -252,6 +260,7 @@ def anacal_shapes(
     c0: float = 4.0,
     positions: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
+    noise: np.ndarray | None = None,
     npix: int = DEFAULT_NPIX,
 ) -> AnacalShapes:
     """FPFS ellipticities and analytic shear responses of ``images`` (N, H, W), forced at the known
@@ -261,7 +270,10 @@ def anacal_shapes(
         (normalised here). noise_variance: per-pixel variance of the images' noise (> 0; pass a
         tiny value for noiseless stamps). pixel_scale: arcsec per pixel. sigma_arcsec: FPFS kernel.
     c0: C0 in units of the m00 noise (see the module docstring). rng: when given, AnaCal's
-    noise-bias correction with a drawn pure-noise stamp per object. npix: even FFT stamp size.
+    noise-bias correction with a drawn pure-noise stamp per object. noise: instead of rng, the
+    pure-noise stamps (N, H, W) of that correction, of per-pixel variance ``noise_variance``
+    (e.g. the metacal correction noise, so that both estimators correct with the same field).
+    npix: even FFT stamp size.
     """
     ana = _anacal()
     fpfs = ana.fpfs
@@ -280,6 +292,14 @@ def anacal_shapes(
     n, h, w = imgs.shape
     psf_n = _check_psf(psf, pixel_scale, sigma_arcsec, npix)
     pos = _check_positions(positions, n, h, w)
+    if noise is not None:
+        if rng is not None:
+            raise ValueError("give the correction noise either as rng or as noise, not both")
+        noise = np.asarray(noise)
+        if noise.shape != imgs.shape:
+            raise ValueError(f"noise must be (N, H, W) = {imgs.shape} like the images, got "
+                             f"{noise.shape}")
+        noise = _check_images(noise)
     anchors = np.floor(pos + 0.5).astype(int)  # the C++ side rounds half away from zero
     frac = pos - anchors
 
@@ -298,17 +318,19 @@ def anacal_shapes(
     for start in range(0, n, _MAX_CHUNK):
         sl = slice(start, min(n, start + _MAX_CHUNK))
         k = sl.stop - sl.start
-        noise = None
-        if rng is not None:
+        tiles = None
+        if noise is not None:
+            tiles = _tiles(noise[sl], anchors[sl], npix)
+        elif rng is not None:
             draw = rng.normal(0.0, np.sqrt(noise_variance), size=(k, h, w)).astype(np.float32)
-            noise = _tiles(draw, anchors[sl], npix)
+            tiles = _tiles(draw, anchors[sl], npix)
         det = np.zeros(k, dtype=[("y", "f8"), ("x", "f8")])
         det["y"] = np.arange(k) * npix + npix // 2 + frac[sl, 0]
         det["x"] = npix // 2 + frac[sl, 1]
         rows.append(fpfs.process_image(
             fpfs_config=config, pixel_scale=pixel_scale, noise_variance=float(noise_variance),
             mag_zero=mag_zero, gal_array=_tiles(imgs[sl], anchors[sl], npix), psf_array=psf_n,
-            noise_array=noise, detection=det))
+            noise_array=tiles, detection=det))
     cat = np.concatenate(rows)
 
     e = np.stack([cat["fpfs1_e1"], cat["fpfs1_e2"]], axis=1)
@@ -462,7 +484,8 @@ def anacal_cell_catalogue(
         Gaussian model's misfit dwarfs the noise), and the shapes are then measured about the
         pixel: no bias seen, but ~5x the pixel-phase scatter of +-g pairs on near-noiseless
         sims; 0 lets the fit converge there. rng: when given, AnaCal's noise-bias correction
-        with a pure-noise image of ``variance``.
+        with a pure-noise image of ``variance`` (not reliable with anacal 0.8.3: module
+        docstring).
 
     Returns one row per kept detection, columns :data:`CELL_COLUMNS` (module docstring); meta
     holds the settings and the noise scales used. Feed tables to :func:`anacal_population_shear`.

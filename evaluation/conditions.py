@@ -102,9 +102,10 @@ HELD_WORDS = "; each stamp sheared less its fitted sky plane, the plane put back
 """What the report says of ``metacal.hold_sky_plane``."""
 FIGURE = "fig_conditions.png"
 CACHE_DIR = "cache"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bumped when what a chunk holds changes for the same settings (2: the metacal images sheared
-by ``metacal.delta``, not always 0.01)."""
+by ``metacal.delta``, not always 0.01; 3: AnaCal corrects its noise bias with metacal's
+correction noise)."""
 NOMINAL_YEARS = SURVEY_YEARS["LSST"]
 """LSST's full depth in years (a row's depth is a fraction of its survey's: :func:`depth_factor`)."""
 PSF_SCALE_LIMITS = (0.5, 2.0)

@@ -62,9 +62,10 @@ KIND = "metacal_shear"
 REPORT = "report.md"
 FIGURE = "fig_metacal_shear.png"
 CACHE_DIR = "cache"
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 """Bumped when what a chunk holds changes for the same settings (2: reconstructions averaged over
-the 8 symmetric views; 3: the metacal images sheared by ``metacal.delta``, not always 0.01)."""
+the 8 symmetric views; 3: the metacal images sheared by ``metacal.delta``, not always 0.01; 4:
+AnaCal corrects its noise bias with metacal's correction noise)."""
 NOT_IN_CHUNKS = ("n_scenes", "bootstrap", "populations", "neighbours")
 """Settings that do not change what a chunk holds: a larger run reuses a smaller one's chunks."""
 SCENE_COLUMNS = ("n_galaxies", "neighbour_distance", "target_snr", "twin")

@@ -21,7 +21,8 @@ Estimators (all distortions in the pixel frame, measured on the label bands' sum
 - ``recon_hsm``: galsim.hsm adaptive moments of the same reconstructions;
 - ``blend_gauss`` / ``blend_hsm``: the same two on the metacal images of the blend itself;
 - ``anacal``: AnaCal's FPFS shapes and analytic responses on the original blend (no metacal),
-  summed over the label bands, each with its own PSF (:mod:`evaluation.anacal_peer`).
+  summed over the label bands, each with its own PSF (:mod:`evaluation.anacal_peer`); its noise
+  bias corrected with metacal's correction noise whenever metacal's is.
 """
 
 from __future__ import annotations
@@ -131,8 +132,10 @@ def measure_metacal(model: Deblender, stamps: np.ndarray, psfs: np.ndarray, *,
                                             mc.delta)
     if "anacal" in estimators:
         size = model.stamp_pixels
-        out["anacal"] = anacal_measurement(central(stamps, size), central(psfs, size),
-                                           sky_variance, bands, model.data.pixel_scale)
+        out["anacal"] = anacal_measurement(
+            central(stamps, size), central(psfs, size), sky_variance, bands,
+            model.data.pixel_scale,
+            None if correction_noise is None else central(correction_noise, size))
     if min_snr is not None:
         variance = float(sum(sky_variance[list(bands).index(b)] for b in LABEL_BANDS))
         passed = {n: weighted_snr(image, variance) >= min_snr for n, image in blend.items()}
@@ -151,16 +154,21 @@ def weighted_snr(images: np.ndarray, variance: float, sigma: float = WEIGHT_SIGM
 
 
 def anacal_measurement(stamps: np.ndarray, psfs: np.ndarray, sky_variance: np.ndarray,
-                       bands: Sequence[str], pixel_scale: float) -> Measured:
+                       bands: Sequence[str], pixel_scale: float,
+                       correction_noise: np.ndarray | None = None) -> Measured:
     """AnaCal on each label band with its own PSF; e and R summed over those bands (each band's
-    e responds to shear with its own R, so the sums stay unbiased)."""
+    e responds to shear with its own R, so the sums stay unbiased). ``correction_noise``: pure
+    sky noise like ``stamps`` (n, bands, H, W), metacal's: when given, AnaCal corrects its noise
+    bias with it (its standard practice, through the PSF rotated by 90 degrees, doubling its
+    noise as metacal's correction doubles metacal's)."""
     e_sum = np.zeros((stamps.shape[0], 2))
     r_sum = np.zeros((stamps.shape[0], 2, 2))
     ok = np.ones(stamps.shape[0], bool)
     for band in LABEL_BANDS:
         b = list(bands).index(band)
+        noise = None if correction_noise is None else correction_noise[:, b]
         shapes = anacal_shapes(stamps[:, b].astype(np.float64), psfs[b],
-                               float(sky_variance[b]), pixel_scale)
+                               float(sky_variance[b]), pixel_scale, noise=noise)
         e_sum += shapes.e
         r_sum += shapes.response
         ok &= shapes.ok

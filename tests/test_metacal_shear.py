@@ -134,6 +134,29 @@ def test_the_metacal_step_delta_is_the_one_asked_for(model, pairs):
                        atol=0.02)  # still the same response to a few percent
 
 
+def test_anacal_corrects_its_noise_bias_with_metacals_correction_noise(model, pairs):
+    """With metacal's correction noise, AnaCal gets each label band's central field of it (its
+    own noise correction); without, it corrects nothing, as before."""
+    from deblend.core.stamps import central
+    from evaluation.anacal_peer import anacal_shapes
+    from evaluation.metacal_shear import LABEL_BANDS, measure_metacal
+
+    def anacal(noise):
+        return measure_metacal(model, pairs.plus, pairs.psfs, correction_noise=noise,
+                               sky_variance=pairs.sky_variance, views=1,
+                               estimators=["anacal"])["anacal"]
+
+    corrected, plain = anacal(pairs.correction_noise), anacal(None)
+    size, bands = model.stamp_pixels, list(model.bands)
+    expected = sum(anacal_shapes(
+        central(pairs.plus[:, b], size).astype(np.float64), central(pairs.psfs[b], size),
+        float(pairs.sky_variance[b]), model.data.pixel_scale,
+        noise=central(pairs.correction_noise[:, b], size)).e
+        for b in map(bands.index, LABEL_BANDS))
+    np.testing.assert_allclose(corrected.e, expected, rtol=1e-6, atol=1e-9)
+    assert np.abs(corrected.e - plain.e).max() > 1e-3
+
+
 def test_an_snr_cut_is_made_on_every_metacal_image_for_every_estimator(model, pairs):
     from evaluation.metacal_shear import LABEL_BANDS, measure_metacal, weighted_snr
 
