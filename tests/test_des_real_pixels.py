@@ -181,7 +181,9 @@ def test_a_low_deblending_contrast_splits_the_faint_pair_and_nothing_else(real_r
     "networks were trained on; measured residual rms 39 sigma (packaged weights), 10 sigma at "
     "best with a flux scale and MAP on the conditions model; simulated galaxies of the model's "
     "own kind at S/N 10,000-30,000 leave 59-67 sigma (benchmarks.reconstruction_defects --mag "
-    "16 20): the reconstruction's dynamic range under SPEC 3's normalisation"))
+    "16 20): no bright, large galaxies in training and SPEC 3's constants saturating them; a "
+    "stage1 VAE trained on such galaxies with a per-stamp flux scale reaches 2.2 (README, 'What "
+    "a remedy needs'), not yet in the library"))
 def test_the_bright_galaxy_residual_is_at_the_noise_level_away_from_its_core(real_run) -> None:
     """The issue's check: image minus the pasted reconstructions, in units of the weights'
     noise, over the present bands' unmasked pixels 3 to 12 pixels from the brightest
