@@ -81,7 +81,8 @@ from evaluation.metacal_shear import (
 )
 from evaluation.reconstruction_defects import SNR_EDGES
 from evaluation.report_io import (
-    fmt, fmt_err, jsonable, markdown_table, read_metrics, reconvolution_words, write_metrics)
+    fmt, fmt_err, jsonable, markdown_table, noise_correction_words, read_metrics,
+    reconvolution_words, write_metrics)
 from evaluation.shear_calibration import chunk_sizes
 from simulation.conditions import FWHM_BAND, nominal_fwhm, sky_residual
 from simulation.conditions import NOMINAL_YEARS as SURVEY_YEARS
@@ -597,8 +598,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "Each row changes one condition of the independent GalSim population with "
         "0-2 neighbours; all rows draw the same scenes and noise. Applied shear (g1, g2) = "
         f"({g[0]:+g}, {g[1]:+g}) and its negative; metacal delta = {result['delta']:g}; regressor "
-        f"averaged over {result['views']} views; noise correction "
-        f"{'on' if result['noise_correction'] else 'off'}; "
+        f"averaged over {result['views']} views; "
+        f"{noise_correction_words(result['noise_correction'])}; "
         f"{reconvolution_words(result.get('target_psf_fwhm'))}"
         f"{HELD_WORDS if result.get('hold_sky_plane') else ''}. "
         "m = g_hat / g - 1, c additive (reduced "

@@ -51,6 +51,7 @@ from evaluation.report_io import (
     fmt_err,
     jsonable,
     markdown_table,
+    noise_correction_words,
     read_metrics,
     write_metrics,
 )
@@ -284,8 +285,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "# Metacalibrated shear against the applied shear", "",
         f"Applied shear (g1, g2) = ({g[0]:+g}, {g[1]:+g}) and its negative, on the same scenes "
         f"and noise; metacal step delta = {result['delta']:g}; regressor averaged over "
-        f"{result['views']} views; noise correction "
-        f"{'on' if result['noise_correction'] else 'off'}; "
+        f"{result['views']} views; "
+        f"{noise_correction_words(result['noise_correction'])}; "
         + ("no S/N cut" if result.get("min_snr") is None else
            f"cut: weighted S/N >= {result['min_snr']:g} on each metacal image, with its selection "
            "response") + ". m = g_hat / g - 1, c = additive, "

@@ -136,6 +136,13 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]],
     return "\n".join(lines) + "\n"
 
 
+def noise_correction_words(on: bool) -> str:
+    """``metacal.noise_correction`` in words: metacal's correction noise, which AnaCal's own
+    noise-bias correction uses too (:func:`evaluation.metacal_shear.anacal_measurement`)."""
+    return ("noise correction on (metacal's, and AnaCal's own with the same noise)" if on
+            else "noise correction off")
+
+
 def reconvolution_words(target_psf_fwhm: float | Sequence[float] | None) -> str:
     """Metacal's reconvolution in words: to one round Gaussian of ``target_psf_fwhm`` (arcsec,
     one for every band or one per band), or (None) to each band's narrowest."""

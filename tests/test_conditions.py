@@ -235,6 +235,7 @@ def test_cli_tiny_run_writes_its_files_and_resumes(tmp_path, capsys) -> None:
     assert mean == pytest.approx(0.5 * (nominal["regressor"]["R11"] + nominal["regressor"]["R22"]))
     assert "Mean metacal response (R11 + R22) / 2 by the target's S/N" in table
     assert "Mean metacal response" in (out / "report.md").read_text()
+    assert "AnaCal's own with the same noise" in (out / "report.md").read_text()
     chunks = sorted(p.name for p in (out / "cache").iterdir())
     assert chunks == ["no_y_chunk0000.npz", "nominal_chunk0000.npz"]
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}

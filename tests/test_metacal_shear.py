@@ -236,6 +236,7 @@ def test_the_benchmark_writes_its_outputs_and_resumes_from_its_cache(trained_run
         assert {"m1", "m1_err", "c2", "c2_err", "n_scenes", "bins"} <= set(r)
     report = (out / "report.md").read_text()
     assert "against the applied shear" in report and "AnaCal" in report
+    assert "noise correction on (metacal's, and AnaCal's own with the same noise)" in report
     assert (out / "fig_metacal_shear.png").stat().st_size > 1000
     chunks = sorted((out / "cache").glob("*.npz"))
     assert len(chunks) == 2
