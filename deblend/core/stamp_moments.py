@@ -61,13 +61,14 @@ def stamp_moments(stamps: Tensor, scales: Sequence[float]) -> Tensor:
     axis = torch.arange(size, dtype=image.dtype, device=image.device) - (size - 1) / 2
     y, x = torch.meshgrid(axis, axis, indexing="ij")
     r2 = x ** 2 + y ** 2
+    kernels = (x ** 2 - y ** 2, 2.0 * x * y, r2)  # the same at every scale
     features: list[Tensor] = []
     for s in scales:
         weight = torch.exp(-r2 / (2.0 * s * s))
         weighted = image * weight / weight.sum()
         level = weighted.sum(dim=(-2, -1))
         plus, cross, size2 = ((weighted * kernel).sum(dim=(-2, -1)) / (s * s)
-                              for kernel in (x ** 2 - y ** 2, 2.0 * x * y, r2))
+                              for kernel in kernels)
         floor = size2.abs() + RATIO_FLOOR
         features += [level, plus, cross, size2, plus / floor, cross / floor]
     return torch.stack(features, dim=1)
