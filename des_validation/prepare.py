@@ -222,4 +222,4 @@ def des_constants(model_images: np.ndarray, mapping: BandMap,
         raise ValueError(f"the DES <max> of band {bad[0]} is not positive: are the cutouts "
                          f"background-subtracted images of galaxies?")
     return NormalizationConstants(mapping.model_bands, tuple(float(v) for v in values),
-                                  training.beta)
+                                  training.beta, training.stamp_scale)

@@ -38,6 +38,9 @@ def load_models(run_dir: str | Path, device: str = "auto") -> dict[str, Model]:
             "t2": Deblender.from_run(run_dir, device=device)}
 
 
-def normalized(model: Model, images_raw: np.ndarray) -> np.ndarray:
-    """``images_raw`` in the model's normalised space (SPEC 3)."""
-    return normalize(np.asarray(images_raw, dtype=np.float64), model.normalization)
+def normalized(model: Model, images_raw: np.ndarray, scale: np.ndarray | None = None
+               ) -> np.ndarray:
+    """``images_raw`` in the model's normalised space (SPEC 3), with per-stamp flux scales
+    ``scale`` (default: each stamp's own; a reconstruction compared with its truth takes the
+    truth's)."""
+    return normalize(np.asarray(images_raw, dtype=np.float64), model.normalization, scale)

@@ -108,10 +108,10 @@ def chunk_seed(base_seed: int, chunk: int, g: tuple[float, float], shared: bool)
 
 def population_config(config: Config, g: tuple[float, float]) -> Config:
     """The simulation config of one population: shear ``g``, rotated twins, even batches, the
-    survey's nominal conditions."""
+    survey's nominal conditions, CatSim's own targets."""
     sim = at_nominal_conditions(config.simulation)
     return config.replace("simulation", shear=list(g), rotated_twins=True,
-                          conditions=sim.conditions,
+                          conditions=sim.conditions, bright=sim.bright,
                           btk_batch_size=sim.btk_batch_size + sim.btk_batch_size % 2,
                           shard_size=sim.shard_size + sim.shard_size % 2)
 

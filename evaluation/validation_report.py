@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from deblend.core.atomic import write_text_atomic
 from deblend.core.config import Config
+from deblend.core.normalization import flux_scales
 from deblend.core.outputs import mark
 from deblend.core.runs import run_config
 from evaluation import metrics as fidelity
@@ -133,8 +134,9 @@ def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress
         for stage, model in models.items():
             pred = model.predict(blend)
             predictions[stage] = pred
-            truth_norm = normalized(model, clean)
-            recon_norm = normalized(model, pred.reconstruction)
+            scale = flux_scales(clean, model.normalization)  # both at the truth's
+            truth_norm = normalized(model, clean, scale)
+            recon_norm = normalized(model, pred.reconstruction, scale)
             ssim[stage].append(fidelity.ssim_per_band(recon_norm, truth_norm))
             cosine[stage].append(fidelity.cosine_similarity(recon_norm, truth_norm))
             residuals[stage].append(fidelity.flux_size_residuals(pred.reconstruction, clean))

@@ -95,7 +95,7 @@ class SceneSource:
             target_max_mag=sim.target_max_mag, neighbour_max_mag=sim.neighbour_max_mag,
             ref_band=sim.ref_band, shear=sim.shear, random_rotation=sim.random_rotation,
             rotated_twins=sim.rotated_twins, seed=int(sampling_seed),
-            shear_positions=shear_positions, morphology=sim.morphology)
+            shear_positions=shear_positions, morphology=sim.morphology, bright=sim.bright)
         return SceneDrawer(self.catalog, self.survey, canvas, sampling,
                            batch_size=(1 if sim.conditions is not None
                                        else batch_size or sim.btk_batch_size), noise=sim.noise,
@@ -242,14 +242,16 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
 
 def plan_simulation(sim: SimulationConfig) -> dict[str, Any]:
     """The plan's ``simulation`` entry: the config section, without keys added since at their
-    defaults (``stamp_centre: truth``, ``conditions`` and ``morphology`` null, no COSMOS fits
-    or real galaxies in ``morphology``), so that datasets planned before keep their identity."""
+    defaults (``stamp_centre: truth``, ``conditions``, ``morphology`` and ``bright`` null, no
+    COSMOS fits or real galaxies in ``morphology``, no ``norm_flux_scale``), so that datasets planned before keep their identity."""
     simulation = plain(asdict(sim))
     if sim.stamp_centre == "truth":
         del simulation["stamp_centre"]
-    for key in ("conditions", "morphology"):
+    for key in ("conditions", "morphology", "bright"):
         if getattr(sim, key) is None:
             del simulation[key]
+    if not sim.norm_flux_scale:
+        del simulation["norm_flux_scale"]
     for fraction, files in (("cosmos_fraction", ("cosmos_catalog", "cosmos_withheld")),
                             ("real_fraction", ("real_catalog",))):
         if sim.morphology is not None and getattr(sim.morphology, fraction) == 0:
@@ -413,7 +415,7 @@ def finalize_dataset(root: Path, plan: dict[str, Any], sim: SimulationConfig,
     for batch in tqdm(reader.iter_batches(sim.norm_reference, train, 1024), disable=not progress,
                       desc="normalisation constants", total=-(-len(train) // 1024)):
         accumulator.add(batch)
-    constants = accumulator.constants(sim.norm_beta)
+    constants = accumulator.constants(sim.norm_beta, sim.norm_flux_scale)
     meta["normalization"] = {**constants.to_dict(), "reference_set": sim.norm_reference,
                              "computed_on": "train split" if plan["n_train"] > 0 else "all"}
     write_text_atomic(root / METADATA_FILE, metadata_text(meta))

@@ -178,10 +178,11 @@ def sky_residual(shape: tuple[int, int], level: np.ndarray, angle: np.ndarray,
 
 
 def at_nominal_conditions(sim: SimulationConfig) -> SimulationConfig:
-    """``sim`` with every scene at the survey's nominal conditions (``conditions`` off): how the
-    benchmarks draw their own populations, whatever the training drew, so that their figures
-    and PSF images mean the same for every model."""
-    return dataclasses.replace(sim, conditions=None)
+    """``sim`` with every scene at the survey's nominal conditions (``conditions`` off) and
+    CatSim's own targets (no ``bright`` ones): how the benchmarks draw their own populations,
+    whatever the training drew, so that their figures and PSF images mean the same for every
+    model."""
+    return dataclasses.replace(sim, conditions=None, bright=None)
 
 
 @lru_cache(maxsize=16)

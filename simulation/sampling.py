@@ -7,7 +7,7 @@ import numpy as np
 from astropy.table import Table
 from btk.sampling_functions import SamplingFunction
 
-from deblend.core.config import MorphologyConfig
+from deblend.core.config import BrightTargetsConfig, MorphologyConfig
 from simulation.morphology import draw_morphology
 
 
@@ -41,6 +41,11 @@ class CentralTargetSampling(SamplingFunction):
     :data:`simulation.morphology.MORPHOLOGY_COLUMNS` (knots, bulge offset: in the galaxy's frame,
     so a rotated twin keeps them and turns them with its position angle), and with its
     ``cosmos_fraction`` the COSMOS fit each is drawn as, picked by its ``ref_band`` magnitude.
+
+    With ``bright`` (:class:`deblend.core.config.BrightTargetsConfig`) a fraction of the targets
+    is brightened and grown (:func:`brighten_target`, before the morphology is drawn, so a COSMOS
+    fit is picked at the new magnitude), from a stream of its own: the other scenes are those
+    drawn without it.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class CentralTargetSampling(SamplingFunction):
         seed: int = 0,
         shear_positions: bool = False,
         morphology: MorphologyConfig | None = None,
+        bright: BrightTargetsConfig | None = None,
     ) -> None:
         super().__init__(stamp_size=stamp_size, max_number=max_neighbours + 1,
                          min_number=min_neighbours + 1, seed=int(seed))
@@ -78,6 +84,9 @@ class CentralTargetSampling(SamplingFunction):
         self.morphology = morphology
         self._morphology_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1]))
         """Morphology's own stream: the same seed gives the same scenes with or without it."""
+        self.bright = bright
+        self._bright_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
+        """Bright targets' own stream, likewise."""
         self._previous: Table | None = None
         self._prepared_for: int | None = None
 
@@ -126,6 +135,11 @@ class CentralTargetSampling(SamplingFunction):
             turn = rng.uniform(0.0, 180.0, size=len(scene))
             scene["pa_disk"] = (np.asarray(scene["pa_disk"], float) + turn) % 180.0
             scene["pa_bulge"] = (np.asarray(scene["pa_bulge"], float) + turn) % 180.0
+        if self.bright is not None:
+            bright_rng = self._bright_rng
+            if bright_rng.uniform() < self.bright.fraction:
+                brighten_target(scene, self.mag_column, bright_rng.uniform(*self.bright.mag),
+                                self.bright.size_slope)
         if self.morphology is not None:
             for name, column in draw_morphology(self.morphology, len(scene),
                                                 self._morphology_rng,
@@ -144,6 +158,26 @@ class CentralTargetSampling(SamplingFunction):
         if not self.shear_positions or (g1 == 0.0 and g2 == 0.0):
             return scene
         return shear_scene_positions(scene, (g1, g2))
+
+
+SIZE_COLUMNS = ("a_d", "b_d", "a_b", "b_b")
+"""CatSim's disk and bulge semi-axes (arcsec), grown with a brightened target."""
+
+
+def brighten_target(scene: Table, mag_column: str, mag: float, size_slope: float) -> None:
+    """Row 0 of ``scene`` (the target) brightened in place to ``mag`` in ``mag_column``: every
+    band's magnitude minus the same dm (colours kept), the semi-axes of :data:`SIZE_COLUMNS`
+    times 10^(0.4 size_slope dm). A target already at least that bright is left as it is."""
+    dm = float(scene[mag_column][0]) - float(mag)
+    if dm <= 0:
+        return
+    for name in scene.colnames:
+        if name.endswith("_ab"):
+            scene[name][0] -= dm
+    grow = 10.0 ** (0.4 * size_slope * dm)
+    for name in SIZE_COLUMNS:
+        if name in scene.colnames:
+            scene[name][0] *= grow
 
 
 def shear_scene_positions(scene: Table, g: tuple[float, float]) -> Table:

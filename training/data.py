@@ -18,6 +18,11 @@ normalised (:class:`NormalizedImages`) and copy it from memory in later epochs: 
 bit-identical, the first epoch costs the same and each later one skips the disk read and the
 normalisation. :func:`make_loader` keeps them when they fit ``cache_bytes``
 (``training.normalized_cache_gib``).
+
+With per-stamp flux scales (``simulation.norm_flux_scale``) a sample's input and its clean target
+are both normalised with the scale of the *input* stamp (over the bands it has), as
+:meth:`deblend.core.inference.Deblender.predict` reads it; the reader computes each sample's
+scale once, from its raw input, and keeps it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from deblend.core.normalization import normalize
+from deblend.core.normalization import flux_scales, normalize
 from deblend.core.symmetry import image_view, in_views
 from simulation.dataset import StampData, open_dataset
 from training.map_targets import LatentTargets
@@ -68,15 +73,17 @@ class NormalizedImages:
         self.filled = np.zeros(len(self.indices), dtype=bool)
         self.values: np.ndarray | None = None
 
-    def __call__(self, data: StampData, indices: np.ndarray) -> np.ndarray:
+    def __call__(self, data: StampData, indices: np.ndarray,
+                 scale: np.ndarray | None = None) -> np.ndarray:
         """Normalised images (len(indices), bands, H, W) of ``indices`` (a subset of the
-        cached indices), a fresh array the caller may change in place."""
+        cached indices), a fresh array the caller may change in place; ``scale``: the samples'
+        flux scales (per-stamp scaling only; a sample's is always the same)."""
         rows = np.minimum(np.searchsorted(self.indices, indices), len(self.indices) - 1)
         if not np.array_equal(self.indices[rows], indices):
             raise ValueError(f"{self.image_set} images of samples outside the kept ones")
         if self.values is not None and self.filled[rows].all():
             return self.values[rows]
-        images = normalize(data.images(self.image_set, indices), data.normalization)
+        images = normalize(data.images(self.image_set, indices), data.normalization, scale)
         if self.values is None:
             self.values = np.empty((len(self.indices),) + images.shape[1:], np.float32)
         self.values[rows] = images
@@ -113,6 +120,7 @@ class BatchReader(Dataset):
         self.fill_unavailable = fill_unavailable
         self._available: np.ndarray | None = None
         self._normalized: dict[str, NormalizedImages] = {}
+        self._scales: np.ndarray | None = None
 
     @property
     def data(self) -> StampData:
@@ -126,7 +134,7 @@ class BatchReader(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_data": None, "_ellipticity": None, "_available": None,
-                "_normalized": {}}
+                "_normalized": {}, "_scales": None}
 
     def image_sets(self) -> tuple[str, ...]:
         """The image sets a batch reads: the input set, and "clean" for target "clean"."""
@@ -138,14 +146,32 @@ class BatchReader(Dataset):
         data = self.data
         return n_samples * len(self.image_sets()) * len(data.bands) * data.stamp_pixels ** 2 * 4
 
-    def normalized(self, image_set: str, indices: np.ndarray) -> np.ndarray:
-        """Normalised images of ``indices`` (a fresh array), from memory when kept."""
+    def flux_scales(self, indices: np.ndarray) -> np.ndarray | None:
+        """Each sample's flux scale (:func:`deblend.core.normalization.flux_scales` of its raw
+        input over the bands the networks are shown, those ``fill_unavailable`` keeps; read
+        once, then kept), or None without per-stamp scaling."""
         data = self.data
+        if not data.normalization.stamp_scale:
+            return None
+        if self._scales is None:
+            self._scales = np.full(data.n_samples, np.nan)
+        missing = indices[np.isnan(self._scales[indices])]
+        if len(missing):
+            available = None if self._available is None else self._available[missing]
+            self._scales[missing] = flux_scales(data.images(self.input_set, missing),
+                                                data.normalization, available)
+        return self._scales[indices]
+
+    def normalized(self, image_set: str, indices: np.ndarray) -> np.ndarray:
+        """Normalised images of ``indices`` (a fresh array), from memory when kept; with
+        per-stamp scaling each sample's at its input's flux scale."""
+        data = self.data
+        scale = self.flux_scales(indices)
         if self.cached is None:
-            return normalize(data.images(image_set, indices), data.normalization)
+            return normalize(data.images(image_set, indices), data.normalization, scale)
         if image_set not in self._normalized:
             self._normalized[image_set] = NormalizedImages(image_set, self.cached)
-        return self._normalized[image_set](data, indices)
+        return self._normalized[image_set](data, indices, scale)
 
     def __getitem__(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.normalized(self.input_set, indices)

@@ -213,6 +213,34 @@ class MorphologyConfig:
         return self
 
 
+@_section("simulation.bright")
+class BrightTargetsConfig:
+    """Bright, large targets (:class:`simulation.sampling.CentralTargetSampling`): a
+    ``fraction`` of the scenes' targets is brightened to a ``ref_band`` magnitude uniform in
+    ``mag`` (every band by the same amount, so its colours are kept), and its bulge and disk
+    half-light radii grow by 10^(0.4 ``size_slope`` dm) for a brightening of dm magnitudes, the
+    size-luminosity relation R ~ L^size_slope of bright galaxies (a COSMOS fit is picked at the
+    new magnitude, so its size follows the fits' own relation). CatSim's number counts give
+    almost no target brighter than i ~ 20, whose peak pixels are then far above the
+    normalisation constants: without them the networks never see a galaxy like the bright real
+    DES one (README, "Real DES pixels"). A target already brighter than its drawn magnitude is
+    left as it is."""
+
+    fraction: StrictFloat = 0.2
+    mag: tuple[StrictFloat, StrictFloat] = (16.0, 21.0)
+    size_slope: StrictFloat = 0.3
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> BrightTargetsConfig:
+        _require([
+            (0 < self.fraction <= 1, "simulation.bright.fraction", "must be in (0, 1]"),
+            (self.mag[0] <= self.mag[1], "simulation.bright.mag", "must be [min, max] with "
+             "min <= max"),
+            (0 <= self.size_slope <= 1, "simulation.bright.size_slope", "must be in [0, 1]"),
+        ])
+        return self
+
+
 @_section("simulation")
 class SimulationConfig:
     """How scenes are drawn with BTK (SPEC section 2). Lengths in arcsec, magnitudes AB."""
@@ -260,6 +288,13 @@ class SimulationConfig:
     """beta of the SPEC 3 normalisation tanh(asinh(beta x / <max>))."""
     norm_reference: Literal["blend", "noisy", "clean"] = "blend"
     """Image set whose per-band mean image maximum (training split) sets the constants."""
+    norm_flux_scale: StrictBool = False
+    """Per-stamp flux scale (:mod:`deblend.core.normalization`): every stamp brighter than the
+    constants is divided by its own peak over them before the transform, and the networks'
+    outputs multiplied back, so that a galaxy hundreds of times brighter than the constants is
+    not flattened by tanh. Stored with the constants (so with every model)."""
+    bright: BrightTargetsConfig | None = None
+    """Bright, large targets in a fraction of the scenes; None: CatSim's counts alone."""
     morphology: MorphologyConfig | None = None
     """Knotty disks and off-centre bulges; None: CatSim's smooth bulge + disk (BTK's)."""
     conditions: ConditionsConfig | None = None

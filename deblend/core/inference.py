@@ -54,7 +54,12 @@ from deblend.core.metacal import (
     target_sigmas,
 )
 from deblend.core.networks import Decoder, Encoder, Regressor
-from deblend.core.normalization import NormalizationConstants, denormalize, normalize
+from deblend.core.normalization import (
+    NormalizationConstants,
+    denormalize,
+    flux_scales,
+    normalize,
+)
 from deblend.core.response import Response
 from deblend.core.runs import (
     DataIdentity,
@@ -327,15 +332,18 @@ class Deblender:
             total += ellipticity_in_view(regressor(view_mu_v, features).float(), view)
         return total / len(view_mu)
 
-    def symmetrized_reconstruction(self, view_mu: list[Tensor]) -> Tensor:
+    def symmetrized_reconstruction(self, view_mu: list[Tensor], scale: np.ndarray | None = None
+                                   ) -> Tensor:
         """Raw-flux reconstruction averaged over the views whose latents are ``view_mu``: each
-        view is decoded, denormalised and mapped back to the stamps' frame, then averaged in
-        raw flux. With all 8 views this removes the decoder's preferred orientation (it is fixed
-        in the networks' frame, so it averages out); float32."""
-        total = denormalize(self.decoder(view_mu[0]).float(), self.normalization)
+        view is decoded, denormalised (with the stamps' flux ``scale``, one per stamp, when the
+        normalisation has per-stamp scales: the same in every view) and mapped back to the
+        stamps' frame, then averaged in raw flux. With all 8 views this removes the decoder's
+        preferred orientation (it is fixed in the networks' frame, so it averages out); float32."""
+        norm = self.normalization
+        total = denormalize(self.decoder(view_mu[0]).float(), norm, scale)
         for view, view_mu_v in enumerate(view_mu[1:], start=1):
             total += image_from_view(
-                denormalize(self.decoder(view_mu_v).float(), self.normalization), view)
+                denormalize(self.decoder(view_mu_v).float(), norm, scale), view)
         return total / len(view_mu)
 
     @torch.inference_mode()
@@ -371,12 +379,15 @@ class Deblender:
                       reconstruction_views if reconstruct else 1)
         for start in range(0, n, batch_size):
             part = slice(start, start + batch_size)
-            x = torch.from_numpy(normalize(array[part], self.normalization)).to(self.device)
+            scale = flux_scales(array[part], self.normalization)
+            x = torch.from_numpy(normalize(array[part], self.normalization, scale)).to(
+                self.device)
             batch_mu, logvar = self.encoder(x)
             view_mu = self.view_latents(x, batch_mu, n_views)
             if reconstruction is not None:
                 reconstruction[part] = self.symmetrized_reconstruction(
-                    view_mu[:reconstruction_views]).cpu().numpy()
+                    view_mu[:reconstruction_views],
+                    scale if self.normalization.stamp_scale else None).cpu().numpy()
             mu[part] = batch_mu.float().cpu().numpy()
             sigma[part] = torch.exp(0.5 * logvar).float().cpu().numpy()
             if ellipticity is not None:

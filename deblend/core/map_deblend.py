@@ -64,7 +64,7 @@ from deblend.core.map_fit import (
     render_scene,
     stamp_indices,
 )
-from deblend.core.normalization import normalize
+from deblend.core.normalization import flux_scales, normalize
 from deblend.core.posterior import (
     EllipticityPosterior,
     decoder_jacobian,
@@ -330,6 +330,9 @@ def _fit_batch(model: Deblender, scene_model: SceneModel, scenes: np.ndarray,
     if stamps:
         mu = model.predict(np.stack(stamps), views=1, reconstruct=False).mu
         z0[torch.from_numpy(owners).to(device)] = torch.from_numpy(mu).to(device)
+    if model.normalization.stamp_scale:  # each source's stamp scaled as its first latent's
+        scales = flux_scales(np.stack(stamps), model.normalization) if stamps else np.ones(0)
+        sources = sources.with_flux_scales(torch.from_numpy(scales))
     images = torch.from_numpy(scenes).to(device)
     sky_t = torch.from_numpy(sky).to(device)
     fit = fit_scenes(scene_model, images, sources, z0, sky_t, log_prior, steps, learning_rate)
@@ -366,7 +369,7 @@ def source_features(model: Deblender, stamps: list[np.ndarray]) -> torch.Tensor 
         return None
     size = model.stamp_pixels
     raw = np.stack(stamps) if stamps else np.zeros((0, len(model.bands), size, size), np.float32)
-    x = torch.from_numpy(normalize(raw.astype(np.float32), model.normalization))
+    x = torch.from_numpy(normalize(raw.astype(np.float32), model.normalization))  # own scales
     return regressor.stamp_features(x.to(model.device))
 
 
@@ -388,7 +391,9 @@ def _posterior_samples(model: Deblender, scene_model: SceneModel, fit: MapFit,
     weights = torch.stack([flat.gather(2, index[:, k, None, :].expand(n, bands, -1))
                            for k in range(index.shape[1])], dim=1)  # (N, K, B, S*S)
     weights = weights[mask].reshape(z.shape[0], -1)
-    jacobian = decoder_jacobian(scene_model.stamps, z)
+    jacobian = decoder_jacobian(lambda v: scene_model.stamps(v, scale=v.new_ones(len(v))), z)
+    if sources.flux_scale is not None:  # a stamp is linear in its flux scale
+        jacobian = jacobian * sources.flux_scale[mask].to(jacobian)[:, None, None]
     precision = laplace_precision(jacobian.double(), weights.double(),
                                   prior_hessian(log_prior, z).double())
     draws = laplace_samples(z.double(), precision, n_samples, generator).float()

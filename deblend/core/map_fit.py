@@ -42,12 +42,16 @@ class SceneSources:
     """(N, K, 2) long: (x, y) pixel of each source (its stamp's central pixel)."""
     mask: Tensor
     """(N, K) bool: True for a real source, False for padding."""
+    flux_scale: Tensor | None = None
+    """(N, K) each source's flux scale (:func:`deblend.core.normalization.flux_scales` of the
+    stamp its first latent was read from; 1 for padding), the factor its decoded stamp is
+    denormalised with; None for a normalisation without per-stamp scales."""
 
     @classmethod
     def from_lists(cls, positions: list[Tensor], device: torch.device | str = "cpu"
                    ) -> SceneSources:
         """From one (K_i, 2) array of (x, y) pixel positions per scene (rounded to the nearest
-        pixel: centres at integers)."""
+        pixel: centres at integers); no flux scales (:meth:`with_flux_scales`)."""
         k = max([len(p) for p in positions] + [1])
         padded = torch.zeros(len(positions), k, 2, dtype=torch.long)
         mask = torch.zeros(len(positions), k, dtype=torch.bool)
@@ -56,6 +60,13 @@ class SceneSources:
             padded[i, :len(p)] = torch.floor(p + 0.5).long()
             mask[i, :len(p)] = True
         return cls(padded.to(device), mask.to(device))
+
+    def with_flux_scales(self, scales: Tensor) -> SceneSources:
+        """These sources with the flux scales ``scales`` ((M,), one per real source in the
+        order of ``mask``'s True entries) in place; padding gets 1."""
+        full = torch.ones(self.mask.shape, dtype=torch.float32, device=self.mask.device)
+        full[self.mask] = scales.to(full)
+        return SceneSources(self.positions, self.mask, full)
 
 
 def check_inside(sources: SceneSources, height: int, width: int) -> None:
@@ -122,22 +133,26 @@ class SceneModel:
         self.decoder = decoder
         self.normalization = normalization
 
-    def stamps(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(..., D) latents -> (..., B, S, S) source stamps in electrons; with a ``mask`` of
-        the latents' leading shape only the True entries are decoded (the others are zero)."""
+    def stamps(self, z: Tensor, mask: Tensor | None = None, scale: Tensor | None = None
+               ) -> Tensor:
+        """(..., D) latents -> (..., B, S, S) source stamps in electrons, each denormalised with
+        its flux ``scale`` (the latents' leading shape; needed by, and only used with, per-stamp
+        scaling); with a ``mask`` of the latents' leading shape only the True entries are
+        decoded (the others are zero)."""
         if mask is not None:
-            stamps = self.stamps(z[mask])
+            stamps = self.stamps(z[mask], scale=None if scale is None else scale[mask])
             full = stamps.new_zeros(*mask.shape, *stamps.shape[1:])
             full[mask] = stamps
             return full
         flat = self.decoder(z.reshape(-1, z.shape[-1]))
-        raw = denormalize(flat, self.normalization)
+        raw = denormalize(flat, self.normalization,
+                          None if scale is None else scale.reshape(-1))
         return raw.reshape(*z.shape[:-1], *raw.shape[1:])
 
     def neg_log_posterior(self, z: Tensor, images: Tensor, inverse_variance: Tensor,
                           sources: SceneSources, log_prior: LogPrior) -> Tensor:
         """(N,) -log p(z | image) + const of each scene: chi^2 / 2 minus the sources' log priors."""
-        stamps = self.stamps(z, sources.mask)
+        stamps = self.stamps(z, sources.mask, sources.flux_scale)
         model = render_scene(stamps, sources, images.shape[-2], images.shape[-1])
         chi2 = ((images - model).pow(2) * inverse_variance).sum(dim=(1, 2, 3))
         scene_of = torch.nonzero(sources.mask)[:, 0]  # the prior of real sources only
@@ -217,5 +232,5 @@ def fit_scenes(model: SceneModel, images: Tensor, sources: SceneSources, z0: Ten
         z.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         optimizer.step()
     with torch.no_grad():
-        stamps = model.stamps(best_z, sources.mask)
+        stamps = model.stamps(best_z, sources.mask, sources.flux_scale)
     return MapFit(best_z, stamps, torch.stack(history), inverse_variance, nonfinite)
