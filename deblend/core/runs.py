@@ -191,7 +191,8 @@ class DataIdentity:
 
 def _fmt(constants: NormalizationConstants) -> str:
     values = ", ".join(f"{v:.4g}" for v in constants.max_values)
-    return f"(beta {constants.beta:g}; {values})"
+    scaled = "; per-stamp flux scales" if constants.stamp_scale else ""
+    return f"(beta {constants.beta:g}; {values}{scaled})"
 
 
 @dataclass(frozen=True)
