@@ -160,17 +160,18 @@ class AnacalShapes:
         return self.flags == 0
 
 
-def _check_images(images: np.ndarray) -> np.ndarray:
+def _check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
+    """``images`` as float32 (N, H, W), or a ValueError naming ``what`` and the fault."""
     a = np.asarray(images)
     if a.ndim != 3:
-        raise ValueError(f"images must be (N, H, W), got shape {a.shape}")
+        raise ValueError(f"{what} must be (N, H, W), got shape {a.shape}")
     if a.shape[0] == 0 or min(a.shape[1:]) < 8:
-        raise ValueError(f"images must hold at least one stamp of >= 8x8 pixels, got {a.shape}")
+        raise ValueError(f"{what} must hold at least one stamp of >= 8x8 pixels, got {a.shape}")
     if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"images must be real numbers, got dtype {a.dtype}")
+        raise ValueError(f"{what} must be real numbers, got dtype {a.dtype}")
     a = a.astype(np.float32, copy=False)
     if not np.isfinite(a).all():
-        raise ValueError("images contain non-finite values (NaN or inf)")
+        raise ValueError(f"{what} contain non-finite values (NaN or inf)")
     return a
 
 
@@ -299,7 +300,7 @@ def anacal_shapes(
         if noise.shape != imgs.shape:
             raise ValueError(f"noise must be (N, H, W) = {imgs.shape} like the images, got "
                              f"{noise.shape}")
-        noise = _check_images(noise)
+        noise = _check_images(noise, "noise")
     anchors = np.floor(pos + 0.5).astype(int)  # the C++ side rounds half away from zero
     frac = pos - anchors
 

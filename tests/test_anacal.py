@@ -169,8 +169,8 @@ def test_anacal_noise_bias_and_its_correction():
 
 
 def test_given_correction_noise_is_the_drawn_one():
-    """``noise=`` gives exactly what ``rng=`` gives for the same field; both at once, or a field
-    of another shape, are refused."""
+    """``noise=`` gives exactly what ``rng=`` gives for the same field; both at once, a field
+    of another shape, or one with a NaN (named as the noise, not the images) are refused."""
     psf = PSFS["moffat"]
     images = population((0.02, 0.0), psf, 5, seed=3, flux=1e3)
     sigma = 2.0
@@ -185,6 +185,9 @@ def test_given_correction_noise_is_the_drawn_one():
                       rng=np.random.default_rng(6))
     with pytest.raises(ValueError, match="like the images"):
         anacal_shapes(images, psf_image(psf), sigma**2, SCALE, noise=field[:-1])
+    field[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="^noise contain non-finite"):
+        anacal_shapes(images, psf_image(psf), sigma**2, SCALE, noise=field)
 
 
 def test_flags_and_population_shear_skip_negative_flux():
