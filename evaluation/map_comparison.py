@@ -42,7 +42,7 @@ from deblend.core.config import Config, MapConfig
 from deblend.core.detection import detect_around_target, detect_sources
 from deblend.core.inference import Deblender
 from deblend.core.map_deblend import MapPrediction, first_sources
-from deblend.core.normalization import flux_scales, normalize
+from deblend.core.normalization import normalize_with_truth
 from deblend.core.posterior import EllipticityPosterior
 from deblend.core.stamps import cut_stamp, nearest_pixel, paste_stamp
 from evaluation.ellipticity import component_stats, fit_line
@@ -97,9 +97,8 @@ def summarize(result: MethodResult, truth: Truth, model: Deblender,
     bands = model.bands
     flux = (label_image(result.reconstruction, bands, label_bands).sum(axis=(1, 2))
             / label_image(truth.stamps, bands, label_bands).sum(axis=(1, 2)) - 1.0)
-    scale = flux_scales(truth.stamps, model.normalization)  # both at the truth's
-    ssim = ssim_per_band(normalize(result.reconstruction, model.normalization, scale),
-                         normalize(truth.stamps, model.normalization, scale)).mean(axis=1)
+    ssim = ssim_per_band(*normalize_with_truth(result.reconstruction, truth.stamps,
+                                               model.normalization)).mean(axis=1)
     e_recon = np.stack(moments_estimator(result.reconstruction, bands, label_bands), axis=1)
     bins = np.digitize(truth.mag, FLUX_MAG_EDGES)
     by_mag = {}

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from deblend.core.inference import Prediction
-from deblend.core.normalization import NormalizationConstants, normalize
+from deblend.core.normalization import NormalizationConstants
 
 
 class Model(Protocol):
@@ -37,10 +37,3 @@ def load_models(run_dir: str | Path, device: str = "auto") -> dict[str, Model]:
     return {"t1": Deblender.from_run(run_dir, stage="stage1", device=device),
             "t2": Deblender.from_run(run_dir, device=device)}
 
-
-def normalized(model: Model, images_raw: np.ndarray, scale: np.ndarray | None = None
-               ) -> np.ndarray:
-    """``images_raw`` in the model's normalised space (SPEC 3), with per-stamp flux scales
-    ``scale`` (default: each stamp's own; a reconstruction compared with its truth takes the
-    truth's)."""
-    return normalize(np.asarray(images_raw, dtype=np.float64), model.normalization, scale)

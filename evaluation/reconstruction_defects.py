@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from deblend.core.inference import Deblender
-from deblend.core.normalization import NormalizationConstants, flux_scales, normalize
+from deblend.core.normalization import NormalizationConstants, normalize_with_truth
 from deblend.core.shapes import (
     ellipticity_from_moments,
     gaussian_weight,
@@ -396,9 +396,7 @@ def flux_residual_by_level(recon: np.ndarray, truth: np.ndarray,
     """
     idx = list(range(truth.shape[1])) if band_index is None else list(band_index)
     t, r = truth[:, idx].astype(np.float64), recon[:, idx].astype(np.float64)
-    scale = flux_scales(truth, normalization)  # both at the truth's
-    nt = normalize(truth, normalization, scale)[:, idx]
-    nr = normalize(recon, normalization, scale)[:, idx]
+    nr, nt = (n[:, idx] for n in normalize_with_truth(recon, truth, normalization))
     total = t.sum()
     rows = []
     for lo, hi in itertools.pairwise(edges):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from deblend.core.atomic import write_text_atomic
 from deblend.core.config import Config
-from deblend.core.normalization import flux_scales
+from deblend.core.normalization import normalize_with_truth
 from deblend.core.outputs import mark
 from deblend.core.runs import run_config
 from evaluation import metrics as fidelity
@@ -32,7 +32,7 @@ from evaluation.estimators import (
     label_image,
     measure_estimators,
 )
-from evaluation.models import Model, load_models, normalized
+from evaluation.models import Model, load_models
 from evaluation.report_io import (
     EVALUATION_KIND,
     REPORT_FILE,
@@ -134,9 +134,8 @@ def evaluate(data: Any, models: Mapping[str, Model], config: Config, *, progress
         for stage, model in models.items():
             pred = model.predict(blend)
             predictions[stage] = pred
-            scale = flux_scales(clean, model.normalization)  # both at the truth's
-            truth_norm = normalized(model, clean, scale)
-            recon_norm = normalized(model, pred.reconstruction, scale)
+            recon_norm, truth_norm = normalize_with_truth(
+                pred.reconstruction.astype(np.float64), clean, model.normalization)
             ssim[stage].append(fidelity.ssim_per_band(recon_norm, truth_norm))
             cosine[stage].append(fidelity.cosine_similarity(recon_norm, truth_norm))
             residuals[stage].append(fidelity.flux_size_residuals(pred.reconstruction, clean))

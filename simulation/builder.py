@@ -243,7 +243,8 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
 def plan_simulation(sim: SimulationConfig) -> dict[str, Any]:
     """The plan's ``simulation`` entry: the config section, without keys added since at their
     defaults (``stamp_centre: truth``, ``conditions``, ``morphology`` and ``bright`` null, no
-    COSMOS fits or real galaxies in ``morphology``, no ``norm_flux_scale``), so that datasets planned before keep their identity."""
+    COSMOS fits or real galaxies in ``morphology``, no ``norm_flux_scale``), so that datasets
+    planned before keep their identity."""
     simulation = plain(asdict(sim))
     if sim.stamp_centre == "truth":
         del simulation["stamp_centre"]

@@ -229,3 +229,5 @@ def test_map_decodes_each_source_at_the_scale_of_its_stamp(scaled_run) -> None:
     assert np.isfinite(start.posterior.mean).all()
     fitted = model.map_deblend(bright, positions, prior="flow", steps=5)
     assert (fitted.objective[1] <= fitted.objective[0]).all()
+    empty = model.map_deblend(bright, [np.zeros((0, 2))] * len(bright), prior="normal", steps=2)
+    assert empty.latent.shape == (0, model.latent_dim) and not empty.model.any()

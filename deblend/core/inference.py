@@ -335,8 +335,8 @@ class Deblender:
     def symmetrized_reconstruction(self, view_mu: list[Tensor], scale: np.ndarray | None = None
                                    ) -> Tensor:
         """Raw-flux reconstruction averaged over the views whose latents are ``view_mu``: each
-        view is decoded, denormalised (with the stamps' flux ``scale``, one per stamp, when the
-        normalisation has per-stamp scales: the same in every view) and mapped back to the
+        view is decoded, denormalised (with the stamps' flux ``scale``, one per stamp, used when
+        the normalisation has per-stamp scales: the same in every view) and mapped back to the
         stamps' frame, then averaged in raw flux. With all 8 views this removes the decoder's
         preferred orientation (it is fixed in the networks' frame, so it averages out); float32."""
         norm = self.normalization
@@ -386,8 +386,7 @@ class Deblender:
             view_mu = self.view_latents(x, batch_mu, n_views)
             if reconstruction is not None:
                 reconstruction[part] = self.symmetrized_reconstruction(
-                    view_mu[:reconstruction_views],
-                    scale if self.normalization.stamp_scale else None).cpu().numpy()
+                    view_mu[:reconstruction_views], scale).cpu().numpy()
             mu[part] = batch_mu.float().cpu().numpy()
             sigma[part] = torch.exp(0.5 * logvar).float().cpu().numpy()
             if ellipticity is not None:

@@ -327,11 +327,12 @@ def _fit_batch(model: Deblender, scene_model: SceneModel, scenes: np.ndarray,
     grid = sources.positions.cpu().numpy()
     stamps = [cut_stamp(scenes[i], *grid[i, j], size) for i, j in zip(*np.nonzero(owners))]
     z0 = torch.zeros(n, k, model.latent_dim, device=device)
-    if stamps:
-        mu = model.predict(np.stack(stamps), views=1, reconstruct=False).mu
+    first = np.stack(stamps) if stamps else None
+    if first is not None:
+        mu = model.predict(first, views=1, reconstruct=False).mu
         z0[torch.from_numpy(owners).to(device)] = torch.from_numpy(mu).to(device)
-    if model.normalization.stamp_scale:  # each source's stamp scaled as its first latent's
-        scales = flux_scales(np.stack(stamps), model.normalization) if stamps else np.ones(0)
+    if model.normalization.stamp_scale:  # each source decoded at its first stamp's scale
+        scales = np.ones(0) if first is None else flux_scales(first, model.normalization)
         sources = sources.with_flux_scales(torch.from_numpy(scales))
     images = torch.from_numpy(scenes).to(device)
     sky_t = torch.from_numpy(sky).to(device)

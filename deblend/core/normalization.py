@@ -148,6 +148,14 @@ def normalize(x_raw: Any, constants: NormalizationConstants, scale: Any = None) 
     return np.tanh(out, out=out)
 
 
+def normalize_with_truth(recon: np.ndarray, truth: np.ndarray, constants: NormalizationConstants
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(recon, truth) raw stamps (N, bands, H, W) normalised alike for a comparison in the
+    networks' space: both at the truth's flux scales (:func:`flux_scales`)."""
+    scale = flux_scales(truth, constants)
+    return normalize(recon, constants, scale), normalize(truth, constants, scale)
+
+
 def denormalize(x: Any, constants: NormalizationConstants, scale: Any = None) -> Any:
     """Normalised stamps (..., bands, H, W) -> raw flux; the exact inverse of :func:`normalize`
     with the same ``scale`` (needed, one per stamp, with ``constants.stamp_scale``)."""
