@@ -12,7 +12,8 @@ model's zero points come from its survey (surveycodex).
 
 :func:`run_real_des` writes into ``out``: ``catalogue.fits`` (``deblend measure``'s catalogue),
 ``real_des.png`` (image, reconstruction and residual of the present bands, detections with the
-regressor's e sticks), ``real_des.md`` and ``metrics.json`` (detections, and the residual of the
+regressor's e sticks; the reconstruction is the detections' decodings with their fluxes fitted
+to the pixels, :mod:`deblend.core.photometry`, as the catalogue's ``forced_flux_<band>``), ``real_des.md`` and ``metrics.json`` (detections, and the residual of the
 brightest detection per pixel in units of the noise, away from its core).
 """
 
@@ -34,7 +35,8 @@ from deblend.core.atomic import atomic_output, write_json_atomic, write_text_ato
 from deblend.core.inference import Deblender  # noqa: E402
 from deblend.core.cell_measure import ESTIMATOR  # noqa: E402
 from deblend.core.outputs import claim_directory, replace_directory  # noqa: E402
-from deblend.core.stamps import cut_stamps, paste_stamp  # noqa: E402
+from deblend.core.photometry import fit_amplitudes, fitted_scene  # noqa: E402
+from deblend.core.stamps import cut_stamps  # noqa: E402
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey  # noqa: E402
 from deblend.core.survey_measure import measure_survey  # noqa: E402
 from evaluation.reconstruction_defects import (  # noqa: E402
@@ -100,18 +102,20 @@ def survey_inputs(frames: Mapping[str, Mapping[str, Path]], model: Deblender,
                         resample=True, subtract_sky=True)
 
 
-def scene_model(model: Deblender, survey: SurveyImage, rows: Table) -> np.ndarray:
-    """(bands, H, W) sum of the model's reconstructions of the ``rows``' detections, each
-    pasted at its detection (raw model units)."""
-    canvas = np.zeros_like(survey.images)
-    if len(rows) == 0:
-        return canvas
-    positions = np.stack([np.asarray(rows["x"]), np.asarray(rows["y"])], axis=1)
+def scene_model(model: Deblender, survey: SurveyImage, rows: Table
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """((bands, H, W) model image, (K, bands) amplitudes): the model's reconstructions of the
+    ``rows``' detections (averaged over the symmetric views), fitted to the frames' pixels with
+    one amplitude per source and band (:mod:`deblend.core.photometry`, as the catalogue's
+    ``forced_flux_<band>``) and pasted at their detections (raw model units)."""
+    positions = np.stack([np.asarray(rows["x"], np.float64),
+                          np.asarray(rows["y"], np.float64)], axis=1).reshape(-1, 2)
+    if len(positions) == 0:
+        return np.zeros_like(survey.images), np.zeros((0, len(model.bands)))
     stamps = cut_stamps(survey.images, positions, model.stamp_pixels)
-    prediction = model.predict(stamps.astype(np.float32), views=1)
-    for stamp, (x, y) in zip(prediction.reconstruction, np.rint(positions).astype(int)):
-        paste_stamp(canvas, stamp.astype(np.float64), int(x), int(y))
-    return canvas
+    templates = model.predict(stamps.astype(np.float32), views=1).reconstruction
+    amplitudes = fit_amplitudes(survey.images, survey.variance, templates, positions)
+    return fitted_scene(survey.images.shape, templates, positions, amplitudes), amplitudes
 
 
 def residual_in_noise(survey: SurveyImage, scene: np.ndarray, x: float, y: float) -> dict:
@@ -210,7 +214,7 @@ def _measure_and_report(model: Deblender, survey: SurveyImage, out: Path,
                                     deblend_contrast=deblend_contrast, log=log)
     catalogue = Table.read(catalogue_path)
     rows = catalogue[catalogue["mdet_step"] == "noshear"]
-    scene = scene_model(model, survey, rows)
+    scene, amplitudes = scene_model(model, survey, rows)
     metrics: dict[str, Any] = {
         "bands_present": [b for b in model.bands if b not in survey.missing],
         "bands_missing": list(survey.missing), "zeropoints": survey.zeropoints,
@@ -224,7 +228,11 @@ def _measure_and_report(model: Deblender, survey: SurveyImage, out: Path,
         brightest = int(np.argmax(np.asarray(rows["snr"])))
         x, y = float(rows["x"][brightest]), float(rows["y"][brightest])
         metrics["brightest"] = {"x": x, "y": y, "snr": float(rows["snr"][brightest]),
-                                "residual_chi": residual_in_noise(survey, scene, x, y)}
+                                "residual_chi": residual_in_noise(survey, scene, x, y),
+                                "forced_over_reconstruction": {
+                                    band: float(amplitudes[brightest, b])
+                                    for b, band in enumerate(model.bands)
+                                    if band not in survey.missing}}
     plot_real_des(survey, scene, rows, out / "real_des.png")
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "real_des.md", report(metrics))
@@ -263,7 +271,11 @@ def report(metrics: Mapping[str, Any]) -> str:
         lines += [f"Brightest detection at ({b['x']:.1f}, {b['y']:.1f}), S/N {b['snr']:.0f}: "
                   f"its residual between {CORE_RADIUS:g} and {GALAXY_RADIUS:g} pixels of its "
                   f"centre has rms {chi['rms']:.2f} and mean {chi['mean']:+.2f} in units of "
-                  f"the noise ({chi['pixels']} pixels; 1.0 is the noise level).", ""]
+                  f"the noise ({chi['pixels']} pixels; 1.0 is the noise level). Its fluxes "
+                  f"fitted to the pixels are " + ", ".join(
+                      f"{band} {ratio:.3f}" for band, ratio in b.get(
+                          "forced_over_reconstruction", {}).items())
+                  + " times its reconstruction's.", ""]
     lines += ["![image, reconstruction, residual](real_des.png)", "", "Notes:", ""]
     lines += [f"- {note}" for note in metrics["notes"]]
     return "\n".join(lines) + "\n"

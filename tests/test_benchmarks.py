@@ -76,6 +76,7 @@ def test_a_benchmark_command_in_its_smallest_form(tmp_path: Path) -> None:
     ("benchmarks.memory", ["--n", "0"]),
     ("benchmarks.metacal_speed", ["--repeats", "0"]),
     ("benchmarks.cell_speed", ["--fields", "0"]),
+    ("benchmarks.photometry", ["--n-fields", "0", "--run", "R"]),
     ("benchmarks.__main__", ["--size", "huge"]),
 ])
 def test_benchmark_commands_refuse_bad_sizes_before_running(module: str, args: list[str],

@@ -225,7 +225,7 @@ def test_deblender_measures_tiled_cells_once(trained_run):
                        owned=t.owned_in_cell()) for t in tile((size, size), 80, 30)]
     catalogue = model.measure_cells(cells, seed=7, views=1)
     noshear = catalogue[catalogue["mdet_step"] == "noshear"]
-    assert {"deblend_e1", "deblend_e2", "r11", "r22", "flux_i", "snr", "flags",
+    assert {"deblend_e1", "deblend_e2", "r11", "r22", "flux_i", "forced_flux_i", "snr", "flags",
             "cell"} <= set(catalogue.colnames)
     kept = noshear[noshear["flags"] == 0]
     distance = np.hypot(*(np.stack([kept["x"], kept["y"]], 1)[:, None] - truth[None])

@@ -139,7 +139,7 @@ def test_per_object_responses_in_cells_hold_the_cell_s_plane() -> None:
     """The per-object metacal responses of the cells' walk (``r11``...) shear each stamp less
     the cell's held plane: with it, a sky-reading estimator responds on a cell with a plane
     exactly as on the same cell without; without it, by the plane's sheared gradient."""
-    from deblend.core.cell_measure import object_columns
+    from deblend.core.cell_measure import object_responses
     from deblend.core.fourier_metacal import FourierMetacal
 
     cell = np.zeros((len(BANDS), 101, 101), np.float32)
@@ -149,13 +149,12 @@ def test_per_object_responses_in_cells_hold_the_cell_s_plane() -> None:
     slope = 0.01 * SIGMA
     sky = np.broadcast_to(plane(0.0, slope, 0.0, 101), cell.shape).astype(np.float32)
     masked = np.zeros(cell.shape, bool)
-    model = deblender()
     psf = galsim.Moffat(beta=3.0, fwhm=0.7).drawImage(nx=33, ny=33, scale=0.2).array
     operator = FourierMetacal(np.stack([psf, psf]), pad=12)
 
     def r11(image: np.ndarray, held: np.ndarray | None) -> np.ndarray:
-        columns = object_columns(model, image, np.zeros_like(image), positions, background_gradient,
-                                 operator, False, 1, 8, held, masked)
+        columns = object_responses(image, np.zeros_like(image), positions, background_gradient,
+                                   operator, False, held, masked, SIZE)
         return columns["r11"]
 
     clean = r11(cell, sky_plane(cell))

@@ -6,6 +6,10 @@ regressor as the estimator (raw regressor output, distortion, pixel frame, avera
 
 - ``flux_<band>``: the reconstruction's total flux per band (model units), decoded from the
   stamp of the *original* cell (the survey PSF, not metacal's) around the detection;
+- ``forced_flux_<band>``: the same reconstructions, of all the cell's noshear detections,
+  fitted jointly to the cell's pixels with one amplitude per source and band
+  (:mod:`deblend.core.photometry`): the flux the pixels ask for given the networks'
+  morphologies (the cell's pixels as given: the held sky plane is metacal's, not taken off);
 - ``r11 r12 r21 r22``: the per-object (stamp) metacal response of the regressor, measured on
   the original cell's stamp with a ``STAMP_MARGIN`` around the same pixel, sheared about the
   detection (what :meth:`Deblender.metacal` measures, here by FFT: it misses the detection,
@@ -32,6 +36,7 @@ from deblend.core.arguments import NON_NEGATIVE_INT, VIEWS, require_positive_int
 from deblend.core.cells import CellImage
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import metacal_response
+from deblend.core.photometry import fit_amplitudes
 from deblend.core.metadetect import (
     Estimator,
     MetadetectSettings,
@@ -47,6 +52,8 @@ if TYPE_CHECKING:
     from deblend.core.inference import Deblender
 
 ESTIMATOR = "deblend"
+FLUX_KINDS = ("flux", "forced_flux")
+"""The per-band flux columns (``<kind>_<band>``): the reconstruction's own and the forced one."""
 """Prefix of the deblender's ellipticity columns (``deblend_e1``, ``deblend_e2``)."""
 STAMP_MARGIN = 10
 """Pixels around the model's stamp kept for the per-object metacal response."""
@@ -117,11 +124,15 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
         noise = correction_noise(np.asarray(cell.variance), seed + k)  # one field per cell
         plane = cell_plane(images, masked, settings)  # one plane per cell, held by both
 
-        def extra(positions: np.ndarray, images=images, noise=noise, plane=plane,
-                  masked=masked, stamp_operator=stamp_operator) -> dict[str, np.ndarray]:
-            return object_columns(model, images, noise, positions, regressor,
-                                  stamp_operator if per_object else None,
-                                  settings.noise_correction, views, batch_size, plane, masked)
+        def extra(positions: np.ndarray, images=images, variance=cell.variance, noise=noise,
+                  plane=plane, masked=masked, stamp_operator=stamp_operator
+                  ) -> dict[str, np.ndarray]:
+            fluxes = object_fluxes(model, images, variance, positions, batch_size)
+            if not per_object:
+                return fluxes
+            return {**fluxes, **object_responses(images, noise, positions, regressor,
+                                                 stamp_operator, settings.noise_correction,
+                                                 plane, masked, model.stamp_pixels)}
 
         columns = cell_columns(cell, bands, {ESTIMATOR: regressor, **(peers or {})}, settings,
                                seed=seed + k, operator=operator, extra=extra, noise=noise,
@@ -138,36 +149,43 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
 def empty_catalogue(bands: tuple[str, ...], estimators: list[str], per_object: bool) -> Table:
     """The catalogue of no cell: no row, the columns (and dtypes) of :func:`measure_cells`."""
     float_columns = ["x", "y", "snr", *[f"{name}_e{i}" for name in estimators for i in (1, 2)],
-                     *[f"flux_{band}" for band in bands],
+                     *[f"{kind}_{band}" for kind in FLUX_KINDS for band in bands],
                      *([f"r{i}{j}" for i in (1, 2) for j in (1, 2)] if per_object else [])]
     return Table({"mdet_step": np.zeros(0, "U7"),
                   **{key: np.zeros(0, np.float64) for key in float_columns},
                   "flags": np.zeros(0, np.int32), "cell": np.zeros(0, np.int32)})
 
 
-def object_columns(model: Deblender, images: np.ndarray, noise: np.ndarray,
-                   positions: np.ndarray, regressor, stamp_operator: FourierMetacal | None,
-                   noise_correction: bool, views: int, batch_size: int,
-                   plane: np.ndarray | None = None, masked: np.ndarray | None = None
-                   ) -> dict[str, np.ndarray]:
-    """Fluxes per band from the reconstruction and (with a ``stamp_operator``) the per-object
-    metacal response, for the noshear detections at ``positions`` of the original cell;
-    ``plane``: the cell's held sky plane (its stamps held out of the stamps' shear), or None;
-    ``masked``: the cell's masked pixels (:func:`~deblend.core.sky_plane.held_metacal`)."""
-    size = model.stamp_pixels
-    stamps = cell_stamps(images, positions, size)
-    columns: dict[str, np.ndarray] = {}
+def object_fluxes(model: Deblender, images: np.ndarray, variance: np.ndarray,
+                  positions: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """``flux_<band>`` and ``forced_flux_<band>`` (module docstring) of the noshear detections
+    at ``positions`` of the original cell (``images`` with masked pixels at 0, ``variance`` inf
+    there)."""
+    stamps = cell_stamps(images, positions, model.stamp_pixels)
     if len(stamps):
-        flux = model.predict(stamps, batch_size, views, reconstruct=True,
-                             reconstruction_views=1).reconstruction.sum(axis=(2, 3))
+        templates = model.predict(stamps, batch_size, views=1, reconstruct=True,
+                                  reconstruction_views=1).reconstruction
+        amplitudes = fit_amplitudes(images, variance, templates, positions)
+        recon = templates.astype(np.float64).sum(axis=(2, 3))
     else:
-        flux = np.zeros((0, len(model.bands)))
+        recon = amplitudes = np.zeros((0, len(model.bands)))
+    columns: dict[str, np.ndarray] = {}
     for b, band in enumerate(model.bands):
-        columns[f"flux_{band}"] = flux[:, b]
-    if stamp_operator is None:
-        return columns
+        columns[f"flux_{band}"] = recon[:, b]
+        columns[f"forced_flux_{band}"] = amplitudes[:, b] * recon[:, b]
+    return columns
+
+
+def object_responses(images: np.ndarray, noise: np.ndarray, positions: np.ndarray, regressor,
+                     stamp_operator: FourierMetacal, noise_correction: bool,
+                     plane: np.ndarray | None, masked: np.ndarray | None, size: int
+                     ) -> dict[str, np.ndarray]:
+    """``r11 r12 r21 r22``: the per-object metacal response (module docstring) of the noshear
+    detections at ``positions`` of the original cell; ``plane``: the cell's held sky plane (its
+    stamps held out of the stamps' shear), or None; ``masked``: the cell's masked pixels
+    (:func:`~deblend.core.sky_plane.held_metacal`)."""
     response = np.full((len(positions), 2, 2), np.nan)
-    if len(stamps):
+    if len(positions):
         wide = size + 2 * STAMP_MARGIN
         crop = slice(STAMP_MARGIN, STAMP_MARGIN + size)
         sheared = held_metacal(
@@ -178,7 +196,4 @@ def object_columns(model: Deblender, images: np.ndarray, noise: np.ndarray,
         response = metacal_response(
             {name: regressor(image[..., crop, crop]) for name, image in sheared.items()},
             stamp_operator.delta)
-    for i in (1, 2):
-        for j in (1, 2):
-            columns[f"r{i}{j}"] = response[:, i - 1, j - 1]
-    return columns
+    return {f"r{i}{j}": response[:, i - 1, j - 1] for i in (1, 2) for j in (1, 2)}

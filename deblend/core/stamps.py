@@ -42,18 +42,31 @@ def central(images: np.ndarray, size: int) -> np.ndarray:
     return images[..., top:top + min(size, h), left:left + min(size, w)]
 
 
+def overlap(cx: int, cy: int, stamp_shape: tuple[int, ...], shape: tuple[int, ...]
+            ) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Where a stamp of ``stamp_shape`` (..., h, w) centred on pixel (cx, cy) (its pixel
+    (w // 2, h // 2)) meets an image of ``shape`` (..., H, W): the (rows, columns) slices of the
+    image and of the stamp, or None when they do not meet."""
+    h, w = stamp_shape[-2:]
+    height, width = shape[-2:]
+    y0, x0 = cy - h // 2, cx - w // 2
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + h, height), min(x0 + w, width)
+    if ye <= ys or xe <= xs:
+        return None
+    return ((slice(ys, ye), slice(xs, xe)),
+            (slice(ys - y0, ye - y0), slice(xs - x0, xe - x0)))
+
+
 def cut_stamp(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
     """(..., size, size) stamp of (..., H, W) ``image`` centred on the pixel nearest (x, y);
     zero where the stamp overhangs the image. Same dtype as ``image``. A centre outside the
     image is refused (module docstring)."""
     cx, cy = check_centre(x, y, image.shape)
-    height, width = image.shape[-2:]
     stamp = np.zeros(image.shape[:-2] + (size, size), image.dtype)
-    y0, x0 = cy - size // 2, cx - size // 2
-    ys, xs = max(y0, 0), max(x0, 0)
-    ye, xe = min(y0 + size, height), min(x0 + size, width)
-    if ye > ys and xe > xs:
-        stamp[..., ys - y0:ye - y0, xs - x0:xe - x0] = image[..., ys:ye, xs:xe]
+    window = overlap(cx, cy, (size, size), image.shape)
+    if window is not None:
+        stamp[(..., *window[1])] = image[(..., *window[0])]
     return stamp
 
 
@@ -73,10 +86,6 @@ def paste_stamp(canvas: np.ndarray, stamp: np.ndarray, cx: int, cy: int) -> None
     """Add a (..., size, size) stamp centred on pixel (cx, cy) into ``canvas``, cropped to it.
     A centre outside the canvas is refused (module docstring)."""
     check_centre(cx, cy, canvas.shape)
-    half = stamp.shape[-1] // 2
-    y0, x0 = cy - half, cx - half
-    ys, xs = max(y0, 0), max(x0, 0)
-    ye = min(y0 + stamp.shape[-2], canvas.shape[-2])
-    xe = min(x0 + stamp.shape[-1], canvas.shape[-1])
-    if ye > ys and xe > xs:
-        canvas[..., ys:ye, xs:xe] += stamp[..., ys - y0:ye - y0, xs - x0:xe - x0]
+    window = overlap(cx, cy, stamp.shape[-2:], canvas.shape)
+    if window is not None:
+        canvas[(..., *window[0])] += stamp[(..., *window[1])]

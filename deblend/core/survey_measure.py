@@ -17,9 +17,9 @@ image (``mdet_step``: noshear 1p 1m 2p 2m); ``x``, ``y`` parent-image pixels, 0-
 column; ``ra``, ``dec`` degrees (ICRS or whatever the image's WCS says, from its 0-based
 pixels); ``snr`` Gaussian-aperture S/N of the detection image; ``flags`` (bits in the header,
 :data:`deblend.core.metadetect.FLAGS`); ``deblend_e1``, ``deblend_e2`` the raw regressor
-(distortion, pixel frame); ``flux_<band>`` reconstruction flux in model units (one unit = the
-header's ``ZPMOD_<band>`` AB magnitude) and ``r11 r12 r21 r22`` per-object response, both on
-noshear rows only (NaN elsewhere); ``cell`` the owning cell. Population shear:
+(distortion, pixel frame); ``flux_<band>`` the reconstruction's flux and ``forced_flux_<band>``
+the reconstructions fitted to the pixels (:mod:`deblend.core.photometry`), in model units (one unit = the header's ``ZPMOD_<band>`` AB magnitude), and ``r11 r12 r21 r22``
+per-object response, all on noshear rows only (NaN elsewhere); ``cell`` the owning cell. Population shear:
 :func:`population_shear_of`.
 """
 
@@ -56,7 +56,8 @@ from deblend.core.workers import require_cpu, run_tasks, shared
 
 CELLS_KIND = "measure-cells"
 """Marker of the cell cache directory ``<out>.cells``."""
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""Bumped when a cached cell's table changes (2: ``forced_flux_<band>``)."""
 COLUMN_NOTES = (
     "mdet_step: metacal image of the row (noshear 1p 1m 2p 2m); one row per kept detection",
     "x, y: detection centroid, parent-image pixels, 0-based, x = column (axis 1)",
@@ -65,6 +66,7 @@ COLUMN_NOTES = (
     "flags: bits FLAG<n> below; rows with flags == 0 enter the shear",
     "deblend_e1, deblend_e2: raw regressor, distortion, pixel frame (not sky)",
     "flux_<band>: reconstruction flux, model units (1 unit = ZPMOD_<band> AB mag); noshear",
+    "forced_flux_<band>: the reconstructions fitted to the pixels jointly, same units; noshear",
     "r11 r12 r21 r22: per-object metacal response of deblend_e; noshear rows, else NaN",
     "cell: index of the cell (row by row, CELLPIX wide) that owns the detection",
     "population shear: g = R^-1 <e>_noshear, R_ij = (<e_i>_{+j} - <e_i>_{-j}) / (2 MDETDLTA)",
