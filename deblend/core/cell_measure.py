@@ -169,11 +169,9 @@ def object_fluxes(model: Deblender, images: np.ndarray, variance: np.ndarray,
         recon = templates.astype(np.float64).sum(axis=(2, 3))
     else:
         recon = amplitudes = np.zeros((0, len(model.bands)))
-    columns: dict[str, np.ndarray] = {}
-    for b, band in enumerate(model.bands):
-        columns[f"flux_{band}"] = recon[:, b]
-        columns[f"forced_flux_{band}"] = amplitudes[:, b] * recon[:, b]
-    return columns
+    fluxes = {"flux": recon, "forced_flux": amplitudes * recon}
+    return {f"{kind}_{band}": fluxes[kind][:, b] for kind in FLUX_KINDS
+            for b, band in enumerate(model.bands)}
 
 
 def object_responses(images: np.ndarray, noise: np.ndarray, positions: np.ndarray, regressor,
