@@ -251,3 +251,10 @@ def test_deblend_measure_resamples_real_frames_only_when_asked(frames, tmp_path,
     assert header["RESAMPLD"] is True and header["PIXSCALE"] == 0.2
     noshear = catalogue[catalogue["mdet_step"] == "noshear"]
     assert len(noshear) >= 1 and np.isfinite(noshear["ra"]).all()
+    # forced fluxes: fitted where the frames have pixels, the reconstruction's where a band is
+    # declared missing (no pixel to fit), never negative
+    for band in ("u", "i", "y"):
+        np.testing.assert_array_equal(noshear[f"forced_flux_{band}"], noshear[f"flux_{band}"])
+    for band in ("g", "r", "z"):
+        assert np.all(noshear[f"forced_flux_{band}"] >= 0)
+        assert np.all(noshear[f"forced_flux_{band}"] != noshear[f"flux_{band}"])
