@@ -105,3 +105,31 @@ def test_bad_inputs_are_refused(blend) -> None:
     with pytest.raises(ValueError, match="outside the image"):
         fit_amplitudes(image, variance, templates, positions + 200)
     assert fit_amplitudes(image, variance, templates[:0], positions[:0]).shape == (0, 2)
+
+
+def test_two_detections_of_one_source_share_its_light(blend) -> None:
+    """The same template twice at the same place (a source detected twice) gives finite,
+    non-negative amplitudes whose sum is the source's."""
+    templates = np.concatenate([blend["templates"][:1], blend["templates"][:1]])
+    positions = np.concatenate([blend["positions"][:1], blend["positions"][:1]])
+    image = fitted_scene((2, 140, 140), templates[:1], positions[:1], blend["truth"][:1])
+    a = fit_amplitudes(image, np.ones_like(image), templates, positions)
+    assert np.all(np.isfinite(a)) and np.all(a >= 0)
+    np.testing.assert_allclose(a.sum(axis=0), blend["truth"][0], rtol=1e-6)
+
+
+def test_the_fallback_without_a_cholesky_factor_gives_the_same_amplitudes(blend, monkeypatch
+                                                                          ) -> None:
+    """When the normal matrix has no Cholesky factor in floating point, the group is solved
+    from its weighted pixels directly: the same answer on a noisy blend."""
+    rng = np.random.default_rng(3)
+    image = blend["image"] + rng.normal(0, 3.0, blend["image"].shape)
+    variance = np.full_like(image, 9.0)
+    expected = fit_amplitudes(image, variance, blend["templates"], blend["positions"])
+
+    def no_factor(matrix):
+        raise np.linalg.LinAlgError("not positive definite")
+
+    monkeypatch.setattr(np.linalg, "cholesky", no_factor)
+    np.testing.assert_allclose(fit_amplitudes(image, variance, blend["templates"],
+                                              blend["positions"]), expected, rtol=1e-6)

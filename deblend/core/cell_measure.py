@@ -36,7 +36,6 @@ from deblend.core.arguments import NON_NEGATIVE_INT, VIEWS, require_positive_int
 from deblend.core.cells import CellImage
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import metacal_response
-from deblend.core.photometry import fit_amplitudes
 from deblend.core.metadetect import (
     Estimator,
     MetadetectSettings,
@@ -45,6 +44,7 @@ from deblend.core.metadetect import (
     correction_noise,
     unmasked,
 )
+from deblend.core.photometry import fit_amplitudes
 from deblend.core.sky_plane import held_metacal
 from deblend.core.stamps import cut_stamps
 
@@ -52,9 +52,9 @@ if TYPE_CHECKING:
     from deblend.core.inference import Deblender
 
 ESTIMATOR = "deblend"
+"""Prefix of the deblender's ellipticity columns (``deblend_e1``, ``deblend_e2``)."""
 FLUX_KINDS = ("flux", "forced_flux")
 """The per-band flux columns (``<kind>_<band>``): the reconstruction's own and the forced one."""
-"""Prefix of the deblender's ellipticity columns (``deblend_e1``, ``deblend_e2``)."""
 STAMP_MARGIN = 10
 """Pixels around the model's stamp kept for the per-object metacal response."""
 STAMP_PAD = 12

@@ -105,7 +105,13 @@ def _fit_band(data: np.ndarray, weight: np.ndarray, templates: np.ndarray,
             continue
         normal = gram[members][:, members].toarray()
         normal += RIDGE * np.diag(np.diag(normal))
-        factor = np.linalg.cholesky(normal)
+        try:
+            factor = np.linalg.cholesky(normal)
+        except np.linalg.LinAlgError:  # not positive definite in floating point: the pixels
+            rows = a[:, members].multiply(np.sqrt(w)[:, None]).tocsr()
+            used = np.flatnonzero(rows.getnnz(axis=1))
+            out[members] = nnls(rows[used].toarray(), np.sqrt(w[used]) * data.ravel()[used])[0]
+            continue
         out[members] = nnls(factor.T, np.linalg.solve(factor, rhs[members]))[0]
     return out
 
