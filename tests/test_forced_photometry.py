@@ -4,11 +4,13 @@ catalogue's fluxes against simulated truth, through the walk a survey takes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from evaluation.forced_photometry import BLEND_RADIUS, photometry_summary, robust
+from deblend.core.runs import run_config
+from evaluation.forced_photometry import BLEND_RADIUS, photometry_summary, robust, run_photometry
 
 
 def test_robust_summaries_of_a_normal_sample() -> None:
@@ -61,3 +63,21 @@ def test_the_benchmark_measures_fields_of_the_run_and_resumes(trained_run, tmp_p
     assert main(args) == 0
     assert cached[0].stat().st_mtime_ns == stamp
     assert json.loads((out / "metrics.json").read_text())["forced_photometry"] == metrics
+
+
+def test_forced_fluxes_of_the_packaged_model_scatter_less_than_its_reconstructions(tmp_path
+                                                                                     ) -> None:
+    """The packaged quick weights on 3 field sets of the independent GalSim population (138
+    isolated galaxies matched): the forced fluxes' NMAD in g, r, i was 0.121 / 0.096 / 0.107
+    against the reconstruction's 0.146 / 0.146 / 0.134 (seed 0; seed 1 alike), and their
+    median within 3% of the truth in r and i. Bounds: a mean NMAD ratio below 0.9 and medians
+    within 5%."""
+    weights = Path(__file__).resolve().parents[1] / "deblend" / "weights" / "quick"
+    config = run_config(weights, Path(__file__).resolve().parents[1] / "configs" / "quick.yaml")
+    summary = run_photometry(weights, config, tmp_path / "phot", n_fields=3, seed=0,
+                             progress=False)
+    ratio = np.mean([summary["forced_flux"][b]["isolated"]["nmad"]
+                     / summary["flux"][b]["isolated"]["nmad"] for b in ("g", "r", "i")])
+    assert ratio < 0.9, ratio
+    for band in ("r", "i"):
+        assert abs(summary["forced_flux"][band]["isolated"]["median"]) < 0.05
