@@ -43,8 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              population=args.population, n_fields=args.n_fields,
                              seed=args.seed, field_pixels=args.field_pixels,
                              device=args.device, progress=not args.no_progress)
-    bands = [b for b in summary["flux"]]
-    print(photometry_table(summary, bands))
+    print(photometry_table(summary, list(summary["flux"])))
     return 0
 
 

@@ -13,8 +13,9 @@ model's zero points come from its survey (surveycodex).
 :func:`run_real_des` writes into ``out``: ``catalogue.fits`` (``deblend measure``'s catalogue),
 ``real_des.png`` (image, reconstruction and residual of the present bands, detections with the
 regressor's e sticks; the reconstruction is the detections' decodings with their fluxes fitted
-to the pixels, :mod:`deblend.core.photometry`, as the catalogue's ``forced_flux_<band>``), ``real_des.md`` and ``metrics.json`` (detections, and the residual of the
-brightest detection per pixel in units of the noise, away from its core).
+to the pixels, :mod:`deblend.core.photometry`, as the catalogue's ``forced_flux_<band>``),
+``real_des.md`` and ``metrics.json`` (detections, and the residual of the brightest detection
+per pixel in units of the noise, away from its core).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from deblend.core.inference import Deblender
 from deblend.core.metadetect import MetadetectSettings
 from deblend.core.runs import RunLayout, lineage_identity
 from evaluation.detection_quality import EDGE_PIXELS, FIELDS, MATCH_RADIUS, inside, match_to_truth
-from evaluation.field_shear import FieldSettings, field_cells
+from evaluation.field_shear import FieldSettings, field_cells, field_walk
 from simulation.sheared_fields import draw_field_set
 
 BLEND_RADIUS = 2.0
@@ -58,17 +58,18 @@ def field_photometry(model: Deblender, field, walk: MetadetectSettings, seed: in
     truth_xy = np.stack([np.asarray(truth["x"], np.float64),
                          np.asarray(truth["y"], np.float64)], axis=1).reshape(-1, 2)
     owner = match_to_truth(positions, truth_xy, MATCH_RADIUS / field.pixel_scale)
-    count = np.bincount(owner[owner >= 0], minlength=len(truth_xy))
-    single = (owner >= 0) & (count[np.maximum(owner, 0)] == 1)
-    single &= inside(truth_xy[np.maximum(owner, 0)], shape, EDGE_PIXELS)
+    matched = owner >= 0
+    count = np.bincount(owner[matched], minlength=len(truth_xy))
+    single = matched.copy()
+    single[matched] = (count[owner[matched]] == 1) & inside(truth_xy[owner[matched]], shape,
+                                                            EDGE_PIXELS)
     galaxies = owner[single]
     distance = np.hypot(*(truth_xy[:, None] - truth_xy[None]).transpose(2, 0, 1))
-    np.fill_diagonal(distance, np.inf)
+    np.fill_diagonal(distance, np.inf)  # a galaxy alone in its field: no neighbour (inf)
     bands = model.bands
     out = {"truth": np.asarray(truth["flux"], np.float64)[galaxies].reshape(-1, len(bands)),
            "mag": np.asarray(truth["mag"], np.float64)[galaxies],
-           "neighbour": (distance.min(axis=1) * field.pixel_scale)[galaxies]
-           if len(truth_xy) > 1 else np.full(len(galaxies), np.inf)}
+           "neighbour": (distance.min(axis=1) * field.pixel_scale)[galaxies]}
     for kind in FLUX_KINDS:
         out[kind] = np.stack([np.asarray(rows[f"{kind}_{b}"], np.float64)[single]
                               for b in bands], axis=1).reshape(-1, len(bands))
@@ -170,8 +171,6 @@ def run_photometry(run: str | Path, config, out: str | Path, *, population: str 
     fields are drawn in, and the walk's metacal settings as the field benchmark's,
     :func:`~evaluation.field_shear.field_walk`): ``out/metrics.json``, ``out/report.md``;
     resumes from ``out/cache``. Returns the summary."""
-    from evaluation.field_shear import field_walk
-
     model = Deblender.from_run(run, device=device)
     out = Path(out)
     arrays = measure_photometry(

@@ -18,9 +18,10 @@ column; ``ra``, ``dec`` degrees (ICRS or whatever the image's WCS says, from its
 pixels); ``snr`` Gaussian-aperture S/N of the detection image; ``flags`` (bits in the header,
 :data:`deblend.core.metadetect.FLAGS`); ``deblend_e1``, ``deblend_e2`` the raw regressor
 (distortion, pixel frame); ``flux_<band>`` the reconstruction's flux and ``forced_flux_<band>``
-the reconstructions fitted to the pixels (:mod:`deblend.core.photometry`), in model units (one unit = the header's ``ZPMOD_<band>`` AB magnitude), and ``r11 r12 r21 r22``
-per-object response, all on noshear rows only (NaN elsewhere); ``cell`` the owning cell. Population shear:
-:func:`population_shear_of`.
+the reconstructions fitted to the pixels (:mod:`deblend.core.photometry`), in model units (one
+unit = the header's ``ZPMOD_<band>`` AB magnitude), and ``r11 r12 r21 r22`` per-object
+response, all on noshear rows only (NaN elsewhere); ``cell`` the owning cell. Population
+shear: :func:`population_shear_of`.
 """
 
 from __future__ import annotations
