@@ -12,8 +12,9 @@ model's zero points come from its survey (surveycodex).
 
 :func:`run_real_des` writes into ``out``: ``catalogue.fits`` (``deblend measure``'s catalogue),
 ``real_des.png`` (image, reconstruction and residual of the present bands, detections with the
-regressor's e sticks; the reconstruction is the detections' decodings with their fluxes fitted
-to the pixels, :mod:`deblend.core.photometry`, as the catalogue's ``forced_flux_<band>``),
+regressor's e sticks; the reconstruction is the detections' decodings, each from its stamp
+recentred on the detection (:mod:`deblend.core.recentre`) and moved back, with their fluxes
+fitted to the pixels, :mod:`deblend.core.photometry`, as the catalogue's ``forced_flux_<band>``),
 ``real_des.md`` and ``metrics.json`` (detections, and the residual of the brightest detection
 per pixel in units of the noise, away from its core).
 """
@@ -33,11 +34,11 @@ import numpy as np  # noqa: E402
 from astropy.table import Table  # noqa: E402
 
 from deblend.core.atomic import atomic_output, write_json_atomic, write_text_atomic  # noqa: E402
-from deblend.core.inference import Deblender  # noqa: E402
-from deblend.core.cell_measure import ESTIMATOR  # noqa: E402
+from deblend.core.cell_measure import ESTIMATOR, detection_templates  # noqa: E402
+from deblend.core.inference import N_VIEWS, Deblender  # noqa: E402
+from deblend.core.metadetect import MetadetectSettings  # noqa: E402
 from deblend.core.outputs import claim_directory, replace_directory  # noqa: E402
 from deblend.core.photometry import fit_amplitudes, fitted_scene  # noqa: E402
-from deblend.core.stamps import cut_stamps  # noqa: E402
 from deblend.core.survey_input import SurveyImage, SurveyInputs, read_survey  # noqa: E402
 from deblend.core.survey_measure import measure_survey  # noqa: E402
 from evaluation.reconstruction_defects import (  # noqa: E402
@@ -106,15 +107,18 @@ def survey_inputs(frames: Mapping[str, Mapping[str, Path]], model: Deblender,
 def scene_model(model: Deblender, survey: SurveyImage, rows: Table
                 ) -> tuple[np.ndarray, np.ndarray]:
     """((bands, H, W) model image, (K, bands) amplitudes): the model's reconstructions of the
-    ``rows``' detections (averaged over the symmetric views), fitted to the frames' pixels with
-    one amplitude per source and band (:mod:`deblend.core.photometry`, as the catalogue's
-    ``forced_flux_<band>``) and pasted at their detections (raw model units)."""
+    ``rows``' detections (averaged over the symmetric views, recentred on each detection as
+    the catalogue's stamps are: :func:`~deblend.core.cell_measure.detection_templates`), fitted
+    to the frames' pixels with one amplitude per source and band
+    (:mod:`deblend.core.photometry`, as the catalogue's ``forced_flux_<band>``) and pasted at
+    their detections (raw model units)."""
     positions = np.stack([np.asarray(rows["x"], np.float64),
                           np.asarray(rows["y"], np.float64)], axis=1).reshape(-1, 2)
     if len(positions) == 0:
         return np.zeros_like(survey.images), np.zeros((0, len(model.bands)))
-    stamps = cut_stamps(survey.images, positions, model.stamp_pixels)
-    templates = model.predict(stamps.astype(np.float32), views=1).reconstruction
+    templates = detection_templates(model, survey.images, positions,
+                                    recentre=MetadetectSettings().recentre,
+                                    reconstruction_views=N_VIEWS)
     amplitudes = fit_amplitudes(survey.images, survey.variance, templates, positions)
     return fitted_scene(survey.images.shape, templates, positions, amplitudes), amplitudes
 

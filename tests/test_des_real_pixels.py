@@ -190,11 +190,12 @@ def brightest_chi(run: Path) -> dict:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known gap (README, 'Real DES pixels' and 'Forced photometry'): the DES model trained with "
-    "bright, large targets and per-stamp flux scales, its fluxes fitted to the pixels, leaves "
-    "2.5 sigma (27.7 before both, 4.5 before the fit): the networks cannot yet draw this "
-    "galaxy's core (3-5 pixels: 4.3 sigma) and wings (12-16 pixels: mean +1.4) to the 2-5% its "
-    "pixels' S/N of 30-110 asks"))
+    "known gap (README, 'Real DES pixels', 'Forced photometry' and 'Stamps recentred on their "
+    "detections'): the DES model trained with bright, large targets and per-stamp flux scales, "
+    "its stamp recentred on the detection and its fluxes fitted to the pixels, leaves 1.85 "
+    "sigma (27.7 before the first two, 4.5 before the fit, 2.5 before the recentring): the "
+    "networks cannot yet draw this galaxy's core (3-5 pixels: 3.1 sigma) and wings to the "
+    "2-5% its pixels' S/N of 30-110 asks"))
 def test_the_bright_galaxy_residual_is_at_the_noise_level_away_from_its_core(des_real_run
                                                                            ) -> None:
     """The issue's check: image minus the pasted reconstructions, in units of the weights'
@@ -210,15 +211,16 @@ def test_the_bright_galaxy_residual_is_at_the_noise_level_away_from_its_core(des
 
 def test_the_des_model_reconstructs_the_bright_galaxy_that_saturated_the_models_before(
         des_real_run, real_run) -> None:
-    """What bright targets, per-stamp flux scales and forced fluxes bought: the DES model's
-    residual 3-12 pixels from the bright galaxy measured 2.50 sigma, mean -0.06 (the
-    reconstruction alone, 4.47 and +3.35: 13-19% too faint; the DES model trained without
+    """What bright targets, per-stamp flux scales, forced fluxes and recentred stamps bought:
+    the DES model's residual 3-12 pixels from the bright galaxy measured 1.85 sigma, mean +0.10
+    (its stamp around the nearest pixel, a third of a pixel off the galaxy: 2.50 and -0.06;
+    the reconstruction alone, 4.47 and +3.35: 13-19% too faint; the DES model trained without
     them: 27.7, +20.9); the LSST quick model, without them, leaves 30 on the same frames (39
     unfitted). Bounds with room for a retraining's scatter (4.57 unfitted for a second
     training), far below what a saturated model leaves; the fit leaves no mean."""
     chi, quick = brightest_chi(des_real_run), brightest_chi(real_run)
     assert chi["pixels"] > 1000
-    assert chi["rms"] < 4.0 and abs(chi["mean"]) < 1.0, chi
+    assert chi["rms"] < 3.0 and abs(chi["mean"]) < 1.0, chi
     assert quick["rms"] > 20.0, quick
     metrics = json.loads((des_real_run / "metrics.json").read_text())
     assert metrics["bands_missing"] == ["i", "Y"] and metrics["unflagged_detections"] >= 1

@@ -16,6 +16,11 @@ regressor as the estimator (raw regressor output, distortion, pixel frame, avera
   centroid and selection terms that the catalogue's population response holds; both are
   reported).
 
+Every stamp the networks read is recentred on its detection to a fraction of a pixel when the
+settings say so (``MetadetectSettings.recentre``, the default; :mod:`deblend.core.recentre`),
+as the networks' training targets are centred; the reconstructions are moved back before they
+are fitted.
+
 Positions in the returned catalogue are in the parent image's pixels (the cell's ``origin``
 added) and ``cell`` names the cell that owns the row. Every detection lies in its cell (it is
 owned); a stamp that overhangs the cell is zero outside it and its rows carry the EDGE flag
@@ -45,6 +50,12 @@ from deblend.core.metadetect import (
     unmasked,
 )
 from deblend.core.photometry import fit_amplitudes
+from deblend.core.recentre import (
+    recentred_stamps,
+    shift_stamps,
+    shifted_templates,
+    subpixel_offsets,
+)
 from deblend.core.sky_plane import held_metacal
 from deblend.core.stamps import cut_stamps
 
@@ -127,12 +138,14 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
         def extra(positions: np.ndarray, images=images, variance=cell.variance, noise=noise,
                   plane=plane, masked=masked, stamp_operator=stamp_operator
                   ) -> dict[str, np.ndarray]:
-            fluxes = object_fluxes(model, images, variance, positions, batch_size)
+            fluxes = object_fluxes(model, images, variance, positions, batch_size,
+                                   settings.recentre)
             if not per_object:
                 return fluxes
             return {**fluxes, **object_responses(images, noise, positions, regressor,
                                                  stamp_operator, settings.noise_correction,
-                                                 plane, masked, model.stamp_pixels)}
+                                                 plane, masked, model.stamp_pixels,
+                                                 settings.recentre)}
 
         columns = cell_columns(cell, bands, {ESTIMATOR: regressor, **(peers or {})}, settings,
                                seed=seed + k, operator=operator, extra=extra, noise=noise,
@@ -156,15 +169,31 @@ def empty_catalogue(bands: tuple[str, ...], estimators: list[str], per_object: b
                   "flags": np.zeros(0, np.int32), "cell": np.zeros(0, np.int32)})
 
 
+def detection_templates(model: Deblender, images: np.ndarray, positions: np.ndarray, *,
+                        recentre: bool, batch_size: int = 256, reconstruction_views: int = 1
+                        ) -> np.ndarray:
+    """(K, bands, S, S) reconstructions (raw model units) of the detections at ``positions`` of
+    (bands, H, W) ``images``, each on the stamp around its nearest pixel, ready to paste there:
+    with ``recentre``, decoded from the stamp recentred on the detection and moved back by its
+    sub-pixel offset (:mod:`deblend.core.recentre`)."""
+    if recentre:
+        stamps = recentred_stamps(images, positions, model.stamp_pixels).astype(np.float32)
+    else:
+        stamps = cell_stamps(images, positions, model.stamp_pixels)
+    templates = model.predict(stamps, batch_size, views=1, reconstruct=True,
+                              reconstruction_views=reconstruction_views).reconstruction
+    return shifted_templates(templates, positions) if recentre else templates
+
+
 def object_fluxes(model: Deblender, images: np.ndarray, variance: np.ndarray,
-                  positions: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+                  positions: np.ndarray, batch_size: int, recentre: bool = True
+                  ) -> dict[str, np.ndarray]:
     """``flux_<band>`` and ``forced_flux_<band>`` (module docstring) of the noshear detections
     at ``positions`` of the original cell (``images`` with masked pixels at 0, ``variance`` inf
-    there)."""
-    stamps = cell_stamps(images, positions, model.stamp_pixels)
-    if len(stamps):
-        templates = model.predict(stamps, batch_size, views=1, reconstruct=True,
-                                  reconstruction_views=1).reconstruction
+    there); ``recentre``: as :func:`detection_templates`."""
+    if len(positions):
+        templates = detection_templates(model, images, positions, recentre=recentre,
+                                        batch_size=batch_size)
         amplitudes = fit_amplitudes(images, variance, templates, positions)
         recon = templates.astype(np.float64).sum(axis=(2, 3))
     else:
@@ -176,12 +205,15 @@ def object_fluxes(model: Deblender, images: np.ndarray, variance: np.ndarray,
 
 def object_responses(images: np.ndarray, noise: np.ndarray, positions: np.ndarray, regressor,
                      stamp_operator: FourierMetacal, noise_correction: bool,
-                     plane: np.ndarray | None, masked: np.ndarray | None, size: int
-                     ) -> dict[str, np.ndarray]:
+                     plane: np.ndarray | None, masked: np.ndarray | None, size: int,
+                     recentre: bool = True) -> dict[str, np.ndarray]:
     """``r11 r12 r21 r22``: the per-object metacal response (module docstring) of the noshear
     detections at ``positions`` of the original cell; ``plane``: the cell's held sky plane (its
     stamps held out of the stamps' shear), or None; ``masked``: the cell's masked pixels
-    (:func:`~deblend.core.sky_plane.held_metacal`)."""
+    (:func:`~deblend.core.sky_plane.held_metacal`); ``recentre``: each sheared stamp is moved
+    by its detection's sub-pixel offset before the crop, as the catalogue's stamps are (the
+    shear is about the nearest pixel's centre: it moves the galaxy by g times that offset, a
+    hundredth of a pixel)."""
     response = np.full((len(positions), 2, 2), np.nan)
     if len(positions):
         wide = size + 2 * STAMP_MARGIN
@@ -191,6 +223,9 @@ def object_responses(images: np.ndarray, noise: np.ndarray, positions: np.ndarra
             cell_stamps(noise, positions, wide) if noise_correction else None,
             None if plane is None else cell_stamps(plane, positions, wide),
             None if masked is None else cut_stamps(masked, positions, wide))
+        if recentre:
+            offsets = -subpixel_offsets(positions)
+            sheared = {name: shift_stamps(image, offsets) for name, image in sheared.items()}
         response = metacal_response(
             {name: regressor(image[..., crop, crop]) for name, image in sheared.items()},
             stamp_operator.delta)

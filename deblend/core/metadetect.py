@@ -45,7 +45,8 @@ from deblend.core.chunk_cache import without_defaults
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import DEFAULT_DELTA, METACAL_SHEARS, check_delta
 from deblend.core.sky_plane import held_metacal, sky_plane
-from deblend.core.stamps import cut_stamp, cut_stamps, nearest_pixel
+from deblend.core.recentre import recentred_stamps
+from deblend.core.stamps import central, cut_stamp, cut_stamps, nearest_pixel
 
 Estimator = Callable[[np.ndarray], np.ndarray]
 """Stamps (N, bands, S, S) raw flux -> (N, 2) ellipticities (NaN where it fails)."""
@@ -91,6 +92,10 @@ class MetadetectSettings:
     hold_sky_plane: bool = False
     """Shear the cell less its fitted sky plane and put the plane back unsheared in the five
     images (``metacal.hold_sky_plane``; :func:`held_metacal`)."""
+    recentre: bool = True
+    """Move each detection's stamp by its sub-pixel offset so that the detection lies on the
+    central pixel's centre, as the networks' training targets do
+    (:mod:`deblend.core.recentre`); False: the stamp around the nearest pixel as it is."""
 
     def __post_init__(self) -> None:
         require_positive_int(self.stamp_pixels, "stamp_pixels")
@@ -104,13 +109,16 @@ class MetadetectSettings:
         FRACTION.require(self.deblend_contrast, "deblend_contrast")
         if not self.detection_bands:
             raise ValueError("detection_bands must name at least one band")
-        if not isinstance(self.hold_sky_plane, bool):
-            raise ValueError(f"hold_sky_plane must be True or False, got {self.hold_sky_plane!r}")
+        for name in ("hold_sky_plane", "recentre"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def identity(self) -> dict:
-        """The settings as a dict for cache keys; ``hold_sky_plane`` only when on, so that keys
-        written before it existed stay valid."""
-        return without_defaults(dict(self.__dict__), {"hold_sky_plane": False})
+        """The settings as a dict for cache keys; ``hold_sky_plane`` only when on and
+        ``recentre`` only when on, so that keys written before either existed (without the hold,
+        without recentring) stay valid for what they measured."""
+        return without_defaults(dict(self.__dict__), {"hold_sky_plane": False,
+                                                      "recentre": False})
 
 
 def detection_weights(variance: np.ndarray, bands: tuple[str, ...],
@@ -290,7 +298,10 @@ def metacal_cell(cell: CellImage, bands: tuple[str, ...],
                  operator: FourierMetacal | None = None, noise: np.ndarray | None = None,
                  plane: np.ndarray | None = None) -> MetacalCell:
     """Step 1 of the walk on one cell, and the detection images step 2 searches
-    (:func:`cell_columns`' ``seed``, ``operator``, ``noise``, ``plane``)."""
+    (:func:`cell_columns`' ``seed``, ``operator``, ``noise``, ``plane``). A held sky plane is
+    in the five images (the estimators read it, unsheared) but not in the detection images:
+    objects are found and centred on the sky-subtracted image (with recentred stamps a plane
+    left in would pull each windowed centroid, and the stamp with it, towards its gradient)."""
     seed = NON_NEGATIVE_INT.require(seed, "seed")
     images = np.asarray(cell.images, np.float64)
     variance = np.asarray(cell.variance, np.float64)
@@ -315,7 +326,8 @@ def metacal_cell(cell: CellImage, bands: tuple[str, ...],
     index, weights = detection_weights(variance, bands, settings.detection_bands)
     gain = operator.noise_gain(cell.shape)[index] * (2.0 if noise is not None else 1.0)
     partly = ~masked.all(axis=(1, 2))  # a band missing from the whole cell flags nothing
-    detection = {step: np.tensordot(weights, image[index], axes=1)
+    sky = 0.0 if plane is None else central(plane, next(iter(metacal.values())).shape[-2:])
+    detection = {step: np.tensordot(weights, (image - sky)[index], axes=1)
                  for step, image in metacal.items()}
     return MetacalCell(metacal, detection, noise_sigma(variance[index], weights, gain),
                        masked[partly].any(axis=0).astype(np.float64))
@@ -338,7 +350,17 @@ def detect_step(cell: CellImage, image: np.ndarray, det: np.ndarray, sigma: floa
     snr = aperture_snr(det, positions, sigma)
     flags[~(snr >= settings.min_snr)] |= LOW_SNR
     return {"x": positions[:, 0], "y": positions[:, 1], "snr": snr, "flags": flags,
-            "stamps": cut_stamps(image, positions, settings.stamp_pixels)}
+            "stamps": detection_stamps(image, positions, settings)}
+
+
+def detection_stamps(image: np.ndarray, positions: np.ndarray, settings: MetadetectSettings
+                     ) -> np.ndarray:
+    """The estimators' (K, bands, S, S) stamps of ``image`` around the detections at
+    ``positions``: recentred on them when ``settings.recentre``
+    (:func:`~deblend.core.recentre.recentred_stamps`), else cut around their nearest pixels."""
+    if settings.recentre:
+        return recentred_stamps(image, positions, settings.stamp_pixels)
+    return cut_stamps(image, positions, settings.stamp_pixels)
 
 
 def metadetect_shear(catalogue: Table, estimator: str, delta: float = DEFAULT_DELTA

@@ -28,6 +28,8 @@ import torch
 from astropy.stats import sigma_clip
 from scipy.ndimage import binary_dilation
 
+from deblend.core.stamps import central
+
 CLIP_SIGMA = 3.0
 """Pixels further than this many standard deviations from the plane are left out of its fit."""
 ITERATIONS = 3
@@ -123,9 +125,7 @@ def held_metacal(operator: MetacalOperation, images: np.ndarray, noise: np.ndarr
     held = plane if masked is None else np.where(masked, 0.0, plane)
     sheared = {name: image.to(dtype).cpu().numpy()
                for name, image in operator.apply(images - held, noise).items()}
-    height, width = next(iter(sheared.values())).shape[-2:]
-    top, left = (plane.shape[-2] - height) // 2, (plane.shape[-1] - width) // 2
-    kept = plane[..., top:top + height, left:left + width]
+    kept = central(plane, next(iter(sheared.values())).shape[-2:])
     return {name: image + kept for name, image in sheared.items()}
 
 

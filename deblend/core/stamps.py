@@ -35,11 +35,13 @@ def check_centre(x: float, y: float, shape: tuple[int, ...], what: str = "stamp 
     return cx, cy
 
 
-def central(images: np.ndarray, size: int) -> np.ndarray:
-    """The central ``size`` x ``size`` pixels of images (..., H, W) (all of them when smaller)."""
+def central(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """The central ``size`` x ``size`` (or (rows, columns)) pixels of images (..., H, W) (all
+    of them along an axis where they are fewer)."""
+    rows, columns = (size, size) if isinstance(size, (int, np.integer)) else size
     h, w = images.shape[-2:]
-    top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
-    return images[..., top:top + min(size, h), left:left + min(size, w)]
+    top, left = max((h - rows) // 2, 0), max((w - columns) // 2, 0)
+    return images[..., top:top + min(rows, h), left:left + min(columns, w)]
 
 
 def overlap(cx: int, cy: int, stamp_shape: tuple[int, ...], shape: tuple[int, ...]
