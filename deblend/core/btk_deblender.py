@@ -9,8 +9,10 @@
 
 Sources are detected with BTK's SEP deblender on one band (``detection_band``, i by default);
 around each detection a model-sized stamp (45x45) is cut from the blend (zero-padded at the
-edges), all stamps of the batch go through :meth:`deblend.Deblender.predict` together, and each
-reconstruction is pasted back at its detection in a full-size image. With ``map_prior``
+edges) and recentred on the detection to a fraction of a pixel (:mod:`deblend.core.recentre`, as
+the survey walk's stamps), all stamps of the batch go through :meth:`deblend.Deblender.predict`
+together, and each reconstruction is moved back by its offset and pasted at its detection in a
+full-size image. With ``map_prior``
 ("normal" or "flow") the sources of each blend are instead fitted together by MAP deblending
 (:mod:`deblend.core.map_deblend`, the survey's sky levels as the background variance), and
 ``e1``/``e2`` are the regressor's reading of each source's MAP-deblended stamp (the blend
@@ -40,7 +42,8 @@ from surveycodex.utilities import mean_sky_level
 from deblend.core.arguments import NON_NEGATIVE_INT, POSITIVE_FLOAT, require_positive_int
 from deblend.core.inference import Deblender
 from deblend.core.map_fit import DEFAULT_STEPS
-from deblend.core.stamps import cut_stamp, nearest_pixel, paste_stamp
+from deblend.core.recentre import recentred_stamps, shifted_templates
+from deblend.core.stamps import nearest_pixel, paste_stamp
 
 
 class VAEDeblender(btk.deblend.Deblender):
@@ -111,10 +114,14 @@ class VAEDeblender(btk.deblend.Deblender):
                   detections: list[Table]) -> list[DeblendExample]:
         size = self.model.stamp_pixels
         image_size = blend_batch.image_size
-        stamps, owners = [], []
+        stamps, owners, centres = [], [], []
         for ii, catalog in zip(indices, detections):
-            for jj, (x, y) in enumerate(zip(catalog["x_peak"], catalog["y_peak"])):
-                stamps.append(cut_stamp(blend_batch.blend_images[ii], x, y, size))
+            positions = np.stack([np.asarray(catalog["x_peak"], np.float64),
+                                  np.asarray(catalog["y_peak"], np.float64)], axis=1)
+            if len(positions):
+                stamps.extend(recentred_stamps(blend_batch.blend_images[ii], positions, size))
+                centres.append(positions)
+            for jj, (x, y) in enumerate(positions):
                 owners.append((ii, jj, *nearest_pixel(x, y)))
         n_bands = len(self.model.bands)
         images = np.zeros((len(indices), self.max_n_sources, n_bands, image_size, image_size),
@@ -122,8 +129,8 @@ class VAEDeblender(btk.deblend.Deblender):
         e1 = [np.zeros(len(c), np.float32) for c in detections]
         e2 = [np.zeros(len(c), np.float32) for c in detections]
         if stamps:
-            reconstructions, ellipticities = self._deblend_sources(blend_batch, indices,
-                                                                   detections, stamps)
+            reconstructions, ellipticities = self._deblend_sources(
+                blend_batch, indices, detections, stamps, np.concatenate(centres))
             position = {ii: k for k, ii in enumerate(indices)}
             for (ii, jj, x, y), recon, ell in zip(owners, reconstructions, ellipticities):
                 k = position[ii]
@@ -138,13 +145,15 @@ class VAEDeblender(btk.deblend.Deblender):
         return examples
 
     def _deblend_sources(self, blend_batch: BlendBatch, indices: list[int],
-                         detections: list[Table], stamps: list[np.ndarray]
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         detections: list[Table], stamps: list[np.ndarray],
+                         positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Reconstruction and (e1, e2) of every detected source, in detection order: the
-        encoder on each source's stamp, or MAP deblending of each whole blend."""
+        encoder on each source's recentred stamp (its reconstruction moved back to the
+        detection's (K, 2) ``positions``), or MAP deblending of each whole blend."""
         if self.map_prior is None:
             prediction = self.model.predict(np.stack(stamps))
-            return prediction.reconstruction, prediction.ellipticity
+            return (shifted_templates(prediction.reconstruction, positions),
+                    prediction.ellipticity)
         survey = blend_batch.survey
         sky = np.array([mean_sky_level(survey, survey.get_filter(b)).to_value("electron")
                         for b in self.model.bands])

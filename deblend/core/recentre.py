@@ -108,14 +108,17 @@ def recentred_stamps(image: np.ndarray, positions: np.ndarray, size: int, pad: i
 def shifted_templates(templates: np.ndarray, positions: np.ndarray, pad: int = PAD
                       ) -> np.ndarray:
     """(K, ..., n, n) ``templates`` drawn on the central pixel's centre (the networks'
-    reconstructions of :func:`recentred_stamps`) moved to the sub-pixel offsets of their (K, 2)
-    ``positions``, ready to paste at the nearest pixels; same dtype."""
+    reconstructions of :func:`recentred_stamps`, non-negative) moved to the sub-pixel offsets of
+    their (K, 2) ``positions``, ready to paste at the nearest pixels; same dtype. The shift rings
+    where a template drops to its floor of exact zeros (below 1e-3 of its peak: the bright real
+    DES galaxy's reconstruction, -30 electrons against a peak of 57,653, a 1e-4 of its flux);
+    what rings below zero is clipped to zero, so a template stays a non-negative model."""
     templates = np.asarray(templates)
     n = templates.shape[-1]
     padded = np.zeros(templates.shape[:-2] + (n + 2 * pad, n + 2 * pad), templates.dtype)
     padded[..., pad:pad + n, pad:pad + n] = templates
     moved = shift_stamps(padded, subpixel_offsets(positions))
-    return moved[..., pad:pad + n, pad:pad + n]
+    return np.maximum(moved[..., pad:pad + n, pad:pad + n], 0).astype(templates.dtype)
 
 
 __all__ = ["BORDER", "PAD", "border_plane", "recentred_stamps", "shift_stamps", "shifted_templates", "subpixel_offsets"]
