@@ -223,10 +223,9 @@ def object_responses(images: np.ndarray, noise: np.ndarray, positions: np.ndarra
             cell_stamps(noise, positions, wide) if noise_correction else None,
             None if plane is None else cell_stamps(plane, positions, wide),
             None if masked is None else cut_stamps(masked, positions, wide))
-        if recentre:
-            offsets = -subpixel_offsets(positions)
-            sheared = {name: shift_stamps(image, offsets) for name, image in sheared.items()}
-        response = metacal_response(
-            {name: regressor(image[..., crop, crop]) for name, image in sheared.items()},
-            stamp_operator.delta)
+        offsets = -subpixel_offsets(positions)
+        stamps = {name: shift_stamps(image, offsets, crop=STAMP_MARGIN) if recentre
+                  else image[..., crop, crop] for name, image in sheared.items()}
+        response = metacal_response({name: regressor(image) for name, image in stamps.items()},
+                                    stamp_operator.delta)
     return {f"r{i}{j}": response[:, i - 1, j - 1] for i in (1, 2) for j in (1, 2)}

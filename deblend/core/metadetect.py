@@ -8,8 +8,10 @@ The walk, the same for every cell and every estimator (SPEC 6, "Metadetection re
    inverse-variance weighted sum of the ``detection_bands`` (default r + i + z,
    :func:`detection_weights`; a band missing from the cell gets weight 0), threshold in units
    of that image's per-pixel noise (:func:`noise_sigma`; the same absolute threshold on all
-   five), windowed centroids (``sep.winpos``);
-3. **stamps**: the model's stamp cut from the same image around each detection's nearest pixel;
+   five), windowed centroids (``sep.winpos``); a held sky plane is left out of that sum;
+3. **stamps**: the model's stamp cut from the same image around each detection, recentred on it
+   to a fraction of a pixel (``MetadetectSettings.recentre``, :mod:`deblend.core.recentre`; off:
+   around its nearest pixel);
 4. **estimators** (the deblender's regressor, or any peer) on the stamps;
 5. **cuts**, the same on every image: S/N of the detection image in a Gaussian aperture,
    stamps inside the cell, and the cell's ownership (each object is measured by the one cell
