@@ -15,6 +15,7 @@ from deblend.core.metadetect import MetadetectSettings, detection_stamps
 from deblend.core.photometry import fit_amplitudes, fitted_scene
 from deblend.core.recentre import (
     recentred_stamps,
+    shift_matrices,
     shift_stamps,
     shifted_templates,
     subpixel_offsets,
@@ -58,6 +59,24 @@ def test_a_recentred_stamp_is_the_galaxy_drawn_on_the_pixel_centre(x, y) -> None
     back = shifted_templates(expected[None, None], np.array([[x, y]]))[0, 0]
     plain = cut_stamps(image, np.array([[x, y]]), 45)[0, 0]
     assert np.abs(back - plain).max() < 1e-3 * plain.max() and back.min() >= 0
+
+
+@pytest.mark.parametrize("n, crop", [(61, 8), (20, 0)])
+def test_the_shift_matrices_are_a_fourier_phase_on_the_mirrored_vector(n, crop) -> None:
+    """The closed form (periodic sinc, two diagonals) against numpy's FFT of the vector and its
+    mirror image with the shift's phase (what the module says it is), to 1e-12; a whole-pixel
+    shift moves samples exactly, the mirror image coming in at the edge."""
+    rng = np.random.default_rng(4)
+    shifts = np.array([0.37, -0.5, 0.02, 1.0])
+    vectors = rng.normal(size=(len(shifts), n))
+    mirrored = np.concatenate([vectors, vectors[:, ::-1]], axis=1)
+    phase = np.exp(-2j * np.pi * np.fft.rfftfreq(2 * n)[None, :] * shifts[:, None])
+    expected = np.fft.irfft(np.fft.rfft(mirrored, axis=1) * phase, n=2 * n, axis=1)
+    matrices = shift_matrices(shifts, n, crop)
+    moved = np.einsum("kij,kj->ki", matrices, vectors)
+    np.testing.assert_allclose(moved, expected[:, crop:n - crop], atol=1e-12)
+    np.testing.assert_allclose(moved[3], np.concatenate([vectors[3, :1], vectors[3, :-1]]
+                                                        )[crop:n - crop], atol=1e-12)
 
 
 def test_an_offset_of_zero_leaves_the_stamp_bit_for_bit() -> None:
