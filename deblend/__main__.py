@@ -82,6 +82,10 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
                          help="hold each cell's fitted sky plane out of metacal's shear "
                               "(default: as the run's metacal.hold_sky_plane)")
     add_deblend_contrast(measure, DEBLEND_CONTRAST)
+    measure.add_argument("--recentre", action=argparse.BooleanOptionalAction, default=True,
+                         help="move each detection's stamp by its sub-pixel offset so the "
+                              "detection lies on the central pixel's centre, as the networks' "
+                              "training targets do (default: on)")
     measure.add_argument("--out", required=True, help="output FITS catalogue")
     measure.add_argument("--cell", type=positive_int_arg, default=200, help="cell size, pixels")
     measure.add_argument("--margin", type=non_negative_int_arg, default=40,
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                        force=args.force, per_object=not args.no_object_response,
                        target_fwhm=target_psf_fwhm(args.target_psf_fwhm),
                        hold_sky_plane=args.hold_sky_plane,
-                       deblend_contrast=args.deblend_contrast, device=args.device)
+                       deblend_contrast=args.deblend_contrast, recentre=args.recentre,
+                       device=args.device)
         return 0
     from deblend.pipeline import run_pipeline
 

@@ -260,3 +260,27 @@ def test_deblend_measure_resamples_real_frames_only_when_asked(frames, tmp_path,
     for band in ("g", "r", "z"):
         assert np.all(noshear[f"forced_flux_{band}"] >= 0)
         assert np.all(noshear[f"forced_flux_{band}"] != noshear[f"flux_{band}"])
+    assert header["HIERARCH MDET RECENTRE"] is True
+
+
+def test_deblend_measure_can_leave_the_stamps_on_their_nearest_pixels(frames, tmp_path) -> None:
+    """``--no-recentre``: the same detections and positions (recentring moves stamps, not
+    detections), the header says so, and the bright galaxy's ellipticity and fluxes differ (its
+    stamp no longer moved by its sub-pixel offset)."""
+    from deblend.__main__ import main as deblend_main
+
+    def noshear(*extra: str) -> tuple[Table, fits.Header]:
+        out = tmp_path / f"catalogue{len(extra)}.fits"
+        assert deblend_main(measure_arguments(frames, out, "--resample", "--subtract-sky",
+                                              *extra)) == 0
+        catalogue = Table.read(out)
+        return catalogue[catalogue["mdet_step"] == "noshear"], fits.getheader(out, "MDET")
+
+    (on, header_on), (off, header_off) = noshear(), noshear("--no-recentre")
+    assert header_on["HIERARCH MDET RECENTRE"] is True
+    assert header_off["HIERARCH MDET RECENTRE"] is False
+    np.testing.assert_array_equal(on["x"], off["x"])
+    np.testing.assert_array_equal(on["y"], off["y"])
+    bright = int(np.argmax(on["snr"]))
+    assert on["deblend_e1"][bright] != off["deblend_e1"][bright]
+    assert on["flux_r"][bright] != off["flux_r"][bright]

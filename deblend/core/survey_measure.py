@@ -259,7 +259,8 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
                    per_object: bool = True, settings: MetadetectSettings | None = None,
                    target_fwhm: float | Sequence[float] | None = None,
                    hold_sky_plane: bool | None = None,
-                   deblend_contrast: float | None = None, device: str = "auto",
+                   deblend_contrast: float | None = None, recentre: bool = True,
+                   device: str = "auto",
                    log: Callable[[str], None] = print) -> Path:
     """Measure a survey image (module docstring) and write its catalogue to ``out_path``.
 
@@ -275,7 +276,8 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
     metacal's shear (:attr:`MetadetectSettings.hold_sky_plane`), by default as the run's
     ``metacal.hold_sky_plane`` says. ``deblend_contrast`` (ignored with ``settings``): SEP's
     deblending contrast in [0, 1] (lower splits fainter neighbours off a bright object), by
-    default :data:`~deblend.core.metadetect.DEBLEND_CONTRAST`.
+    default :data:`~deblend.core.metadetect.DEBLEND_CONTRAST`. ``recentre`` (ignored with
+    ``settings``): :attr:`MetadetectSettings.recentre`, stamps recentred on their detections.
     Everything is validated before anything is written. Returns the catalogue's path.
     """
     cell = require_positive_int(cell, "cell")
@@ -297,7 +299,8 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
     settings = settings or MetadetectSettings(stamp_pixels=model.stamp_pixels,
                                               target_sigma=model.target_sigma(target_fwhm),
                                               hold_sky_plane=hold_sky_plane,
-                                              deblend_contrast=deblend_contrast)
+                                              deblend_contrast=deblend_contrast,
+                                              recentre=recentre)
     survey = inputs if isinstance(inputs, SurveyImage) else read_survey(
         inputs, model.bands, model.data.pixel_scale, model_zeropoints=model_zero_points(model),
         psfex_pixels=model.stamp_pixels)
