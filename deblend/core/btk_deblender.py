@@ -12,12 +12,11 @@ around each detection a model-sized stamp (45x45) is cut from the blend (zero-pa
 edges) and recentred on the detection to a fraction of a pixel (:mod:`deblend.core.recentre`, as
 the survey walk's stamps), all stamps of the batch go through :meth:`deblend.Deblender.predict`
 together, and each reconstruction is moved back by its offset and pasted at its detection in a
-full-size image. With ``map_prior``
-("normal" or "flow") the sources of each blend are instead fitted together by MAP deblending
-(:mod:`deblend.core.map_deblend`, the survey's sky levels as the background variance), and
-``e1``/``e2`` are the regressor's reading of each source's MAP-deblended stamp (the blend
-minus the other sources' MAP models; it reads shapes better than the MAP latent itself). The
-output catalog carries ``ra``/``dec`` (arcsec, BTK's convention), ``x_peak``/``y_peak``
+full-size image. With ``map_prior`` ("normal" or "flow") the sources of each blend are instead
+fitted together by MAP deblending (:mod:`deblend.core.map_deblend`, the survey's sky levels as
+the background variance), and ``e1``/``e2`` are the regressor's reading of each source's
+MAP-deblended stamp (the blend minus the other sources' MAP models; it reads shapes better than
+the MAP latent itself). The output catalog carries ``ra``/``dec`` (arcsec, BTK's convention), ``x_peak``/``y_peak``
 (pixels) and the regressor's ``e1``/``e2`` (distortion, pixel frame).
 
 Edges: SEP's detections lie in the blend; a source near its edge is deblended from a stamp that
