@@ -32,6 +32,7 @@ from deblend.core.metadetect import MetadetectSettings
 from deblend.core.runs import RunLayout, lineage_identity
 from evaluation.detection_quality import EDGE_PIXELS, FIELDS, MATCH_RADIUS, inside, match_to_truth
 from evaluation.field_shear import FieldSettings, field_cells, field_walk
+from evaluation.metrics import relative_residual, robust_summary
 from simulation.sheared_fields import draw_field_set
 
 BLEND_RADIUS = 2.0
@@ -107,14 +108,12 @@ def measure_photometry(model: Deblender, model_id: str, walk: MetadetectSettings
 
 
 def robust(values: np.ndarray) -> dict[str, float]:
-    """Median, its error (1.2533 NMAD / sqrt(n)), NMAD and n of finite ``values``."""
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return {"median": float("nan"), "error": float("nan"), "nmad": float("nan"), "n": 0}
-    median = float(np.median(values))
-    nmad = float(1.4826 * np.median(np.abs(values - median)))
-    return {"median": median, "error": 1.2533 * nmad / np.sqrt(len(values)), "nmad": nmad,
-            "n": int(len(values))}
+    """Median, its error (1.2533 NMAD / sqrt(n)), NMAD and n of finite ``values``
+    (:func:`~evaluation.metrics.robust_summary`)."""
+    summary = robust_summary(values)
+    n = summary["n"]
+    error = 1.2533 * summary["nmad"] / np.sqrt(n) if n else float("nan")
+    return {"median": summary["median"], "error": error, "nmad": summary["nmad"], "n": n}
 
 
 def photometry_summary(arrays: dict[str, np.ndarray], bands: Sequence[str],
@@ -122,13 +121,11 @@ def photometry_summary(arrays: dict[str, np.ndarray], bands: Sequence[str],
     """Per kind (``flux``: the reconstruction's, ``forced_flux``) and band: :func:`robust`
     relative flux errors of all matched galaxies, by magnitude bin, and of isolated and blended
     ones."""
-    truth = arrays["truth"]
-    positive = truth > 0
     blended = arrays["neighbour"] < BLEND_RADIUS
-    out: dict = {"n_galaxies": int(len(truth)), "blended": int(blended.sum()),
+    out: dict = {"n_galaxies": int(len(arrays["truth"])), "blended": int(blended.sum()),
                  "blend_radius_arcsec": BLEND_RADIUS, "mag_edges": list(mag_edges)}
     for kind in FLUX_KINDS:
-        error = np.where(positive, arrays[kind] / np.where(positive, truth, 1.0) - 1, np.nan)
+        error = relative_residual(arrays[kind], arrays["truth"])
         per_band = {}
         for b, band in enumerate(bands):
             e = error[:, b]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import galsim
@@ -162,10 +161,9 @@ def test_the_packaged_model_draws_an_off_centre_galaxy_as_well_as_a_centred_one(
 
 
 def test_without_recentring_the_walk_cuts_the_plain_stamps() -> None:
-    settings = MetadetectSettings(stamp_pixels=21)
     image = np.random.default_rng(2).normal(size=(3, 50, 50))
     positions = np.array([[20.3, 25.2]])
-    off = detection_stamps(image, positions, dataclasses.replace(settings, recentre=False))
+    off = detection_stamps(image, positions, 21, recentre=False)
     np.testing.assert_array_equal(off, cut_stamps(image, positions, 21))
-    on = detection_stamps(image, positions, settings)
+    on = detection_stamps(image, positions, 21, MetadetectSettings().recentre)
     np.testing.assert_array_equal(on, recentred_stamps(image, positions, 21))

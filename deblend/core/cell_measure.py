@@ -47,15 +47,11 @@ from deblend.core.metadetect import (
     cell_columns,
     cell_plane,
     correction_noise,
+    detection_stamps,
     unmasked,
 )
 from deblend.core.photometry import fit_amplitudes
-from deblend.core.recentre import (
-    recentred_stamps,
-    shift_stamps,
-    shifted_templates,
-    subpixel_offsets,
-)
+from deblend.core.recentre import shift_stamps, shifted_templates, subpixel_offsets
 from deblend.core.sky_plane import held_metacal
 from deblend.core.stamps import cut_stamps
 
@@ -176,11 +172,8 @@ def detection_templates(model: Deblender, images: np.ndarray, positions: np.ndar
     (bands, H, W) ``images``, each on the stamp around its nearest pixel, ready to paste there:
     with ``recentre``, decoded from the stamp recentred on the detection and moved back by its
     sub-pixel offset (:mod:`deblend.core.recentre`)."""
-    if recentre:
-        stamps = recentred_stamps(images, positions, model.stamp_pixels).astype(np.float32)
-    else:
-        stamps = cell_stamps(images, positions, model.stamp_pixels)
-    templates = model.predict(stamps, batch_size, views=1, reconstruct=True,
+    stamps = detection_stamps(images, positions, model.stamp_pixels, recentre)
+    templates = model.predict(stamps.astype(np.float32), batch_size, views=1, reconstruct=True,
                               reconstruction_views=reconstruction_views).reconstruction
     return shifted_templates(templates, positions) if recentre else templates
 

@@ -352,17 +352,18 @@ def detect_step(cell: CellImage, image: np.ndarray, det: np.ndarray, sigma: floa
     snr = aperture_snr(det, positions, sigma)
     flags[~(snr >= settings.min_snr)] |= LOW_SNR
     return {"x": positions[:, 0], "y": positions[:, 1], "snr": snr, "flags": flags,
-            "stamps": detection_stamps(image, positions, settings)}
+            "stamps": detection_stamps(image, positions, settings.stamp_pixels,
+                                       settings.recentre)}
 
 
-def detection_stamps(image: np.ndarray, positions: np.ndarray, settings: MetadetectSettings
+def detection_stamps(image: np.ndarray, positions: np.ndarray, size: int, recentre: bool
                      ) -> np.ndarray:
-    """The estimators' (K, bands, S, S) stamps of ``image`` around the detections at
-    ``positions``: recentred on them when ``settings.recentre``
-    (:func:`~deblend.core.recentre.recentred_stamps`), else cut around their nearest pixels."""
-    if settings.recentre:
-        return recentred_stamps(image, positions, settings.stamp_pixels)
-    return cut_stamps(image, positions, settings.stamp_pixels)
+    """The networks' (K, bands, size, size) stamps of ``image`` around the detections at
+    ``positions``: recentred on them with ``recentre`` (``MetadetectSettings.recentre``,
+    :func:`~deblend.core.recentre.recentred_stamps`), else cut around their nearest pixels."""
+    if recentre:
+        return recentred_stamps(image, positions, size)
+    return cut_stamps(image, positions, size)
 
 
 def metadetect_shear(catalogue: Table, estimator: str, delta: float = DEFAULT_DELTA
