@@ -108,9 +108,10 @@ def _fit_band(data: np.ndarray, weight: np.ndarray, templates: np.ndarray,
         try:
             factor = np.linalg.cholesky(normal)
         except np.linalg.LinAlgError:  # not positive definite in floating point: the pixels
-            rows = a[:, members].multiply(np.sqrt(w)[:, None]).tocsr()
-            used = np.flatnonzero(rows.getnnz(axis=1))
-            out[members] = nnls(rows[used].toarray(), np.sqrt(w[used]) * data.ravel()[used])[0]
+            weighted = a[:, members].multiply(np.sqrt(w)[:, None]).tocsr()
+            used = np.flatnonzero(weighted.getnnz(axis=1))
+            out[members] = nnls(weighted[used].toarray(),
+                                np.sqrt(w[used]) * data.ravel()[used])[0]
             continue
         out[members] = nnls(factor.T, np.linalg.solve(factor, rhs[members]))[0]
     return out
