@@ -49,15 +49,17 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
     packaged = PACKAGED_WEIGHTS if PACKAGED_WEIGHTS.is_dir() else None
     measure = commands.add_parser(
         "measure", help="metadetection shape catalogue of survey FITS images",
-        description="Each of --image, --weight, --mask, --psf is one multi-extension FITS file "
-                    "(EXTNAME = band) or BAND=FILE repeated for every band.")
+        description="Each of --image, --weight, --mask, --psf, --sky is one multi-extension "
+                    "FITS file (EXTNAME = band) or BAND=FILE repeated for every band.")
     measure.add_argument("--run", default=packaged, required=packaged is None,
                          help="training run directory" + (" (default: the packaged weights)"
                                                           if packaged else ""))
     files = (("--image", True, "images, sky-subtracted, header MAGZERO and WCS"),
              ("--weight", True, "inverse-variance planes (0 = no data)"),
              ("--mask", False, "mask planes (nonzero = bad)"),
-             ("--psf", True, "PSF images (odd squares, pixel included) or PSFEx files"))
+             ("--psf", True, "PSF images (odd squares, pixel included) or PSFEx files"),
+             ("--sky", False, "the survey's sky model of every band, subtracted: sky images "
+                              "(image units) or legacypipe SplineSky tables (*-splinesky.fits)"))
     for option, required, text in files:
         measure.add_argument(option, action="append", type=band_path_arg, required=required,
                              metavar="[BAND=]FITS", help=text)
@@ -72,7 +74,7 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
                               "band's image (other pixel scales, exposures or CCDs)")
     measure.add_argument("--subtract-sky", action="store_true",
                          help="subtract each band's sigma-clipped median (frames not "
-                              "sky-subtracted)")
+                              "sky-subtracted and without --sky)")
     measure.add_argument("--psf-at", choices=PSF_AT, default="cell",
                          help="where PSFEx models are drawn (default: each cell's centre)")
     add_target_psf_fwhm(measure, "FWHM of the round Gaussian PSF metacal reconvolves every "
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
         inputs = SurveyInputs(args.image, args.weight, args.psf, args.mask, args.zeropoint,
                               args.zeropoint_model, tuple(args.missing_band), args.psf_at,
-                              args.resample, args.subtract_sky)
+                              args.resample, args.subtract_sky, args.sky)
         measure_survey(args.run, inputs, args.out, cell=args.cell, margin=args.margin,
                        jobs=args.jobs, progress=not args.no_progress,
                        resume=not args.no_resume, seed=args.seed, views=args.views,

@@ -3,10 +3,14 @@
 A directory of DECam community-pipeline frames, as ``../shared/data/des_decam/`` holds them
 (:func:`find_frames`): per band ``*_ooi_<band>_*.fits`` (image, its WCS), ``*_oow_*`` (inverse
 variance), ``*_ood_*`` (data-quality mask, 0 = good) and ``*_ooi_<band>_*-psfex.fits`` (the
-PSFEx model, legacypipe's merged layout). The frames come from different exposures and CCDs
-and are not sky-subtracted, so they are read with ``resample`` (every band onto the model's
-pixel grid over the first band's frame, PSF included) and ``subtract_sky``; the model's bands
-that the frames lack are declared missing. The frames carry no zero point: :data:`NOMINAL_ZP`
+PSFEx model, legacypipe's merged layout), and where every band has one,
+``*_ooi_<band>_*-splinesky.fits`` (legacypipe's sky model of the whole CCD). The frames come
+from different exposures and CCDs and are not sky-subtracted, so they are read with
+``resample`` (every band onto the model's pixel grid over the first band's frame, PSF included)
+and with their sky models subtracted (:mod:`deblend.core.sky_model`; without them, a constant
+sky per band, ``subtract_sky``, which the bright galaxy pulls up: 50 px from it the frames are
+then left 0.4-0.5 sky sigma below zero, with the sky models within 0.1); the model's bands that
+the frames lack are declared missing. The frames carry no zero point: :data:`NOMINAL_ZP`
 are nominal DECam values for these 90 s frames (about +-0.3 mag), stated in the report; the
 model's zero points come from its survey (surveycodex).
 
@@ -59,8 +63,9 @@ _FRAME = re.compile(r"^(?P<stem>.+)_ooi_(?P<band>[A-Za-z])_(?P<tail>[^-]+)\.fits
 
 
 def find_frames(data_dir: str | Path) -> dict[str, dict[str, Path]]:
-    """{band: {"image", "weight", "mask", "psf": path}} of the DECam frames in ``data_dir``;
-    ValueError naming the first file a band lacks."""
+    """{band: {"image", "weight", "mask", "psf"[, "sky"]: path}} of the DECam frames in
+    ``data_dir`` ("sky": the band's SplineSky, when it has one); ValueError naming the first
+    file a band lacks."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ValueError(f"no such directory: {data_dir}")
@@ -78,6 +83,9 @@ def find_frames(data_dir: str | Path) -> dict[str, dict[str, Path]]:
         for kind, file in files.items():
             if not file.is_file():
                 raise ValueError(f"band {band} of {data_dir}: no {kind} file {file.name}")
+        sky = data_dir / f"{stem}_ooi_{band}_{tail.rsplit('.', 1)[0]}-{ccd}-splinesky.fits"
+        if sky.is_file():
+            files["sky"] = sky
         if band in frames:
             raise ValueError(f"{data_dir} holds two frames of band {band}")
         frames[band] = files
@@ -88,7 +96,8 @@ def find_frames(data_dir: str | Path) -> dict[str, dict[str, Path]]:
 
 def survey_inputs(frames: Mapping[str, Mapping[str, Path]], model: Deblender,
                   zeropoints: Mapping[str, float]) -> SurveyInputs:
-    """The :class:`SurveyInputs` of the frames for ``model`` (module docstring)."""
+    """The :class:`SurveyInputs` of the frames for ``model`` (module docstring): their sky
+    models subtracted when every present band has one, else a constant sky per band."""
     present = [b for b in model.bands if b in frames]
     if not present:
         raise ValueError(f"none of the frames' bands ({' '.join(frames)}) is one of the "
@@ -98,10 +107,11 @@ def survey_inputs(frames: Mapping[str, Mapping[str, Path]], model: Deblender,
     def layout(kind: str) -> dict[str, Path]:
         return {b: Path(frames[b][kind]) for b in present}
 
+    skies = layout("sky") if all("sky" in frames[b] for b in present) else None
     return SurveyInputs(layout("image"), layout("weight"), layout("psf"), layout("mask"),
                         {b: zeropoints[b] for b in present if b in zeropoints},
                         zero_points(model.data.survey, model.bands), missing, "centre",
-                        resample=True, subtract_sky=True)
+                        resample=True, subtract_sky=skies is None, skies=skies)
 
 
 def scene_model(model: Deblender, survey: SurveyImage, rows: Table
@@ -203,7 +213,10 @@ def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        metrics = _measure_and_report(model, survey, tmp, target_fwhm, deblend_contrast, log)
+        sky = ("the frames' sky models (legacypipe SplineSky) subtracted" if inputs.skies
+               else "a constant sky subtracted per band (sigma-clipped median)")
+        metrics = _measure_and_report(model, survey, tmp, target_fwhm, deblend_contrast, log,
+                                      sky)
         replace_directory(tmp, out, REAL_DES_KIND)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,7 +226,8 @@ def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
 
 def _measure_and_report(model: Deblender, survey: SurveyImage, out: Path,
                         target_fwhm: float | Sequence[float] | None,
-                        deblend_contrast: float | None, log: Callable[[str], None]) -> dict:
+                        deblend_contrast: float | None, log: Callable[[str], None],
+                        sky: str) -> dict:
     catalogue_path = measure_survey(model, survey, out / "catalogue.fits", force=True,
                                     per_object=False, progress=False, target_fwhm=target_fwhm,
                                     deblend_contrast=deblend_contrast, log=log)
@@ -224,7 +238,7 @@ def _measure_and_report(model: Deblender, survey: SurveyImage, out: Path,
         "bands_present": [b for b in model.bands if b not in survey.missing],
         "bands_missing": list(survey.missing), "zeropoints": survey.zeropoints,
         "pixel_scale": survey.pixel_scale, "shape": list(survey.shape),
-        "noshear_detections": len(rows),
+        "noshear_detections": len(rows), "sky": sky,
         "unflagged_detections": int(np.sum(np.asarray(rows["flags"]) == 0)),
         "notes": list(survey.notes)}
     if target_fwhm is not None:
@@ -263,8 +277,8 @@ def report(metrics: Mapping[str, Any]) -> str:
              f"Bands present: {' '.join(metrics['bands_present'])}; declared missing (zeros, "
              f"infinite variance): {' '.join(metrics['bands_missing']) or 'none'}. Every band "
              f"resampled onto {metrics['shape'][1]}x{metrics['shape'][0]} pixels of "
-             f"{metrics['pixel_scale']:g}\"; a constant sky subtracted per band; image zero "
-             f"points assumed (the frames carry none): " + ", ".join(
+             f"{metrics['pixel_scale']:g}\"; {metrics.get('sky', 'a constant sky subtracted')}"
+             f"; image zero points assumed (the frames carry none): " + ", ".join(
                  f"{b} {zp[0]:.2f}" for b, zp in metrics["zeropoints"].items()) + ".", "",
              "PSF from PSFEx at the image centre; "
              + reconvolution_words(metrics.get("target_psf_fwhm")) + ".", "",

@@ -18,9 +18,12 @@ What is read (:class:`SurveyInputs`), for each band the model has:
   (:mod:`deblend.core.resample`), so that bands from other exposures, CCDs or surveys can be
   measured together.
 
-Sky. The images should be sky-subtracted; ``subtract_sky`` (for single-epoch frames that are
-not) subtracts each band's sigma-clipped median of its unmasked pixels (astropy.stats), a
-constant.
+Sky. The images should be sky-subtracted. For single-epoch frames that are not, ``skies``
+gives the survey's own sky model of every band, subtracted pixel by pixel: a sky image or a
+legacypipe SplineSky table (:mod:`deblend.core.sky_model`); without one, ``subtract_sky``
+subtracts each band's sigma-clipped median of its unmasked pixels (astropy.stats), a constant,
+which a large galaxy filling the frame pulls up (by 0.6-0.8 sky sigma on the real DECam
+cut-outs). Not both.
 
 Units. Pixel values are multiplied by ``10**(0.4 * (zp_model - zp_image))`` (variance by its
 square): ``zp_image`` is the header's ``MAGZERO`` (the band's HDU, else the file's primary
@@ -62,6 +65,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from deblend.core.resample import BandResampler, OutputGrid, galsim_wcs
+from deblend.core.sky_model import is_spline_sky, spline_sky
 
 WCS_TOLERANCE_PIXELS = 0.01
 """Largest offset (pixels) between two bands' WCS at the image corners and centre."""
@@ -120,6 +124,13 @@ def _layout(value: Any, option: str) -> Layout:
     return out
 
 
+def _optional_layout(value: Any, option: str) -> Layout | None:
+    """:func:`_layout` of an optional kind of file: None when nothing is given."""
+    if value is None or (not isinstance(value, (str, Path)) and not list(value)):
+        return None
+    return _layout(value, option)
+
+
 def _band_values(value: Any, option: str) -> dict[str, float]:
     """{band: number} from a mapping or (band, number) pairs; a band given twice is refused."""
     pairs = list(value.items()) if isinstance(value, Mapping) else list(value or ())
@@ -138,7 +149,8 @@ class SurveyInputs:
     command line's (band | None, path) pairs); ``zeropoints`` override the images' MAGZERO;
     ``model_zeropoints`` give the model's; ``missing_bands`` are filled with zeros and infinite
     variance; ``psf_at`` is where PSFEx models are drawn (:data:`PSF_AT`); ``resample`` puts
-    every band on the model's pixel grid; ``subtract_sky`` removes a constant sky per band."""
+    every band on the model's pixel grid; ``subtract_sky`` removes a constant sky per band;
+    ``skies`` (the same layouts) the survey's sky model of every band."""
 
     images: Any
     weights: Any
@@ -150,15 +162,18 @@ class SurveyInputs:
     psf_at: str = "cell"
     resample: bool = False
     subtract_sky: bool = False
+    skies: Any = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "images", _layout(self.images, "--image"))
         set_(self, "weights", _layout(self.weights, "--weight"))
         set_(self, "psfs", _layout(self.psfs, "--psf"))
-        set_(self, "masks", None if self.masks is None or (
-            not isinstance(self.masks, (str, Path)) and not list(self.masks))
-            else _layout(self.masks, "--mask"))
+        set_(self, "masks", _optional_layout(self.masks, "--mask"))
+        set_(self, "skies", _optional_layout(self.skies, "--sky"))
+        if self.skies is not None and self.subtract_sky:
+            raise ValueError("--sky and --subtract-sky: give the survey's sky model or ask for "
+                             "a constant sky, not both")
         set_(self, "zeropoints", _band_values(self.zeropoints, "--zeropoint"))
         set_(self, "model_zeropoints", _band_values(self.model_zeropoints, "--zeropoint-model"))
         set_(self, "missing_bands", tuple(self.missing_bands or ()))
@@ -367,6 +382,34 @@ def read_psf(layout: Layout, band: str, shape: tuple[int, int], psfex_pixels: in
     if plane is None:
         return None
     return PsfSource(plane.where, image=check_psf_image(plane.data, plane.where, shape))
+
+
+def read_sky(layout: Layout, band: str, image: Plane) -> tuple[np.ndarray, str]:
+    """(H, W) sky of ``band`` in image units from its sky model (module docstring) and where it
+    came from; a ValueError when the layout lacks the band, or the model does not fit the
+    image."""
+    path = layout if isinstance(layout, Path) else layout.get(band)
+    if path is None:
+        raise ValueError(f"no sky model for band {band}: give --sky {band}=FILE")
+    hdus = read_hdus(path, "sky")
+    tables = [d for _, d, _ in hdus if is_spline_sky(d)]
+    if tables:
+        if isinstance(layout, Path):
+            raise ValueError(f"--sky: {path} is a SplineSky table; give one per band (--sky "
+                             f"{band}={path})")
+        return spline_sky(tables[0], image.data.shape, f"{path}"), f"{path} (SplineSky)"
+    plane = _band_plane(hdus, band, path, "sky") if isinstance(layout, Path) else \
+        _first_plane(hdus, path, "sky")
+    if plane is None:
+        raise ValueError(f"no sky model for band {band}: {path} has no image HDU with EXTNAME "
+                         f"{band}")
+    sky = np.asarray(plane.data, np.float64)
+    if sky.shape != image.data.shape:
+        raise ValueError(f"sky {plane.where} has shape {sky.shape}, its image {image.where} "
+                         f"{image.data.shape}")
+    if not np.isfinite(sky).all():
+        raise ValueError(f"sky {plane.where} has non-finite pixels")
+    return sky, plane.where
 
 
 def _resampled_psf_pixels(psf: PsfSource, band: BandResampler, shape: tuple[int, int],
@@ -597,7 +640,13 @@ def read_survey(inputs: SurveyInputs, bands: Sequence[str], pixel_scale: float, 
         if grid is None and band != present[0]:
             check_same_grid(reference, first.where, _wcs_of(plane), plane.where, shape)
         data, weight, masked = masked_planes(plane, weights[band], masks.get(band))
-        if inputs.subtract_sky:
+        if inputs.skies is not None:
+            sky, where = read_sky(inputs.skies, band, plane)
+            data = data - sky
+            notes.append(f"band {band}: the sky model {where} was subtracted (mean "
+                         f"{np.mean(sky[~masked]):.6g}, from {sky.min():.6g} to "
+                         f"{sky.max():.6g} image units)")
+        elif inputs.subtract_sky:
             _, sky, _ = sigma_clipped_stats(data[~masked])
             data = data - sky
             notes.append(f"band {band}: a sky of {sky:.6g} (image units, sigma-clipped median) "
