@@ -8,9 +8,12 @@ Steps, per object (SPEC 3 and 7):
    drawn with ``method="no_pixel"`` (the pixel response is already in the data) on a
    ``stamp x stamp`` grid at the model's pixel scale (LSST: 0.2"), the object at the stamp centre.
    Total flux is conserved; a 45x45 model stamp covers 9", i.e. 34 DES pixels. Without
-   ``resample`` the stamp is a plain ``stamp x stamp`` crop of DES pixels (11.9" for 45 pixels, as
-   in the report) around the pixel nearest the object. A cutout that cannot hold the stamp around
-   the object is skipped ("cutout too small for the crop").
+   ``resample`` the stamp is a ``stamp x stamp`` crop of DES pixels (11.9" for 45 pixels, as in
+   the report) around the pixel nearest the object, moved by the object's sub-pixel offset so
+   that it too sits on the central pixel's centre, as the networks' training targets do
+   (:func:`~deblend.core.recentre.recentred_stamps`; a Fourier shift, flux kept; where the cutout
+   ends within 8 pixels of the crop, zeros fill the margin the shift reads). A cutout that cannot
+   hold the stamp around the object is skipped ("cutout too small for the crop").
 2. **Band mapping.** Model bands are matched to cutout bands by name, case-insensitively (DES
    g r i z Y -> LSST g r i z y). A model band with no DES counterpart (u) is filled by the
    *u strategy*:
@@ -39,7 +42,8 @@ import numpy as np
 
 from deblend.core.normalization import NormalizationConstants
 from deblend.core.resample import INTERPOLANT
-from deblend.core.stamps import cut_stamp, nearest_pixel
+from deblend.core.recentre import recentred_stamps
+from deblend.core.stamps import nearest_pixel
 from des_validation.cutouts import DES_BANDS, Cutout, Skip
 
 U_STRATEGIES = ("zeros", "g_copy", "g_extrapolate")
@@ -152,7 +156,7 @@ def stamp_from_cutout(images: np.ndarray, from_scale: float, to_scale: float, st
     if resample:
         return np.stack([resample_image(plane, from_scale, to_scale, stamp, center)
                          for plane in images])
-    return cut_stamp(np.asarray(images, dtype=np.float64), *center, stamp)
+    return recentred_stamps(np.asarray(images, dtype=np.float64), np.array([center]), stamp)[0]
 
 
 # -- the whole set -------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from des_validation.prepare import (
     map_bands,
     prepare_stamps,
     resample_image,
+    stamp_from_cutout,
 )
 from des_validation.standin_cutouts import BAD_CASES, make_wcs, write_standin
 from evaluation.results import DESValidationResult
@@ -268,6 +269,23 @@ def test_resampling_preserves_flux_and_ellipticity() -> None:
     shifted = profile.shift(3 * SCALE, -2 * SCALE).drawImage(nx=45, ny=45, scale=SCALE).array
     recentred = resample_image(shifted, SCALE, 0.2, 45, center=(25.0, 20.0))
     assert np.abs(recentred - resampled).max() < 1e-3 * resampled.max()
+
+
+def test_a_crop_without_resampling_is_recentred_on_the_object() -> None:
+    """``--no-resample``: the DES-pixel crop is moved by the object's sub-pixel offset, so a
+    galaxy 0.37 and -0.29 pixels off a pixel centre comes out as the same galaxy drawn on the
+    central pixel's centre (to 1e-3 of its peak; flux kept), where the crop around the nearest
+    pixel misses by a tenth of the peak (0.099)."""
+    profile = galsim.Convolve(galsim.Exponential(half_light_radius=0.7, flux=2500.0)
+                              .shear(g1=0.25, g2=-0.15), galsim.Gaussian(fwhm=0.9))
+    off = profile.drawImage(nx=61, ny=61, scale=SCALE, offset=(0.37, -0.29)).array
+    centre = (30.37, 29.71)
+    centred = profile.drawImage(nx=45, ny=45, scale=SCALE).array
+    stamp = stamp_from_cutout(off[None], SCALE, SCALE, 45, centre, resample=False)[0]
+    assert stamp.shape == (45, 45)
+    assert np.abs(stamp - centred).max() < 1e-3 * centred.max()
+    assert stamp.sum() == pytest.approx(centred.sum(), rel=1e-3)
+    assert np.abs(cut_stamp(off, *centre, 45) - centred).max() > 0.05 * centred.max()
 
 
 def test_crop_geometry() -> None:
