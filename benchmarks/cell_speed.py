@@ -28,6 +28,7 @@ import numpy as np
 
 from benchmarks import emit
 from deblend.core.arguments import positive_int_arg
+from deblend.core.metadetect import WALK_VIEWS
 
 def _deblend(cell, per_object: bool, views: int):
     from deblend.core.cell_measure import measure_cells
@@ -51,7 +52,7 @@ def timed(function, tasks: list[tuple], jobs: int, model=None) -> tuple[float, l
 
 
 def run(n_fields: int = 2, device: str = "cpu", run_dir: str | None = None, *,
-        field_pixels: int = 300, cell: int = 100, margin: int = 40, views: int = 1,
+        field_pixels: int = 300, cell: int = 100, margin: int = 40, views: int = WALK_VIEWS,
         jobs: int = 1) -> dict[str, Any]:
     from astropy.table import vstack
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--field-pixels", type=positive_int_arg, default=300)
     parser.add_argument("--cell", type=positive_int_arg, default=100)
     parser.add_argument("--margin", type=positive_int_arg, default=40)
-    parser.add_argument("--views", type=positive_int_arg, default=1)
+    parser.add_argument("--views", type=positive_int_arg, default=WALK_VIEWS)
     parser.add_argument("--jobs", type=positive_int_arg, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--run", help="a trained run (default: untrained networks)")

@@ -39,7 +39,7 @@ from deblend.core.cells import CellImage, tile
 from deblend.core.chunk_cache import chunk_key, read_chunk, write_chunk
 from deblend.core.inference import Deblender
 from deblend.core.metacal import METACAL_SHEARS
-from deblend.core.metadetect import MetadetectSettings, step_sums
+from deblend.core.metadetect import WALK_VIEWS, MetadetectSettings, step_sums
 from deblend.core.runs import RunLayout, lineage_identity
 from deblend.core.shapes import hsm_shapes
 from deblend.core.workers import run_tasks, shared
@@ -68,7 +68,7 @@ class FieldSettings:
 
     cell: int = 100
     margin: int = 40
-    views: int = 1
+    views: int = WALK_VIEWS
     anacal: bool = True
 
 

@@ -21,7 +21,7 @@ from astropy.table import Table
 
 from deblend.__main__ import main
 from deblend.core.cells import CellImage
-from deblend.core.metadetect import FLAGS
+from deblend.core.metadetect import FLAGS, WALK_VIEWS
 from deblend.core.survey_input import SurveyInputs, read_survey
 from deblend.core.survey_measure import population_shear_of
 
@@ -143,7 +143,7 @@ def test_catalogue_equals_measure_cells_on_the_same_arrays(trained_run, model, d
     masked = ~np.isfinite(data["image"]) | (data["mask"] != 0)[None]
     cell = CellImage(np.where(masked, 0.0, data["image"]),
                      np.where(masked, np.inf, data["variance"]), data["psf"])
-    direct = model.measure_cells([cell], seed=0, views=1, per_object=False)
+    direct = model.measure_cells([cell], seed=0, per_object=False)  # both at WALK_VIEWS
     assert len(catalogue) == len(direct) and (direct["mdet_step"] == "noshear").sum() >= 3
     for name in direct.colnames:
         np.testing.assert_array_equal(np.asarray(catalogue[name]), np.asarray(direct[name]),
@@ -157,6 +157,7 @@ def test_catalogue_equals_measure_cells_on_the_same_arrays(trained_run, model, d
     header = fits.getheader(out, "MDET")
     assert all(header[f"FLAG{bit}"] == meaning for bit, meaning in FLAGS.items())
     assert header["ZPMOD_I"] == ZP and header["ESTIMATR"] == "deblend"
+    assert header["VIEWS"] == WALK_VIEWS == 2
     assert header["TUNIT" + str(catalogue.colnames.index("ra") + 1)] == "deg"
     if (catalogue["flags"] == 0).sum() and all(
             ((catalogue["mdet_step"] == s) & (catalogue["flags"] == 0)).any()

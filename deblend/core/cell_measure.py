@@ -43,6 +43,7 @@ from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import metacal_response
 from deblend.core.metadetect import (
     Estimator,
+    WALK_VIEWS,
     MetadetectSettings,
     cell_columns,
     cell_plane,
@@ -96,7 +97,8 @@ def cell_stamps(images: np.ndarray, positions: np.ndarray, size: int) -> np.ndar
 
 
 def measure_cells(model: Deblender, cells: Iterable[CellImage],
-                  settings: MetadetectSettings | None = None, *, seed: int = 0, views: int = 1,
+                  settings: MetadetectSettings | None = None, *, seed: int = 0,
+                  views: int = WALK_VIEWS,
                   per_object: bool = True, batch_size: int = 256,
                   peers: Mapping[str, Estimator] | None = None) -> Table:
     """The metadetection catalogue of every cell (module docstring), stacked; cell ``k`` draws

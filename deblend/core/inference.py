@@ -45,7 +45,7 @@ from deblend.core.device import resolve_device
 from deblend.core.flow import LatentFlow
 from deblend.core.map_deblend import MapPrediction, map_deblend
 from deblend.core.map_fit import DEFAULT_LEARNING_RATE, DEFAULT_STEPS
-from deblend.core.metadetect import MetadetectSettings
+from deblend.core.metadetect import WALK_VIEWS, MetadetectSettings
 from deblend.core.metacal import (
     DEFAULT_DELTA,
     MetacalOperator,
@@ -516,7 +516,7 @@ class Deblender:
 
 
     def measure_cells(self, cells: Iterable[CellImage], settings: MetadetectSettings | None = None,
-                      *, seed: int = 0, views: int = 1, per_object: bool = True,
+                      *, seed: int = 0, views: int = WALK_VIEWS, per_object: bool = True,
                       batch_size: int = 256) -> Table:
         """Metadetection catalogues of survey cells (:class:`~deblend.core.cells.CellImage`,
         in this model's units and bands): detection on each of the five metacal images, the

@@ -47,6 +47,7 @@ from deblend.core.inference import VIEW_COUNTS, Deblender
 from deblend.core.metadetect import (
     DEBLEND_CONTRAST,
     FLAGS,
+    WALK_VIEWS,
     MetadetectSettings,
     metadetect_shear,
 )
@@ -255,7 +256,8 @@ def check_output(out: Path, force: bool) -> Path:
 
 def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_path: str | Path,
                    *, cell: int = 200, margin: int = 40, jobs: int = 1, progress: bool = True,
-                   resume: bool = True, seed: int = 0, views: int = 1, force: bool = False,
+                   resume: bool = True, seed: int = 0, views: int = WALK_VIEWS,
+                   force: bool = False,
                    per_object: bool = True, settings: MetadetectSettings | None = None,
                    target_fwhm: float | Sequence[float] | None = None,
                    hold_sky_plane: bool | None = None,
