@@ -133,19 +133,48 @@ def scene_model(model: Deblender, survey: SurveyImage, rows: Table
     return fitted_scene(survey.images.shape, templates, positions, amplitudes), amplitudes
 
 
+RADIAL_EDGES: tuple[float, ...] = (0.0, 3.0, 5.0, 8.0, 12.0, 16.0, 22.0, 30.0, 40.0)
+"""Annuli (pixels from the brightest detection) of the residual's radial profile."""
+
+
+def chi_planes(survey: SurveyImage, scene: np.ndarray) -> dict[str, np.ndarray]:
+    """{present band: (H, W) residual (image - model) / sigma}, NaN where masked."""
+    out = {}
+    for k, band in enumerate(survey.bands):
+        if band not in survey.missing:
+            with np.errstate(invalid="ignore"):
+                out[band] = np.where(np.isfinite(survey.variance[k]), (
+                    survey.images[k] - scene[k]) / np.sqrt(survey.variance[k]), np.nan)
+    return out
+
+
 def residual_in_noise(survey: SurveyImage, scene: np.ndarray, x: float, y: float) -> dict:
     """The residual (image - model) / sigma over the present bands' unmasked pixels between
     :data:`CORE_RADIUS` and :data:`GALAXY_RADIUS` of (x, y): its rms and mean."""
     ring = ring_mask(survey.shape, x, y)
-    chi = []
-    for k, band in enumerate(survey.bands):
-        if band in survey.missing:
-            continue
-        ok = ring & np.isfinite(survey.variance[k])
-        chi.append((survey.images[k][ok] - scene[k][ok]) / np.sqrt(survey.variance[k][ok]))
-    values = np.concatenate(chi)
+    values = np.concatenate([chi[ring & np.isfinite(chi)]
+                             for chi in chi_planes(survey, scene).values()])
     return {"rms": float(np.sqrt(np.mean(values ** 2))), "mean": float(np.mean(values)),
             "pixels": int(values.size)}
+
+
+def residual_by_radius(survey: SurveyImage, scene: np.ndarray, x: float, y: float) -> dict:
+    """The residual in units of the noise in the annuli :data:`RADIAL_EDGES` around (x, y),
+    per present band: {"edges": [...], band: {"rms": [...], "mean": [...], "pixels": [...]}}
+    (rms and mean None for an annulus without unmasked pixels)."""
+    height, width = survey.shape
+    yy, xx = np.mgrid[:height, :width]
+    radius = np.hypot(xx - x, yy - y)
+    out: dict[str, Any] = {"edges": list(RADIAL_EDGES)}
+    for band, chi in chi_planes(survey, scene).items():
+        rms, mean, pixels = [], [], []
+        for lo, hi in zip(RADIAL_EDGES[:-1], RADIAL_EDGES[1:]):
+            values = chi[(radius >= lo) & (radius < hi) & np.isfinite(chi)]
+            rms.append(float(np.sqrt(np.mean(values ** 2))) if values.size else None)
+            mean.append(float(np.mean(values)) if values.size else None)
+            pixels.append(int(values.size))
+        out[band] = {"rms": rms, "mean": mean, "pixels": pixels}
+    return out
 
 
 def _display(survey: SurveyImage, cube: np.ndarray) -> np.ndarray:
@@ -156,11 +185,16 @@ def _display(survey: SurveyImage, cube: np.ndarray) -> np.ndarray:
     return np.arcsinh(cube[present].sum(axis=0) / (3.0 * sigma))
 
 
-def plot_real_des(survey: SurveyImage, scene: np.ndarray, rows: Table, path: Path) -> Path:
-    """PNG: image, reconstruction, residual (present bands summed), detections and e sticks."""
+def plot_real_des(survey: SurveyImage, scene: np.ndarray, rows: Table, path: Path,
+                  radial: Mapping[str, Any] | None = None, stamp_pixels: int | None = None
+                  ) -> Path:
+    """PNG: image, reconstruction, residual (present bands summed), detections and e sticks;
+    with ``radial`` (:func:`residual_by_radius` of the brightest detection) a fourth panel, its
+    rms per band by radius against the noise level, the test's ring and the stamp's half-width
+    (``stamp_pixels``) marked."""
     image, reconstruction = _display(survey, survey.images), _display(survey, scene)
     residual = _display(survey, survey.images - scene)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
+    fig, axes = plt.subplots(1, 4 if radial else 3, figsize=(20 if radial else 15, 5.4))
     limits = (float(min(image.min(), reconstruction.min())), float(image.max()))
     for ax, data, title in ((axes[0], image, "image (resampled, sky-subtracted)"),
                             (axes[1], reconstruction, "reconstruction (detections pasted)"),
@@ -177,6 +211,8 @@ def plot_real_des(survey: SurveyImage, scene: np.ndarray, rows: Table, path: Pat
     axes[0].scatter(rows["x"], rows["y"], s=10, color="tab:red",
                     label="noshear detections, e sticks (40 px per unit e)")
     axes[0].legend(loc="upper right", fontsize=8)
+    if radial:
+        plot_radial(axes[3], radial, stamp_pixels)
     present = " ".join(b for b in survey.bands if b not in survey.missing)
     fig.suptitle(f"Real DES pixels (bands {present}; missing: {' '.join(survey.missing)}), "
                  f"{survey.pixel_scale:g}\" pixels", fontsize=11)
@@ -186,6 +222,25 @@ def plot_real_des(survey: SurveyImage, scene: np.ndarray, rows: Table, path: Pat
     finally:
         plt.close(fig)
     return path
+
+
+def plot_radial(ax: Any, radial: Mapping[str, Any], stamp_pixels: int | None) -> None:
+    """The residual's rms per band by radius (:func:`residual_by_radius`)."""
+    edges = np.asarray(radial["edges"])
+    middle = 0.5 * (edges[1:] + edges[:-1])
+    for band, profile in radial.items():
+        if band != "edges":
+            rms = np.array([np.nan if v is None else v for v in profile["rms"]])
+            ax.plot(middle, rms, marker="o", label=band)
+    ax.axhline(1.0, color="k", lw=1, ls=":", label="noise level")
+    ax.axvspan(CORE_RADIUS, GALAXY_RADIUS, color="0.9", label="the test's ring")
+    if stamp_pixels:
+        ax.axvline(stamp_pixels / 2, color="tab:red", lw=1, ls="--",
+                   label="the model's stamp half-width")
+    ax.set_xlabel("pixels from the brightest detection")
+    ax.set_ylabel("residual rms / noise")
+    ax.set_title("brightest detection: residual by radius", fontsize=10)
+    ax.legend(fontsize=8)
 
 
 def run_real_des(model_or_run: Any, data_dir: str | Path, out: str | Path, *,
@@ -248,11 +303,13 @@ def _measure_and_report(model: Deblender, survey: SurveyImage, out: Path,
         x, y = float(rows["x"][brightest]), float(rows["y"][brightest])
         metrics["brightest"] = {"x": x, "y": y, "snr": float(rows["snr"][brightest]),
                                 "residual_chi": residual_in_noise(survey, scene, x, y),
+                                "residual_by_radius": residual_by_radius(survey, scene, x, y),
                                 "forced_over_reconstruction": {
                                     band: float(amplitudes[brightest, b])
                                     for b, band in enumerate(model.bands)
                                     if band not in survey.missing}}
-    plot_real_des(survey, scene, rows, out / "real_des.png")
+    plot_real_des(survey, scene, rows, out / "real_des.png",
+                  metrics.get("brightest", {}).get("residual_by_radius"), model.stamp_pixels)
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "real_des.md", report(metrics))
     return metrics
@@ -295,6 +352,21 @@ def report(metrics: Mapping[str, Any]) -> str:
                       f"{band} {ratio:.3f}" for band, ratio in b.get(
                           "forced_over_reconstruction", {}).items())
                   + " times its reconstruction's.", ""]
+        radial = b.get("residual_by_radius")
+        if radial:
+            edges = radial["edges"]
+            lines += ["Its residual by radius (rms / mean in units of the noise; the figure's "
+                      "fourth panel):", "",
+                      "| pixels | " + " | ".join(k for k in radial if k != "edges") + " |",
+                      "| :--- |" + " ---: |" * (len(radial) - 1)]
+            for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+                cells = []
+                for band, profile in radial.items():
+                    if band != "edges":
+                        rms, mean = profile["rms"][i], profile["mean"][i]
+                        cells.append("-" if rms is None else f"{rms:.2f} / {mean:+.2f}")
+                lines.append(f"| {lo:g}-{hi:g} | " + " | ".join(cells) + " |")
+            lines.append("")
     lines += ["![image, reconstruction, residual](real_des.png)", "", "Notes:", ""]
     lines += [f"- {note}" for note in metrics["notes"]]
     return "\n".join(lines) + "\n"

@@ -255,6 +255,24 @@ def test_the_des_model_reconstructs_the_bright_galaxy_that_saturated_the_models_
     assert metrics["bands_missing"] == ["i", "Y"] and metrics["unflagged_detections"] >= 1
 
 
+def test_the_report_gives_the_residual_by_radius_of_the_test_ring(des_real_run) -> None:
+    """The radial profile of the report and the figure's fourth panel: its annuli from 3 to 12
+    pixels, pooled over g, r and z, are the ring of the test (the same pixels, the same rms),
+    and the core is worse than the ring (measured 3.7-5.6 at 0-3 pixels)."""
+    brightest = json.loads((des_real_run / "metrics.json").read_text())["brightest"]
+    radial, chi = brightest["residual_by_radius"], brightest["residual_chi"]
+    edges = radial["edges"]
+    ring = [i for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])) if lo >= 3 and hi <= 12]
+    assert [edges[i] for i in ring] == [3.0, 5.0, 8.0]
+    assert sorted(radial) == ["edges", "g", "r", "z"]
+    pixels = sum(radial[b]["pixels"][i] for b in "grz" for i in ring)
+    squares = sum(radial[b]["pixels"][i] * radial[b]["rms"][i] ** 2 for b in "grz" for i in ring)
+    assert pixels == chi["pixels"]
+    assert np.sqrt(squares / pixels) == pytest.approx(chi["rms"], rel=1e-9)
+    assert all(radial[b]["rms"][0] > chi["rms"] for b in "grz")
+    assert "residual by radius" in (des_real_run / "real_des.md").read_text()
+
+
 def measure_arguments(frames, out: Path, *extra: str) -> list[str]:
     args = ["measure", "--run", str(WEIGHTS), "--out", str(out), "--no-progress",
             "--no-object-response", "--psf-at", "centre"]

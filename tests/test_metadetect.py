@@ -296,8 +296,9 @@ def test_the_walks_default_views_cancel_the_regressors_preferred_orientation():
     """Round galaxies have e = 0. The packaged quick regressor read in one view prefers an
     orientation (e = (-0.018, -0.024) +- 0.001 on these: an additive shear bias that metacal
     keeps); the walk's default of two views, the second turned by 90 degrees (e -> -e), cancels
-    it to within its noise ((-0.0006, -0.0010) +- 0.0009). 200 round exponentials (half-light radius 0.4", S/N about 40 in i) under a 0.86"
-    Kolmogorov PSF with the quick job's sky noise."""
+    it to within its noise ((-0.0006, -0.0010) +- 0.0009). 200 round exponentials (half-light
+    radius 0.4", S/N about 40 in i) under a 0.86" Kolmogorov PSF with the quick job's sky
+    noise."""
     from deblend import Deblender
     from deblend.core.metadetect import WALK_VIEWS
 

@@ -114,3 +114,23 @@ def test_a_bad_sky_model_is_refused_by_name(tmp_path, problem, message) -> None:
         read_survey(SurveyInputs(base.images, base.weights, base.psfs,
                                  model_zeropoints={"i": 30.0}, skies=sky,
                                  subtract_sky=subtract), ("i",), 0.2)
+
+
+def test_one_multi_extension_sky_file_serves_every_band(tmp_path) -> None:
+    """``--sky sky.fits`` with one image HDU per band (EXTNAME): each band gets its own plane;
+    a band the file lacks is refused by name."""
+    base = flat_frame(tmp_path, 50.0)
+    plain = read_survey(base, ("i",), 0.2)
+    planes = fits.HDUList([fits.PrimaryHDU(),
+                           fits.ImageHDU(np.full((40, 40), 49.0), name="i"),
+                           fits.ImageHDU(np.full((40, 40), 7.0), name="r")])
+    sky = tmp_path / "skies.fits"
+    planes.writeto(sky)
+    with_sky = read_survey(SurveyInputs(base.images, base.weights, base.psfs,
+                                        model_zeropoints={"i": 30.0}, skies=sky), ("i",), 0.2)
+    np.testing.assert_allclose(with_sky.images[0], plain.images[0] - 49.0, atol=1e-9)
+    only_r = tmp_path / "r_only.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((40, 40)), name="r")]).writeto(only_r)
+    with pytest.raises(ValueError, match="no image HDU with EXTNAME i"):
+        read_survey(SurveyInputs(base.images, base.weights, base.psfs,
+                                 model_zeropoints={"i": 30.0}, skies=only_r), ("i",), 0.2)
