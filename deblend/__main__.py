@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from deblend.core.arguments import (
-    add_deblend_contrast, add_target_psf_fwhm, non_negative_int_arg, positive_int_arg,
-    target_psf_fwhm)
+    FINITE_FLOAT, add_deblend_contrast, add_target_psf_fwhm, non_negative_int_arg,
+    positive_int_arg, target_psf_fwhm)
 from deblend.core.cli import fail_cleanly
 from deblend.core.metadetect import DEBLEND_CONTRAST, WALK_VIEWS
 from deblend.core.survey_input import PSF_AT, band_float_arg, band_path_arg
@@ -88,6 +88,10 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
                          help="move each detection's stamp by its sub-pixel offset so the "
                               "detection lies on the central pixel's centre, as the networks' "
                               "training targets do (default: on)")
+    measure.add_argument("--min-size-ratio", type=FINITE_FLOAT.argparse_type, default=None,
+                         metavar="R", help="flag SMALL the detections whose size_ratio (T / "
+                         "T_psf - 1 on the detection image; stars ~0) is below R, on each "
+                         "metacal image alike (metadetection's cut: 0.5; default: no cut)")
     measure.add_argument("--out", required=True, help="output FITS catalogue")
     measure.add_argument("--cell", type=positive_int_arg, default=200, help="cell size, pixels")
     measure.add_argument("--margin", type=non_negative_int_arg, default=40,
@@ -131,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                        target_fwhm=target_psf_fwhm(args.target_psf_fwhm),
                        hold_sky_plane=args.hold_sky_plane,
                        deblend_contrast=args.deblend_contrast, recentre=args.recentre,
+                       min_size_ratio=args.min_size_ratio,
                        device=args.device)
         return 0
     from deblend.pipeline import run_pipeline

@@ -430,3 +430,24 @@ def test_the_deblending_contrast_help_states_the_walks_default(capsys) -> None:
         with pytest.raises(SystemExit):
             entry()
         assert f"(default {DEBLEND_CONTRAST:g};" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_size_cut_flags_exactly_the_small_rows(trained_run, inputs, tmp_path, capsys):
+    """``--min-size-ratio R`` (R the median size_ratio of a run without it): the header records
+    R; a row is flagged SMALL (16) exactly where its size_ratio is below R or not measured, on
+    every metacal image; every row has its size_ratio; a value that is not a number is a usage
+    error."""
+    plain = tmp_path / "plain.fits"
+    assert main(arguments(trained_run, inputs, plain)) == 0
+    cut = float(np.nanmedian(Table.read(plain, hdu="MDET")["size_ratio"]))  # half the rows
+    out = tmp_path / "cut.fits"
+    assert main(arguments(trained_run, inputs, out, "--min-size-ratio", str(cut))) == 0
+    catalogue = Table.read(out, hdu="MDET", character_as_bytes=False)
+    assert fits.getheader(out, "MDET")["HIERARCH MDET MIN_SIZE_RATIO"] == pytest.approx(cut)
+    size = np.asarray(catalogue["size_ratio"])
+    small = (np.asarray(catalogue["flags"]) & 16) != 0
+    np.testing.assert_array_equal(small, ~(size >= cut))
+    assert small.any() and not small.all() and np.isfinite(size).mean() > 0.9
+    with pytest.raises(SystemExit):
+        main(arguments(trained_run, inputs, tmp_path / "x.fits", "--min-size-ratio", "nan"))
+    assert "finite number" in capsys.readouterr().err

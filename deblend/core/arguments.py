@@ -57,6 +57,8 @@ POSITIVE_FLOAT = NumberRule(float, lambda v: math.isfinite(v) and v > 0, "a fini
 NON_NEGATIVE_FLOAT = NumberRule(float, lambda v: math.isfinite(v) and v >= 0,
                                 "a finite number >= 0")
 """Cuts that may be switched off with 0 (a minimum S/N)."""
+FINITE_FLOAT = NumberRule(float, math.isfinite, "a finite number")
+"""Cuts on quantities of either sign (a minimum size ratio)."""
 FRACTION = NumberRule(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 """Contrasts and fractions."""
 VIEW_COUNTS = (1, 2, 4, 8)

@@ -159,7 +159,8 @@ def measure_cells(model: Deblender, cells: Iterable[CellImage],
 
 def empty_catalogue(bands: tuple[str, ...], estimators: list[str], per_object: bool) -> Table:
     """The catalogue of no cell: no row, the columns (and dtypes) of :func:`measure_cells`."""
-    float_columns = ["x", "y", "snr", *[f"{name}_e{i}" for name in estimators for i in (1, 2)],
+    float_columns = ["x", "y", "snr", "size_ratio",
+                     *[f"{name}_e{i}" for name in estimators for i in (1, 2)],
                      *[f"{kind}_{band}" for kind in FLUX_KINDS for band in bands],
                      *([f"r{i}{j}" for i in (1, 2) for j in (1, 2)] if per_object else [])]
     return Table({"mdet_step": np.zeros(0, "U7"),

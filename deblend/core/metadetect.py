@@ -36,6 +36,7 @@ import sep
 from astropy.table import Table
 
 from deblend.core.arguments import (
+    FINITE_FLOAT,
     FRACTION,
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
@@ -46,6 +47,7 @@ from deblend.core.cells import CellImage
 from deblend.core.chunk_cache import without_defaults
 from deblend.core.fourier_metacal import FourierMetacal
 from deblend.core.metacal import DEFAULT_DELTA, METACAL_SHEARS, check_delta
+from deblend.core.object_size import detection_psf_sigma, size_ratios
 from deblend.core.sky_plane import held_metacal, sky_plane
 from deblend.core.recentre import recentred_stamps
 from deblend.core.stamps import central, cut_stamp, cut_stamps, nearest_pixel
@@ -58,9 +60,10 @@ FLAGS = {
     2: "MASKED: the stamp holds masked pixels (set to zero)",
     4: "LOW_SNR: Gaussian-aperture S/N of the detection image below min_snr",
     8: "FAILED: an estimator returned a non-finite ellipticity",
+    16: "SMALL: size_ratio below min_size_ratio, or not measured (only with a size cut)",
 }
 """Bits of the catalogue's ``flags`` column; rows with ``flags == 0`` enter the shear."""
-EDGE, MASKED, LOW_SNR, FAILED = 1, 2, 4, 8
+EDGE, MASKED, LOW_SNR, FAILED, SMALL = 1, 2, 4, 8, 16
 WINDOW_REACH = 10.0
 """Pixels beyond a cell's owned square within which an isophotal centroid may still own a
 windowed centroid (:func:`detect_cell`'s ``near``; windowed centroids move by well under a
@@ -106,6 +109,10 @@ class MetadetectSettings:
     """Move each detection's stamp by its sub-pixel offset so that the detection lies on the
     central pixel's centre, as the networks' training targets do
     (:mod:`deblend.core.recentre`); False: the stamp around the nearest pixel as it is."""
+    min_size_ratio: float | None = None
+    """Flag SMALL the detections whose ``size_ratio`` (:mod:`deblend.core.object_size`: T over
+    the detection image's PSF T, less 1; about 0 for stars) is below this, or not measured, on
+    each metacal image alike; None: no size cut (metadetection's is 0.5)."""
 
     def __post_init__(self) -> None:
         require_positive_int(self.stamp_pixels, "stamp_pixels")
@@ -122,13 +129,17 @@ class MetadetectSettings:
         for name in ("hold_sky_plane", "recentre"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.min_size_ratio is not None:
+            FINITE_FLOAT.require(self.min_size_ratio, "min_size_ratio")
 
     def identity(self) -> dict:
-        """The settings as a dict for cache keys; ``hold_sky_plane`` only when on and
-        ``recentre`` only when on, so that keys written before either existed (without the hold,
-        without recentring) stay valid for what they measured."""
+        """The settings as a dict for cache keys; ``hold_sky_plane`` only when on,
+        ``recentre`` only when on and ``min_size_ratio`` only when set, so that keys written
+        before each existed (without the hold, without recentring, without a size cut) stay
+        valid for what they measured."""
         return without_defaults(dict(self.__dict__), {"hold_sky_plane": False,
-                                                      "recentre": False})
+                                                      "recentre": False,
+                                                      "min_size_ratio": None})
 
 
 def detection_weights(variance: np.ndarray, bands: tuple[str, ...],
@@ -266,11 +277,11 @@ def cell_columns(cell: CellImage, bands: tuple[str, ...], estimators: Mapping[st
     walk = metacal_cell(cell, bands, settings, seed=seed, operator=operator, noise=noise,
                         plane=plane)
     steps = [detect_step(cell, walk.images[step], walk.detection[step], walk.sigma,
-                         walk.any_masked, settings) for step in METACAL_SHEARS]
+                         walk.any_masked, settings, walk.psf_sigma) for step in METACAL_SHEARS]
     counts = [len(step["x"]) for step in steps]
     columns = {"mdet_step": np.repeat(np.array(list(METACAL_SHEARS), dtype="U7"), counts),
                **{key: np.concatenate([step[key] for step in steps])
-                  for key in ("x", "y", "snr")}}
+                  for key in ("x", "y", "snr", "size_ratio")}}
     flags = np.concatenate([step["flags"] for step in steps])
     stamps = np.concatenate([step["stamps"] for step in steps])
     for name, estimator in estimators.items():  # one call per cell: all five images' stamps
@@ -301,6 +312,9 @@ class MetacalCell:
     """per-pixel noise of the detection images (:func:`noise_sigma`)"""
     any_masked: np.ndarray
     """(H, W) 1 where a band present in the cell is masked, else 0"""
+    psf_sigma: float
+    """adaptive-moment sigma (pixels) of the detection images' PSF
+    (:func:`~deblend.core.object_size.detection_psf_sigma`)"""
 
 
 def metacal_cell(cell: CellImage, bands: tuple[str, ...],
@@ -340,14 +354,18 @@ def metacal_cell(cell: CellImage, bands: tuple[str, ...],
     detection = {step: np.tensordot(weights, (image - sky)[index], axes=1)
                  for step, image in metacal.items()}
     return MetacalCell(metacal, detection, noise_sigma(variance[index], weights, gain),
-                       masked[partly].any(axis=0).astype(np.float64))
+                       masked[partly].any(axis=0).astype(np.float64),
+                       detection_psf_sigma(np.asarray(operator.sigma)[index], weights,
+                                           settings.stamp_pixels))
 
 
 def detect_step(cell: CellImage, image: np.ndarray, det: np.ndarray, sigma: float,
-                any_masked: np.ndarray, settings: MetadetectSettings) -> dict[str, np.ndarray]:
+                any_masked: np.ndarray, settings: MetadetectSettings, psf_sigma: float
+                ) -> dict[str, np.ndarray]:
     """Steps 2, 3 and 5 of the walk on one metacal ``image`` (bands, H, W) and its detection
-    image ``det`` (H, W) of per-pixel noise ``sigma``: the owned detections' x, y, S/N, flags
-    (EDGE, MASKED, LOW_SNR) and the model's stamps around them."""
+    image ``det`` (H, W) of per-pixel noise ``sigma`` and PSF size ``psf_sigma``: the owned
+    detections' x, y, S/N, size ratio, flags (EDGE, MASKED, LOW_SNR, SMALL) and the model's
+    stamps around them."""
     positions = detect_cell(det, sigma, settings.threshold, settings.min_area,
                             settings.deblend_contrast, near=cell.owned_box)
     if len(positions):
@@ -359,7 +377,11 @@ def detect_step(cell: CellImage, image: np.ndarray, det: np.ndarray, sigma: floa
                for x, y in positions]] |= MASKED
     snr = aperture_snr(det, positions, sigma)
     flags[~(snr >= settings.min_snr)] |= LOW_SNR
-    return {"x": positions[:, 0], "y": positions[:, 1], "snr": snr, "flags": flags,
+    size = size_ratios(det, positions, psf_sigma, settings.stamp_pixels)
+    if settings.min_size_ratio is not None:
+        flags[~(size >= settings.min_size_ratio)] |= SMALL
+    return {"x": positions[:, 0], "y": positions[:, 1], "snr": snr, "size_ratio": size,
+            "flags": flags,
             "stamps": detection_stamps(image, positions, settings.stamp_pixels,
                                        settings.recentre)}
 

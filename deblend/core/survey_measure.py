@@ -58,13 +58,14 @@ from deblend.core.workers import require_cpu, run_tasks, shared
 
 CELLS_KIND = "measure-cells"
 """Marker of the cell cache directory ``<out>.cells``."""
-CACHE_VERSION = 2
-"""Bumped when a cached cell's table changes (2: ``forced_flux_<band>``)."""
+CACHE_VERSION = 3
+"""Bumped when a cached cell's table changes (2: ``forced_flux_<band>``; 3: ``size_ratio``)."""
 COLUMN_NOTES = (
     "mdet_step: metacal image of the row (noshear 1p 1m 2p 2m); one row per kept detection",
     "x, y: detection centroid, parent-image pixels, 0-based, x = column (axis 1)",
     "ra, dec: degrees, the image WCS at (x, y) (0-based pixels)",
     "snr: Gaussian-aperture (sigma 2 px) S/N of the detection image",
+    "size_ratio: adaptive-moment T / PSF T - 1 on the detection image (stars ~0); all rows",
     "flags: bits FLAG<n> below; rows with flags == 0 enter the shear",
     "deblend_e1, deblend_e2: raw regressor, distortion, pixel frame (not sky)",
     "flux_<band>: reconstruction flux, model units (1 unit = ZPMOD_<band> AB mag); noshear",
@@ -262,7 +263,7 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
                    target_fwhm: float | Sequence[float] | None = None,
                    hold_sky_plane: bool | None = None,
                    deblend_contrast: float | None = None, recentre: bool = True,
-                   device: str = "auto",
+                   min_size_ratio: float | None = None, device: str = "auto",
                    log: Callable[[str], None] = print) -> Path:
     """Measure a survey image (module docstring) and write its catalogue to ``out_path``.
 
@@ -280,6 +281,9 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
     deblending contrast in [0, 1] (lower splits fainter neighbours off a bright object), by
     default :data:`~deblend.core.metadetect.DEBLEND_CONTRAST`. ``recentre`` (ignored with
     ``settings``): :attr:`MetadetectSettings.recentre`, stamps recentred on their detections.
+    ``min_size_ratio`` (ignored with ``settings``): the size cut
+    (:attr:`MetadetectSettings.min_size_ratio`; None: none, the ``size_ratio`` column all the
+    same).
     Everything is validated before anything is written. Returns the catalogue's path.
     """
     cell = require_positive_int(cell, "cell")
@@ -302,7 +306,7 @@ def measure_survey(model_or_run: Any, inputs: SurveyInputs | SurveyImage, out_pa
                                               target_sigma=model.target_sigma(target_fwhm),
                                               hold_sky_plane=hold_sky_plane,
                                               deblend_contrast=deblend_contrast,
-                                              recentre=recentre)
+                                              recentre=recentre, min_size_ratio=min_size_ratio)
     survey = inputs if isinstance(inputs, SurveyImage) else read_survey(
         inputs, model.bands, model.data.pixel_scale, model_zeropoints=model_zero_points(model),
         psfex_pixels=model.stamp_pixels)
