@@ -89,9 +89,10 @@ def add_measure(commands: argparse._SubParsersAction) -> None:
                               "detection lies on the central pixel's centre, as the networks' "
                               "training targets do (default: on)")
     measure.add_argument("--min-size-ratio", type=FINITE_FLOAT.argparse_type, default=None,
-                         metavar="R", help="flag SMALL the detections whose size_ratio (T / "
-                         "T_psf - 1 on the detection image; stars ~0) is below R, on each "
-                         "metacal image alike (metadetection's cut: 0.5; default: no cut)")
+                         metavar="R", help="flag SMALL the detections whose size_ratio "
+                         "((sigma / sigma_psf)^2 - 1 on the detection image; stars ~0) is below "
+                         "R, on each metacal image alike (metadetection's cut: 0.5; default: "
+                         "no cut)")
     measure.add_argument("--out", required=True, help="output FITS catalogue")
     measure.add_argument("--cell", type=positive_int_arg, default=200, help="cell size, pixels")
     measure.add_argument("--margin", type=non_negative_int_arg, default=40,

@@ -110,8 +110,9 @@ class MetadetectSettings:
     central pixel's centre, as the networks' training targets do
     (:mod:`deblend.core.recentre`); False: the stamp around the nearest pixel as it is."""
     min_size_ratio: float | None = None
-    """Flag SMALL the detections whose ``size_ratio`` (:mod:`deblend.core.object_size`: T over
-    the detection image's PSF T, less 1; about 0 for stars) is below this, or not measured, on
+    """Flag SMALL the detections whose ``size_ratio`` (:mod:`deblend.core.object_size`: their
+    adaptive-moment size over the detection image's PSF's, squared, less 1; about 0 for stars)
+    is below this, or not measured, on
     each metacal image alike; None: no size cut (metadetection's is 0.5)."""
 
     def __post_init__(self) -> None:

@@ -2,14 +2,16 @@
 
 A detection's size is read from the detection image it was found on (one of the five metacal
 images' weighted band sums, all reconvolved to metacal's round Gaussians): galsim.hsm's
-adaptive-moment size sigma of its stamp, against that of the detection image's PSF (the
-band-weighted sum of the reconvolution Gaussians, :func:`detection_psf_sigma`). Its
+adaptive-moment size sigma = det(M)^(1/4) of its stamp (M the adaptive second-moment matrix),
+against that of the detection image's PSF (the band-weighted sum of the reconvolution
+Gaussians, :func:`detection_psf_sigma`). Its
 
     size_ratio = (sigma_obj / sigma_psf)^2 - 1
 
-is T_galaxy / T_psf for Gaussians (T = 2 sigma^2, and T_observed = T_galaxy + T_psf): about 0 for
-a star, whatever its colour within the reconvolution Gaussians' spread, and larger for larger
-galaxies (metadetection's ``T_ratio`` cut keeps T / T_psf > 0.5). NaN where the adaptive moments
+is T_galaxy / T_psf for round Gaussians (T = 2 sigma^2, T_observed = T_galaxy + T_psf), a little
+less for elliptical ones (the determinant reads an ellipse of distortion e as sqrt(1 - e^2)
+times its T): about 0 for a star, whatever its colour within the reconvolution Gaussians'
+spread, and larger for larger galaxies (metadetection's ``T_ratio`` cut keeps T / T_psf > 0.5). NaN where the adaptive moments
 fail (noise, an empty stamp). Measured on each metacal image's own detection image, so that a cut
 on it is applied alike to the five images and its selection response is inside metacal's.
 """

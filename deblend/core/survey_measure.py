@@ -65,7 +65,7 @@ COLUMN_NOTES = (
     "x, y: detection centroid, parent-image pixels, 0-based, x = column (axis 1)",
     "ra, dec: degrees, the image WCS at (x, y) (0-based pixels)",
     "snr: Gaussian-aperture (sigma 2 px) S/N of the detection image",
-    "size_ratio: adaptive-moment T / PSF T - 1 on the detection image (stars ~0); all rows",
+    "size_ratio: (hsm sigma / PSF's)^2 - 1 on the detection image (stars ~0); all rows",
     "flags: bits FLAG<n> below; rows with flags == 0 enter the shear",
     "deblend_e1, deblend_e2: raw regressor, distortion, pixel frame (not sky)",
     "flux_<band>: reconstruction flux, model units (1 unit = ZPMOD_<band> AB mag); noshear",
