@@ -112,8 +112,8 @@ class MetadetectSettings:
     min_size_ratio: float | None = None
     """Flag SMALL the detections whose ``size_ratio`` (:mod:`deblend.core.object_size`: their
     adaptive-moment size over the detection image's PSF's, squared, less 1; about 0 for stars)
-    is below this, or not measured, on
-    each metacal image alike; None: no size cut (metadetection's is 0.5)."""
+    is below this, or not measured, on each metacal image alike; None: no size cut
+    (metadetection's is 0.5)."""
 
     def __post_init__(self) -> None:
         require_positive_int(self.stamp_pixels, "stamp_pixels")
