@@ -14,8 +14,9 @@ The walk, the same for every cell and every estimator (SPEC 6, "Metadetection re
    around its nearest pixel);
 4. **estimators** (the deblender's regressor, or any peer) on the stamps;
 5. **cuts**, the same on every image: S/N of the detection image in a Gaussian aperture,
-   stamps inside the cell, and the cell's ownership (each object is measured by the one cell
-   whose owned square holds its detection);
+   stamps inside the cell, the cell's ownership (each object is measured by the one cell
+   whose owned square holds its detection), and with ``min_size_ratio`` the size against the
+   detection image's PSF (:mod:`deblend.core.object_size`; every row has its ``size_ratio``);
 6. **catalogue**: one row per kept detection per image (``mdet_step``), so that the population
    response ``R_ij = (<e_i>_{+j} - <e_i>_{-j}) / (2 delta)`` and ``g = R^-1 <e>_noshear``
    (:func:`metadetect_shear`) hold the detection, centroid and selection responses.
