@@ -11,7 +11,11 @@ survey's sky model, fitted over the whole CCD with its sources masked, is read w
   ``gridvals``, ``x0``, ``y0``, ``order``): the sky at the grid's knots of the whole CCD,
   interpolated by a bicubic spline through them (scipy's ``RectBivariateSpline``, smoothing 0,
   as legacypipe builds it), evaluated at the cut-out's pixel (x, y) as CCD pixel
-  (x + x0, y + y0), 0-based, x the column.
+  (x + x0, y + y0), 0-based, x the column. legacypipe writes the cut-out's origin as x0, y0
+  when it cuts the sky model with the image (as in ``../shared/data/des_decam``); a whole
+  CCD's model (x0 = y0 = 0) with a cut-out image would be read at the wrong place on the CCD,
+  which nothing in the cut-out's header lets this module detect: give the image and its sky
+  model alike, whole or cut.
 """
 
 from __future__ import annotations
