@@ -51,7 +51,7 @@ import argparse
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -364,21 +364,37 @@ def _psfex(header: fits.Header, data: fits.FITS_rec, where: str, pixels: int) ->
     return PsfSource(where, psfex=model, pixels=pixels)
 
 
-def read_psf(layout: Layout, band: str, shape: tuple[int, int], psfex_pixels: int
-             ) -> PsfSource | None:
-    """The PSF of ``band`` (None when the layout lacks it)."""
+def _band_model(layout: Layout, band: str, what: str, option: str, kind: str,
+                is_table: Callable[[Any], bool]
+                ) -> tuple[Path, tuple[fits.Header, Any] | None, Plane | None] | None:
+    """A per-band model that is either a table (a PSFEx model, a SplineSky: ``is_table``) or
+    an image plane: (path, (header, table) or None, plane or None) of ``band``, None when the
+    layout has no file for it. A table in a multi-extension file is refused (tables are one
+    per band, ``option`` BAND=FILE)."""
     path = layout if isinstance(layout, Path) else layout.get(band)
     if path is None:
         return None
-    hdus = read_hdus(path, "PSF")
-    tables = [(h, d) for h, d, _ in hdus if _is_psfex(d)]
+    hdus = read_hdus(path, what)
+    tables = [(h, d) for h, d, _ in hdus if is_table(d)]
     if tables:
         if isinstance(layout, Path):
-            raise ValueError(f"--psf: {path} is a PSFEx file; give one per band (--psf "
+            raise ValueError(f"{option}: {path} is a {kind}; give one per band ({option} "
                              f"{band}={path})")
-        return _psfex(*tables[0], f"{path} (band {band})", psfex_pixels)
-    plane = _band_plane(hdus, band, path, "PSF") if isinstance(layout, Path) else \
-        _first_plane(hdus, path, "PSF")
+        return path, tables[0], None
+    plane = _band_plane(hdus, band, path, what) if isinstance(layout, Path) else \
+        _first_plane(hdus, path, what)
+    return path, None, plane
+
+
+def read_psf(layout: Layout, band: str, shape: tuple[int, int], psfex_pixels: int
+             ) -> PsfSource | None:
+    """The PSF of ``band`` (None when the layout lacks it)."""
+    found = _band_model(layout, band, "PSF", "--psf", "PSFEx file", _is_psfex)
+    if found is None:
+        return None
+    path, table, plane = found
+    if table is not None:
+        return _psfex(*table, f"{path} (band {band})", psfex_pixels)
     if plane is None:
         return None
     return PsfSource(plane.where, image=check_psf_image(plane.data, plane.where, shape))
@@ -388,18 +404,12 @@ def read_sky(layout: Layout, band: str, image: Plane) -> tuple[np.ndarray, str]:
     """(H, W) sky of ``band`` in image units from its sky model (module docstring) and where it
     came from; a ValueError when the layout lacks the band, or the model does not fit the
     image."""
-    path = layout if isinstance(layout, Path) else layout.get(band)
-    if path is None:
+    found = _band_model(layout, band, "sky", "--sky", "SplineSky table", is_spline_sky)
+    if found is None:
         raise ValueError(f"no sky model for band {band}: give --sky {band}=FILE")
-    hdus = read_hdus(path, "sky")
-    tables = [d for _, d, _ in hdus if is_spline_sky(d)]
-    if tables:
-        if isinstance(layout, Path):
-            raise ValueError(f"--sky: {path} is a SplineSky table; give one per band (--sky "
-                             f"{band}={path})")
-        return spline_sky(tables[0], image.data.shape, f"{path}"), f"{path} (SplineSky)"
-    plane = _band_plane(hdus, band, path, "sky") if isinstance(layout, Path) else \
-        _first_plane(hdus, path, "sky")
+    path, table, plane = found
+    if table is not None:
+        return spline_sky(table[1], image.data.shape, f"{path}"), f"{path} (SplineSky)"
     if plane is None:
         raise ValueError(f"no sky model for band {band}: {path} has no image HDU with EXTNAME "
                          f"{band}")
