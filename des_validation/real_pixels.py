@@ -160,12 +160,12 @@ def residual_in_noise(survey: SurveyImage, scene: np.ndarray, x: float, y: float
 
 def residual_by_radius(survey: SurveyImage, scene: np.ndarray, x: float, y: float) -> dict:
     """The residual in units of the noise in the annuli :data:`RADIAL_EDGES` around (x, y),
-    per present band: {"edges": [...], band: {"rms": [...], "mean": [...], "pixels": [...]}}
-    (rms and mean None for an annulus without unmasked pixels)."""
+    per present band: {"edges": [...], "bands": {band: {"rms": [...], "mean": [...],
+    "pixels": [...]}}} (rms and mean None for an annulus without unmasked pixels)."""
     height, width = survey.shape
     yy, xx = np.mgrid[:height, :width]
     radius = np.hypot(xx - x, yy - y)
-    out: dict[str, Any] = {"edges": list(RADIAL_EDGES)}
+    bands: dict[str, Any] = {}
     for band, chi in chi_planes(survey, scene).items():
         rms, mean, pixels = [], [], []
         for lo, hi in zip(RADIAL_EDGES[:-1], RADIAL_EDGES[1:]):
@@ -173,8 +173,8 @@ def residual_by_radius(survey: SurveyImage, scene: np.ndarray, x: float, y: floa
             rms.append(float(np.sqrt(np.mean(values ** 2))) if values.size else None)
             mean.append(float(np.mean(values)) if values.size else None)
             pixels.append(int(values.size))
-        out[band] = {"rms": rms, "mean": mean, "pixels": pixels}
-    return out
+        bands[band] = {"rms": rms, "mean": mean, "pixels": pixels}
+    return {"edges": list(RADIAL_EDGES), "bands": bands}
 
 
 def _display(survey: SurveyImage, cube: np.ndarray) -> np.ndarray:
@@ -228,10 +228,9 @@ def plot_radial(ax: Any, radial: Mapping[str, Any], stamp_pixels: int | None) ->
     """The residual's rms per band by radius (:func:`residual_by_radius`)."""
     edges = np.asarray(radial["edges"])
     middle = 0.5 * (edges[1:] + edges[:-1])
-    for band, profile in radial.items():
-        if band != "edges":
-            rms = np.array([np.nan if v is None else v for v in profile["rms"]])
-            ax.plot(middle, rms, marker="o", label=band)
+    for band, profile in radial["bands"].items():
+        rms = np.array([np.nan if v is None else v for v in profile["rms"]])
+        ax.plot(middle, rms, marker="o", label=band)
     ax.axhline(1.0, color="k", lw=1, ls=":", label="noise level")
     ax.axvspan(CORE_RADIUS, GALAXY_RADIUS, color="0.9", label="the test's ring")
     if stamp_pixels:
@@ -354,17 +353,14 @@ def report(metrics: Mapping[str, Any]) -> str:
                   + " times its reconstruction's.", ""]
         radial = b.get("residual_by_radius")
         if radial:
-            edges = radial["edges"]
+            edges, profiles = radial["edges"], radial["bands"]
             lines += ["Its residual by radius (rms / mean in units of the noise; the figure's "
                       "fourth panel):", "",
-                      "| pixels | " + " | ".join(k for k in radial if k != "edges") + " |",
-                      "| :--- |" + " ---: |" * (len(radial) - 1)]
+                      "| pixels | " + " | ".join(profiles) + " |",
+                      "| :--- |" + " ---: |" * len(profiles)]
             for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-                cells = []
-                for band, profile in radial.items():
-                    if band != "edges":
-                        rms, mean = profile["rms"][i], profile["mean"][i]
-                        cells.append("-" if rms is None else f"{rms:.2f} / {mean:+.2f}")
+                cells = ["-" if p["rms"][i] is None else f"{p['rms'][i]:.2f} / {p['mean'][i]:+.2f}"
+                         for p in profiles.values()]
                 lines.append(f"| {lo:g}-{hi:g} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["![image, reconstruction, residual](real_des.png)", "", "Notes:", ""]

@@ -264,12 +264,13 @@ def test_the_report_gives_the_residual_by_radius_of_the_test_ring(des_real_run) 
     edges = radial["edges"]
     ring = [i for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])) if lo >= 3 and hi <= 12]
     assert [edges[i] for i in ring] == [3.0, 5.0, 8.0]
-    assert sorted(radial) == ["edges", "g", "r", "z"]
-    pixels = sum(radial[b]["pixels"][i] for b in "grz" for i in ring)
-    squares = sum(radial[b]["pixels"][i] * radial[b]["rms"][i] ** 2 for b in "grz" for i in ring)
+    bands = radial["bands"]
+    assert sorted(bands) == ["g", "r", "z"]
+    pixels = sum(bands[b]["pixels"][i] for b in "grz" for i in ring)
+    squares = sum(bands[b]["pixels"][i] * bands[b]["rms"][i] ** 2 for b in "grz" for i in ring)
     assert pixels == chi["pixels"]
     assert np.sqrt(squares / pixels) == pytest.approx(chi["rms"], rel=1e-9)
-    assert all(radial[b]["rms"][0] > chi["rms"] for b in "grz")
+    assert all(bands[b]["rms"][0] > chi["rms"] for b in "grz")
     assert "residual by radius" in (des_real_run / "real_des.md").read_text()
 
 
