@@ -11,6 +11,7 @@ from astropy.io import fits
 
 from deblend.core.sky_model import evaluate_spline_sky, spline_sky
 from deblend.core.survey_input import SurveyInputs, read_survey
+from tests.test_measure import wcs_header, write_mef
 
 DES_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "des_decam"
 G_SKY = DES_DIR / "c4d_141029_043225_ooi_g_ls9-N26-splinesky.fits"
@@ -62,9 +63,8 @@ def write_plane(path: Path, data: np.ndarray, header: fits.Header | None = None)
 
 def flat_frame(tmp_path: Path, sky: float) -> SurveyInputs:
     """One band, a flat sky plus one Gaussian, unit weights, an image PSF, TAN WCS at 0.2"."""
-    header = fits.Header({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRPIX1": 20.0,
-                          "CRPIX2": 20.0, "CRVAL1": 10.0, "CRVAL2": -5.0, "CD1_1": -0.2 / 3600,
-                          "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": 0.2 / 3600, "MAGZERO": 30.0})
+    header = wcs_header(crpix=20.0)
+    header["MAGZERO"] = 30.0
     yy, xx = np.mgrid[:40, :40]
     image = sky + 100.0 * np.exp(-((xx - 20) ** 2 + (yy - 20) ** 2) / 8.0)
     psf = np.exp(-((np.mgrid[:11, :11] - 5.0) ** 2).sum(axis=0) / 4.0)
@@ -121,16 +121,12 @@ def test_one_multi_extension_sky_file_serves_every_band(tmp_path) -> None:
     a band the file lacks is refused by name."""
     base = flat_frame(tmp_path, 50.0)
     plain = read_survey(base, ("i",), 0.2)
-    planes = fits.HDUList([fits.PrimaryHDU(),
-                           fits.ImageHDU(np.full((40, 40), 49.0), name="i"),
-                           fits.ImageHDU(np.full((40, 40), 7.0), name="r")])
-    sky = tmp_path / "skies.fits"
-    planes.writeto(sky)
+    sky = write_mef(tmp_path / "skies.fits", {"i": np.full((40, 40), 49.0),
+                                              "r": np.full((40, 40), 7.0)})
     with_sky = read_survey(SurveyInputs(base.images, base.weights, base.psfs,
                                         model_zeropoints={"i": 30.0}, skies=sky), ("i",), 0.2)
     np.testing.assert_allclose(with_sky.images[0], plain.images[0] - 49.0, atol=1e-9)
-    only_r = tmp_path / "r_only.fits"
-    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((40, 40)), name="r")]).writeto(only_r)
+    only_r = write_mef(tmp_path / "r_only.fits", {"r": np.zeros((40, 40))})
     with pytest.raises(ValueError, match="no image HDU with EXTNAME i"):
         read_survey(SurveyInputs(base.images, base.weights, base.psfs,
                                  model_zeropoints={"i": 30.0}, skies=only_r), ("i",), 0.2)
